@@ -1,0 +1,159 @@
+//! Glue between the command line and the modes: logging, `--version`, flag
+//! parsing, configuration, the runtime, and the one mapping of errors to
+//! exit codes. Every mode runs through [`run`], and every mode's entry point
+//! has the same shape: `run(args, settings, shutdown) -> Result<ExitCode>`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::cli::{self, Mode, Parsed};
+use crate::config::{self, PollerSettings, WorkerSettings};
+use crate::error::{self, code, Failure};
+use crate::shutdown::{self, Shutdown};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// `caliopen-imap` with no valid mode: help, version, or a usage error.
+pub fn top_level(first: &str) -> ExitCode {
+    match first {
+        "--help" | "-h" | "help" => {
+            println!("{}", cli::TOP_USAGE);
+            ExitCode::SUCCESS
+        }
+        "--version" | "-V" => {
+            println!("caliopen-imap {VERSION}");
+            ExitCode::SUCCESS
+        }
+        "" => {
+            eprintln!("{}", cli::TOP_USAGE);
+            ExitCode::from(code::USAGE)
+        }
+        other => {
+            eprintln!("caliopen-imap: unknown mode {other:?}: expected worker, ctl or poller");
+            eprintln!("{}", cli::TOP_USAGE);
+            ExitCode::from(code::USAGE)
+        }
+    }
+}
+
+/// Run `mode` with `args` (the words after the mode); `prog` is how the user
+/// called it, for help texts and error messages.
+pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
+    if matches!(args.first().map(String::as_str), Some("--version" | "-V")) {
+        println!("{} (caliopen-imap {VERSION})", mode.program());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(mode);
+    crate::imap::tls::install_provider();
+    let result = match mode {
+        Mode::Worker => match cli::parse::<cli::WorkerArgs>(prog, args) {
+            Parsed::Exit(c) => return ExitCode::from(c),
+            Parsed::Args(a) => {
+                let show = matches!(a.cmd, cli::WorkerCmd::Config(_));
+                let config = a.config.clone();
+                with_settings::<WorkerSettings, _, _>(
+                    config.as_deref(),
+                    mode,
+                    show,
+                    WorkerSettings::validate,
+                    |s, sd| crate::worker::run(a, s, sd),
+                )
+            }
+        },
+        Mode::Poller => match cli::parse::<cli::PollerArgs>(prog, args) {
+            Parsed::Exit(c) => return ExitCode::from(c),
+            Parsed::Args(a) => {
+                let show = matches!(a.cmd, cli::PollerCmd::Config(_));
+                let config = a.config.clone();
+                with_settings::<PollerSettings, _, _>(
+                    config.as_deref(),
+                    mode,
+                    show,
+                    PollerSettings::validate,
+                    |s, sd| crate::poller::run(a, s, sd),
+                )
+            }
+        },
+        Mode::Ctl => match cli::parse::<cli::CtlArgs>(prog, args) {
+            Parsed::Exit(c) => return ExitCode::from(c),
+            Parsed::Args(a) => {
+                let show = matches!(a.cmd, cli::CtlCmd::Config(_));
+                let config = a.config.clone();
+                with_settings::<WorkerSettings, _, _>(
+                    config.as_deref(),
+                    mode,
+                    show,
+                    WorkerSettings::validate,
+                    |s, sd| crate::ctl::run(a, s, sd),
+                )
+            }
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            error::report(mode.program(), &e);
+            error::exit_code(&e)
+        }
+    }
+}
+
+/// Load and check the settings, then either print them (`config`) or run
+/// the mode on a fresh runtime.
+fn with_settings<S, F, Fut>(
+    explicit: Option<&Path>,
+    mode: Mode,
+    show: bool,
+    validate: fn(&S) -> Result<(), Vec<String>>,
+    body: F,
+) -> anyhow::Result<ExitCode>
+where
+    S: Default + Serialize + DeserializeOwned,
+    F: FnOnce(S, Shutdown) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let path = config::config_path(explicit, mode.program());
+    if let Some(p) = &path {
+        tracing::debug!(file = %p.display(), "loading configuration");
+    }
+    let settings: S = config::load(path.as_deref())?;
+    validate(&settings).map_err(|errs| config::invalid(path.as_deref(), errs))?;
+    if show {
+        println!("{}", config::redacted_json(&settings));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Failed(format!("cannot start the runtime: {e}")))?;
+    rt.block_on(async move {
+        let shutdown = match mode {
+            Mode::Ctl => Shutdown::never(),
+            _ => shutdown::on_signals(),
+        };
+        body(settings, shutdown).await
+    })
+}
+
+/// Logs go to stderr. `CALIOPEN_IMAP_LOG` takes a tracing filter
+/// (`debug`, `caliopen_imap=trace`...); daemons default to `info`, the CLI
+/// to `warn` so its own output stays readable.
+fn init_logging(mode: Mode) {
+    use tracing_subscriber::EnvFilter;
+    let default = match mode {
+        Mode::Ctl => "warn",
+        _ => "info",
+    };
+    let filter = std::env::var("CALIOPEN_IMAP_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

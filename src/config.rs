@@ -1,0 +1,705 @@
+//! The one configuration loader of every mode.
+//!
+//! Layers, later wins: built-in defaults (written next to each key below), the
+//! YAML file (`-c/--config`, else `$CALIOPEN_IMAP_CONFIG`, else
+//! `/etc/caliopen/<mode>.yaml` when it exists), then environment variables
+//! `CALIOPEN_IMAP_<KEY>` with `__` between nested keys
+//! (`CALIOPEN_IMAP_STORE_SETTINGS__KEYSPACE=test`).
+//!
+//! The key names are Caliopen's own (`imapworker.yaml`, `idpoller.yaml`), so a
+//! file written for the Go binaries loads unchanged. Keys for features done
+//! downstream (indexing) are accepted and ignored; settings that would change
+//! behaviour but are not implemented (`use_vault: true`) are refused by
+//! [`WorkerSettings::validate`] rather than silently ignored. Settings that
+//! Caliopen's files do not have live in our own sections (`imap:`, `poller:`).
+//!
+//! Secrets (passwords, keys, credentials in URLs) never leave this module in
+//! clear: [`redacted_json`] is what `config` subcommands print.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Yaml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Failure;
+
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "CALIOPEN_IMAP_";
+
+// ------------------------------------------------------------------ shared
+
+/// `store_settings`: where state and raw messages live.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoreSettings {
+    /// Cassandra contact points, `host` or `host:port` (port 9042 when absent).
+    pub hosts: Vec<String>,
+    /// Keyspace holding Caliopen's tables.
+    pub keyspace: String,
+    /// gocql numbering: 1 = ONE, 4 = QUORUM, 6 = LOCAL_QUORUM...
+    pub consistency_level: u16,
+    /// Caliopen sends larger messages to the object store; accepted, see README.
+    pub raw_size_limit: u64,
+    /// Object store kind (`s3`); accepted for compatibility, not used.
+    pub object_store: String,
+    pub object_store_settings: ObjectStoreSettings,
+    /// Secrets from Vault: not implemented, so `true` is refused.
+    pub use_vault: bool,
+    pub vault_settings: VaultSettings,
+    /// Optional Cassandra authentication (not in Caliopen's files).
+    pub username: String,
+    pub password: String,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            hosts: vec!["127.0.0.1:9042".into()],
+            keyspace: "caliopen".into(),
+            consistency_level: 1,
+            raw_size_limit: 1_048_576,
+            object_store: "s3".into(),
+            object_store_settings: ObjectStoreSettings::default(),
+            use_vault: false,
+            vault_settings: VaultSettings::default(),
+            username: String::new(),
+            password: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ObjectStoreSettings {
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub location: String,
+    pub buckets: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VaultSettings {
+    pub url: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl StoreSettings {
+    fn validate(&self, errors: &mut Vec<String>) {
+        if self.hosts.is_empty() {
+            errors.push("store_settings.hosts: expected at least one Cassandra host".into());
+        }
+        for h in &self.hosts {
+            if let Err(e) = split_host_port(h, 9042) {
+                errors.push(format!("store_settings.hosts: {e}"));
+            }
+        }
+        if self.keyspace.is_empty()
+            || !self
+                .keyspace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            errors.push(format!(
+                "store_settings.keyspace: expected a CQL identifier, found {:?}",
+                self.keyspace
+            ));
+        }
+        if !(1..=10).contains(&self.consistency_level) {
+            errors.push(format!(
+                "store_settings.consistency_level: expected a gocql level 1..10 \
+                 (1 = ONE, 4 = QUORUM, 6 = LOCAL_QUORUM), found {}",
+                self.consistency_level
+            ));
+        }
+        if self.use_vault {
+            errors.push(
+                "store_settings.use_vault: Vault is not supported by caliopen-imap; \
+                 set it to false (credentials are read from Cassandra)"
+                    .into(),
+            );
+        }
+    }
+}
+
+fn validate_store_name(name: &str, errors: &mut Vec<String>) {
+    if name != "cassandra" {
+        errors.push(format!(
+            "store_name: only \"cassandra\" is supported, found {name:?}"
+        ));
+    }
+}
+
+/// Split `host[:port]` into its parts; IPv6 literals go in brackets.
+pub fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty host".into());
+    }
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, tail) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("{s:?}: unclosed '[' in IPv6 address"))?;
+        match tail.strip_prefix(':') {
+            Some(p) => (h.to_string(), Some(p)),
+            None if tail.is_empty() => (h.to_string(), None),
+            None => return Err(format!("{s:?}: expected host:port")),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h.to_string(), Some(p)),
+            Some(_) => return Err(format!("{s:?}: put IPv6 addresses in brackets")),
+            None => (s.to_string(), None),
+        }
+    };
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(format!("{s:?}: expected host:port"));
+    }
+    let port = match port {
+        None => default_port,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{s:?}: port must be a number from 1 to 65535"))?,
+    };
+    Ok((host, port))
+}
+
+// ------------------------------------------------------------------ worker
+
+/// Settings of `imapworker` and `imapctl` (Caliopen's `imapworker.yaml`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WorkerSettings {
+    /// Jobs (syncs, fullfetches) run at once by one worker process.
+    pub workers: usize,
+    /// Name of this host, used in worker ids and the X-Fetched-Imap header.
+    pub hostname: String,
+    pub nats_url: String,
+    /// Queue group shared by all workers.
+    pub nats_queue: String,
+    /// Subject where the poller serves jobs (`need_job`).
+    pub nats_topic_poller: String,
+    /// Subject of the poller's cache orders (`add`, `delete`...).
+    pub nats_topic_poller_cache: String,
+    /// Subject of orders to workers.
+    pub nats_topic_sender: String,
+    /// Older Caliopen files have it; accepted and unused.
+    pub nats_topic_fetcher: String,
+    pub store_name: String,
+    pub store_settings: StoreSettings,
+    #[serde(rename = "LDAConfig")]
+    pub lda: LdaConfig,
+    /// caliopen-imap's own settings.
+    pub imap: ImapSettings,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            workers: 10,
+            hostname: default_hostname(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_queue: "IMAPworkers".into(),
+            nats_topic_poller: "imapJobs".into(),
+            nats_topic_poller_cache: "idCache".into(),
+            nats_topic_sender: "outboundIMAP".into(),
+            nats_topic_fetcher: String::new(),
+            store_name: "cassandra".into(),
+            store_settings: StoreSettings::default(),
+            lda: LdaConfig::default(),
+            imap: ImapSettings::default(),
+        }
+    }
+}
+
+/// `LDAConfig`: the downstream message processor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LdaConfig {
+    pub broker_type: String,
+    pub lda_workers_size: u32,
+    pub log_received_mails: bool,
+    /// Indexing happens downstream: accepted and ignored.
+    pub index_name: String,
+    pub index_settings: IndexSettings,
+    /// Subject of the `process_raw` hand-off; empty = store-only mode.
+    pub in_topic: String,
+    /// Subject of outbound mail (`deliver`).
+    pub out_topic: String,
+    pub nats_queue: String,
+    #[serde(rename = "NotifierConfig")]
+    pub notifier: NotifierConfig,
+    #[serde(rename = "Providers")]
+    pub providers: Vec<Provider>,
+}
+
+impl Default for LdaConfig {
+    fn default() -> Self {
+        LdaConfig {
+            broker_type: "imap".into(),
+            lda_workers_size: 2,
+            log_received_mails: false,
+            index_name: String::new(),
+            index_settings: IndexSettings::default(),
+            in_topic: "inboundSMTP".into(),
+            out_topic: "outboundSMTP".into(),
+            nats_queue: "SMTPqueue".into(),
+            notifier: NotifierConfig::default(),
+            providers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IndexSettings {
+    pub urls: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NotifierConfig {
+    pub admin_username: String,
+}
+
+/// An OAuth provider (`gmail`...): client credentials and, beyond Caliopen's
+/// keys, `token_url` in `infos` to refresh access tokens.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Provider {
+    pub name: String,
+    pub protocol: String,
+    pub infos: BTreeMap<String, String>,
+}
+
+/// `imap:`, caliopen-imap's own worker settings (absent from Caliopen's files).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImapSettings {
+    /// Extra PEM CA file trusted beside the system roots (for example a
+    /// private CA). Identities may add their own (`infos.cafile`).
+    pub ca_file: String,
+    /// Allow plaintext IMAP (no TLS at all), and only to loopback addresses.
+    pub allow_plaintext_loopback: bool,
+    /// UIDs asked per `UID FETCH`.
+    pub fetch_batch: u32,
+    /// Messages between the fetch and the hand-off at once, per sync.
+    pub in_flight: usize,
+    /// Save the checkpoint after this many handed-off messages.
+    pub checkpoint_every: u32,
+    /// Tries of one message's hand-off before it is stepped over (and listed).
+    pub max_message_tries: u32,
+    /// Largest message stored; larger ones are recorded as failures.
+    pub max_message_size: u64,
+    /// TCP + TLS + greeting timeout, seconds.
+    pub connect_timeout_secs: u64,
+    /// Timeout of one IMAP response, seconds.
+    pub io_timeout_secs: u64,
+    /// `process_raw` hand-off timeout, seconds (Caliopen: 10).
+    pub lda_timeout_secs: u64,
+    /// Minimum seconds between two `need_job` requests (Caliopen: 10).
+    pub poll_throttle_secs: u64,
+    /// On SIGTERM, how long in-flight syncs may run to their checkpoint.
+    pub shutdown_grace_secs: u64,
+    /// A sync lock older than this is stale (CONTRACT: 24 h).
+    pub lock_ttl_secs: u64,
+    /// Login failures lasting longer than this disable the identity (72 h).
+    pub disable_after_secs: u64,
+}
+
+impl Default for ImapSettings {
+    fn default() -> Self {
+        ImapSettings {
+            ca_file: String::new(),
+            allow_plaintext_loopback: false,
+            fetch_batch: 500,
+            in_flight: 64,
+            checkpoint_every: 200,
+            max_message_tries: 5,
+            max_message_size: 15 * 1024 * 1024,
+            connect_timeout_secs: 30,
+            io_timeout_secs: 120,
+            lda_timeout_secs: 10,
+            poll_throttle_secs: 10,
+            shutdown_grace_secs: 30,
+            lock_ttl_secs: 24 * 3600,
+            disable_after_secs: 72 * 3600,
+        }
+    }
+}
+
+impl WorkerSettings {
+    /// Check values that deserialize fine but make no sense.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        if !(1..=1000).contains(&self.workers) {
+            errors.push(format!(
+                "workers: expected 1 to 1000 concurrent jobs, found {}",
+                self.workers
+            ));
+        }
+        for (key, v) in [
+            ("nats_url", &self.nats_url),
+            ("nats_queue", &self.nats_queue),
+            ("nats_topic_sender", &self.nats_topic_sender),
+            ("nats_topic_poller", &self.nats_topic_poller),
+            ("nats_topic_poller_cache", &self.nats_topic_poller_cache),
+        ] {
+            if v.trim().is_empty() {
+                errors.push(format!("{key}: must not be empty"));
+            }
+        }
+        validate_store_name(&self.store_name, &mut errors);
+        self.store_settings.validate(&mut errors);
+        let i = &self.imap;
+        for (key, v, lo, hi) in [
+            ("imap.fetch_batch", i.fetch_batch as u64, 1, 100_000),
+            ("imap.in_flight", i.in_flight as u64, 1, 10_000),
+            (
+                "imap.checkpoint_every",
+                i.checkpoint_every as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "imap.max_message_tries",
+                i.max_message_tries as u64,
+                1,
+                1000,
+            ),
+            ("imap.connect_timeout_secs", i.connect_timeout_secs, 1, 3600),
+            ("imap.io_timeout_secs", i.io_timeout_secs, 1, 3600),
+            ("imap.lda_timeout_secs", i.lda_timeout_secs, 1, 3600),
+            ("imap.lock_ttl_secs", i.lock_ttl_secs, 60, 30 * 86400),
+        ] {
+            if v < lo || v > hi {
+                errors.push(format!("{key}: expected {lo} to {hi}, found {v}"));
+            }
+        }
+        if !i.ca_file.is_empty() && !Path::new(&i.ca_file).is_file() {
+            errors.push(format!("imap.ca_file: no such file {:?}", i.ca_file));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+// ------------------------------------------------------------------ poller
+
+/// Settings of `idpoller` (Caliopen's `idpoller.yaml`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PollerSettings {
+    /// Minutes between two scans of `user_identity`.
+    pub scan_interval: u64,
+    /// Identity protocols to schedule.
+    pub remote_protocols: Vec<String>,
+    pub store_name: String,
+    pub store_settings: StoreSettings,
+    pub nats_url: String,
+    /// Queue group of the pollers.
+    pub nats_queue: String,
+    pub nats_topics: PollerTopics,
+    /// caliopen-imap's own poller settings.
+    pub poller: PollerOwn,
+}
+
+impl Default for PollerSettings {
+    fn default() -> Self {
+        PollerSettings {
+            scan_interval: 180,
+            remote_protocols: ["email", "imap", "twitter", "mastodon"]
+                .map(String::from)
+                .to_vec(),
+            store_name: "cassandra".into(),
+            store_settings: StoreSettings::default(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats_queue: "IDpoller".into(),
+            nats_topics: PollerTopics::default(),
+            poller: PollerOwn::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PollerTopics {
+    pub id_cache: String,
+    pub imap: String,
+    pub twitter: String,
+    pub mastodon: String,
+}
+
+impl Default for PollerTopics {
+    fn default() -> Self {
+        PollerTopics {
+            id_cache: "idCache".into(),
+            imap: "imapJobs".into(),
+            twitter: "twitterJobs".into(),
+            mastodon: "mastodonJobs".into(),
+        }
+    }
+}
+
+/// `poller:`, caliopen-imap's own poller settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PollerOwn {
+    /// Seconds in one "minute" of `pollinterval` / `scan_interval`. 60 in
+    /// production; tests set 1 to get sub-minute intervals.
+    pub minute_secs: u64,
+    /// Leader lease time to live, seconds: a standby takes over within it.
+    pub lease_ttl_secs: u64,
+    /// Most jobs waiting in one queue; beyond it the oldest due jobs wait for
+    /// the next tick instead of piling up.
+    pub queue_limit: usize,
+    /// Concurrent Cassandra reads while scanning.
+    pub scan_concurrency: usize,
+}
+
+impl Default for PollerOwn {
+    fn default() -> Self {
+        PollerOwn {
+            minute_secs: 60,
+            lease_ttl_secs: 15,
+            queue_limit: 200_000,
+            scan_concurrency: 16,
+        }
+    }
+}
+
+impl PollerSettings {
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut errors = Vec::new();
+        if self.scan_interval == 0 {
+            errors.push("scan_interval: expected a number of minutes above 0".into());
+        }
+        if self.remote_protocols.is_empty() {
+            errors.push("remote_protocols: expected at least one protocol".into());
+        }
+        validate_store_name(&self.store_name, &mut errors);
+        self.store_settings.validate(&mut errors);
+        if self.poller.minute_secs == 0 {
+            errors.push("poller.minute_secs: expected 1 or more".into());
+        }
+        if !(3..=600).contains(&self.poller.lease_ttl_secs) {
+            errors.push(format!(
+                "poller.lease_ttl_secs: expected 3 to 600, found {}",
+                self.poller.lease_ttl_secs
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+// ------------------------------------------------------------------ loading
+
+/// Where the file layer comes from.
+pub fn config_path(explicit: Option<&Path>, mode_file: &str) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os(format!("{ENV_PREFIX}CONFIG")) {
+        if !p.is_empty() {
+            return Some(PathBuf::from(p));
+        }
+    }
+    let etc = PathBuf::from(format!("/etc/caliopen/{mode_file}.yaml"));
+    etc.is_file().then_some(etc)
+}
+
+/// Load settings: defaults, then the file, then the environment. Any error
+/// comes back as one line naming the source, the key and what was expected.
+pub fn load<T>(path: Option<&Path>) -> Result<T, Failure>
+where
+    T: Default + Serialize + DeserializeOwned,
+{
+    let mut fig = Figment::from(Serialized::defaults(T::default()));
+    if let Some(path) = path {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Failure::Config(format!("config file {}: cannot read: {e}", path.display()))
+        })?;
+        // A YAML file whose top level is not a mapping is an error, not an
+        // empty configuration.
+        if !text.trim().is_empty() {
+            fig = fig.merge(Yaml::file(path));
+        }
+    }
+    fig = fig.merge(env_provider());
+    fig.extract::<T>()
+        .map_err(|e| Failure::Config(describe(e, path)))
+}
+
+/// `CALIOPEN_IMAP_A__B` sets key `a.b`. Caliopen's two CamelCase sections keep
+/// their case so an override reaches them too.
+fn env_provider() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .ignore(&["CONFIG", "LOG"])
+        .map(|key| {
+            let path = key.as_str().replace("__", ".");
+            let mut parts: Vec<String> = path.split('.').map(str::to_string).collect();
+            for p in parts.iter_mut() {
+                match p.as_str() {
+                    "ldaconfig" => *p = "LDAConfig".into(),
+                    "notifierconfig" => *p = "NotifierConfig".into(),
+                    "providers" => *p = "Providers".into(),
+                    _ => {}
+                }
+            }
+            parts.join(".").into()
+        })
+        .lowercase(false)
+}
+
+fn describe(err: figment::Error, path: Option<&Path>) -> String {
+    let mut lines = Vec::new();
+    for e in err {
+        let source = match e.metadata.as_ref() {
+            Some(m) if m.name.contains("environment") => "environment".to_string(),
+            Some(m) if m.name.contains("Serialized") => "defaults".to_string(),
+            _ => match path {
+                Some(p) => format!("config file {}", p.display()),
+                None => "configuration".into(),
+            },
+        };
+        let key = e.path.join(".");
+        let key = if key.is_empty() {
+            "top level".to_string()
+        } else {
+            format!("key {key}")
+        };
+        let kind = match &e.kind {
+            figment::error::Kind::Message(m) => m.clone(),
+            k => k.to_string(),
+        };
+        lines.push(format!("{source}: {key}: {kind}"));
+    }
+    lines.join("; ")
+}
+
+/// Turn validation messages into the one error line.
+pub fn invalid(path: Option<&Path>, errors: Vec<String>) -> Failure {
+    let source = match path {
+        Some(p) => format!("config file {}", p.display()),
+        None => "configuration".into(),
+    };
+    Failure::Config(format!("{source}: {}", errors.join("; ")))
+}
+
+fn default_hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+// ------------------------------------------------------------------ printing
+
+/// Keys whose values are secrets wherever they appear.
+fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k == "access_key"
+        || k.contains("token")
+        || k == "inpassword"
+}
+
+/// Settings as pretty JSON with every secret replaced by `"<redacted>"` and
+/// credentials removed from URLs.
+pub fn redacted_json<T: Serialize>(settings: &T) -> String {
+    let mut v = serde_json::to_value(settings).unwrap_or(serde_json::Value::Null);
+    redact(&mut v, "");
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+fn redact(v: &mut serde_json::Value, key: &str) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                redact(v, k);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|v| redact(v, key)),
+        Value::String(s) if is_secret_key(key) && !s.is_empty() => {
+            *s = "<redacted>".into();
+        }
+        Value::String(s) => *s = redact_url(s),
+        _ => {}
+    }
+}
+
+/// `nats://user:pass@host` → `nats://<redacted>@host`.
+pub fn redact_url(s: &str) -> String {
+    if let Some((scheme, rest)) = s.split_once("://") {
+        if let Some((_, host)) = rest.split_once('@') {
+            return format!("{scheme}://<redacted>@{host}");
+        }
+    }
+    s.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port() {
+        assert_eq!(
+            split_host_port("cassandra", 9042).unwrap(),
+            ("cassandra".into(), 9042)
+        );
+        assert_eq!(split_host_port("a.b:993", 1).unwrap(), ("a.b".into(), 993));
+        assert_eq!(
+            split_host_port("[::1]:143", 1).unwrap(),
+            ("::1".into(), 143)
+        );
+        assert!(split_host_port("a.b:99999", 1).is_err());
+        assert!(split_host_port("a.b:", 1).is_err());
+        assert!(split_host_port("::1", 1).is_err());
+        assert!(split_host_port("", 1).is_err());
+        assert!(split_host_port("http://x", 1).is_err());
+    }
+
+    #[test]
+    fn redaction() {
+        let mut s = WorkerSettings {
+            nats_url: "nats://u:p@h:4222".into(),
+            ..Default::default()
+        };
+        s.store_settings.vault_settings.password = "hunter2".into();
+        s.store_settings.object_store_settings.secret_key = "k3y".into();
+        let out = redacted_json(&s);
+        assert!(!out.contains("hunter2"));
+        assert!(!out.contains("k3y"));
+        assert!(!out.contains("u:p"));
+        assert!(out.contains("nats://<redacted>@h:4222"));
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        WorkerSettings::default().validate().unwrap();
+        PollerSettings::default().validate().unwrap();
+    }
+}

@@ -1,0 +1,382 @@
+//! Connect and log in: implicit TLS (993) or STARTTLS (143), certificate
+//! verified, then LOGIN or XOAUTH2; capabilities read so Gmail gets its
+//! extra fetch items.
+//!
+//! Every network step has a timeout, and every failure comes back as an
+//! [`ImapError`] naming the server and the step, so an operator reading the
+//! identity's `lastFetchError` knows what went wrong.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::{tls, ImapError};
+use crate::config::split_host_port;
+
+/// How the connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// TLS from the first byte (port 993).
+    Tls,
+    /// Plain TCP upgraded with STARTTLS before login (port 143).
+    StartTls,
+    /// No TLS at all: only when allowed, and only to loopback.
+    Plain,
+}
+
+impl Security {
+    /// From an explicit setting (`tls`, `starttls`, `plain`), else by port:
+    /// 143 means STARTTLS, anything else implicit TLS.
+    pub fn choose(setting: &str, port: u16) -> Result<Security, String> {
+        match setting.trim().to_ascii_lowercase().as_str() {
+            "" => Ok(if port == 143 {
+                Security::StartTls
+            } else {
+                Security::Tls
+            }),
+            "tls" | "ssl" | "imaps" => Ok(Security::Tls),
+            "starttls" => Ok(Security::StartTls),
+            "plain" | "none" => Ok(Security::Plain),
+            other => Err(format!(
+                "security must be tls, starttls or plain, found {other:?}"
+            )),
+        }
+    }
+}
+
+/// How to log in.
+#[derive(Clone)]
+pub enum Auth {
+    Login { user: String, password: String },
+    XOAuth2 { user: String, token: String },
+}
+
+// Never print secrets.
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::Login { user, .. } => write!(f, "Login({user}, <password>)"),
+            Auth::XOAuth2 { user, .. } => write!(f, "XOAuth2({user}, <token>)"),
+        }
+    }
+}
+
+impl Auth {
+    pub fn user(&self) -> &str {
+        match self {
+            Auth::Login { user, .. } | Auth::XOAuth2 { user, .. } => user,
+        }
+    }
+}
+
+/// Everything needed to reach and log in to one account.
+#[derive(Debug, Clone)]
+pub struct Account {
+    /// `host:port` as configured (`inserver`).
+    pub server: String,
+    pub security: Security,
+    pub auth: Auth,
+    /// Extra CA files to trust (global and per identity).
+    pub ca_files: Vec<PathBuf>,
+    /// Pinned certificate SHA-256, if any.
+    pub pin: Option<[u8; 32]>,
+    pub allow_plaintext_loopback: bool,
+    pub connect_timeout: Duration,
+    pub io_timeout: Duration,
+}
+
+/// What we learnt while connecting (for the X-Fetched-Imap header and Gmail).
+#[derive(Debug, Clone, Default)]
+pub struct ConnInfo {
+    pub remote_addr: String,
+    pub tls_version: String,
+    pub cipher: String,
+    pub imap4rev1: bool,
+    pub gmail: bool,
+}
+
+/// The transport under the IMAP session.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stream::Plain(_) => f.write_str("Stream::Plain"),
+            Stream::Tls(_) => f.write_str("Stream::Tls"),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+pub type ImapSession = async_imap::Session<Stream>;
+
+struct XOAuth2<'a> {
+    user: &'a str,
+    token: &'a str,
+}
+
+impl async_imap::Authenticator for XOAuth2<'_> {
+    type Response = String;
+    fn process(&mut self, _challenge: &[u8]) -> String {
+        format!("user={}\x01auth=Bearer {}\x01\x01", self.user, self.token)
+    }
+}
+
+/// Connect, secure, log in; the session and what we learnt on the way.
+pub async fn connect(acc: &Account) -> Result<(ImapSession, ConnInfo), ImapError> {
+    let server = acc.server.clone();
+    let (host, port) = split_host_port(&acc.server, 993).map_err(|e| ImapError::Connect {
+        server: server.clone(),
+        reason: e,
+    })?;
+    let timeout = |during: &str| ImapError::Timeout {
+        server: server.clone(),
+        during: during.to_string(),
+    };
+    let proto = |during: &str, reason: String| ImapError::Protocol {
+        server: server.clone(),
+        during: during.to_string(),
+        reason,
+    };
+
+    let tcp = tokio::time::timeout(
+        acc.connect_timeout,
+        TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| timeout("connect"))?
+    .map_err(|e| ImapError::Connect {
+        server: server.clone(),
+        reason: e.to_string(),
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let peer: SocketAddr = tcp.peer_addr().map_err(|e| ImapError::Connect {
+        server: server.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut info = ConnInfo {
+        remote_addr: peer.to_string(),
+        ..Default::default()
+    };
+
+    if acc.security == Security::Plain && !(acc.allow_plaintext_loopback && peer.ip().is_loopback())
+    {
+        return Err(ImapError::Policy {
+            server,
+            reason: "plaintext IMAP is allowed only to loopback addresses, and only with \
+                     imap.allow_plaintext_loopback: true"
+                .into(),
+        });
+    }
+
+    let tls_config = || {
+        let files: Vec<&std::path::Path> = acc.ca_files.iter().map(PathBuf::as_path).collect();
+        tls::client_config(&files, acc.pin).map_err(|reason| ImapError::Tls {
+            server: server.clone(),
+            reason,
+        })
+    };
+
+    let stream = match acc.security {
+        Security::Plain => Stream::Plain(tcp),
+        Security::Tls => {
+            let tls = handshake(tcp, &host, tls_config()?, acc, &server).await?;
+            Stream::Tls(Box::new(tls))
+        }
+        Security::StartTls => Stream::Plain(tcp),
+    };
+
+    let mut client = async_imap::Client::new(stream);
+    let greeting = tokio::time::timeout(acc.connect_timeout, client.read_response())
+        .await
+        .map_err(|_| timeout("greeting"))?
+        .map_err(|e| ImapError::Connect {
+            server: server.clone(),
+            reason: e.to_string(),
+        })?
+        .ok_or_else(|| proto("greeting", "connection closed".into()))?;
+    check_greeting(greeting.parsed()).map_err(|r| proto("greeting", r))?;
+
+    if acc.security == Security::StartTls {
+        tokio::time::timeout(
+            acc.io_timeout,
+            client.run_command_and_check_ok("STARTTLS", None),
+        )
+        .await
+        .map_err(|_| timeout("STARTTLS"))?
+        .map_err(|e| ImapError::Tls {
+            server: server.clone(),
+            reason: format!("STARTTLS refused: {e}"),
+        })?;
+        let Stream::Plain(tcp) = client.into_inner() else {
+            unreachable!("STARTTLS starts from a plain stream")
+        };
+        let tls = handshake(tcp, &host, tls_config()?, acc, &server).await?;
+        client = async_imap::Client::new(Stream::Tls(Box::new(tls)));
+    }
+
+    if let Stream::Tls(tls) = client.get_ref() {
+        let (_, conn) = tls.get_ref();
+        info.tls_version = tls::version_name(conn.protocol_version()).to_string();
+        info.cipher = tls::suite_name(conn.negotiated_cipher_suite());
+    }
+
+    let auth_err = |e: async_imap::error::Error| ImapError::Auth {
+        server: server.clone(),
+        login: acc.auth.user().to_string(),
+        reason: e.to_string(),
+    };
+    let login = async {
+        match &acc.auth {
+            Auth::Login { user, password } => client
+                .login(user, password)
+                .await
+                .map_err(|(e, _)| auth_err(e)),
+            Auth::XOAuth2 { user, token } => client
+                .authenticate("XOAUTH2", XOAuth2 { user, token })
+                .await
+                .map_err(|(e, _)| auth_err(e)),
+        }
+    };
+    let mut session = tokio::time::timeout(acc.io_timeout, login)
+        .await
+        .map_err(|_| timeout("login"))??;
+
+    let caps = tokio::time::timeout(acc.io_timeout, session.capabilities())
+        .await
+        .map_err(|_| timeout("CAPABILITY"))?
+        .map_err(|e| proto("CAPABILITY", e.to_string()))?;
+    info.imap4rev1 = caps.has_str("IMAP4rev1");
+    info.gmail = caps.has_str("X-GM-EXT-1");
+    Ok((session, info))
+}
+
+async fn handshake(
+    tcp: TcpStream,
+    host: &str,
+    config: Arc<rustls::ClientConfig>,
+    acc: &Account,
+    server: &str,
+) -> Result<TlsStream<TcpStream>, ImapError> {
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| ImapError::Tls {
+            server: server.to_string(),
+            reason: format!("bad server name {host:?}: {e}"),
+        })?;
+    let connector = TlsConnector::from(config);
+    tokio::time::timeout(acc.connect_timeout, connector.connect(name, tcp))
+        .await
+        .map_err(|_| ImapError::Timeout {
+            server: server.to_string(),
+            during: "TLS handshake".into(),
+        })?
+        .map_err(|e| ImapError::Tls {
+            server: server.to_string(),
+            reason: describe_tls_error(&e),
+        })
+}
+
+fn describe_tls_error(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+        format!(
+            "{text} (the server certificate is not trusted: add its CA with imap.ca_file \
+             or the identity's cafile, or pin it with cert_sha256)"
+        )
+    } else {
+        text
+    }
+}
+
+fn check_greeting(resp: &async_imap::imap_proto::Response<'_>) -> Result<(), String> {
+    use async_imap::imap_proto::{Response, Status};
+    match resp {
+        Response::Data {
+            status: Status::Ok | Status::PreAuth,
+            ..
+        } => Ok(()),
+        Response::Data {
+            status: Status::Bye,
+            outcome,
+        } => Err(format!(
+            "server said BYE: {}",
+            outcome.information.as_deref().unwrap_or("")
+        )),
+        other => Err(format!("unexpected greeting {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn security_by_port_and_setting() {
+        assert_eq!(Security::choose("", 993).unwrap(), Security::Tls);
+        assert_eq!(Security::choose("", 143).unwrap(), Security::StartTls);
+        assert_eq!(
+            Security::choose("STARTTLS", 10143).unwrap(),
+            Security::StartTls
+        );
+        assert_eq!(Security::choose("plain", 143).unwrap(), Security::Plain);
+        assert!(Security::choose("bogus", 1).is_err());
+    }
+
+    #[test]
+    fn auth_debug_hides_secrets() {
+        let a = Auth::Login {
+            user: "u".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{a:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,173 @@
+//! The `X-Fetched-*` headers prepended to every fetched message
+//! (CONTRACT §4), in the byte format of Caliopen's Go worker: `Name: value`
+//! lines ending in CRLF, the `X-Fetched-Imap` value folded with a bare LF and
+//! eight spaces (the Go source used a raw string literal), dates in RFC 1123
+//! with a numeric zone, mailbox names, flags and Gmail labels in base64.
+//! Unlike the Go map, the order of the headers is fixed, so the same message
+//! always gives the same bytes (apart from the fetch date).
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use chrono::{DateTime, FixedOffset};
+
+use super::ConnInfo;
+
+/// What the headers say about one message.
+#[derive(Debug, Clone)]
+pub struct FetchedMeta<'a> {
+    /// `inserver` as configured.
+    pub server: &'a str,
+    pub conn: &'a ConnInfo,
+    /// The identity's display name.
+    pub account: &'a str,
+    pub mailbox: &'a str,
+    pub user_id: &'a str,
+    pub uid: u32,
+    pub flags: &'a [String],
+    pub gmail_msgid: Option<u64>,
+    pub gmail_labels: &'a [String],
+    pub date: DateTime<FixedOffset>,
+}
+
+/// Go's `time.RFC1123Z`: `Mon, 02 Jan 2006 15:04:05 -0700`.
+pub fn rfc1123z(date: &DateTime<FixedOffset>) -> String {
+    date.format("%a, %d %b %Y %H:%M:%S %z").to_string()
+}
+
+/// Write the headers; the raw message is appended after them unchanged.
+pub fn write(meta: &FetchedMeta<'_>, out: &mut Vec<u8>) {
+    let proto = if meta.conn.imap4rev1 {
+        "with IMAP4rev1 protocol"
+    } else {
+        ""
+    };
+    let line = |out: &mut Vec<u8>, name: &str, value: &str| {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    };
+    line(
+        out,
+        "X-Fetched-Imap",
+        &format!(
+            "from {} ([{}])\n        (using {} with cipher {})\n        by imap-fetcher (Caliopen) {};\n        {}",
+            meta.server,
+            meta.conn.remote_addr,
+            meta.conn.tls_version,
+            meta.conn.cipher,
+            proto,
+            rfc1123z(&meta.date)
+        ),
+    );
+    line(out, "X-Fetched-Imap-Account", meta.account);
+    line(out, "X-Fetched-Imap-Box", &STANDARD.encode(meta.mailbox));
+    line(out, "X-Fetched-Imap-For", meta.user_id);
+    line(out, "X-Fetched-Imap-Uid", &meta.uid.to_string());
+    if !meta.flags.is_empty() {
+        line(
+            out,
+            "X-Fetched-Imap-Flags",
+            &STANDARD.encode(meta.flags.join("\r\n")),
+        );
+    }
+    if meta.conn.gmail {
+        if let Some(id) = meta.gmail_msgid {
+            line(out, "X-Fetched-X-GM-MSGID", &id.to_string());
+        }
+        if !meta.gmail_labels.is_empty() {
+            line(
+                out,
+                "X-Fetched-X-GM-LABELS",
+                &STANDARD.encode(meta.gmail_labels.join("\r\n")),
+            );
+        }
+    }
+}
+
+/// An IMAP flag as the server spells it (`\Seen`, `$Forwarded`...).
+pub fn flag_name(f: &async_imap::types::Flag<'_>) -> String {
+    use async_imap::types::Flag;
+    match f {
+        Flag::Seen => "\\Seen".into(),
+        Flag::Answered => "\\Answered".into(),
+        Flag::Flagged => "\\Flagged".into(),
+        Flag::Deleted => "\\Deleted".into(),
+        Flag::Draft => "\\Draft".into(),
+        Flag::Recent => "\\Recent".into(),
+        Flag::MayCreate => "\\*".into(),
+        Flag::Custom(c) => c.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_bytes() {
+        let conn = ConnInfo {
+            remote_addr: "127.0.0.1:993".into(),
+            tls_version: "tls1.3".into(),
+            cipher: "TLS_AES_256_GCM_SHA384".into(),
+            imap4rev1: true,
+            gmail: false,
+        };
+        let date = DateTime::parse_from_rfc3339("2026-01-02T03:04:05+01:00").unwrap();
+        let flags = vec!["\\Seen".to_string(), "\\Answered".to_string()];
+        let meta = FetchedMeta {
+            server: "imap.example.org:993",
+            conn: &conn,
+            account: "Alice",
+            mailbox: "INBOX",
+            user_id: "u-1",
+            uid: 42,
+            flags: &flags,
+            gmail_msgid: None,
+            gmail_labels: &[],
+            date,
+        };
+        let mut out = Vec::new();
+        write(&meta, &mut out);
+        let expected = "X-Fetched-Imap: from imap.example.org:993 ([127.0.0.1:993])\n        \
+(using tls1.3 with cipher TLS_AES_256_GCM_SHA384)\n        \
+by imap-fetcher (Caliopen) with IMAP4rev1 protocol;\n        \
+Fri, 02 Jan 2026 03:04:05 +0100\r\n\
+X-Fetched-Imap-Account: Alice\r\n\
+X-Fetched-Imap-Box: SU5CT1g=\r\n\
+X-Fetched-Imap-For: u-1\r\n\
+X-Fetched-Imap-Uid: 42\r\n\
+X-Fetched-Imap-Flags: XFNlZW4NClxBbnN3ZXJlZA==\r\n";
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+    }
+
+    #[test]
+    fn gmail_headers_only_on_gmail() {
+        let mut conn = ConnInfo::default();
+        let date = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap();
+        let labels = vec!["\\Important".to_string(), "work".to_string()];
+        let mk = |conn: &ConnInfo| {
+            let meta = FetchedMeta {
+                server: "imap.gmail.com:993",
+                conn,
+                account: "a",
+                mailbox: "INBOX",
+                user_id: "u",
+                uid: 1,
+                flags: &[],
+                gmail_msgid: Some(1278455344230334865),
+                gmail_labels: &labels,
+                date,
+            };
+            let mut out = Vec::new();
+            write(&meta, &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert!(!mk(&conn).contains("X-GM"));
+        conn.gmail = true;
+        let s = mk(&conn);
+        assert!(s.contains("X-Fetched-X-GM-MSGID: 1278455344230334865\r\n"));
+        assert!(s.contains("X-Fetched-X-GM-LABELS: XEltcG9ydGFudA0Kd29yaw==\r\n"));
+        assert!(!s.contains("X-Fetched-Imap-Flags"));
+    }
+}

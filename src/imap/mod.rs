@@ -1,0 +1,48 @@
+//! The IMAP client side: secure connection and login ([`connect`]), TLS
+//! policy ([`tls`]), and the X-Fetched headers put on every message
+//! ([`headers`]).
+//!
+//! Fetching itself is driven by the worker's sync pipeline, which owns the
+//! checkpoint logic; this module only knows how to talk to a server safely.
+
+pub mod connect;
+pub mod headers;
+pub mod tls;
+
+pub use connect::{connect, Account, Auth, ConnInfo, ImapSession, Security};
+
+/// IMAP failures the sync branches on (login errors count towards disabling
+/// an identity; a TLS error never falls back to anything weaker).
+#[derive(Debug, thiserror::Error)]
+pub enum ImapError {
+    #[error("cannot connect to {server}: {reason}")]
+    Connect { server: String, reason: String },
+    #[error("TLS with {server} failed: {reason}")]
+    Tls { server: String, reason: String },
+    #[error("login to {server} as {login} refused: {reason}")]
+    Auth {
+        server: String,
+        login: String,
+        reason: String,
+    },
+    #[error("{server} timed out during {during}")]
+    Timeout { server: String, during: String },
+    #[error("{server} answered badly to {during}: {reason}")]
+    Protocol {
+        server: String,
+        during: String,
+        reason: String,
+    },
+    #[error("refused by policy for {server}: {reason}")]
+    Policy { server: String, reason: String },
+}
+
+impl ImapError {
+    /// Errors that mean "this account cannot log in" (CONTRACT §4 step 6).
+    pub fn is_login_failure(&self) -> bool {
+        matches!(
+            self,
+            ImapError::Connect { .. } | ImapError::Tls { .. } | ImapError::Auth { .. }
+        )
+    }
+}

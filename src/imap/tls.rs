@@ -1,0 +1,193 @@
+//! TLS policy: certificates are always verified.
+//!
+//! Trust comes from the system roots (rustls-native-certs), plus an optional
+//! global CA file (`imap.ca_file`) and a per-identity one (`infos.cafile`).
+//! A pinned certificate (`infos.cert_sha256`, SHA-256 of the DER) replaces
+//! chain validation by "exactly this certificate" — the handshake signature is
+//! still checked. There is no switch to turn verification off; a failed
+//! verification is an error, never a fallback.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+/// Install the process-wide crypto provider (ring). Idempotent.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn system_roots() -> &'static Vec<CertificateDer<'static>> {
+    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let res = rustls_native_certs::load_native_certs();
+        for e in &res.errors {
+            tracing::warn!(error = %e, "some system CA certificates could not be loaded");
+        }
+        res.certs
+    })
+}
+
+/// Read every certificate of a PEM file.
+pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let iter = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
+    let certs: Vec<_> = iter
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad PEM in CA file {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in CA file {}", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Parse a pinned SHA-256 fingerprint: 64 hex digits, colons allowed.
+pub fn parse_pin(s: &str) -> Result<[u8; 32], String> {
+    let hex: String = s
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect();
+    if hex.len() != 64 {
+        return Err(format!(
+            "certificate pin must be a SHA-256 in hex (64 digits), found {} digits",
+            hex.len()
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).map_err(|_| "bad hex".to_string())?;
+        out[i] = u8::from_str_radix(s, 16).map_err(|_| format!("bad hex digit in pin: {s:?}"))?;
+    }
+    Ok(out)
+}
+
+/// A client config trusting the system roots plus `extra_ca` files, or only
+/// the pinned certificate when `pin` is set.
+pub fn client_config(
+    extra_ca: &[&Path],
+    pin: Option<[u8; 32]>,
+) -> Result<Arc<ClientConfig>, String> {
+    install_provider();
+    let provider = rustls::crypto::ring::default_provider();
+    let builder = ClientConfig::builder_with_provider(Arc::new(provider.clone()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let config = if let Some(pin) = pin {
+        builder
+            .dangerous() // not dangerous: the pin is a stricter check than a CA
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                pin,
+                algs: provider.signature_verification_algorithms,
+            }))
+            .with_no_client_auth()
+    } else {
+        let mut roots = RootCertStore::empty();
+        let (_added, _ignored) = roots.add_parsable_certificates(system_roots().iter().cloned());
+        for path in extra_ca {
+            for cert in read_pem_certs(path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    };
+    Ok(Arc::new(config))
+}
+
+/// Accepts exactly one server certificate, known by its SHA-256.
+#[derive(Debug)]
+struct PinnedVerifier {
+    pin: [u8; 32],
+    algs: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let digest = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
+        if digest.as_ref() == self.pin {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "server certificate does not match the pinned SHA-256".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Protocol name as Caliopen's Go worker wrote it in X-Fetched-Imap.
+pub fn version_name(v: Option<rustls::ProtocolVersion>) -> &'static str {
+    match v {
+        Some(rustls::ProtocolVersion::TLSv1_2) => "tls1.2",
+        Some(rustls::ProtocolVersion::TLSv1_3) => "tls1.3",
+        Some(rustls::ProtocolVersion::TLSv1_1) => "tls1.1",
+        Some(rustls::ProtocolVersion::TLSv1_0) => "tls1.0",
+        _ => "",
+    }
+}
+
+/// IANA name of a cipher suite (rustls spells TLS 1.3 suites `TLS13_...`).
+pub fn suite_name(s: Option<rustls::SupportedCipherSuite>) -> String {
+    match s {
+        None => String::new(),
+        Some(s) => {
+            let n = format!("{:?}", s.suite());
+            match n.strip_prefix("TLS13_") {
+                Some(rest) => format!("TLS_{rest}"),
+                None => n,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pins() {
+        let hex = "00".repeat(31) + "ff";
+        assert_eq!(parse_pin(&hex).unwrap()[31], 0xff);
+        let colons = vec!["AB"; 32].join(":");
+        assert_eq!(parse_pin(&colons).unwrap()[0], 0xab);
+        assert!(parse_pin("abc").is_err());
+        assert!(parse_pin(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn system_config_builds() {
+        client_config(&[], None).unwrap();
+    }
+}

@@ -1,0 +1,398 @@
+//! Remote identities: the `user_identity` row and its two lookup tables,
+//! exactly as Caliopen writes and reads them (CONTRACT §3).
+//!
+//! Sync state of INBOX lives in the row's `infos` map under Caliopen's own
+//! keys, so Caliopen's readers (API, frontend) keep seeing what they saw with
+//! the Go worker. Writes touch single map entries (`infos = infos + ?`), never
+//! the whole map, so concurrent writers of other keys are not overwritten.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use cdrs_tokio::query::QueryValues;
+use cdrs_tokio::query_values;
+use cdrs_tokio::types::rows::Row;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{col, decode, text_map, Store, StoreError};
+
+/// `infos` keys (CONTRACT §3).
+pub mod infos {
+    pub const INSERVER: &str = "inserver";
+    pub const OUTSERVER: &str = "outserver";
+    pub const AUTHTYPE: &str = "authtype";
+    pub const PROVIDER: &str = "provider";
+    pub const POLLINTERVAL: &str = "pollinterval";
+    pub const LASTSEENUID: &str = "lastseenuid";
+    pub const UIDVALIDITY: &str = "uidvalidity";
+    pub const LASTSYNC: &str = "lastsync";
+    pub const SYNCING: &str = "syncing";
+    pub const LAST_FETCH_ERROR: &str = "lastFetchError";
+    pub const FIRST_ERROR_DATE: &str = "firstErrorDate";
+    pub const LAST_ERROR_DATE: &str = "lastErrorDate";
+    pub const ERRORS_COUNT: &str = "errorsCount";
+    /// Ours: comma-separated mailboxes to sync (default INBOX).
+    pub const MAILBOXES: &str = "mailboxes";
+    /// Ours: `starttls`, `tls` or `plain` to override the choice by port.
+    pub const SECURITY: &str = "security";
+    /// Ours: an extra CA file (PEM) for this identity's server.
+    pub const CAFILE: &str = "cafile";
+    /// Ours: SHA-256 (hex) of the server certificate, pinned.
+    pub const CERT_SHA256: &str = "cert_sha256";
+    /// Ours: messages stepped over after too many failures (count).
+    pub const STEPPED_OVER: &str = "steppedOver";
+
+    pub const AUTH_LOGIN: &str = "login-password";
+    pub const AUTH_OAUTH2: &str = "Oauth2";
+    pub const AUTH_OAUTH1: &str = "Oauth1";
+}
+
+/// `credentials` keys (CONTRACT §3; `oauh2refreshtoken` is Caliopen's spelling).
+pub mod creds {
+    pub const USERNAME_IN: &str = "inusername";
+    pub const PASSWORD_IN: &str = "inpassword";
+    pub const USERNAME: &str = "username";
+    pub const ACCESS_TOKEN: &str = "oauth2accesstoken";
+    pub const REFRESH_TOKEN: &str = "oauh2refreshtoken";
+    pub const TOKEN_TYPE: &str = "tokentype";
+    pub const TOKEN_EXPIRY: &str = "tokenexpiry";
+}
+
+pub const TYPE_REMOTE: &str = "remote";
+pub const PROTOCOL_EMAIL: &str = "email";
+pub const PROTOCOL_IMAP_LEGACY: &str = "imap";
+pub const STATUS_ACTIVE: &str = "active";
+pub const STATUS_INACTIVE: &str = "inactive";
+
+/// One `user_identity` row.
+#[derive(Clone, Default, PartialEq)]
+pub struct Identity {
+    pub user_id: Uuid,
+    pub identity_id: Uuid,
+    pub credentials: HashMap<String, String>,
+    pub display_name: String,
+    pub identifier: String,
+    pub infos: HashMap<String, String>,
+    pub last_check: Option<DateTime<Utc>>,
+    pub protocol: String,
+    pub status: String,
+    pub kind: String,
+}
+
+// Credentials are secrets: Debug shows their keys only.
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut cred_keys: Vec<&String> = self.credentials.keys().collect();
+        cred_keys.sort();
+        f.debug_struct("Identity")
+            .field("user_id", &self.user_id)
+            .field("identity_id", &self.identity_id)
+            .field("identifier", &self.identifier)
+            .field("display_name", &self.display_name)
+            .field("protocol", &self.protocol)
+            .field("status", &self.status)
+            .field("type", &self.kind)
+            .field("infos", &self.infos)
+            .field("credentials", &cred_keys)
+            .field("last_check", &self.last_check)
+            .finish()
+    }
+}
+
+impl Identity {
+    pub fn info(&self, key: &str) -> &str {
+        self.infos.get(key).map(String::as_str).unwrap_or("")
+    }
+
+    pub fn is_remote_email(&self) -> bool {
+        self.kind == TYPE_REMOTE
+            && (self.protocol == PROTOCOL_EMAIL || self.protocol == PROTOCOL_IMAP_LEGACY)
+    }
+
+    /// Mailboxes to sync: `infos.mailboxes` (comma-separated), default INBOX.
+    pub fn mailboxes(&self) -> Vec<String> {
+        let list: Vec<String> = self
+            .info(infos::MAILBOXES)
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        if list.is_empty() {
+            vec!["INBOX".into()]
+        } else {
+            list
+        }
+    }
+
+    fn from_row(row: &Row) -> Result<Identity, StoreError> {
+        const W: &str = "user_identity row";
+        Ok(Identity {
+            user_id: col(row, "user_id", W)?.ok_or_else(|| decode(W, "null user_id"))?,
+            identity_id: col(row, "identity_id", W)?
+                .ok_or_else(|| decode(W, "null identity_id"))?,
+            credentials: text_map(row, "credentials", W)?,
+            display_name: col(row, "display_name", W)?.unwrap_or_default(),
+            identifier: col(row, "identifier", W)?.unwrap_or_default(),
+            infos: text_map(row, "infos", W)?,
+            last_check: col(row, "last_check", W)?,
+            protocol: col(row, "protocol", W)?.unwrap_or_default(),
+            status: col(row, "status", W)?.unwrap_or_default(),
+            kind: col(row, "type", W)?.unwrap_or_default(),
+        })
+    }
+}
+
+const SELECT_ONE: &str = "SELECT user_id, identity_id, credentials, display_name, identifier, \
+     infos, last_check, protocol, status, type FROM {ks}.user_identity \
+     WHERE user_id = ? AND identity_id = ?";
+const SELECT_USER: &str = "SELECT user_id, identity_id, credentials, display_name, identifier, \
+     infos, last_check, protocol, status, type FROM {ks}.user_identity WHERE user_id = ?";
+const SCAN: &str = "SELECT user_id, identity_id, infos, last_check, protocol, status, type \
+     FROM {ks}.user_identity";
+const INSERT: &str = "INSERT INTO {ks}.user_identity (user_id, identity_id, credentials, \
+     display_name, identifier, infos, last_check, protocol, status, type) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+const INSERT_LOOKUP: &str = "INSERT INTO {ks}.identity_lookup \
+     (identifier, protocol, user_id, identity_id) VALUES (?, ?, ?, ?)";
+const INSERT_TYPE_LOOKUP: &str = "INSERT INTO {ks}.identity_type_lookup \
+     (type, user_id, identity_id) VALUES (?, ?, ?)";
+const SELECT_LOOKUP: &str = "SELECT identity_id FROM {ks}.identity_lookup \
+     WHERE identifier = ? AND protocol = ? AND user_id = ?";
+const DELETE: &str = "DELETE FROM {ks}.user_identity WHERE user_id = ? AND identity_id = ?";
+const DELETE_LOOKUP: &str = "DELETE FROM {ks}.identity_lookup \
+     WHERE identifier = ? AND protocol = ? AND user_id = ?";
+const DELETE_TYPE_LOOKUP: &str = "DELETE FROM {ks}.identity_type_lookup \
+     WHERE type = ? AND user_id = ? AND identity_id = ?";
+const MERGE_INFOS: &str = "UPDATE {ks}.user_identity SET infos = infos + ? \
+     WHERE user_id = ? AND identity_id = ?";
+const REMOVE_INFOS: &str = "UPDATE {ks}.user_identity SET infos = infos - ? \
+     WHERE user_id = ? AND identity_id = ?";
+const MERGE_CREDENTIALS: &str = "UPDATE {ks}.user_identity SET credentials = credentials + ? \
+     WHERE user_id = ? AND identity_id = ?";
+const SET_LAST_CHECK: &str = "UPDATE {ks}.user_identity SET last_check = ? \
+     WHERE user_id = ? AND identity_id = ?";
+const SET_STATUS: &str = "UPDATE {ks}.user_identity SET status = ? \
+     WHERE user_id = ? AND identity_id = ?";
+
+/// A lighter row for the poller's scan (no credentials).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanRow {
+    pub user_id: Uuid,
+    pub identity_id: Uuid,
+    pub infos: HashMap<String, String>,
+    pub last_check: Option<DateTime<Utc>>,
+    pub protocol: String,
+    pub status: String,
+    pub kind: String,
+}
+
+impl Store {
+    pub async fn identity(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+    ) -> Result<Option<Identity>, StoreError> {
+        let rows = self
+            .rows(SELECT_ONE, query_values!(user_id, identity_id))
+            .await?;
+        rows.first().map(Identity::from_row).transpose()
+    }
+
+    pub async fn identities_of(&self, user_id: Uuid) -> Result<Vec<Identity>, StoreError> {
+        let rows = self.rows(SELECT_USER, query_values!(user_id)).await?;
+        rows.iter().map(Identity::from_row).collect()
+    }
+
+    /// The identity id of `identifier` for `user_id`, under any of the
+    /// remote email protocols (`email`, legacy `imap`).
+    pub async fn lookup_identity(
+        &self,
+        user_id: Uuid,
+        identifier: &str,
+    ) -> Result<Option<Uuid>, StoreError> {
+        let identifier = identifier.to_lowercase();
+        for protocol in [PROTOCOL_EMAIL, PROTOCOL_IMAP_LEGACY] {
+            let rows = self
+                .rows(
+                    SELECT_LOOKUP,
+                    query_values!(identifier.clone(), protocol, user_id),
+                )
+                .await?;
+            if let Some(r) = rows.first() {
+                if let Some(id) = col::<Uuid>(r, "identity_id", "identity_lookup row")? {
+                    return Ok(Some(id));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Write a new identity and both lookup rows.
+    pub async fn insert_identity(&self, id: &Identity) -> Result<(), StoreError> {
+        self.exec(
+            INSERT,
+            query_values!(
+                id.user_id,
+                id.identity_id,
+                id.credentials.clone(),
+                id.display_name.clone(),
+                id.identifier.clone(),
+                id.infos.clone(),
+                id.last_check,
+                id.protocol.clone(),
+                id.status.clone(),
+                id.kind.clone()
+            ),
+        )
+        .await?;
+        self.exec(
+            INSERT_LOOKUP,
+            query_values!(
+                id.identifier.clone(),
+                id.protocol.clone(),
+                id.user_id,
+                id.identity_id
+            ),
+        )
+        .await?;
+        self.exec(
+            INSERT_TYPE_LOOKUP,
+            query_values!(id.kind.clone(), id.user_id, id.identity_id),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Delete an identity and its lookup rows.
+    pub async fn delete_identity(&self, id: &Identity) -> Result<(), StoreError> {
+        self.exec(
+            DELETE_LOOKUP,
+            query_values!(id.identifier.clone(), id.protocol.clone(), id.user_id),
+        )
+        .await?;
+        self.exec(
+            DELETE_TYPE_LOOKUP,
+            query_values!(id.kind.clone(), id.user_id, id.identity_id),
+        )
+        .await?;
+        self.exec(DELETE, query_values!(id.user_id, id.identity_id))
+            .await?;
+        Ok(())
+    }
+
+    /// Set some `infos` entries, leaving the others alone.
+    pub async fn merge_infos(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        entries: HashMap<String, String>,
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.exec(MERGE_INFOS, query_values!(entries, user_id, identity_id))
+            .await
+            .map(|_| ())
+    }
+
+    /// Remove some `infos` entries.
+    pub async fn remove_infos(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        keys: &[&str],
+    ) -> Result<(), StoreError> {
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        self.exec(REMOVE_INFOS, query_values!(keys, user_id, identity_id))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn merge_credentials(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        entries: HashMap<String, String>,
+    ) -> Result<(), StoreError> {
+        self.exec(
+            MERGE_CREDENTIALS,
+            query_values!(entries, user_id, identity_id),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn set_last_check(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.exec(SET_LAST_CHECK, query_values!(at, user_id, identity_id))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn set_status(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        status: &str,
+    ) -> Result<(), StoreError> {
+        self.exec(SET_STATUS, query_values!(status, user_id, identity_id))
+            .await
+            .map(|_| ())
+    }
+
+    /// One page of a full scan of `user_identity` (the poller's).
+    pub async fn scan_identities(
+        &self,
+        page_size: i32,
+        state: Option<cdrs_tokio::types::CBytes>,
+    ) -> Result<(Vec<ScanRow>, Option<cdrs_tokio::types::CBytes>), StoreError> {
+        const W: &str = "user_identity scan";
+        let (rows, next) = self
+            .page(SCAN, QueryValues::SimpleValues(vec![]), page_size, state)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(ScanRow {
+                user_id: col(row, "user_id", W)?.ok_or_else(|| decode(W, "null user_id"))?,
+                identity_id: col(row, "identity_id", W)?
+                    .ok_or_else(|| decode(W, "null identity_id"))?,
+                infos: text_map(row, "infos", W)?,
+                last_check: col(row, "last_check", W)?,
+                protocol: col(row, "protocol", W)?.unwrap_or_default(),
+                status: col(row, "status", W)?.unwrap_or_default(),
+                kind: col(row, "type", W)?.unwrap_or_default(),
+            });
+        }
+        Ok((out, next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_credentials() {
+        let mut id = Identity::default();
+        id.credentials
+            .insert(creds::PASSWORD_IN.into(), "hunter2".into());
+        let shown = format!("{id:?}");
+        assert!(!shown.contains("hunter2"));
+        assert!(shown.contains("inpassword"));
+    }
+
+    #[test]
+    fn mailboxes_default_to_inbox() {
+        let mut id = Identity::default();
+        assert_eq!(id.mailboxes(), vec!["INBOX"]);
+        id.infos
+            .insert(infos::MAILBOXES.into(), "INBOX, Archive ,".into());
+        assert_eq!(id.mailboxes(), vec!["INBOX", "Archive"]);
+    }
+}

@@ -1,0 +1,334 @@
+//! The Cassandra repository shared by every mode.
+//!
+//! One [`Store`] holds one driver session built from `store_settings`, and a
+//! cache of prepared statements. Each table's rows and queries live in their
+//! own file (`identity.rs`, `raw_message.rs`, ...); they write CQL templates
+//! with a `{ks}` placeholder, which [`Store::prepared`] fills with the
+//! configured keyspace and prepares once.
+//!
+//! The binaries never create tables: `config/schema.cql` does, applied by
+//! `scripts/stack.sh` (or an operator). A missing table therefore shows up as
+//! a clear error naming the statement, not as a silent schema change.
+
+pub mod identity;
+pub mod lease;
+pub mod lock;
+pub mod raw_message;
+pub mod state;
+pub mod user;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdrs_tokio::authenticators::{
+    NoneAuthenticatorProvider, SaslAuthenticatorProvider, StaticPasswordAuthenticatorProvider,
+};
+use cdrs_tokio::cluster::session::{Session, SessionBuilder, TcpSessionBuilder};
+use cdrs_tokio::cluster::{NodeTcpConfigBuilder, TcpConnectionManager};
+use cdrs_tokio::consistency::Consistency;
+use cdrs_tokio::frame::Envelope;
+use cdrs_tokio::load_balancing::RoundRobinLoadBalancingStrategy;
+use cdrs_tokio::query::{PreparedQuery, QueryValues};
+use cdrs_tokio::statement::StatementParamsBuilder;
+use cdrs_tokio::transport::TransportTcp;
+use cdrs_tokio::types::rows::Row;
+use tokio::sync::Mutex;
+
+use crate::config::{split_host_port, StoreSettings};
+
+pub use cdrs_tokio::types::{ByName, IntoRustByName};
+
+type CSession = Session<
+    TransportTcp,
+    TcpConnectionManager,
+    RoundRobinLoadBalancingStrategy<TransportTcp, TcpConnectionManager>,
+>;
+
+/// Store failures a caller may branch on.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot reach Cassandra at {hosts}: {reason}")]
+    Unavailable { hosts: String, reason: String },
+    #[error("Cassandra query failed ({what}): {reason}")]
+    Query { what: String, reason: String },
+    #[error("unexpected data in Cassandra ({what}): {reason}")]
+    Decode { what: String, reason: String },
+}
+
+impl From<StoreError> for crate::error::Failure {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable { .. } => crate::error::Failure::Unavailable(e.to_string()),
+            _ => crate::error::Failure::Failed(e.to_string()),
+        }
+    }
+}
+
+/// A connected repository. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    session: CSession,
+    keyspace: String,
+    consistency: Consistency,
+    hosts: String,
+    /// Prepared statements by CQL template.
+    prepared: Mutex<HashMap<&'static str, Arc<PreparedQuery>>>,
+}
+
+impl Store {
+    /// Connect to the cluster in `settings`. Fails with
+    /// [`StoreError::Unavailable`] ("cannot reach Cassandra at HOST:PORT:
+    /// reason") rather than a driver dump, and within `timeout`.
+    pub async fn connect(settings: &StoreSettings, timeout: Duration) -> Result<Store, StoreError> {
+        let mut points = Vec::new();
+        for h in &settings.hosts {
+            let (host, port) = split_host_port(h, 9042).map_err(|e| StoreError::Unavailable {
+                hosts: h.clone(),
+                reason: e,
+            })?;
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            points.push(format!("{host}:{port}"));
+        }
+        let hosts = points.join(",");
+        let unavailable = |reason: String| StoreError::Unavailable {
+            hosts: hosts.clone(),
+            reason,
+        };
+        let consistency = Consistency::try_from(settings.consistency_level as i16)
+            .map_err(|e| unavailable(format!("consistency_level: {e}")))?;
+
+        let auth: Arc<dyn SaslAuthenticatorProvider + Send + Sync> = if settings.username.is_empty()
+        {
+            Arc::new(NoneAuthenticatorProvider)
+        } else {
+            Arc::new(StaticPasswordAuthenticatorProvider::new(
+                &settings.username,
+                &settings.password,
+            ))
+        };
+
+        let build = async {
+            // Fail fast when nothing listens: the driver would otherwise keep
+            // retrying behind our back.
+            let mut reached = false;
+            let mut last_err = String::new();
+            for p in &points {
+                match tokio::net::TcpStream::connect(p.as_str()).await {
+                    Ok(_) => {
+                        reached = true;
+                        break;
+                    }
+                    Err(e) => last_err = e.to_string(),
+                }
+            }
+            if !reached {
+                return Err(unavailable(last_err));
+            }
+            let config = NodeTcpConfigBuilder::new()
+                .with_contact_points(points.iter().map(|p| p.as_str().into()).collect())
+                .with_authenticator_provider(auth)
+                .build()
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            TcpSessionBuilder::new(RoundRobinLoadBalancingStrategy::new(), config)
+                .build()
+                .await
+                .map_err(|e| unavailable(e.to_string()))
+        };
+        let session = tokio::time::timeout(timeout, build)
+            .await
+            .map_err(|_| unavailable(format!("no answer within {} s", timeout.as_secs())))??;
+
+        Ok(Store {
+            inner: Arc::new(Inner {
+                session,
+                keyspace: settings.keyspace.clone(),
+                consistency,
+                hosts,
+                prepared: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    pub fn keyspace(&self) -> &str {
+        &self.inner.keyspace
+    }
+
+    pub fn hosts(&self) -> &str {
+        &self.inner.hosts
+    }
+
+    /// The prepared statement of a `{ks}` template, prepared on first use.
+    async fn prepared(&self, template: &'static str) -> Result<Arc<PreparedQuery>, StoreError> {
+        if let Some(p) = self.inner.prepared.lock().await.get(template) {
+            return Ok(p.clone());
+        }
+        let cql = template.replace("{ks}", &self.inner.keyspace);
+        let p = self
+            .inner
+            .session
+            .prepare(cql.as_str())
+            .await
+            .map_err(|e| StoreError::Query {
+                what: format!("prepare `{}`", first_words(&cql)),
+                reason: e.to_string(),
+            })?;
+        let p = Arc::new(p);
+        self.inner.prepared.lock().await.insert(template, p.clone());
+        Ok(p)
+    }
+
+    /// Run a statement with positional values at the configured consistency.
+    pub(crate) async fn exec(
+        &self,
+        template: &'static str,
+        values: QueryValues,
+    ) -> Result<Envelope, StoreError> {
+        let prepared = self.prepared(template).await?;
+        let params = StatementParamsBuilder::new()
+            .with_values(values)
+            .with_consistency(self.inner.consistency)
+            .build();
+        self.inner
+            .session
+            .exec_with_params(&prepared, &params)
+            .await
+            .map_err(|e| StoreError::Query {
+                what: first_words(template),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Run a statement and return its rows.
+    pub(crate) async fn rows(
+        &self,
+        template: &'static str,
+        values: QueryValues,
+    ) -> Result<Vec<Row>, StoreError> {
+        let env = self.exec(template, values).await?;
+        body_rows(env, template)
+    }
+
+    /// Run a lightweight transaction; `true` when it was applied.
+    pub(crate) async fn lwt(
+        &self,
+        template: &'static str,
+        values: QueryValues,
+    ) -> Result<bool, StoreError> {
+        let rows = self.rows(template, values).await?;
+        let applied = rows
+            .first()
+            .map(|r| r.get_by_name("[applied]"))
+            .transpose()
+            .map_err(|e| decode(template, e))?
+            .flatten()
+            .unwrap_or(false);
+        Ok(applied)
+    }
+
+    /// Run one page of a statement with paging; the rows and the paging state.
+    pub(crate) async fn page(
+        &self,
+        template: &'static str,
+        values: QueryValues,
+        page_size: i32,
+        state: Option<cdrs_tokio::types::CBytes>,
+    ) -> Result<(Vec<Row>, Option<cdrs_tokio::types::CBytes>), StoreError> {
+        let prepared = self.prepared(template).await?;
+        let mut params = StatementParamsBuilder::new()
+            .with_values(values)
+            .with_consistency(self.inner.consistency)
+            .with_page_size(page_size);
+        if let Some(s) = state {
+            params = params.with_paging_state(s);
+        }
+        let env = self
+            .inner
+            .session
+            .exec_with_params(&prepared, &params.build())
+            .await
+            .map_err(|e| StoreError::Query {
+                what: first_words(template),
+                reason: e.to_string(),
+            })?;
+        let body = env.response_body().map_err(|e| decode(template, e))?;
+        let next = body
+            .as_rows_metadata()
+            .and_then(|m| m.paging_state.clone())
+            .filter(|s| s.as_slice().is_some_and(|b| !b.is_empty()));
+        let rows = body.into_rows().unwrap_or_default();
+        Ok((rows, next))
+    }
+
+    /// A cheap query proving the session works (used by readiness checks).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.inner
+            .session
+            .query("SELECT release_version FROM system.local")
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::Unavailable {
+                hosts: self.inner.hosts.clone(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+fn body_rows(env: Envelope, what: &str) -> Result<Vec<Row>, StoreError> {
+    let body = env.response_body().map_err(|e| decode(what, e))?;
+    Ok(body.into_rows().unwrap_or_default())
+}
+
+pub(crate) fn decode(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Decode {
+        what: first_words(what),
+        reason: e.to_string(),
+    }
+}
+
+/// The start of a statement, enough to recognise it in an error.
+fn first_words(cql: &str) -> String {
+    let one_line: String = cql.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut s: String = one_line.chars().take(60).collect();
+    if one_line.chars().count() > 60 {
+        s.push('…');
+    }
+    s
+}
+
+/// Read a column that may be null or absent.
+pub(crate) fn col<T>(row: &Row, name: &str, what: &str) -> Result<Option<T>, StoreError>
+where
+    Row: IntoRustByName<T>,
+{
+    if !row.contains_column(name) {
+        return Ok(None);
+    }
+    row.get_by_name(name).map_err(|e| decode(what, e))
+}
+
+/// Read a `map<text,text>` column; null is the empty map.
+pub(crate) fn text_map(
+    row: &Row,
+    name: &str,
+    what: &str,
+) -> Result<HashMap<String, String>, StoreError> {
+    use cdrs_tokio::types::map::Map;
+    use cdrs_tokio::types::AsRust;
+    let m: Option<Map> = col(row, name, what)?;
+    match m {
+        None => Ok(HashMap::new()),
+        Some(m) => m
+            .as_r_rust::<HashMap<String, String>>()
+            .map_err(|e| decode(what, e)),
+    }
+}

@@ -1,0 +1,180 @@
+//! Sync checkpoints of mailboxes other than INBOX, and the per-message
+//! failure record.
+//!
+//! INBOX keeps Caliopen's keys in `user_identity.infos` (see `identity.rs`).
+//! Other mailboxes get a row of `imap_mailbox_state` each, a table that
+//! Caliopen's readers never look at, so adding mailboxes changes nothing for
+//! them. A message whose hand-off fails gets a row of `imap_message_failure`
+//! counting its tries; the checkpoint never moves past it until it succeeds
+//! or has failed `max_message_tries` times, and then the row stays, marked
+//! `stepped_over`, for operators (`imapctl listremotes`).
+
+use cdrs_tokio::query_values;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{col, decode, Store, StoreError};
+
+/// Where a mailbox's sync stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub uidvalidity: u32,
+    /// Every UID up to and including this one was handed off (or stepped over).
+    pub lastseenuid: u32,
+}
+
+/// A message that failed at least once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageFailure {
+    pub mailbox: String,
+    pub uidvalidity: u32,
+    pub uid: u32,
+    pub tries: u32,
+    pub last_error: String,
+    pub stepped_over: bool,
+}
+
+const SELECT_STATE: &str = "SELECT uidvalidity, lastseenuid FROM {ks}.imap_mailbox_state \
+     WHERE user_id = ? AND identity_id = ? AND mailbox = ?";
+const SAVE_STATE: &str = "UPDATE {ks}.imap_mailbox_state SET uidvalidity = ?, lastseenuid = ?, \
+     lastsync = ? WHERE user_id = ? AND identity_id = ? AND mailbox = ?";
+const DELETE_STATES: &str = "DELETE FROM {ks}.imap_mailbox_state \
+     WHERE user_id = ? AND identity_id = ?";
+const SELECT_FAILURES: &str = "SELECT mailbox, uidvalidity, uid, tries, last_error, stepped_over \
+     FROM {ks}.imap_message_failure WHERE user_id = ? AND identity_id = ?";
+const SAVE_FAILURE: &str = "UPDATE {ks}.imap_message_failure SET tries = ?, last_error = ?, \
+     last_try = ?, stepped_over = ? \
+     WHERE user_id = ? AND identity_id = ? AND mailbox = ? AND uidvalidity = ? AND uid = ?";
+const CLEAR_FAILURE: &str = "DELETE FROM {ks}.imap_message_failure \
+     WHERE user_id = ? AND identity_id = ? AND mailbox = ? AND uidvalidity = ? AND uid = ?";
+const DELETE_FAILURES: &str = "DELETE FROM {ks}.imap_message_failure \
+     WHERE user_id = ? AND identity_id = ?";
+
+impl Store {
+    pub async fn mailbox_checkpoint(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        mailbox: &str,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        const W: &str = "imap_mailbox_state row";
+        let rows = self
+            .rows(SELECT_STATE, query_values!(user_id, identity_id, mailbox))
+            .await?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        let v: Option<i64> = col(r, "uidvalidity", W)?;
+        let l: Option<i64> = col(r, "lastseenuid", W)?;
+        Ok(Some(Checkpoint {
+            uidvalidity: u32::try_from(v.unwrap_or(0)).map_err(|e| decode(W, e))?,
+            lastseenuid: u32::try_from(l.unwrap_or(0)).map_err(|e| decode(W, e))?,
+        }))
+    }
+
+    pub async fn save_mailbox_checkpoint(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        mailbox: &str,
+        cp: Checkpoint,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.exec(
+            SAVE_STATE,
+            query_values!(
+                cp.uidvalidity as i64,
+                cp.lastseenuid as i64,
+                at,
+                user_id,
+                identity_id,
+                mailbox
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn message_failures(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+    ) -> Result<Vec<MessageFailure>, StoreError> {
+        const W: &str = "imap_message_failure row";
+        let rows = self
+            .rows(SELECT_FAILURES, query_values!(user_id, identity_id))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(MessageFailure {
+                    mailbox: col(r, "mailbox", W)?.unwrap_or_default(),
+                    uidvalidity: col::<i64>(r, "uidvalidity", W)?.unwrap_or(0) as u32,
+                    uid: col::<i64>(r, "uid", W)?.unwrap_or(0) as u32,
+                    tries: col::<i32>(r, "tries", W)?.unwrap_or(0).max(0) as u32,
+                    last_error: col(r, "last_error", W)?.unwrap_or_default(),
+                    stepped_over: col(r, "stepped_over", W)?.unwrap_or(false),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn save_message_failure(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        f: &MessageFailure,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.exec(
+            SAVE_FAILURE,
+            query_values!(
+                f.tries as i32,
+                f.last_error.clone(),
+                at,
+                f.stepped_over,
+                user_id,
+                identity_id,
+                f.mailbox.clone(),
+                f.uidvalidity as i64,
+                f.uid as i64
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn clear_message_failure(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        mailbox: &str,
+        uidvalidity: u32,
+        uid: u32,
+    ) -> Result<(), StoreError> {
+        self.exec(
+            CLEAR_FAILURE,
+            query_values!(
+                user_id,
+                identity_id,
+                mailbox,
+                uidvalidity as i64,
+                uid as i64
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Forget all of an identity's own state (when it is removed).
+    pub async fn delete_sync_state(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+    ) -> Result<(), StoreError> {
+        self.exec(DELETE_STATES, query_values!(user_id, identity_id))
+            .await?;
+        self.exec(DELETE_FAILURES, query_values!(user_id, identity_id))
+            .await?;
+        Ok(())
+    }
+}
