@@ -1,10 +1,35 @@
-//! Placeholder while the ctl mode is written.
+//! imapctl: on-demand commands, one file each.
+//!
+//! Commands that only touch Cassandra (`addremote`, `listremotes`,
+//! `removeremote`) do their work themselves; `syncremote` and `fullfetch`
+//! publish an order for the workers and, with `--wait`, follow it to its end.
+//! Every failure is one line on stderr and a documented exit code.
+
+mod addremote;
+mod common;
+mod fullfetch;
+mod listremotes;
+mod removeremote;
+mod syncremote;
+
 use std::process::ExitCode;
 
+use crate::cli::{CtlArgs, CtlCmd};
+use crate::config::WorkerSettings;
+use crate::shutdown::Shutdown;
+
 pub async fn run(
-    _args: crate::cli::CtlArgs,
-    _settings: crate::config::WorkerSettings,
-    _shutdown: crate::shutdown::Shutdown,
+    args: CtlArgs,
+    settings: WorkerSettings,
+    _shutdown: Shutdown,
 ) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+    match args.cmd {
+        CtlCmd::AddRemote(a) => addremote::run(a, &settings).await,
+        CtlCmd::SyncRemote(a) => syncremote::run(a, &settings).await,
+        CtlCmd::FullFetch(a) => fullfetch::run(a, &settings).await,
+        CtlCmd::ListRemotes(a) => listremotes::run(a, &settings).await,
+        CtlCmd::RemoveRemote(a) => removeremote::run(a, &settings).await,
+        // Printed by app before the runtime starts.
+        CtlCmd::Config(_) => Ok(ExitCode::SUCCESS),
+    }
 }

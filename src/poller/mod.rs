@@ -1,10 +1,321 @@
-//! Placeholder while the poller mode is written.
+//! idpoller: schedule a periodic sync job for every active remote identity
+//! and serve the jobs to workers.
+//!
+//! The Go poller kept its schedule and queues in one process's memory. Here
+//! any number of pollers may run; exactly one — the holder of the Cassandra
+//! lease (`store/lease.rs`) — schedules and serves. The others wait and try
+//! to take the lease every third of its TTL, so a standby takes over within
+//! about one TTL (15 s by default) of the leader's death. A new leader
+//! rebuilds everything from Cassandra: every identity whose `last_check` is
+//! older than its interval is due at once, so no sync is skipped by a
+//! restart or a switch. The leader alone subscribes to the job subjects and
+//! `idCache`, so a job is popped from exactly one queue; should a switch hand
+//! out a job twice, the workers' sync lock makes the second a no-op.
+//!
+//! SIGHUP re-reads the configuration (scan interval, protocols, topics).
+
+pub mod orders;
+pub mod scan;
+pub mod schedule;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::bus::{Bus, Message, Retry, Subscriber};
+use crate::cli::PollerArgs;
+use crate::config::{self, PollerSettings};
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+use schedule::{Kind, Schedule};
+
+const LEASE_NAME: &str = "idpoller";
 
 pub async fn run(
-    _args: crate::cli::PollerArgs,
-    _settings: crate::config::PollerSettings,
-    _shutdown: crate::shutdown::Shutdown,
+    args: PollerArgs,
+    settings: PollerSettings,
+    shutdown: Shutdown,
 ) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+    let store = Store::connect_retrying(&settings.store_settings, shutdown.clone()).await?;
+    let bus = Bus::connect(
+        &settings.nats_url,
+        "idpoller",
+        Retry::Forever,
+        shutdown.clone(),
+    )
+    .await?;
+    let path = config::config_path(args.config.as_deref(), "idpoller");
+    let owner = format!(
+        "{}-{}-{:04x}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "idpoller".into()),
+        std::process::id(),
+        fastrand::u16(..)
+    );
+    let mut poller = Poller {
+        settings,
+        path,
+        store,
+        bus,
+        owner,
+        shutdown,
+    };
+    poller.run().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Poller {
+    settings: PollerSettings,
+    /// Where SIGHUP re-reads the configuration from.
+    path: Option<PathBuf>,
+    store: Store,
+    bus: Bus,
+    /// Our name in the lease.
+    owner: String,
+    shutdown: Shutdown,
+}
+
+/// The leader's subscriptions.
+struct Subs {
+    imap: Subscriber,
+    twitter: Subscriber,
+    mastodon: Subscriber,
+    cache: Subscriber,
+}
+
+enum Led {
+    Shutdown,
+    LostLease,
+}
+
+impl Poller {
+    fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.settings.poller.lease_ttl_secs)
+    }
+
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let mut shutdown = self.shutdown.clone();
+        let mut hup = signal(SignalKind::hangup())?;
+        tracing::info!(owner = %self.owner, "idpoller started: waiting for the lease");
+        loop {
+            // Standby until we hold the lease.
+            let ttl = self.lease_ttl();
+            match self
+                .store
+                .hold_lease(LEASE_NAME, &self.owner, ttl.as_secs() as u32)
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(owner = %self.owner, "lease taken: this poller is the leader");
+                    match self.lead(&mut hup).await? {
+                        Led::Shutdown => {
+                            let _ = self.store.drop_lease(LEASE_NAME, &self.owner).await;
+                            break;
+                        }
+                        Led::LostLease => {
+                            tracing::warn!("lease lost: back to standby");
+                            continue;
+                        }
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot reach the lease"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(ttl / 3) => {}
+                _ = shutdown.wait() => break,
+                _ = hup.recv() => self.reload(),
+            }
+        }
+        tracing::info!("idpoller stopped");
+        Ok(())
+    }
+
+    /// SIGHUP: re-read the configuration; a bad file keeps the old one.
+    fn reload(&mut self) {
+        match config::load::<PollerSettings>(self.path.as_deref()).and_then(|s| {
+            s.validate()
+                .map(|_| s)
+                .map_err(|e| config::invalid(self.path.as_deref(), e))
+        }) {
+            Ok(s) => {
+                tracing::info!(
+                    scan_interval = s.scan_interval,
+                    protocols = ?s.remote_protocols,
+                    "configuration reloaded"
+                );
+                self.settings = s;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused, keeping the running configuration")
+            }
+        }
+    }
+
+    async fn subscribe(&self) -> anyhow::Result<Subs> {
+        let t = &self.settings.nats_topics;
+        let q = &self.settings.nats_queue;
+        Ok(Subs {
+            imap: self.bus.queue_subscribe(&t.imap, q).await?,
+            twitter: self.bus.queue_subscribe(&t.twitter, q).await?,
+            mastodon: self.bus.queue_subscribe(&t.mastodon, q).await?,
+            cache: self.bus.queue_subscribe(&t.id_cache, q).await?,
+        })
+    }
+
+    /// Lead: scan, schedule and serve until shutdown or the lease is lost.
+    async fn lead(&mut self, hup: &mut tokio::signal::unix::Signal) -> anyhow::Result<Led> {
+        let minute = Duration::from_secs(self.settings.poller.minute_secs);
+        let mut sched = Schedule::new(minute, self.settings.poller.queue_limit);
+        let mut subs = self.subscribe().await?;
+        let mut shutdown = self.shutdown.clone();
+
+        let (scan_tx, mut scan_rx) = mpsc::channel(1);
+        let mut scanning = false;
+        let mut next_scan = Instant::now();
+        let mut renew = tokio::time::interval(self.lease_ttl() / 3);
+        renew.tick().await;
+        let mut last_renewed = Instant::now();
+
+        let outcome = loop {
+            if !scanning && Instant::now() >= next_scan {
+                scanning = true;
+                let store = self.store.clone();
+                let protocols = self.settings.remote_protocols.clone();
+                let tx = scan_tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(scan::scan(&store, &protocols).await).await;
+                });
+            }
+            let scan_every = minute * self.settings.scan_interval.max(1) as u32;
+            let wake = sched
+                .next_due()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+                .min(if scanning {
+                    Instant::now() + Duration::from_secs(3600)
+                } else {
+                    next_scan
+                });
+
+            tokio::select! {
+                _ = shutdown.wait() => break Led::Shutdown,
+                _ = hup.recv() => {
+                    let before = self.settings.nats_topics.clone();
+                    self.reload();
+                    let t = &self.settings.nats_topics;
+                    if t.imap != before.imap || t.twitter != before.twitter
+                        || t.mastodon != before.mastodon || t.id_cache != before.id_cache {
+                        subs = self.subscribe().await?;
+                    }
+                    // Apply new protocols and interval with a fresh scan.
+                    next_scan = Instant::now();
+                }
+                _ = renew.tick() => {
+                    match self.store.hold_lease(LEASE_NAME, &self.owner, self.lease_ttl().as_secs() as u32).await {
+                        Ok(true) => last_renewed = Instant::now(),
+                        Ok(false) => break Led::LostLease,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot renew the lease");
+                            // Our lease may have expired: step down before
+                            // another poller could have taken it.
+                            if last_renewed.elapsed() >= self.lease_ttl() * 2 / 3 {
+                                break Led::LostLease;
+                            }
+                        }
+                    }
+                }
+                res = scan_rx.recv() => {
+                    scanning = false;
+                    next_scan = Instant::now() + scan_every;
+                    match res {
+                        Some(Ok(r)) => apply_scan(&mut sched, r),
+                        Some(Err(e)) => {
+                            tracing::error!(error = %e, "scan failed, retrying in a minute");
+                            next_scan = Instant::now() + minute.min(scan_every);
+                        }
+                        None => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    let n = sched.release_due(Instant::now());
+                    if n > 0 {
+                        tracing::debug!(jobs = n, queued = sched.queued(), "jobs due");
+                    }
+                }
+                Some(m) = subs.imap.next() => self.serve_job(&mut sched, Kind::Imap, m).await,
+                Some(m) = subs.twitter.next() => self.serve_job(&mut sched, Kind::Twitter, m).await,
+                Some(m) = subs.mastodon.next() => self.serve_job(&mut sched, Kind::Mastodon, m).await,
+                Some(m) = subs.cache.next() => {
+                    match orders::cache_order(&mut sched, &self.settings.remote_protocols, &m.payload) {
+                        Ok(what) => tracing::info!(subject = %m.subject, "{what}"),
+                        Err(e) => tracing::warn!(subject = %m.subject, error = %e, "bad cache order"),
+                    }
+                }
+            }
+        };
+        // Stop serving before anyone else may lead.
+        for s in [
+            &mut subs.imap,
+            &mut subs.twitter,
+            &mut subs.mastodon,
+            &mut subs.cache,
+        ] {
+            let _ = s.unsubscribe().await;
+        }
+        let _ = self.bus.flush().await;
+        sched.clear();
+        Ok(outcome)
+    }
+
+    async fn serve_job(&self, sched: &mut Schedule, kind: Kind, m: Message) {
+        // Due jobs first, so a request never waits for the next tick.
+        sched.release_due(Instant::now());
+        let job = orders::need_job(sched, kind, &m.payload);
+        if job.order.starts_with("error") {
+            tracing::warn!(subject = %m.subject, reply = %job.order, "bad job request");
+        }
+        self.bus.reply(&m, &job).await;
+    }
+}
+
+/// Make the schedule match a scan: add the new, drop the gone, reschedule
+/// the changed. Identities already scheduled with the same interval keep
+/// their due time.
+fn apply_scan(sched: &mut Schedule, r: scan::ScanResult) {
+    let mut added = 0;
+    let mut changed = 0;
+    let gone: Vec<_> = sched
+        .keys()
+        .filter(|k| !r.targets.contains_key(k))
+        .copied()
+        .collect();
+    for k in &gone {
+        sched.remove(k);
+    }
+    for (key, t) in r.targets {
+        match sched.interval(&key) {
+            Some(i) if *i == t.interval => {}
+            Some(_) => {
+                changed += 1;
+                sched.upsert(key, t.kind, t.interval, t.last_check);
+            }
+            None => {
+                added += 1;
+                sched.upsert(key, t.kind, t.interval, t.last_check);
+            }
+        }
+    }
+    tracing::info!(
+        rows = r.rows,
+        scheduled = sched.len(),
+        added,
+        removed = gone.len(),
+        changed,
+        elapsed_ms = r.elapsed.as_millis() as u64,
+        "scan applied"
+    );
 }

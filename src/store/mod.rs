@@ -225,14 +225,10 @@ impl Store {
         values: QueryValues,
     ) -> Result<bool, StoreError> {
         let rows = self.rows(template, values).await?;
-        let applied = rows
-            .first()
-            .map(|r| r.get_by_name("[applied]"))
-            .transpose()
-            .map_err(|e| decode(template, e))?
-            .flatten()
-            .unwrap_or(false);
-        Ok(applied)
+        match rows.first() {
+            None => Ok(false),
+            Some(r) => Ok(col::<bool>(r, "[applied]", template)?.unwrap_or(false)),
+        }
     }
 
     /// Run one page of a statement with paging; the rows and the paging state.
@@ -330,5 +326,31 @@ pub(crate) fn text_map(
         Some(m) => m
             .as_r_rust::<HashMap<String, String>>()
             .map_err(|e| decode(what, e)),
+    }
+}
+
+impl Store {
+    /// Daemons: connect, retrying with backoff until it works or shutdown
+    /// is asked for (then the last error is returned).
+    pub async fn connect_retrying(
+        settings: &StoreSettings,
+        mut shutdown: crate::shutdown::Shutdown,
+    ) -> Result<Store, StoreError> {
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(15));
+        loop {
+            match Store::connect(settings, Duration::from_secs(20)).await {
+                Ok(s) => return Ok(s),
+                Err(e) if shutdown.is_triggered() => return Err(e),
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, "Cassandra not ready, retrying in {wait:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.wait() => {}
+                    }
+                }
+            }
+        }
     }
 }

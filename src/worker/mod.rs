@@ -1,10 +1,208 @@
-//! Placeholder while the worker mode is written.
+//! imapworker: the daemon that fetches remote mail on orders.
+//!
+//! It queue-subscribes to `nats_topic_sender` (group `nats_queue`), so any
+//! number of workers share the orders, and pulls scheduled jobs from the
+//! poller (`need_job` on `nats_topic_poller`) whenever it has a free job
+//! slot, at most `workers` pulls per throttle period. At most `workers` jobs
+//! run at once (a semaphore). On SIGTERM/SIGINT it takes no new work, lets
+//! running syncs stop at their next message boundary — each saves its
+//! checkpoint and releases its lock — and exits once they are done or the
+//! grace period is over.
+
+pub mod account;
+pub mod checkpoint;
+pub mod context;
+pub mod job;
+pub mod orders;
+pub mod pipeline;
+pub mod tracker;
+
+use std::collections::VecDeque;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::bus::wire::{orders as names, Job, NeedJob, OrderName};
+use crate::bus::{Bus, BusError, Retry};
+use crate::cli::{WorkerArgs, WorkerCmd};
+use crate::config::WorkerSettings;
+use crate::imap::ImapError;
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError};
+use context::Ctx;
+
+/// Why a job did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Imap(#[from] ImapError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Bus(BusError),
+    /// The stored account cannot be used as it is (no password, bad server...).
+    #[error("{0}")]
+    Account(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// Another sync of the identity holds the lock.
+    #[error("skipped: {0}")]
+    Busy(String),
+}
+
+impl JobError {
+    /// Does this failure say something about the remote account (and so
+    /// count towards disabling it)? Our own outages do not.
+    pub fn counts_against_account(&self) -> bool {
+        match self {
+            JobError::Imap(e) => !matches!(e, ImapError::Policy { .. }),
+            _ => false,
+        }
+    }
+}
 
 pub async fn run(
-    _args: crate::cli::WorkerArgs,
-    _settings: crate::config::WorkerSettings,
-    _shutdown: crate::shutdown::Shutdown,
+    args: WorkerArgs,
+    settings: WorkerSettings,
+    shutdown: Shutdown,
 ) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+    debug_assert!(matches!(args.cmd, WorkerCmd::Start(_)));
+    if settings.lda.in_topic.is_empty() {
+        tracing::info!("LDAConfig.in_topic is empty: store-only mode, no hand-off");
+    }
+    let store = Store::connect_retrying(&settings.store_settings, shutdown.clone()).await?;
+    let bus = Bus::connect(
+        &settings.nats_url,
+        "imapworker",
+        Retry::Forever,
+        shutdown.clone(),
+    )
+    .await?;
+    let ctx = Ctx::new(settings, store, bus, shutdown);
+    serve(ctx).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The daemon loop; returns after a shutdown, once jobs have finished.
+pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
+    let s = ctx.settings.clone();
+    let mut shutdown = ctx.shutdown.clone();
+    let mut orders = ctx
+        .bus
+        .queue_subscribe(&s.nats_topic_sender, &s.nats_queue)
+        .await?;
+    tracing::info!(
+        worker = %ctx.worker_id,
+        subject = %s.nats_topic_sender,
+        queue = %s.nats_queue,
+        jobs = s.workers,
+        "imapworker ready"
+    );
+    let slots = Arc::new(Semaphore::new(s.workers));
+    let mut jobs = JoinSet::new();
+    let throttle = Duration::from_secs(s.imap.poll_throttle_secs);
+    // Instants of recent pulls: at most `workers` per throttle window, as if
+    // each job slot were its own loop pulling once per period.
+    let mut pulls: VecDeque<Instant> = VecDeque::new();
+    let mut next_pull = Instant::now();
+
+    loop {
+        // Reap finished jobs so the set does not grow.
+        while jobs.try_join_next().is_some() {}
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("slots semaphore never closed"),
+            _ = shutdown.wait() => break,
+        };
+        while pulls.front().is_some_and(|t| t.elapsed() >= throttle) {
+            pulls.pop_front();
+        }
+        let pull_at = if pulls.len() >= s.workers {
+            next_pull.max(*pulls.front().unwrap() + throttle)
+        } else {
+            next_pull
+        };
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            msg = orders.next() => {
+                let Some(msg) = msg else {
+                    tracing::error!("order subscription closed by the server");
+                    break;
+                };
+                let ctx = ctx.clone();
+                jobs.spawn(async move {
+                    orders::handle(&ctx, msg).await;
+                    drop(permit);
+                });
+            }
+            _ = tokio::time::sleep_until(pull_at) => {
+                pulls.push_back(Instant::now());
+                match pull_job(&ctx).await {
+                    Some(job) => {
+                        let ctx = ctx.clone();
+                        jobs.spawn(async move {
+                            orders::run_pulled(&ctx, job).await;
+                            drop(permit);
+                        });
+                    }
+                    None => next_pull = Instant::now() + throttle,
+                }
+            }
+        }
+    }
+
+    // No new work from here on.
+    let _ = orders.unsubscribe().await;
+    let grace = Duration::from_secs(s.imap.shutdown_grace_secs);
+    tracing::info!(
+        running = jobs.len(),
+        "stopping: waiting for running jobs to reach a checkpoint"
+    );
+    let drained =
+        tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = jobs.len(),
+            "grace period over: abandoning jobs (their locks expire after imap.lock_ttl_secs)"
+        );
+        jobs.abort_all();
+    }
+    let _ = ctx.bus.flush().await;
+    tracing::info!("imapworker stopped");
+    Ok(())
+}
+
+/// Ask the poller for one job. `None` when there is none (or no poller).
+async fn pull_job(ctx: &Ctx) -> Option<Job> {
+    let req = NeedJob {
+        worker: ctx.worker_id.clone(),
+        order: OrderName {
+            order: names::NEED_JOB.into(),
+        },
+    };
+    let subject = &ctx.settings.nats_topic_poller;
+    match ctx
+        .bus
+        .request::<_, Job>(subject, &req, Duration::from_secs(5))
+        .await
+    {
+        Ok(job) if job.order == names::SYNC => Some(job),
+        Ok(job) if job.order == names::NO_PENDING_JOB => None,
+        Ok(job) => {
+            tracing::warn!(subject = %subject, reply = %job.order, "poller answered need_job with an error");
+            None
+        }
+        Err(BusError::NoResponders(_)) => {
+            tracing::debug!(subject = %subject, "no poller is serving jobs");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot pull a job from the poller");
+            None
+        }
+    }
 }

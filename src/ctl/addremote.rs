@@ -1,0 +1,127 @@
+//! `addremote`: create a remote email identity exactly as Caliopen does
+//! (identity row, credentials, default infos, both lookup rows, identifier
+//! lower-cased), then tell the poller so it is scheduled at once.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use uuid::Uuid;
+
+use super::common;
+use crate::bus::wire::{orders, CacheOrder};
+use crate::cli::AddRemoteArgs;
+use crate::config::WorkerSettings;
+use crate::error::{self, Failure};
+use crate::store::identity::{creds, infos, Identity, PROTOCOL_EMAIL, STATUS_ACTIVE, TYPE_REMOTE};
+
+/// `--pollinterval`: minutes (1 to 4319, the poller's bounds) or a cron
+/// expression (5 fields, or 6-7 with seconds/years).
+pub fn poll_interval(v: &str) -> anyhow::Result<String> {
+    let v = v.trim();
+    if let Ok(n) = v.parse::<i64>() {
+        if (1..4320).contains(&n) {
+            return Ok(n.to_string());
+        }
+        return Err(error::usage(format!(
+            "--pollinterval: expected 1 to 4319 minutes, found {n}"
+        )));
+    }
+    crate::poller::schedule::parse_cron(v).map_err(|e| {
+        error::usage(format!(
+            "--pollinterval: neither minutes nor a cron expression: {e}"
+        ))
+    })?;
+    Ok(v.to_string())
+}
+
+pub async fn run(a: AddRemoteArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> {
+    let login = a.login.trim().to_string();
+    if login.is_empty() {
+        return Err(error::usage("--login: must not be empty"));
+    }
+    let server = common::server(&a.server)?;
+    let pollinterval = match &a.pollinterval {
+        Some(p) => poll_interval(p)?,
+        None => "15".to_string(),
+    };
+    let password = if a.no_pass {
+        if a.pass.is_some() || a.pass_env.is_some() || a.pass_file.is_some() {
+            return Err(error::usage(
+                "--no-pass and a password flag contradict each other",
+            ));
+        }
+        None
+    } else {
+        let question = format!("IMAP password for {login} (empty: do not store one): ");
+        common::password(&a.pass, &a.pass_env, &a.pass_file, Some(&question))?
+    };
+
+    let store = common::store(s).await?;
+    let user_id = common::user(&store, &a.userid, &a.username).await?;
+    if let Some(existing) = store
+        .lookup_identity(user_id, &login)
+        .await
+        .map_err(Failure::from)?
+    {
+        return Err(error::conflict(format!(
+            "user {user_id} already has a remote identity for {login:?} ({existing})"
+        )));
+    }
+    let bus = common::bus(s).await?;
+
+    let mut info = HashMap::from([
+        (infos::INSERVER.to_string(), server.clone()),
+        (infos::AUTHTYPE.to_string(), infos::AUTH_LOGIN.to_string()),
+        (infos::POLLINTERVAL.to_string(), pollinterval.clone()),
+    ]);
+    if let Some(m) = a
+        .mailbox
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+    {
+        info.insert(infos::MAILBOXES.to_string(), m.to_string());
+    }
+    let mut credentials = HashMap::from([(creds::USERNAME_IN.to_string(), login.clone())]);
+    if let Some(p) = password {
+        credentials.insert(creds::PASSWORD_IN.to_string(), p);
+    }
+    let identity = Identity {
+        user_id,
+        identity_id: Uuid::new_v4(),
+        credentials,
+        display_name: a
+            .display
+            .clone()
+            .filter(|d| !d.trim().is_empty())
+            .unwrap_or_else(|| login.clone()),
+        identifier: login.to_lowercase(),
+        infos: info,
+        last_check: None,
+        protocol: PROTOCOL_EMAIL.into(),
+        status: STATUS_ACTIVE.into(),
+        kind: TYPE_REMOTE.into(),
+    };
+    store
+        .insert_identity(&identity)
+        .await
+        .map_err(Failure::from)?;
+
+    let order = CacheOrder {
+        identity_id: identity.identity_id.to_string(),
+        order: orders::CACHE_ADD.into(),
+        order_param: if pollinterval.parse::<u32>().is_ok() {
+            pollinterval
+        } else {
+            String::new()
+        },
+        protocol: PROTOCOL_EMAIL.into(),
+        user_id: user_id.to_string(),
+    };
+    bus.publish(&s.nats_topic_poller_cache, &order)
+        .await
+        .map_err(Failure::from)?;
+    bus.flush().await.map_err(Failure::from)?;
+    println!("{}", identity.identity_id);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,134 @@
+//! `listremotes`: a user's remote identities and where their syncs stand,
+//! as a table or (`--json`) as machine output. Messages stepped over after
+//! too many failures are listed here, so nothing is skipped unseen.
+
+use std::process::ExitCode;
+
+use serde::Serialize;
+
+use super::common;
+use crate::cli::ListRemotesArgs;
+use crate::config::WorkerSettings;
+use crate::error::Failure;
+use crate::store::identity::infos;
+
+#[derive(Debug, Serialize)]
+struct Row {
+    identity_id: String,
+    identifier: String,
+    server: String,
+    status: String,
+    pollinterval: String,
+    lastsync: String,
+    lastseenuid: String,
+    errors: String,
+    last_error: String,
+    failing_messages: u32,
+    stepped_over: Vec<String>,
+}
+
+pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> {
+    let store = common::store(s).await?;
+    let user_id = common::user(&store, &a.userid, &a.username).await?;
+    let mut rows = Vec::new();
+    for id in store.identities_of(user_id).await.map_err(Failure::from)? {
+        if !id.is_remote_email() {
+            continue;
+        }
+        let failures = store
+            .message_failures(id.user_id, id.identity_id)
+            .await
+            .map_err(Failure::from)?;
+        let stepped = failures
+            .iter()
+            .filter(|f| f.stepped_over)
+            .map(|f| {
+                format!(
+                    "{} uid {} ({} tries): {}",
+                    f.mailbox, f.uid, f.tries, f.last_error
+                )
+            })
+            .collect();
+        rows.push(Row {
+            identity_id: id.identity_id.to_string(),
+            identifier: id.identifier.clone(),
+            server: id.info(infos::INSERVER).to_string(),
+            status: id.status.clone(),
+            pollinterval: id.info(infos::POLLINTERVAL).to_string(),
+            lastsync: id.info(infos::LASTSYNC).to_string(),
+            lastseenuid: id.info(infos::LASTSEENUID).to_string(),
+            errors: id.info(infos::ERRORS_COUNT).to_string(),
+            last_error: id.info(infos::LAST_FETCH_ERROR).to_string(),
+            failing_messages: failures.iter().filter(|f| !f.stepped_over).count() as u32,
+            stepped_over: stepped,
+        });
+    }
+    rows.sort_by(|a, b| a.identifier.cmp(&b.identifier));
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        println!("user {user_id} has no remote identity");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let header = [
+        "ID",
+        "IDENTIFIER",
+        "SERVER",
+        "STATUS",
+        "POLL",
+        "LASTSYNC",
+        "LASTSEENUID",
+        "ERRORS",
+        "LAST ERROR",
+    ];
+    let table: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.identity_id.clone(),
+                r.identifier.clone(),
+                r.server.clone(),
+                r.status.clone(),
+                r.pollinterval.clone(),
+                r.lastsync.clone(),
+                r.lastseenuid.clone(),
+                r.errors.clone(),
+                r.last_error.chars().take(60).collect(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &table {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(&header.map(String::from)));
+    for row in &table {
+        println!("{}", line(row));
+    }
+    for r in &rows {
+        for s in &r.stepped_over {
+            println!("stepped over in {}: {s}", r.identifier);
+        }
+        if r.failing_messages > 0 {
+            println!(
+                "{}: {} message(s) failed and will be retried at the next sync",
+                r.identifier, r.failing_messages
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

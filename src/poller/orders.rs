@@ -1,0 +1,154 @@
+//! What the poller answers: `need_job` on the job subjects, and the cache
+//! orders on `idCache` (CONTRACT §2, replies included). Malformed input is
+//! logged with its subject and answered as the contract says; it never
+//! stops the poller.
+
+use uuid::Uuid;
+
+use super::schedule::{Interval, Kind, Schedule, DEFAULT_MINUTES};
+use crate::bus::wire::{orders, CacheOrder, Job, NeedJob};
+
+pub const ERR_UNMARSHAL: &str = "error : unable to unmarshal request";
+pub const ERR_UNKNOWN: &str = "error : unknown order";
+
+/// Answer a `need_job` request for `kind` with the oldest job, or
+/// `no pending job`, or the contract's error.
+pub fn need_job(schedule: &mut Schedule, kind: Kind, payload: &[u8]) -> Job {
+    let req: NeedJob = match serde_json::from_slice(payload) {
+        Ok(r) => r,
+        Err(_) => return only(ERR_UNMARSHAL),
+    };
+    if req.order.order != orders::NEED_JOB {
+        return only(ERR_UNKNOWN);
+    }
+    match schedule.pop_job(kind) {
+        Some((user, identity)) => Job {
+            message_id: String::new(),
+            order: orders::SYNC.into(),
+            identity_id: identity.to_string(),
+            user_id: user.to_string(),
+        },
+        None => only(orders::NO_PENDING_JOB),
+    }
+}
+
+fn only(order: &str) -> Job {
+    Job {
+        order: order.to_string(),
+        ..Default::default()
+    }
+}
+
+/// `order_param` of add/update_interval: 0 < n < 4320, else 15.
+pub fn interval_param(p: &str) -> Interval {
+    match p.trim().parse::<i64>() {
+        Ok(n) if n > 0 && n < 4320 => Interval::Minutes(n as u32),
+        _ => Interval::Minutes(DEFAULT_MINUTES),
+    }
+}
+
+/// Apply an `idCache` order. `Err` names what was wrong, for the log.
+pub fn cache_order(
+    schedule: &mut Schedule,
+    protocols: &[String],
+    payload: &[u8],
+) -> Result<String, String> {
+    let o: CacheOrder =
+        serde_json::from_slice(payload).map_err(|e| format!("unable to unmarshal order: {e}"))?;
+    let user = Uuid::parse_str(o.user_id.trim())
+        .map_err(|_| format!("user_id is not a UUID: {:?}", o.user_id))?;
+    let identity = Uuid::parse_str(o.identity_id.trim())
+        .map_err(|_| format!("identity_id is not a UUID: {:?}", o.identity_id))?;
+    let key = (user, identity);
+    match o.order.as_str() {
+        orders::CACHE_ADD => {
+            let protocol = if o.protocol.is_empty() {
+                "email"
+            } else {
+                o.protocol.as_str()
+            };
+            if !protocols.iter().any(|p| p == protocol) {
+                return Err(format!("protocol {protocol:?} is not in remote_protocols"));
+            }
+            let kind = Kind::of_protocol(protocol)
+                .ok_or_else(|| format!("unknown protocol {protocol:?}"))?;
+            schedule.add_now(key, kind, interval_param(&o.order_param));
+            Ok(format!("scheduled {identity}"))
+        }
+        orders::CACHE_DELETE => {
+            schedule.remove(&key);
+            Ok(format!("unscheduled {identity}"))
+        }
+        orders::CACHE_UPDATE_INTERVAL => {
+            if schedule.reschedule(key, interval_param(&o.order_param)) {
+                Ok(format!("rescheduled {identity}"))
+            } else {
+                Err(format!(
+                    "update_interval for unscheduled identity {identity}"
+                ))
+            }
+        }
+        other => Err(format!("unknown order {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn sched() -> Schedule {
+        Schedule::new(Duration::from_secs(60), 100)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn need_job_replies() {
+        let mut s = sched();
+        let ok = br#"{"worker":"w","order":{"order":"need_job"}}"#;
+        assert_eq!(
+            need_job(&mut s, Kind::Imap, ok).order,
+            orders::NO_PENDING_JOB
+        );
+        assert_eq!(need_job(&mut s, Kind::Imap, b"{").order, ERR_UNMARSHAL);
+        let bad = br#"{"worker":"w","order":{"order":"dance"}}"#;
+        assert_eq!(need_job(&mut s, Kind::Imap, bad).order, ERR_UNKNOWN);
+
+        let add = br#"{"identity_id":"00000000-0000-0000-0000-000000000002","order":"add","order_param":"5","protocol":"email","user_id":"00000000-0000-0000-0000-000000000001"}"#;
+        let protos = vec!["email".to_string()];
+        cache_order(&mut s, &protos, add).unwrap();
+        s.release_due(tokio::time::Instant::now());
+        let job = need_job(&mut s, Kind::Imap, ok);
+        assert_eq!(job.order, "sync");
+        assert_eq!(job.identity_id, "00000000-0000-0000-0000-000000000002");
+        assert_eq!(
+            serde_json::to_string(&job).unwrap(),
+            r#"{"message_id":"","order":"sync","identity_id":"00000000-0000-0000-0000-000000000002","user_id":"00000000-0000-0000-0000-000000000001"}"#
+        );
+    }
+
+    #[test]
+    fn interval_params() {
+        assert_eq!(interval_param("30"), Interval::Minutes(30));
+        assert_eq!(interval_param("0"), Interval::Minutes(15));
+        assert_eq!(interval_param("4320"), Interval::Minutes(15));
+        assert_eq!(interval_param("x"), Interval::Minutes(15));
+    }
+
+    #[test]
+    fn cache_order_errors() {
+        let mut s = sched();
+        let p = vec!["email".to_string()];
+        assert!(cache_order(&mut s, &p, b"nope").is_err());
+        assert!(cache_order(
+            &mut s,
+            &p,
+            br#"{"order":"add","user_id":"x","identity_id":"y"}"#
+        )
+        .is_err());
+        let tw = br#"{"identity_id":"00000000-0000-0000-0000-000000000002","order":"add","protocol":"twitter","user_id":"00000000-0000-0000-0000-000000000001"}"#;
+        assert!(
+            cache_order(&mut s, &p, tw).is_err(),
+            "twitter not in protocols"
+        );
+    }
+}

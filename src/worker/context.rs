@@ -1,0 +1,95 @@
+//! What every job of a worker process shares: settings, the store, the bus,
+//! the worker's id, the shutdown token, and the memory budget for message
+//! bodies in flight. Plus the counters a job fills and reports.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::bus::wire::JobReport;
+use crate::bus::Bus;
+use crate::config::WorkerSettings;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+
+/// Message bytes (all jobs of the process together) held between the IMAP
+/// read and the end of the hand-off. With the per-sync `in_flight` bound this
+/// keeps memory flat whatever the mailbox size.
+const MEMORY_BUDGET: u64 = 32 * 1024 * 1024;
+
+/// Shared by all jobs of one worker process. Cheap to clone.
+#[derive(Clone)]
+pub struct Ctx {
+    pub settings: Arc<WorkerSettings>,
+    pub store: Store,
+    pub bus: Bus,
+    /// `hostname-pid-random`: names this process in locks and job pulls.
+    pub worker_id: String,
+    pub shutdown: Shutdown,
+    /// Budget of message bytes in flight, in KiB permits.
+    bytes: Arc<Semaphore>,
+    bytes_total_kib: u32,
+}
+
+impl Ctx {
+    pub fn new(settings: WorkerSettings, store: Store, bus: Bus, shutdown: Shutdown) -> Ctx {
+        let worker_id = format!(
+            "{}-{}-{:04x}",
+            settings.hostname,
+            std::process::id(),
+            fastrand::u16(..)
+        );
+        // The budget must hold the largest message we accept.
+        let budget = MEMORY_BUDGET.max(settings.imap.max_message_size + 1024 * 1024);
+        let kib = (budget / 1024).min(u32::MAX as u64 / 2) as u32;
+        Ctx {
+            settings: Arc::new(settings),
+            store,
+            bus,
+            worker_id,
+            shutdown,
+            bytes: Arc::new(Semaphore::new(kib as usize)),
+            bytes_total_kib: kib,
+        }
+    }
+
+    /// Wait until `len` bytes of message may be held in memory.
+    pub async fn reserve_bytes(&self, len: usize) -> OwnedSemaphorePermit {
+        let kib = ((len / 1024) as u32 + 1).min(self.bytes_total_kib);
+        self.bytes
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("the memory budget semaphore is never closed")
+    }
+}
+
+/// Live counts of one job, readable while it runs (progress replies).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub fetched: AtomicU64,
+    pub handed_off: AtomicU64,
+    pub already_delivered: AtomicU64,
+    pub failed: AtomicU64,
+    pub stepped_over: AtomicU64,
+}
+
+impl Counters {
+    pub fn new() -> Arc<Counters> {
+        Arc::new(Counters::default())
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Copy the counts into a report.
+    pub fn fill(&self, r: &mut JobReport) {
+        r.fetched = self.fetched.load(Ordering::Relaxed);
+        r.handed_off = self.handed_off.load(Ordering::Relaxed);
+        r.already_delivered = self.already_delivered.load(Ordering::Relaxed);
+        r.failed = self.failed.load(Ordering::Relaxed);
+        r.stepped_over = self.stepped_over.load(Ordering::Relaxed);
+    }
+}
