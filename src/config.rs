@@ -460,6 +460,8 @@ pub struct PollerOwn {
     pub minute_secs: u64,
     /// Leader lease time to live, seconds: a standby takes over within it.
     pub lease_ttl_secs: u64,
+    /// Name of the lease row: pollers sharing it form one leader/standby group.
+    pub lease_name: String,
     /// Most jobs waiting in one queue; beyond it the oldest due jobs wait for
     /// the next tick instead of piling up.
     pub queue_limit: usize,
@@ -472,6 +474,7 @@ impl Default for PollerOwn {
         PollerOwn {
             minute_secs: 60,
             lease_ttl_secs: 15,
+            lease_name: "idpoller".into(),
             queue_limit: 200_000,
             scan_concurrency: 16,
         }
@@ -550,7 +553,7 @@ fn env_provider() -> Env {
     Env::prefixed(ENV_PREFIX)
         .ignore(&["CONFIG", "LOG"])
         .map(|key| {
-            let path = key.as_str().replace("__", ".");
+            let path = key.as_str().to_ascii_lowercase().replace("__", ".");
             let mut parts: Vec<String> = path.split('.').map(str::to_string).collect();
             for p in parts.iter_mut() {
                 match p.as_str() {

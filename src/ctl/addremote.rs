@@ -40,6 +40,7 @@ pub async fn run(a: AddRemoteArgs, s: &WorkerSettings) -> anyhow::Result<ExitCod
         return Err(error::usage("--login: must not be empty"));
     }
     let server = common::server(&a.server)?;
+    let user = common::UserRef::parse(&a.userid, &a.username)?;
     let pollinterval = match &a.pollinterval {
         Some(p) => poll_interval(p)?,
         None => "15".to_string(),
@@ -57,7 +58,7 @@ pub async fn run(a: AddRemoteArgs, s: &WorkerSettings) -> anyhow::Result<ExitCod
     };
 
     let store = common::store(s).await?;
-    let user_id = common::user(&store, &a.userid, &a.username).await?;
+    let user_id = user.resolve(&store).await?;
     if let Some(existing) = store
         .lookup_identity(user_id, &login)
         .await

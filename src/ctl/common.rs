@@ -43,56 +43,84 @@ pub fn parse_uuid(flag: &str, value: &str) -> anyhow::Result<Uuid> {
         .map_err(|_| error::usage(format!("--{flag}: not a UUID: {value:?}")))
 }
 
-/// The local user from `--userid` or `--username`; it must exist.
-pub async fn user(
-    store: &Store,
-    userid: &Option<String>,
-    username: &Option<String>,
-) -> anyhow::Result<Uuid> {
-    match (userid, username) {
-        (Some(_), Some(_)) => Err(error::usage("give --userid or --username, not both")),
-        (None, None) => Err(error::usage("missing --userid (or --username)")),
-        (Some(id), None) => {
-            let id = parse_uuid("userid", id)?;
-            if store.user_name(id).await.map_err(Failure::from)?.is_none() {
-                return Err(error::not_found(format!("no Caliopen user with id {id}")));
+/// Who the local user is, as given on the command line (checked before any
+/// service is contacted).
+pub enum UserRef {
+    Id(Uuid),
+    Name(String),
+}
+
+impl UserRef {
+    pub fn parse(userid: &Option<String>, username: &Option<String>) -> anyhow::Result<UserRef> {
+        match (userid, username) {
+            (Some(_), Some(_)) => Err(error::usage("give --userid or --username, not both")),
+            (None, None) => Err(error::usage("missing --userid (or --username)")),
+            (Some(id), None) => Ok(UserRef::Id(parse_uuid("userid", id)?)),
+            (None, Some(name)) if name.trim().is_empty() => {
+                Err(error::usage("--username: must not be empty"))
             }
-            Ok(id)
+            (None, Some(name)) => Ok(UserRef::Name(name.clone())),
         }
-        (None, Some(name)) => store
-            .user_id_by_name(name)
-            .await
-            .map_err(Failure::from)?
-            .ok_or_else(|| error::not_found(format!("no Caliopen user named {name:?}"))),
+    }
+
+    /// The user's id; the user must exist.
+    pub async fn resolve(&self, store: &Store) -> anyhow::Result<Uuid> {
+        match self {
+            UserRef::Id(id) => {
+                if store.user_name(*id).await.map_err(Failure::from)?.is_none() {
+                    return Err(error::not_found(format!("no Caliopen user with id {id}")));
+                }
+                Ok(*id)
+            }
+            UserRef::Name(name) => store
+                .user_id_by_name(name)
+                .await
+                .map_err(Failure::from)?
+                .ok_or_else(|| error::not_found(format!("no Caliopen user named {name:?}"))),
+        }
     }
 }
 
-/// The identity from `--remoteid` or `--identifier`.
-pub async fn identity(
-    store: &Store,
-    user_id: Uuid,
-    identifier: &Option<String>,
-    remoteid: &Option<String>,
-) -> anyhow::Result<Identity> {
-    let id = match (identifier, remoteid) {
-        (Some(_), Some(_)) => {
-            return Err(error::usage("give --identifier or --remoteid, not both"))
+/// Which identity, as given on the command line.
+pub enum IdentityRef {
+    Id(Uuid),
+    Identifier(String),
+}
+
+impl IdentityRef {
+    pub fn parse(
+        identifier: &Option<String>,
+        remoteid: &Option<String>,
+    ) -> anyhow::Result<IdentityRef> {
+        match (identifier, remoteid) {
+            (Some(_), Some(_)) => Err(error::usage("give --identifier or --remoteid, not both")),
+            (None, None) => Err(error::usage("missing --identifier (or --remoteid)")),
+            (None, Some(r)) => Ok(IdentityRef::Id(parse_uuid("remoteid", r)?)),
+            (Some(login), None) if login.trim().is_empty() => {
+                Err(error::usage("--identifier: must not be empty"))
+            }
+            (Some(login), None) => Ok(IdentityRef::Identifier(login.trim().to_string())),
         }
-        (None, None) => return Err(error::usage("missing --identifier (or --remoteid)")),
-        (None, Some(r)) => parse_uuid("remoteid", r)?,
-        (Some(login), None) => store
-            .lookup_identity(user_id, login)
+    }
+
+    /// The stored identity; it must exist.
+    pub async fn resolve(&self, store: &Store, user_id: Uuid) -> anyhow::Result<Identity> {
+        let id = match self {
+            IdentityRef::Id(id) => *id,
+            IdentityRef::Identifier(login) => store
+                .lookup_identity(user_id, login)
+                .await
+                .map_err(Failure::from)?
+                .ok_or_else(|| {
+                    error::not_found(format!("user {user_id} has no remote identity {login:?}"))
+                })?,
+        };
+        store
+            .identity(user_id, id)
             .await
             .map_err(Failure::from)?
-            .ok_or_else(|| {
-                error::not_found(format!("user {user_id} has no remote identity {login:?}"))
-            })?,
-    };
-    store
-        .identity(user_id, id)
-        .await
-        .map_err(Failure::from)?
-        .ok_or_else(|| error::not_found(format!("user {user_id} has no identity {id}")))
+            .ok_or_else(|| error::not_found(format!("user {user_id} has no identity {id}")))
+    }
 }
 
 /// The password from exactly one of `--pass`, `--pass-env`, `--pass-file`,

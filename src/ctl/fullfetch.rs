@@ -14,11 +14,12 @@ pub async fn run(a: FullFetchArgs, s: &WorkerSettings) -> anyhow::Result<ExitCod
         return Err(error::usage("--login: must not be empty"));
     }
     let server = common::server(&a.server)?;
+    let user = common::UserRef::parse(&a.userid, &a.username)?;
     let prompt = format!("IMAP password for {login}: ");
     let password = common::password(&a.pass, &a.pass_env, &a.pass_file, Some(&prompt))?
         .ok_or_else(|| error::usage("missing password: give --pass-env, --pass-file or --pass"))?;
     let store = common::store(s).await?;
-    let user_id = common::user(&store, &a.userid, &a.username).await?;
+    let user_id = user.resolve(&store).await?;
     let bus = common::bus(s).await?;
     let mailbox = if a.mailbox.trim().is_empty() {
         "INBOX".to_string()

@@ -28,8 +28,9 @@ struct Row {
 }
 
 pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> {
+    let user = common::UserRef::parse(&a.userid, &a.username)?;
     let store = common::store(s).await?;
-    let user_id = common::user(&store, &a.userid, &a.username).await?;
+    let user_id = user.resolve(&store).await?;
     let mut rows = Vec::new();
     for id in store.identities_of(user_id).await.map_err(Failure::from)? {
         if !id.is_remote_email() {

@@ -10,9 +10,11 @@ use crate::config::WorkerSettings;
 use crate::error::Failure;
 
 pub async fn run(a: RemoveRemoteArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> {
+    let user = common::UserRef::parse(&a.userid, &a.username)?;
+    let which = common::IdentityRef::parse(&a.identifier, &a.remoteid)?;
     let store = common::store(s).await?;
-    let user_id = common::user(&store, &a.userid, &a.username).await?;
-    let id = common::identity(&store, user_id, &a.identifier, &a.remoteid).await?;
+    let user_id = user.resolve(&store).await?;
+    let id = which.resolve(&store, user_id).await?;
     let bus = common::bus(s).await?;
     store.delete_identity(&id).await.map_err(Failure::from)?;
     store

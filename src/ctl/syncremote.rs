@@ -10,9 +10,11 @@ use crate::error;
 use crate::store::identity::creds;
 
 pub async fn run(a: SyncRemoteArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> {
+    let user = common::UserRef::parse(&a.userid, &a.username)?;
+    let which = common::IdentityRef::parse(&a.identifier, &a.remoteid)?;
     let store = common::store(s).await?;
-    let user_id = common::user(&store, &a.userid, &a.username).await?;
-    let id = common::identity(&store, user_id, &a.identifier, &a.remoteid).await?;
+    let user_id = user.resolve(&store).await?;
+    let id = which.resolve(&store, user_id).await?;
     let stored = id
         .credentials
         .get(creds::PASSWORD_IN)

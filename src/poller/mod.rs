@@ -34,8 +34,6 @@ use crate::shutdown::Shutdown;
 use crate::store::Store;
 use schedule::{Kind, Schedule};
 
-const LEASE_NAME: &str = "idpoller";
-
 pub async fn run(
     args: PollerArgs,
     settings: PollerSettings,
@@ -106,14 +104,21 @@ impl Poller {
             let ttl = self.lease_ttl();
             match self
                 .store
-                .hold_lease(LEASE_NAME, &self.owner, ttl.as_secs() as u32)
+                .hold_lease(
+                    &self.settings.poller.lease_name,
+                    &self.owner,
+                    ttl.as_secs() as u32,
+                )
                 .await
             {
                 Ok(true) => {
                     tracing::info!(owner = %self.owner, "lease taken: this poller is the leader");
                     match self.lead(&mut hup).await? {
                         Led::Shutdown => {
-                            let _ = self.store.drop_lease(LEASE_NAME, &self.owner).await;
+                            let _ = self
+                                .store
+                                .drop_lease(&self.settings.poller.lease_name, &self.owner)
+                                .await;
                             break;
                         }
                         Led::LostLease => {
@@ -215,7 +220,7 @@ impl Poller {
                     next_scan = Instant::now();
                 }
                 _ = renew.tick() => {
-                    match self.store.hold_lease(LEASE_NAME, &self.owner, self.lease_ttl().as_secs() as u32).await {
+                    match self.store.hold_lease(&self.settings.poller.lease_name, &self.owner, self.lease_ttl().as_secs() as u32).await {
                         Ok(true) => last_renewed = Instant::now(),
                         Ok(false) => break Led::LostLease,
                         Err(e) => {

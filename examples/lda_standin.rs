@@ -1,0 +1,51 @@
+//! A stand-in for Caliopen's message processor (the "LDA"), which is not
+//! part of this project: it answers `process_raw` requests on the hand-off
+//! subject the way Caliopen's processor does, so the demo and the
+//! benchmarks can run without the rest of Caliopen.
+//!
+//! `cargo run --example lda_standin -- [NATS_URL] [SUBJECT]`
+//! (defaults: nats://127.0.0.1:14222, inboundSMTP). Set `LDA_FAIL_EVERY=n`
+//! to fail every n-th request (fault testing).
+
+use futures::StreamExt;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let url = args
+        .next()
+        .unwrap_or_else(|| "nats://127.0.0.1:14222".into());
+    let subject = args.next().unwrap_or_else(|| "inboundSMTP".into());
+    let fail_every: u64 = std::env::var("LDA_FAIL_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let client = async_nats::connect(&url).await?;
+    let mut sub = client
+        .queue_subscribe(subject.clone(), "SMTPqueue".into())
+        .await?;
+    eprintln!("lda stand-in: answering process_raw on {subject} ({url})");
+    let mut n = 0u64;
+    while let Some(msg) = sub.next().await {
+        n += 1;
+        let Some(reply) = msg.reply else { continue };
+        let body = match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
+            Ok(v) if v["order"] == "process_raw" => {
+                if fail_every > 0 && n % fail_every == 0 {
+                    serde_json::json!({"error": "stand-in: chosen failure"})
+                } else {
+                    serde_json::json!({
+                        "message": "OK : raw message processed",
+                        "message_id": uuid::Uuid::new_v4().to_string(),
+                        "discussion_id": uuid::Uuid::new_v4().to_string(),
+                    })
+                }
+            }
+            _ => serde_json::json!({"error": "unknown order"}),
+        };
+        client
+            .publish(reply, serde_json::to_vec(&body)?.into())
+            .await?;
+    }
+    Ok(())
+}

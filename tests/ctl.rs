@@ -1,0 +1,1 @@
+//! imapctl commands against the stack.

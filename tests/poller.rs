@@ -1,0 +1,1 @@
+//! idpoller against the stack.

@@ -1,0 +1,13 @@
+//! The one integration target: every test here talks to the real local
+//! stack (NATS, Cassandra, Dovecot) started by `scripts/stack.sh up`.
+//! One module per area; helpers in `util.rs`.
+
+mod util;
+
+mod bus;
+mod config;
+mod ctl;
+mod dispatch;
+mod poller;
+mod store;
+mod worker;

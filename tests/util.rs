@@ -1,0 +1,408 @@
+//! Helpers of the integration tests: the running local stack (from
+//! `.stack/env`, written by `scripts/stack.sh up`), unique names so tests
+//! can run in parallel without seeing each other, Dovecot mailboxes, and a
+//! stand-in for Caliopen's message processor.
+//!
+//! Every test uses its own NATS subjects, Caliopen user and Dovecot user, so
+//! the real services are shared but the tests stay independent.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use caliopen_imap::bus::{Bus, Retry};
+use caliopen_imap::config::WorkerSettings;
+use caliopen_imap::shutdown::{self, Shutdown, Trigger};
+use caliopen_imap::store::identity::{creds, infos, Identity};
+use caliopen_imap::store::Store;
+use caliopen_imap::worker::context::Ctx;
+use futures::StreamExt;
+use uuid::Uuid;
+
+/// Where the stack listens (from `.stack/env`).
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub nats_url: String,
+    pub cassandra: String,
+    pub imap_host: String,
+    pub imaps_port: u16,
+    pub starttls_port: u16,
+    pub ca_file: String,
+    pub password: String,
+    pub dovecot_conf: String,
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn stack() -> &'static Stack {
+    static S: OnceLock<Stack> = OnceLock::new();
+    S.get_or_init(|| {
+        let dir = std::env::var("CALIOPEN_IMAP_STACK_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root().join(".stack"));
+        let path = dir.join("env");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "cannot read {}: {e}. Start the stack first: scripts/stack.sh up (make test does)",
+                path.display()
+            )
+        });
+        let mut env = HashMap::new();
+        for line in text.lines() {
+            if let Some((k, v)) = line
+                .trim()
+                .strip_prefix("export ")
+                .and_then(|l| l.split_once('='))
+            {
+                env.insert(
+                    k.to_string(),
+                    v.trim_matches('"').trim_matches('\'').to_string(),
+                );
+            }
+        }
+        let get = |k: &str| {
+            env.get(k)
+                .cloned()
+                .unwrap_or_else(|| panic!("{k} missing from {}", path.display()))
+        };
+        Stack {
+            nats_url: get("STACK_NATS_URL"),
+            cassandra: get("STACK_CASSANDRA_HOSTS"),
+            imap_host: get("STACK_IMAP_HOST"),
+            imaps_port: get("STACK_IMAPS_PORT").parse().unwrap(),
+            starttls_port: get("STACK_IMAP_STARTTLS_PORT").parse().unwrap(),
+            ca_file: get("STACK_IMAP_CA_FILE"),
+            password: get("STACK_IMAP_PASSWORD"),
+            dovecot_conf: get("STACK_DOVECOT_CONF"),
+        }
+    })
+}
+
+/// A name no other test (or run) uses.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed) + 1000 * fastrand::u64(..1000)
+    )
+}
+
+pub fn imaps_server() -> String {
+    format!("{}:{}", stack().imap_host, stack().imaps_port)
+}
+
+/// Worker settings for the stack, with subjects of this test only.
+pub fn worker_settings(tag: &str) -> WorkerSettings {
+    let s = stack();
+    let mut w = WorkerSettings::default();
+    w.nats_url = s.nats_url.clone();
+    w.store_settings.hosts = vec![s.cassandra.clone()];
+    w.imap.ca_file = s.ca_file.clone();
+    w.nats_topic_sender = format!("outboundIMAP.{tag}");
+    w.nats_topic_poller = format!("imapJobs.{tag}");
+    w.nats_topic_poller_cache = format!("idCache.{tag}");
+    w.lda.in_topic = format!("inboundSMTP.{tag}");
+    w.imap.poll_throttle_secs = 3600; // no poller in worker tests
+    w.workers = 4;
+    w
+}
+
+/// The YAML of `worker_settings(tag)`, for subprocesses.
+pub fn worker_yaml(tag: &str, extra: &str) -> PathBuf {
+    let s = stack();
+    let text = format!(
+        "workers: 4\nnats_url: {}\nnats_topic_sender: outboundIMAP.{tag}\nnats_topic_poller: imapJobs.{tag}\n\
+         nats_topic_poller_cache: idCache.{tag}\nstore_settings:\n  hosts: [\"{}\"]\n\
+         LDAConfig:\n  in_topic: inboundSMTP.{tag}\nimap:\n  ca_file: {}\n  poll_throttle_secs: 3600\n{extra}",
+        s.nats_url, s.cassandra, s.ca_file
+    );
+    let path = std::env::temp_dir().join(format!("caliopen-imap-{tag}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub async fn store() -> Store {
+    let mut w = WorkerSettings::default();
+    w.store_settings.hosts = vec![stack().cassandra.clone()];
+    Store::connect(&w.store_settings, Duration::from_secs(30))
+        .await
+        .expect("Cassandra of the stack")
+}
+
+pub async fn bus() -> Bus {
+    Bus::connect(
+        &stack().nats_url,
+        "tests",
+        Retry::Attempts(5),
+        Shutdown::never(),
+    )
+    .await
+    .expect("NATS of the stack")
+}
+
+/// A Caliopen user with a unique name.
+pub async fn new_user(store: &Store) -> (Uuid, String) {
+    let id = Uuid::new_v4();
+    let name = unique("user");
+    store.insert_user(id, &name).await.unwrap();
+    (id, name)
+}
+
+/// A remote identity for Dovecot user `login`, as addremote writes it.
+pub async fn new_identity(
+    store: &Store,
+    user: Uuid,
+    login: &str,
+    server: &str,
+    password: &str,
+) -> Identity {
+    let id = Identity {
+        user_id: user,
+        identity_id: Uuid::new_v4(),
+        credentials: HashMap::from([
+            (creds::USERNAME_IN.to_string(), login.to_string()),
+            (creds::PASSWORD_IN.to_string(), password.to_string()),
+        ]),
+        display_name: format!("Display {login}"),
+        identifier: login.to_lowercase(),
+        infos: HashMap::from([
+            (infos::INSERVER.to_string(), server.to_string()),
+            (infos::AUTHTYPE.to_string(), infos::AUTH_LOGIN.to_string()),
+            (infos::POLLINTERVAL.to_string(), "15".to_string()),
+        ]),
+        last_check: None,
+        protocol: "email".into(),
+        status: "active".into(),
+        kind: "remote".into(),
+    };
+    store.insert_identity(&id).await.unwrap();
+    id
+}
+
+// ------------------------------------------------------------------ Dovecot
+
+pub fn doveadm(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new("doveadm");
+    cmd.arg("-c").arg(&stack().dovecot_conf).args(args);
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("doveadm");
+    if let Some(data) = stdin {
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "doveadm {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A test message, CRLF line ends, some non-ASCII.
+pub fn message(n: usize, body_len: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: Zoé <zoe@example.test>\r\nTo: someone@example.test\r\nSubject: test {n} é\r\n\
+         Message-ID: <{n}.{}@example.test>\r\nDate: Thu, 26 Nov 2026 10:00:00 +0000\r\n\
+         MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n",
+        fastrand::u64(..)
+    )
+    .into_bytes();
+    let line = "Ceci est un message de test, avec des accents: àéèü.\r\n";
+    while m.len() < body_len {
+        m.extend_from_slice(line.as_bytes());
+    }
+    m
+}
+
+/// Put `count` messages into `mailbox` of Dovecot user `user`.
+pub fn fill(user: &str, mailbox: &str, count: usize, body_len: usize) -> Vec<Vec<u8>> {
+    if !mailbox.eq_ignore_ascii_case("INBOX") {
+        // Create it if needed (an existing one makes doveadm complain: fine).
+        let _ = Command::new("doveadm")
+            .arg("-c")
+            .arg(&stack().dovecot_conf)
+            .args(["mailbox", "create", "-u", user, mailbox])
+            .output();
+    }
+    let mut all = Vec::new();
+    for i in 0..count {
+        let m = message(i, body_len);
+        doveadm(&["save", "-u", user, "-m", mailbox], Some(&m));
+        all.push(m);
+    }
+    all
+}
+
+/// (messages, uidnext, uidvalidity).
+pub fn mailbox_status(user: &str, mailbox: &str) -> (u32, u32, u32) {
+    let out = doveadm(
+        &[
+            "-f",
+            "flow",
+            "mailbox",
+            "status",
+            "-u",
+            user,
+            "messages uidnext uidvalidity",
+            mailbox,
+        ],
+        None,
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |k: &str| -> u32 {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {text:?}"))
+    };
+    (field("messages"), field("uidnext"), field("uidvalidity"))
+}
+
+// ------------------------------------------------------------------ worker
+
+/// A worker running in this process; `stop` triggers its shutdown.
+pub struct WorkerHandle {
+    pub ctx: Ctx,
+    trigger: Trigger,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl WorkerHandle {
+    pub async fn stop(self) {
+        self.trigger.trigger();
+        let _ = tokio::time::timeout(Duration::from_secs(60), self.join).await;
+    }
+}
+
+pub async fn context(settings: WorkerSettings) -> (Ctx, Trigger) {
+    let (trigger, shutdown) = shutdown::channel();
+    let store = Store::connect(&settings.store_settings, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let bus = Bus::connect(
+        &settings.nats_url,
+        "test-worker",
+        Retry::Attempts(5),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    (Ctx::new(settings, store, bus, shutdown), trigger)
+}
+
+pub async fn start_worker(settings: WorkerSettings) -> WorkerHandle {
+    let (ctx, trigger) = context(settings).await;
+    let c = ctx.clone();
+    let join = tokio::spawn(async move {
+        caliopen_imap::worker::serve(c).await.unwrap();
+    });
+    // Let the subscription reach the server.
+    ctx.bus.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    WorkerHandle { ctx, trigger, join }
+}
+
+// ------------------------------------------------------------------ processor stand-in
+
+/// A stand-in for Caliopen's message processor (not part of this project):
+/// answers `process_raw` like it does, failing the requests `fail` picks.
+pub struct Lda {
+    pub seen: Arc<std::sync::Mutex<Vec<String>>>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Lda {
+    fn drop(&mut self) {
+        self.join.abort();
+    }
+}
+
+pub async fn lda<F>(subject: &str, fail: F) -> Lda
+where
+    F: Fn(&str) -> bool + Send + 'static,
+{
+    lda_with_delay(subject, Duration::ZERO, fail).await
+}
+
+pub async fn lda_with_delay<F>(subject: &str, delay: Duration, fail: F) -> Lda
+where
+    F: Fn(&str) -> bool + Send + 'static,
+{
+    let client = async_nats::connect(&stack().nats_url).await.unwrap();
+    let mut sub = client.subscribe(subject.to_string()).await.unwrap();
+    client.flush().await.unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let join = tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+            let id = v["message_id"].as_str().unwrap_or("").to_string();
+            let reply = if v["order"] != "process_raw" {
+                serde_json::json!({"error": "unknown order"})
+            } else if fail(&id) {
+                serde_json::json!({"error": "stand-in: chosen failure"})
+            } else {
+                s2.lock().unwrap().push(id);
+                serde_json::json!({"message": "OK", "message_id": Uuid::new_v4().to_string(), "discussion_id": "d"})
+            };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(r) = msg.reply {
+                let _ = client
+                    .publish(r, serde_json::to_vec(&reply).unwrap().into())
+                    .await;
+            }
+        }
+    });
+    Lda { seen, join }
+}
+
+// ------------------------------------------------------------------ binary
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_caliopen-imap"))
+}
+
+/// A symlink named `name` to the binary, in a temp folder.
+pub fn symlink(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique("cimap-bin"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join(name);
+    std::os::unix::fs::symlink(bin(), &link).unwrap();
+    link
+}
+
+/// Run the binary with `args`; environment overrides cleared.
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CALIOPEN_IMAP_") && k != "CALIOPEN_IMAP_STACK_DIR" {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null());
+    cmd.output().unwrap()
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}

@@ -1,0 +1,572 @@
+//! The worker against Dovecot, Cassandra and NATS: what lands, what is
+//! retried, what is never doubled. The processor downstream is a stand-in
+//! (`util::lda`).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use base64::Engine;
+use caliopen_imap::bus::wire::{ImapOrder, JobReport};
+use caliopen_imap::store::identity::infos;
+use caliopen_imap::store::raw_message::raw_message_id;
+use caliopen_imap::worker::context::Counters;
+use caliopen_imap::worker::job::{self, SyncRequest};
+use uuid::Uuid;
+
+use crate::util::*;
+
+/// Sync `identity` once, in-process.
+async fn sync_once(
+    ctx: &caliopen_imap::worker::context::Ctx,
+    user: Uuid,
+    identity: Uuid,
+) -> JobReport {
+    job::sync_identity(
+        ctx,
+        SyncRequest {
+            user_id: user,
+            identity_id: identity,
+            password: String::new(),
+        },
+        Counters::new(),
+    )
+    .await
+}
+
+/// Raw message ids stored for `user` (via user_raw_lookup).
+async fn stored_ids(
+    st: &caliopen_imap::store::Store,
+    user: Uuid,
+    identity: Uuid,
+    uidvalidity: u32,
+    uids: &[u32],
+) -> Vec<(u32, Option<bool>)> {
+    let mut out = Vec::new();
+    for uid in uids {
+        let id = raw_message_id(user, identity, "INBOX", uidvalidity, *uid);
+        out.push((*uid, st.raw_message_delivered(id).await.unwrap()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_sync_then_nothing_then_only_new() {
+    let tag = unique("w1");
+    let settings = worker_settings(&tag);
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    let bodies = fill(&login, "INBOX", 12, 3000);
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!((rep.fetched, rep.handed_off, rep.failed), (12, 12, 0));
+    assert_eq!(lda.seen.lock().unwrap().len(), 12);
+
+    let (_, uidnext, uidvalidity) = mailbox_status(&login, "INBOX");
+    let uids: Vec<u32> = (1..uidnext).collect();
+    for (uid, delivered) in stored_ids(st, user, id.identity_id, uidvalidity, &uids).await {
+        assert_eq!(delivered, Some(true), "uid {uid}");
+    }
+    // Bytes: our headers, then the message exactly as Dovecot holds it.
+    let raw = st
+        .raw_message_data(raw_message_id(
+            user,
+            id.identity_id,
+            "INBOX",
+            uidvalidity,
+            3,
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let body = &bodies[2];
+    assert!(raw.ends_with(body), "body not byte-exact");
+    let head = String::from_utf8(raw[..raw.len() - body.len()].to_vec()).unwrap();
+    assert!(
+        head.starts_with(&format!(
+            "X-Fetched-Imap: from {} ([127.0.0.1:{}])\n        (using tls1.",
+            imaps_server(),
+            stack().imaps_port
+        )),
+        "{head}"
+    );
+    assert!(head.contains("        by imap-fetcher (Caliopen) with IMAP4rev1 protocol;\n        "));
+    assert!(head.contains(&format!("\r\nX-Fetched-Imap-Account: Display {login}\r\n")));
+    assert!(head.contains("\r\nX-Fetched-Imap-Box: SU5CT1g=\r\n"));
+    assert!(head.contains(&format!("\r\nX-Fetched-Imap-For: {user}\r\n")));
+    assert!(head.contains("\r\nX-Fetched-Imap-Uid: 3\r\n"));
+    assert!(head.ends_with("\r\n"));
+
+    // State written back the Caliopen way.
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::UIDVALIDITY), uidvalidity.to_string());
+    assert_eq!(after.info(infos::LASTSEENUID), (uidnext - 1).to_string());
+    assert!(!after.info(infos::LASTSYNC).is_empty());
+    assert_eq!(after.info(infos::SYNCING), "", "lock marker released");
+    assert!(after.last_check.is_some());
+
+    // Nothing new: nothing fetched.
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.fetched, 0);
+
+    // New mail: only the new messages.
+    fill(&login, "INBOX", 3, 500);
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!((rep.fetched, rep.handed_off), (3, 3));
+    assert_eq!(lda.seen.lock().unwrap().len(), 15);
+    let seen: HashSet<String> = lda.seen.lock().unwrap().iter().cloned().collect();
+    assert_eq!(seen.len(), 15, "no message handed off twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uidvalidity_change_refetches_without_duplicates() {
+    let tag = unique("w2");
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 4, 800);
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    assert!(sync_once(&ctx, user, id.identity_id).await.ok);
+    let (_, _, v1) = mailbox_status(&login, "INBOX");
+
+    doveadm(
+        &[
+            "mailbox",
+            "update",
+            "-u",
+            &login,
+            "--uid-validity",
+            &(v1 + 1000).to_string(),
+            "INBOX",
+        ],
+        None,
+    );
+    let (_, _, v2) = mailbox_status(&login, "INBOX");
+    assert_ne!(v1, v2);
+
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.fetched, 4, "whole mailbox fetched again");
+    // New ids for the new generation; the old rows are untouched, and a
+    // third sync adds nothing.
+    for (_, d) in stored_ids(st, user, id.identity_id, v2, &[1, 2, 3, 4]).await {
+        assert_eq!(d, Some(true));
+    }
+    for (_, d) in stored_ids(st, user, id.identity_id, v1, &[1, 2, 3, 4]).await {
+        assert_eq!(d, Some(true));
+    }
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert_eq!(rep.fetched, 0);
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::UIDVALIDITY), v2.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_hand_off_is_retried_and_nothing_after_it_is_lost() {
+    let tag = unique("w3");
+    let settings = worker_settings(&tag);
+    let (ctx, _t) = context(settings.clone()).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 8, 600);
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let (_, _, v) = mailbox_status(&login, "INBOX");
+    let k = raw_message_id(user, id.identity_id, "INBOX", v, 3).to_string();
+
+    // The processor fails message 3 only.
+    let kk = k.clone();
+    let lda1 = lda(&settings.lda.in_topic, move |m| m == kk).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(!rep.ok);
+    assert_eq!((rep.fetched, rep.handed_off, rep.failed), (8, 7, 1));
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(
+        after.info(infos::LASTSEENUID),
+        "2",
+        "checkpoint stops before the failed message"
+    );
+    drop(lda1);
+
+    // Next sync: the processor is fine again; 3 goes through, 4..8 are not
+    // handed off twice.
+    let lda2 = lda(&settings.lda.in_topic, |_| false).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.handed_off, 1);
+    assert_eq!(rep.already_delivered, 5);
+    assert_eq!(lda2.seen.lock().unwrap().as_slice(), &[k]);
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::LASTSEENUID), "8");
+    for (uid, d) in stored_ids(st, user, id.identity_id, v, &[1, 2, 3, 4, 5, 6, 7, 8]).await {
+        assert_eq!(d, Some(true), "uid {uid}");
+    }
+    assert!(st
+        .message_failures(user, id.identity_id)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_failing_is_stepped_over_and_listed() {
+    let tag = unique("w4");
+    let mut settings = worker_settings(&tag);
+    settings.imap.max_message_tries = 2;
+    let (ctx, _t) = context(settings.clone()).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 3, 600);
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let (_, _, v) = mailbox_status(&login, "INBOX");
+    let bad = raw_message_id(user, id.identity_id, "INBOX", v, 2).to_string();
+    let _lda = lda(&settings.lda.in_topic, move |m| m == bad).await;
+
+    let r1 = sync_once(&ctx, user, id.identity_id).await;
+    assert_eq!((r1.failed, r1.stepped_over), (1, 0));
+    let r2 = sync_once(&ctx, user, id.identity_id).await;
+    assert_eq!((r2.failed, r2.stepped_over), (0, 1), "{r2:?}");
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(
+        after.info(infos::LASTSEENUID),
+        "3",
+        "stepped over only after max tries"
+    );
+    let f = st.message_failures(user, id.identity_id).await.unwrap();
+    assert_eq!(f.len(), 1);
+    assert!(f[0].stepped_over && f[0].uid == 2 && f[0].tries == 2);
+    assert!(f[0].last_error.contains("chosen failure"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_race_and_exactly_one_syncs() {
+    let tag = unique("w5");
+    let settings = worker_settings(&tag);
+    let lda = lda_with_delay(&settings.lda.in_topic, Duration::from_millis(20), |_| false).await;
+    let (a, _ta) = context(settings.clone()).await;
+    let (b, _tb) = context(settings).await;
+    let (user, _) = new_user(&a.store).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 10, 500);
+    let id = new_identity(&a.store, user, &login, &imaps_server(), &stack().password).await;
+    let (ra, rb) = tokio::join!(
+        sync_once(&a, user, id.identity_id),
+        sync_once(&b, user, id.identity_id)
+    );
+    let skipped = [&ra, &rb]
+        .iter()
+        .filter(|r| r.error.starts_with("skipped"))
+        .count();
+    assert_eq!(skipped, 1, "{ra:?} {rb:?}");
+    assert_eq!(ra.fetched + rb.fetched, 10);
+    assert_eq!(lda.seen.lock().unwrap().len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_updates_the_error_counters() {
+    let tag = unique("w6");
+    let settings = worker_settings(&tag);
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let id = new_identity(st, user, &unique("dove"), &imaps_server(), "wrong-password").await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(!rep.ok);
+    assert!(rep.error.contains("refused"), "{}", rep.error);
+    let rep2 = sync_once(&ctx, user, id.identity_id).await;
+    assert!(!rep2.ok);
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::ERRORS_COUNT), "2");
+    assert!(after.info(infos::LAST_FETCH_ERROR).contains("refused"));
+    assert!(!after.info(infos::FIRST_ERROR_DATE).is_empty());
+    assert!(!after.info(infos::LAST_ERROR_DATE).is_empty());
+    assert_eq!(after.status, "active", "not yet 72 h");
+    assert_eq!(after.info(infos::SYNCING), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_for_too_long_disables_the_identity() {
+    use futures::StreamExt;
+    let tag = unique("w7");
+    let settings = worker_settings(&tag);
+    let (ctx, _t) = context(settings.clone()).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let id = new_identity(st, user, &unique("dove"), &imaps_server(), "wrong-password").await;
+    let first = (chrono::Utc::now() - chrono::Duration::hours(73)).to_rfc3339();
+    st.merge_infos(
+        user,
+        id.identity_id,
+        [(infos::FIRST_ERROR_DATE.to_string(), first)].into(),
+    )
+    .await
+    .unwrap();
+    let mut cache = ctx
+        .bus
+        .subscribe(&settings.nats_topic_poller_cache)
+        .await
+        .unwrap();
+    ctx.bus.flush().await.unwrap();
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(!rep.ok);
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.status, "inactive");
+    let msg = tokio::time::timeout(Duration::from_secs(5), cache.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(v["order"], "delete");
+    assert_eq!(v["identity_id"], id.identity_id.to_string());
+    assert_eq!(v["protocol"], "email");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_certificate_is_a_clear_error_without_fallback() {
+    let tag = unique("w8");
+    let mut settings = worker_settings(&tag);
+    settings.imap.ca_file = String::new();
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let id = new_identity(
+        st,
+        user,
+        &unique("dove"),
+        &imaps_server(),
+        &stack().password,
+    )
+    .await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(!rep.ok);
+    assert!(rep.error.contains("TLS"), "{}", rep.error);
+    assert!(
+        rep.error.contains("not trusted") || rep.error.contains("UnknownIssuer"),
+        "{}",
+        rep.error
+    );
+    assert_eq!(rep.fetched, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_and_pinned_certificate() {
+    let tag = unique("w9");
+    let mut settings = worker_settings(&tag);
+    settings.imap.ca_file = String::new();
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 2, 300);
+    // Pin the server certificate instead of trusting a CA.
+    let pem = std::fs::read_to_string(
+        std::path::Path::new(&stack().ca_file).with_file_name("server.pem"),
+    )
+    .unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let pin: String = ring::digest::digest(&ring::digest::SHA256, &der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let server = format!("{}:{}", stack().imap_host, stack().starttls_port);
+    let id = new_identity(st, user, &login, &server, &stack().password).await;
+    st.merge_infos(
+        user,
+        id.identity_id,
+        [
+            (infos::SECURITY.to_string(), "starttls".to_string()),
+            (infos::CERT_SHA256.to_string(), pin),
+        ]
+        .into(),
+    )
+    .await
+    .unwrap();
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.fetched, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_is_neither_fatal_nor_silently_lost() {
+    let tag = unique("w10");
+    let mut settings = worker_settings(&tag);
+    settings.imap.max_message_tries = 1;
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 1, 200);
+    fill(&login, "INBOX", 1, 30 * 1024 * 1024);
+    fill(&login, "INBOX", 1, 200);
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert_eq!(
+        (rep.fetched, rep.handed_off, rep.stepped_over),
+        (3, 2, 1),
+        "{rep:?}"
+    );
+    assert_eq!(lda.seen.lock().unwrap().len(), 2);
+    let f = st.message_failures(user, id.identity_id).await.unwrap();
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].uid, 2);
+    assert!(
+        f[0].last_error.contains("exceeds imap.max_message_size"),
+        "{}",
+        f[0].last_error
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_only_mode_needs_no_processor() {
+    let tag = unique("w11");
+    let mut settings = worker_settings(&tag);
+    settings.lda.in_topic = String::new();
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 5, 400);
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.handed_off, 5);
+    let (_, _, v) = mailbox_status(&login, "INBOX");
+    for (_, d) in stored_ids(st, user, id.identity_id, v, &[1, 2, 3, 4, 5]).await {
+        assert_eq!(d, Some(true));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_mailboxes_keep_inbox_state_where_caliopen_reads_it() {
+    let tag = unique("w12");
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 2, 300);
+    fill(&login, "Sent", 3, 300);
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    st.merge_infos(
+        user,
+        id.identity_id,
+        [(infos::MAILBOXES.to_string(), "INBOX,Sent".to_string())].into(),
+    )
+    .await
+    .unwrap();
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.fetched, 5);
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::LASTSEENUID), "2");
+    let sent = st
+        .mailbox_checkpoint(user, id.identity_id, "Sent")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sent.lastseenuid, 3);
+    assert_eq!(sync_once(&ctx, user, id.identity_id).await.fetched, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_over_nats_and_bad_input_never_kill_the_worker() {
+    let tag = unique("w13");
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let w = start_worker(settings.clone()).await;
+    let b = bus().await;
+    let subject = &settings.nats_topic_sender;
+    let t = Duration::from_secs(10);
+
+    let bad = b.request_raw(subject, "{not json".into(), t).await.unwrap();
+    let rep: JobReport = serde_json::from_slice(&bad.payload).unwrap();
+    assert!(!rep.ok && rep.error.contains("unmarshal"), "{rep:?}");
+
+    let o = ImapOrder {
+        order: "sync".into(),
+        user_id: "nope".into(),
+        identity_id: Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    let rep: JobReport = b.request(subject, &o, t).await.unwrap();
+    assert!(rep.error.contains("user_id is not a UUID"), "{rep:?}");
+
+    let o = ImapOrder {
+        order: "sync".into(),
+        user_id: Uuid::new_v4().to_string(),
+        identity_id: Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    let rep: JobReport = b.request(subject, &o, t).await.unwrap();
+    assert!(rep.error.contains("no identity"), "{rep:?}");
+
+    let o = ImapOrder {
+        order: "dance".into(),
+        ..Default::default()
+    };
+    let rep: JobReport = b.request(subject, &o, t).await.unwrap();
+    assert!(rep.error.contains("unknown order"), "{rep:?}");
+
+    let o = ImapOrder {
+        order: "deliver".into(),
+        message_id: Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    let rep: serde_json::Value = b.request(subject, &o, t).await.unwrap();
+    assert_eq!(rep["error"], true);
+    assert!(rep["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("failed to handle order with error « "));
+
+    // Still alive, and a real fullfetch goes through.
+    let o = ImapOrder {
+        order: "test".into(),
+        ..Default::default()
+    };
+    let rep: JobReport = b.request(subject, &o, t).await.unwrap();
+    assert!(rep.ok);
+
+    let (user, _) = new_user(&w.ctx.store).await;
+    let login = unique("dove");
+    fill(&login, "Archive", 3, 300);
+    let o = ImapOrder {
+        order: "fullfetch".into(),
+        user_id: user.to_string(),
+        login: login.clone(),
+        password: stack().password.clone(),
+        server: imaps_server(),
+        mailbox: "Archive".into(),
+        ..Default::default()
+    };
+    let rep: JobReport = b
+        .request(subject, &o, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.handed_off, 3);
+    // A fullfetch again: same ids, nothing doubled.
+    let rep: JobReport = b
+        .request(subject, &o, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(rep.handed_off, 3);
+    w.stop().await;
+}
