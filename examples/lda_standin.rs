@@ -31,7 +31,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let Some(reply) = msg.reply else { continue };
         let body = match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
             Ok(v) if v["order"] == "process_raw" => {
-                if fail_every > 0 && n % fail_every == 0 {
+                if fail_every > 0 && n.is_multiple_of(fail_every) {
                     serde_json::json!({"error": "stand-in: chosen failure"})
                 } else {
                     serde_json::json!({

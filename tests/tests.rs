@@ -2,6 +2,9 @@
 //! stack (NATS, Cassandra, Dovecot) started by `scripts/stack.sh up`.
 //! One module per area; helpers in `util.rs`.
 
+// Settings are built field by field from the defaults: clearer in tests.
+#![allow(clippy::field_reassign_with_default)]
+
 mod util;
 
 mod bus;
