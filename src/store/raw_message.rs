@@ -53,6 +53,7 @@ const INSERT_LOOKUP: &str = "INSERT INTO {ks}.user_raw_lookup (user_id, raw_msg_
 const SET_DELIVERED: &str = "UPDATE {ks}.raw_message SET delivered = true WHERE raw_msg_id = ?";
 const DELIVERED: &str = "SELECT delivered FROM {ks}.raw_message WHERE raw_msg_id = ?";
 const SELECT: &str = "SELECT raw_data FROM {ks}.raw_message WHERE raw_msg_id = ?";
+const IDS_OF_USER: &str = "SELECT raw_msg_id FROM {ks}.user_raw_lookup WHERE user_id = ?";
 
 impl Store {
     /// Store a raw message (not yet delivered) and its user lookup row.
@@ -91,6 +92,14 @@ impl Store {
             )),
             None => Ok(None),
         }
+    }
+
+    /// Every raw message id stored for `user_id`.
+    pub async fn raw_message_ids_of(&self, user_id: Uuid) -> Result<Vec<Uuid>, StoreError> {
+        let rows = self.rows(IDS_OF_USER, query_values!(user_id)).await?;
+        rows.iter()
+            .filter_map(|r| col::<Uuid>(r, "raw_msg_id", "user_raw_lookup row").transpose())
+            .collect()
     }
 
     pub async fn raw_message_data(&self, raw_msg_id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {

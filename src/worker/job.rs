@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+// Dates in infos are written as Go's time.RFC3339 does: seconds, `Z`.
+use chrono::{DateTime, SecondsFormat, Utc};
 use uuid::Uuid;
 
 use super::account::{self, AccountError};
@@ -101,7 +102,7 @@ async fn sync_locked(
         if age.num_seconds() >= 0 && (age.num_seconds() as u64) < ttl {
             return Err(JobError::Busy(format!(
                 "a sync of this identity is already running (since {})",
-                since.to_rfc3339()
+                since.to_rfc3339_opts(SecondsFormat::Secs, true)
             )));
         }
     }
@@ -118,7 +119,10 @@ async fn sync_locked(
         .merge_infos(
             id.user_id,
             id.identity_id,
-            HashMap::from([(infos::SYNCING.to_string(), now.to_rfc3339())]),
+            HashMap::from([(
+                infos::SYNCING.to_string(),
+                now.to_rfc3339_opts(SecondsFormat::Secs, true),
+            )]),
         )
         .await?;
 
@@ -192,7 +196,10 @@ async fn sync_identity_inner(
             .merge_infos(
                 id.user_id,
                 id.identity_id,
-                HashMap::from([(infos::LASTSYNC.to_string(), Utc::now().to_rfc3339())]),
+                HashMap::from([(
+                    infos::LASTSYNC.to_string(),
+                    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
+                )]),
             )
             .await?;
     }
@@ -258,7 +265,10 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
     let line = err.to_string();
     let mut entries = HashMap::from([
         (infos::LAST_FETCH_ERROR.to_string(), line),
-        (infos::LAST_ERROR_DATE.to_string(), now.to_rfc3339()),
+        (
+            infos::LAST_ERROR_DATE.to_string(),
+            now.to_rfc3339_opts(SecondsFormat::Secs, true),
+        ),
     ]);
     if err.counts_against_account() {
         let count = id
@@ -269,13 +279,16 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
             + 1;
         entries.insert(infos::ERRORS_COUNT.to_string(), count.to_string());
         let first = parse_time(id.info(infos::FIRST_ERROR_DATE)).unwrap_or(now);
-        entries.insert(infos::FIRST_ERROR_DATE.to_string(), first.to_rfc3339());
+        entries.insert(
+            infos::FIRST_ERROR_DATE.to_string(),
+            first.to_rfc3339_opts(SecondsFormat::Secs, true),
+        );
         ctx.store
             .merge_infos(id.user_id, id.identity_id, entries)
             .await?;
         let lasting = now.signed_duration_since(first).num_seconds();
         if lasting > ctx.settings.imap.disable_after_secs as i64 {
-            tracing::warn!(identity = %id.identity_id, since = %first.to_rfc3339(),
+            tracing::warn!(identity = %id.identity_id, since = %first.to_rfc3339_opts(SecondsFormat::Secs, true),
                 "identity failing for too long: disabling it");
             ctx.store
                 .set_status(id.user_id, id.identity_id, STATUS_INACTIVE)

@@ -1,0 +1,63 @@
+# caliopen-imap: build, test, demo, benchmarks.
+#   make demo    the main job end to end on the local stack
+#   make test    every test (brings the local stack up itself)
+#   make bench   benchmarks against mbsync and the fetch/store ceilings
+
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+CARGO ?= cargo
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: all build release test unit lint demo bench bench-large install uninstall \
+        stack-up stack-down stack-status clean
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release --bins --examples
+
+# Style first (cheap), then unit and integration tests on the real stack.
+test: lint stack-up
+	$(CARGO) test --all-targets
+
+unit:
+	$(CARGO) test --lib
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+demo:
+	bash scripts/demo.sh
+
+bench:
+	bash scripts/bench.sh
+
+bench-large:
+	bash scripts/bench.sh --large
+
+# The binary and its three program names.
+install: release
+	install -d $(DESTDIR)$(BINDIR)
+	install -m 755 target/release/caliopen-imap $(DESTDIR)$(BINDIR)/caliopen-imap
+	for name in imapworker imapctl idpoller; do \
+		ln -sf caliopen-imap $(DESTDIR)$(BINDIR)/$$name; \
+	done
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,caliopen-imap imapworker imapctl idpoller)
+
+stack-up:
+	bash scripts/stack.sh up
+
+stack-down:
+	bash scripts/stack.sh down
+
+stack-status:
+	bash scripts/stack.sh status
+
+clean:
+	$(CARGO) clean
