@@ -92,7 +92,12 @@ impl Bus {
                         });
                     }
                     let wait = backoff.next_delay();
-                    tracing::warn!(url = %shown, attempt, error = %e, "NATS not reachable, retrying in {wait:?}");
+                    // A daemon says it is waiting; the CLI keeps its one error line.
+                    if matches!(retry, Retry::Forever) {
+                        tracing::warn!(url = %shown, attempt, error = %e, "NATS not reachable, retrying in {wait:?}");
+                    } else {
+                        tracing::debug!(url = %shown, attempt, error = %e, "NATS not reachable, retrying in {wait:?}");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = shutdown.wait() => {}
