@@ -166,6 +166,11 @@ async fn uidvalidity_change_refetches_without_duplicates() {
     }
     let rep = sync_once(&ctx, user, id.identity_id).await;
     assert_eq!(rep.fetched, 0);
+    assert_eq!(
+        st.raw_message_ids_of(user).await.unwrap().len(),
+        8,
+        "4 per generation, no duplicate"
+    );
     let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
     assert_eq!(after.info(infos::UIDVALIDITY), v2.to_string());
 }
@@ -569,4 +574,97 @@ async fn orders_over_nats_and_bad_input_never_kill_the_worker() {
         .unwrap();
     assert_eq!(rep.handed_off, 3);
     w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_sync_then_restart_resumes_from_the_checkpoint() {
+    use std::process::{Command, Stdio};
+    let tag = unique("w14");
+    let cfg = worker_yaml(&tag, "  checkpoint_every: 5\n  in_flight: 4\n");
+    let settings = worker_settings(&tag);
+    // A slow processor, so the sync is still running when SIGTERM comes.
+    let lda = lda_with_delay(&settings.lda.in_topic, Duration::from_millis(40), |_| false).await;
+    let st = store().await;
+    let (user, _) = new_user(&st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 120, 300);
+    let id = new_identity(&st, user, &login, &imaps_server(), &stack().password).await;
+
+    let mut worker = Command::new(bin())
+        .args(["worker", "-c", cfg.to_str().unwrap(), "start"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let b = bus().await;
+    let order = ImapOrder {
+        order: "sync".into(),
+        user_id: user.to_string(),
+        identity_id: id.identity_id.to_string(),
+        ..Default::default()
+    };
+    // Until the worker listens, a request has no responder.
+    let started = std::time::Instant::now();
+    loop {
+        let test = ImapOrder {
+            order: "test".into(),
+            ..Default::default()
+        };
+        if b.request::<_, JobReport>(&settings.nats_topic_sender, &test, Duration::from_secs(1))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "worker never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.publish(&settings.nats_topic_sender, &order)
+        .await
+        .unwrap();
+    b.flush().await.unwrap();
+    while lda.seen.lock().unwrap().len() < 30 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "sync did not progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    let code = tokio::task::spawn_blocking(move || worker.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(code.code(), Some(0), "clean exit on SIGTERM");
+
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    let cp: u32 = after.info(infos::LASTSEENUID).parse().unwrap();
+    assert!(cp >= 25 && cp < 120, "checkpoint {cp} saved mid-way");
+    assert_eq!(after.info(infos::SYNCING), "", "lock marker released");
+    assert!(
+        st.take_sync_lock(user, id.identity_id, "probe", chrono::Utc::now(), 60)
+            .await
+            .unwrap(),
+        "lock released"
+    );
+    st.release_sync_lock(user, id.identity_id, "probe")
+        .await
+        .unwrap();
+
+    // Restart: it goes on from the checkpoint, and ends with every message
+    // stored once.
+    let (ctx, _t) = context(settings).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.fetched as u32, 120 - cp, "resumed after the checkpoint");
+    let ids = st.raw_message_ids_of(user).await.unwrap();
+    assert_eq!(ids.len(), 120);
+    let unique_seen: HashSet<String> = lda.seen.lock().unwrap().iter().cloned().collect();
+    assert_eq!(unique_seen.len(), 120);
 }
