@@ -199,7 +199,7 @@ async fn addremote_then_syncremote_wait_lands_the_mailbox() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 
     // Watch our own command line while it waits: no password there.
-    let mut child = {
+    let child = {
         let mut c = Command::new(bin());
         c.args([
             "ctl",

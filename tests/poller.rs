@@ -36,7 +36,7 @@ fn poller_yaml(tag: &str, lease: &str) -> PathBuf {
 struct Poller(Child);
 
 impl Poller {
-    fn start(cfg: &PathBuf) -> Poller {
+    fn start(cfg: &std::path::Path) -> Poller {
         let child = Command::new(bin())
             .args(["poller", "-c", cfg.to_str().unwrap(), "start"])
             .env("CALIOPEN_IMAP_LOG", "info")

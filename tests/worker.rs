@@ -645,7 +645,7 @@ async fn sigterm_mid_sync_then_restart_resumes_from_the_checkpoint() {
 
     let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
     let cp: u32 = after.info(infos::LASTSEENUID).parse().unwrap();
-    assert!(cp >= 25 && cp < 120, "checkpoint {cp} saved mid-way");
+    assert!((25..120).contains(&cp), "checkpoint {cp} saved mid-way");
     assert_eq!(after.info(infos::SYNCING), "", "lock marker released");
     assert!(
         st.take_sync_lock(user, id.identity_id, "probe", chrono::Utc::now(), 60)
