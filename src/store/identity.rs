@@ -40,8 +40,6 @@ pub mod infos {
     pub const CAFILE: &str = "cafile";
     /// Ours: SHA-256 (hex) of the server certificate, pinned.
     pub const CERT_SHA256: &str = "cert_sha256";
-    /// Ours: messages stepped over after too many failures (count).
-    pub const STEPPED_OVER: &str = "steppedOver";
 
     pub const AUTH_LOGIN: &str = "login-password";
     pub const AUTH_OAUTH2: &str = "Oauth2";
