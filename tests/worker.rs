@@ -668,3 +668,98 @@ async fn sigterm_mid_sync_then_restart_resumes_from_the_checkpoint() {
     let unique_seen: HashSet<String> = lda.seen.lock().unwrap().iter().cloned().collect();
     assert_eq!(unique_seen.len(), 120);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_oauth2_token_is_refreshed_and_stored() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A stand-in for the OAuth provider's token endpoint (outside this project).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains("client_secret") {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let body = r#"{"access_token":"at-2","token_type":"Bearer","expires_in":3600,"refresh_token":"rt-2"}"#;
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        );
+        s.write_all(resp.as_bytes()).await.unwrap();
+        let _ = tx.send(String::from_utf8_lossy(&got).to_string());
+    });
+
+    let tag = unique("w15");
+    let mut settings = worker_settings(&tag);
+    settings.imap.allow_plaintext_loopback = true;
+    settings.lda.providers = vec![caliopen_imap::config::Provider {
+        name: "testprov".into(),
+        protocol: "email".into(),
+        infos: [
+            ("client_id".to_string(), "cid".to_string()),
+            ("client_secret".to_string(), "c s".to_string()),
+            (
+                "token_url".to_string(),
+                format!("http://127.0.0.1:{port}/token"),
+            ),
+        ]
+        .into(),
+    }];
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let id = new_identity(st, user, &unique("dove"), &imaps_server(), "").await;
+    st.merge_infos(
+        user,
+        id.identity_id,
+        [
+            (infos::AUTHTYPE.to_string(), "Oauth2".to_string()),
+            (infos::PROVIDER.to_string(), "testprov".to_string()),
+        ]
+        .into(),
+    )
+    .await
+    .unwrap();
+    st.merge_credentials(
+        user,
+        id.identity_id,
+        [
+            ("username".to_string(), "someone".to_string()),
+            ("oauth2accesstoken".to_string(), "at-1".to_string()),
+            ("oauh2refreshtoken".to_string(), "rt-1".to_string()),
+            (
+                "tokenexpiry".to_string(),
+                "2020-01-01T00:00:00Z".to_string(),
+            ),
+        ]
+        .into(),
+    )
+    .await
+    .unwrap();
+
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    let request = rx.await.unwrap();
+    assert!(request.starts_with("POST /token HTTP/1.1\r\n"), "{request}");
+    assert!(
+        request.contains(
+            "grant_type=refresh_token&refresh_token=rt-1&client_id=cid&client_secret=c%20s"
+        ),
+        "{request}"
+    );
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.credentials["oauth2accesstoken"], "at-2");
+    assert_eq!(after.credentials["oauh2refreshtoken"], "rt-2");
+    assert_eq!(after.credentials["tokentype"], "Bearer");
+    let exp = chrono::DateTime::parse_from_rfc3339(&after.credentials["tokenexpiry"]).unwrap();
+    assert!(exp > chrono::Utc::now());
+    // This Dovecot offers no XOAUTH2: the login itself is refused, and said so.
+    assert!(!rep.ok);
+    assert!(rep.error.contains("refused"), "{}", rep.error);
+}

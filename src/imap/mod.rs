@@ -7,6 +7,7 @@
 
 pub mod connect;
 pub mod headers;
+pub mod oauth;
 pub mod tls;
 
 pub use connect::{connect, Account, Auth, ConnInfo, ImapSession, Security};

@@ -129,3 +129,94 @@ fn build(
         io_timeout: Duration::from_secs(s.io_timeout_secs),
     })
 }
+
+/// For an `Oauth2` identity whose access token has expired (or will within a
+/// minute), get a new one from the provider and store it (CONTRACT §3 keys),
+/// so the login that follows uses it.
+pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), AccountError> {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use std::collections::HashMap;
+
+    if id.info(infos::AUTHTYPE) != infos::AUTH_OAUTH2 {
+        return Ok(());
+    }
+    let expiry = id
+        .credentials
+        .get(creds::TOKEN_EXPIRY)
+        .and_then(|e| DateTime::parse_from_rfc3339(e.trim()).ok());
+    let Some(expiry) = expiry else {
+        return Ok(()); // no known expiry: try the token as it is
+    };
+    if expiry.with_timezone(&Utc) > Utc::now() + chrono::Duration::seconds(60) {
+        return Ok(());
+    }
+    let refresh_token = id
+        .credentials
+        .get(creds::REFRESH_TOKEN)
+        .filter(|t| !t.is_empty())
+        .cloned()
+        .ok_or_else(|| {
+            AccountError("Oauth2 access token expired and no refresh token is stored".into())
+        })?;
+    let provider_name = id.info(infos::PROVIDER).to_string();
+    let provider = ctx
+        .settings
+        .lda
+        .providers
+        .iter()
+        .find(|p| p.name == provider_name)
+        .ok_or_else(|| {
+            AccountError(format!(
+                "Oauth2 token expired and provider {provider_name:?} is not in LDAConfig.Providers"
+            ))
+        })?;
+    let get = |k: &str| provider.infos.get(k).map(String::as_str).unwrap_or("");
+    let token_url = match get("token_url") {
+        "" if provider_name == "gmail" => crate::imap::oauth::GMAIL_TOKEN_URL,
+        "" => {
+            return Err(AccountError(format!(
+                "provider {provider_name:?} has no token_url to refresh tokens with"
+            )))
+        }
+        u => u,
+    };
+    let s = &ctx.settings.imap;
+    let ca: Vec<&std::path::Path> = if s.ca_file.is_empty() {
+        Vec::new()
+    } else {
+        vec![std::path::Path::new(&s.ca_file)]
+    };
+    let req = crate::imap::oauth::RefreshRequest {
+        token_url,
+        client_id: get("client_id"),
+        client_secret: get("client_secret"),
+        refresh_token: &refresh_token,
+        ca_files: &ca,
+        allow_plaintext_loopback: s.allow_plaintext_loopback,
+        timeout: Duration::from_secs(s.connect_timeout_secs),
+    };
+    let token = crate::imap::oauth::refresh(&req)
+        .await
+        .map_err(|e| AccountError(format!("cannot refresh the Oauth2 token: {e}")))?;
+    let expires = Utc::now() + chrono::Duration::seconds(token.expires_in.unwrap_or(3600));
+    let mut entries = HashMap::from([
+        (creds::ACCESS_TOKEN.to_string(), token.access_token.clone()),
+        (
+            creds::TOKEN_EXPIRY.to_string(),
+            expires.to_rfc3339_opts(SecondsFormat::Secs, true),
+        ),
+    ]);
+    if !token.token_type.is_empty() {
+        entries.insert(creds::TOKEN_TYPE.to_string(), token.token_type.clone());
+    }
+    if let Some(rt) = token.refresh_token.filter(|t| !t.is_empty()) {
+        entries.insert(creds::REFRESH_TOKEN.to_string(), rt);
+    }
+    ctx.store
+        .merge_credentials(id.user_id, id.identity_id, entries.clone())
+        .await
+        .map_err(|e| AccountError(format!("cannot store the refreshed token: {e}")))?;
+    id.credentials.extend(entries);
+    tracing::info!(identity = %id.identity_id, provider = %provider_name, "Oauth2 token refreshed");
+    Ok(())
+}

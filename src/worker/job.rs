@@ -160,6 +160,11 @@ async fn sync_identity_inner(
     password: &str,
     counters: &Arc<Counters>,
 ) -> Result<(), JobError> {
+    let mut id = id.clone();
+    account::ensure_fresh_token(ctx, &mut id)
+        .await
+        .map_err(|AccountError(e)| JobError::Account(e))?;
+    let id = &id;
     let acc = account::from_identity(ctx, id, password)
         .map_err(|AccountError(e)| JobError::Account(e))?;
     let (mut session, conn) = imap::connect(&acc).await?;
