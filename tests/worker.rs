@@ -763,3 +763,83 @@ async fn expired_oauth2_token_is_refreshed_and_stored() {
     assert!(!rep.ok);
     assert!(rep.error.contains("refused"), "{}", rep.error);
 }
+
+/// A deliberately broken IMAP server on loopback (plaintext, allowed for
+/// loopback only): it sends `greeting`, then `answer` to everything it
+/// reads, and hangs up at once when `answer` is empty.
+async fn hostile_server(greeting: &'static [u8], answer: &'static [u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(greeting).await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || answer.is_empty() {
+                        break;
+                    }
+                    let _ = s.write_all(answer).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_servers_are_recorded_on_the_identity_and_never_crash_the_worker() {
+    let tag = unique("w16");
+    let mut settings = worker_settings(&tag);
+    settings.imap.allow_plaintext_loopback = true;
+    settings.imap.io_timeout_secs = 2;
+    settings.imap.connect_timeout_secs = 2;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let cases: [(&'static [u8], &'static [u8]); 4] = [
+        (b"\x00\xffgarbage that is not IMAP\r\n", b""),
+        (b"* OK ready\r\n", b""), // hangs up at the first command
+        (b"* OK ready\r\n", b"* 1 FETCH (BODY[] {99999999999999}\r\n"),
+        (b"* BYE go away\r\n", b""),
+    ];
+    for (greeting, answer) in cases {
+        let port = hostile_server(greeting, answer).await;
+        let id = new_identity(st, user, &unique("h"), &format!("127.0.0.1:{port}"), "pw").await;
+        st.merge_infos(
+            user,
+            id.identity_id,
+            [(infos::SECURITY.to_string(), "plain".to_string())].into(),
+        )
+        .await
+        .unwrap();
+        let rep = sync_once(&ctx, user, id.identity_id).await;
+        assert!(!rep.ok, "{rep:?}");
+        assert!(!rep.error.is_empty());
+        let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+        assert!(
+            !after.info(infos::LAST_FETCH_ERROR).is_empty(),
+            "error recorded"
+        );
+        assert_eq!(after.info(infos::ERRORS_COUNT), "1");
+        assert_eq!(after.info(infos::SYNCING), "", "lock released");
+    }
+    // Plaintext is refused when not allowed, before any byte is exchanged.
+    let (strict, _t2) = context(worker_settings(&unique("w16s"))).await;
+    let port = hostile_server(b"* OK ready\r\n", b"").await;
+    let id = new_identity(st, user, &unique("h"), &format!("127.0.0.1:{port}"), "pw").await;
+    st.merge_infos(
+        user,
+        id.identity_id,
+        [(infos::SECURITY.to_string(), "plain".to_string())].into(),
+    )
+    .await
+    .unwrap();
+    let rep = sync_once(&strict, user, id.identity_id).await;
+    assert!(
+        rep.error.contains("plaintext IMAP is allowed only"),
+        "{}",
+        rep.error
+    );
+}
