@@ -21,7 +21,7 @@ release:
 
 # Style first (cheap), then unit and integration tests on the real stack.
 test: lint stack-up
-	$(CARGO) test --all-targets
+	$(CARGO) test --lib --test tests
 
 unit:
 	$(CARGO) test --lib
