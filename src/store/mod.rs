@@ -33,7 +33,7 @@ use cdrs_tokio::query::{PreparedQuery, QueryValues};
 use cdrs_tokio::statement::StatementParamsBuilder;
 use cdrs_tokio::transport::TransportTcp;
 use cdrs_tokio::types::rows::Row;
-use tokio::sync::Mutex;
+use std::sync::Mutex;
 
 use crate::config::{split_host_port, StoreSettings};
 
@@ -169,7 +169,8 @@ impl Store {
 
     /// The prepared statement of a `{ks}` template, prepared on first use.
     async fn prepared(&self, template: &'static str) -> Result<Arc<PreparedQuery>, StoreError> {
-        if let Some(p) = self.inner.prepared.lock().await.get(template) {
+        // A plain mutex: held for a map lookup only, never across an await.
+        if let Some(p) = self.prepared_cache().get(template) {
             return Ok(p.clone());
         }
         let cql = template.replace("{ks}", &self.inner.keyspace);
@@ -183,8 +184,18 @@ impl Store {
                 reason: e.to_string(),
             })?;
         let p = Arc::new(p);
-        self.inner.prepared.lock().await.insert(template, p.clone());
+        self.prepared_cache().insert(template, p.clone());
         Ok(p)
+    }
+
+    fn prepared_cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<&'static str, Arc<PreparedQuery>>> {
+        // A panic while holding it cannot leave the map half-written.
+        self.inner
+            .prepared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Run a statement with positional values at the configured consistency.
