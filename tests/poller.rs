@@ -288,3 +288,40 @@ async fn standby_takes_over_when_the_leader_dies() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rereads_the_configuration() {
+    let tag = unique("p3");
+    let cfg = poller_yaml(&tag, &unique("lease"));
+    let b = bus().await;
+    let poller = Poller::start(&cfg);
+    wait_serving(&b, &tag).await;
+
+    // Move the job subjects to another name and say SIGHUP.
+    let moved = format!("{tag}moved");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&format!("Jobs.{tag}"), &format!("Jobs.{moved}"));
+    std::fs::write(&cfg, text).unwrap();
+    Command::new("kill")
+        .args(["-HUP", &poller.0.id().to_string()])
+        .status()
+        .unwrap();
+    wait_serving(&b, &moved).await;
+    assert!(
+        need_job(&b, &tag).await.is_err(),
+        "old subject no longer served"
+    );
+
+    // A broken file is refused and the running configuration kept.
+    std::fs::write(&cfg, "scan_interval: [\n").unwrap();
+    Command::new("kill")
+        .args(["-HUP", &poller.0.id().to_string()])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        need_job(&b, &moved).await.is_ok(),
+        "still serving after a bad reload"
+    );
+}
