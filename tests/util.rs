@@ -187,6 +187,16 @@ pub async fn new_identity(
     id
 }
 
+/// A Caliopen user, a fresh Dovecot user with `count` messages of about
+/// `size` bytes in INBOX, and a remote identity linking them.
+pub async fn mailbox_account(store: &Store, count: usize, size: usize) -> (Uuid, String, Identity) {
+    let (user, _) = new_user(store).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", count, size);
+    let id = new_identity(store, user, &login, &imaps_server(), &stack().password).await;
+    (user, login, id)
+}
+
 // ------------------------------------------------------------------ Dovecot
 
 pub fn doveadm(args: &[&str], stdin: Option<&[u8]>) -> Output {

@@ -131,10 +131,7 @@ async fn uidvalidity_change_refetches_without_duplicates() {
     let _lda = lda(&settings.lda.in_topic, |_| false).await;
     let (ctx, _t) = context(settings).await;
     let st = &ctx.store;
-    let (user, _) = new_user(st).await;
-    let login = unique("dove");
-    fill(&login, "INBOX", 4, 800);
-    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let (user, login, id) = mailbox_account(st, 4, 800).await;
     assert!(sync_once(&ctx, user, id.identity_id).await.ok);
     let (_, _, v1) = mailbox_status(&login, "INBOX");
 
@@ -181,10 +178,7 @@ async fn failed_hand_off_is_retried_and_nothing_after_it_is_lost() {
     let settings = worker_settings(&tag);
     let (ctx, _t) = context(settings.clone()).await;
     let st = &ctx.store;
-    let (user, _) = new_user(st).await;
-    let login = unique("dove");
-    fill(&login, "INBOX", 8, 600);
-    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let (user, login, id) = mailbox_account(st, 8, 600).await;
     let (_, _, v) = mailbox_status(&login, "INBOX");
     let k = raw_message_id(user, id.identity_id, "INBOX", v, 3).to_string();
 
@@ -229,10 +223,7 @@ async fn a_message_that_keeps_failing_is_stepped_over_and_listed() {
     settings.imap.max_message_tries = 2;
     let (ctx, _t) = context(settings.clone()).await;
     let st = &ctx.store;
-    let (user, _) = new_user(st).await;
-    let login = unique("dove");
-    fill(&login, "INBOX", 3, 600);
-    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let (user, login, id) = mailbox_account(st, 3, 600).await;
     let (_, _, v) = mailbox_status(&login, "INBOX");
     let bad = raw_message_id(user, id.identity_id, "INBOX", v, 2).to_string();
     let _lda = lda(&settings.lda.in_topic, move |m| m == bad).await;
@@ -260,10 +251,7 @@ async fn two_workers_race_and_exactly_one_syncs() {
     let lda = lda_with_delay(&settings.lda.in_topic, Duration::from_millis(20), |_| false).await;
     let (a, _ta) = context(settings.clone()).await;
     let (b, _tb) = context(settings).await;
-    let (user, _) = new_user(&a.store).await;
-    let login = unique("dove");
-    fill(&login, "INBOX", 10, 500);
-    let id = new_identity(&a.store, user, &login, &imaps_server(), &stack().password).await;
+    let (user, _, id) = mailbox_account(&a.store, 10, 500).await;
     let (ra, rb) = tokio::join!(
         sync_once(&a, user, id.identity_id),
         sync_once(&b, user, id.identity_id)
@@ -444,10 +432,7 @@ async fn store_only_mode_needs_no_processor() {
     settings.lda.in_topic = String::new();
     let (ctx, _t) = context(settings).await;
     let st = &ctx.store;
-    let (user, _) = new_user(st).await;
-    let login = unique("dove");
-    fill(&login, "INBOX", 5, 400);
-    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let (user, login, id) = mailbox_account(st, 5, 400).await;
     let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.ok, "{rep:?}");
     assert_eq!(rep.handed_off, 5);
