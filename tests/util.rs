@@ -110,6 +110,7 @@ pub fn worker_settings(tag: &str) -> WorkerSettings {
     w.nats_topic_poller = format!("imapJobs.{tag}");
     w.nats_topic_poller_cache = format!("idCache.{tag}");
     w.lda.in_topic = format!("inboundSMTP.{tag}");
+    w.lda.out_topic = format!("outboundSMTP.{tag}");
     w.imap.poll_throttle_secs = 3600; // no poller in worker tests
     w.workers = 4;
     w

@@ -828,3 +828,85 @@ async fn broken_servers_are_recorded_on_the_identity_and_never_crash_the_worker(
         rep.error
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliver_sends_then_files_the_message_in_the_remote_sent_mailbox() {
+    use futures::StreamExt;
+    let tag = unique("w17");
+    let settings = worker_settings(&tag);
+    let w = start_worker(settings.clone()).await;
+    let st = &w.ctx.store;
+    let (user, login, id) = mailbox_account(st, 0, 0).await;
+    // A stand-in for Caliopen's SMTP sender (outside this project).
+    let smtp = async_nats::connect(&stack().nats_url).await.unwrap();
+    let mut sub = smtp
+        .subscribe(settings.lda.out_topic.clone())
+        .await
+        .unwrap();
+    smtp.flush().await.unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<serde_json::Value>(4);
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let _ = seen_tx
+                .send(serde_json::from_slice(&m.payload).unwrap())
+                .await;
+            if let Some(r) = m.reply {
+                let _ = smtp
+                    .publish(
+                        r,
+                        br#"{"error":false,"message":"sent by stand-in"}"#.to_vec().into(),
+                    )
+                    .await;
+            }
+        }
+    });
+
+    let raw_id = Uuid::new_v4();
+    let message_id = Uuid::new_v4();
+    let draft = message(1, 400);
+    st.insert_raw_message(user, raw_id, draft.clone())
+        .await
+        .unwrap();
+    st.insert_message(user, message_id, raw_id, chrono::Utc::now())
+        .await
+        .unwrap();
+
+    let b = bus().await;
+    let order = serde_json::json!({"order": "deliver", "user_id": user.to_string(), "identity_id": id.identity_id.to_string(), "message_id": message_id.to_string()});
+    let reply: serde_json::Value = b
+        .request(&settings.nats_topic_sender, &order, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        reply,
+        serde_json::json!({"error": false, "message": "sent by stand-in"})
+    );
+    let forwarded = seen_rx.recv().await.unwrap();
+    assert_eq!(forwarded["message_id"], message_id.to_string());
+
+    let (count, _, _) = mailbox_status(&login, "Sent");
+    assert_eq!(count, 1, "filed in Sent");
+    let flags = text(
+        &doveadm(
+            &[
+                "-f", "flow", "fetch", "-u", &login, "flags", "mailbox", "Sent",
+            ],
+            None,
+        )
+        .stdout,
+    );
+    assert!(flags.contains("\\Seen"), "{flags}");
+
+    // An unknown message: the contract's failure reply.
+    let order = serde_json::json!({"order": "deliver", "user_id": user.to_string(), "identity_id": id.identity_id.to_string(), "message_id": Uuid::new_v4().to_string()});
+    let reply: serde_json::Value = b
+        .request(&settings.nats_topic_sender, &order, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(reply["error"], true);
+    assert!(
+        reply["message"].as_str().unwrap().contains("no message"),
+        "{reply}"
+    );
+    w.stop().await;
+}

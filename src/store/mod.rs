@@ -13,6 +13,7 @@
 pub mod identity;
 pub mod lease;
 pub mod lock;
+pub mod message;
 pub mod raw_message;
 pub mod state;
 pub mod user;

@@ -1,17 +1,138 @@
-//! `deliver`: send a draft through the SMTP sender, then file it in the
-//! remote Sent mailbox (CONTRACT §5). Not implemented yet: the order is
-//! answered with the contract's failure shape so no requester hangs.
+//! `deliver`: send a draft through Caliopen's SMTP sender, then, for a
+//! remote identity, file a copy in the remote Sent mailbox (CONTRACT §5).
+//!
+//! The SMTP sender's reply is forwarded to the requester. Any failure on
+//! the way answers the contract's shape:
+//! `{"error": true, "message": "failed to handle order with error « … » "}`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
 
 use crate::bus::wire::{DeliveryReply, ImapOrder};
 use crate::bus::Message;
+use crate::imap::{self, ImapSession};
+use crate::store::identity::TYPE_REMOTE;
+use crate::worker::account;
 use crate::worker::context::Ctx;
 
+/// The SMTP sender's timeout (CONTRACT §5).
+const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub async fn handle(ctx: &Ctx, msg: &Message, order: ImapOrder) {
-    let text = "deliver is not supported yet by caliopen-imap";
-    tracing::warn!(subject = %msg.subject, user = %order.user_id, message = %order.message_id, "{text}");
-    let rep = DeliveryReply {
-        error: true,
-        message: format!("failed to handle order with error « {text} » "),
+    let reply = match deliver(ctx, msg, &order).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(subject = %msg.subject, user = %order.user_id, message = %order.message_id, error = %e, "deliver failed");
+            DeliveryReply {
+                error: true,
+                message: format!("failed to handle order with error « {e} » "),
+            }
+        }
     };
-    ctx.bus.reply(msg, &rep).await;
+    ctx.bus.reply(msg, &reply).await;
+}
+
+async fn deliver(ctx: &Ctx, msg: &Message, order: &ImapOrder) -> Result<DeliveryReply, String> {
+    let user = super::uuid_field("user_id", &order.user_id)?;
+    let identity = super::uuid_field("identity_id", &order.identity_id)?;
+    let message = super::uuid_field("message_id", &order.message_id)?;
+    let topic = &ctx.settings.lda.out_topic;
+    if topic.is_empty() {
+        return Err("LDAConfig.out_topic is empty: no SMTP sender to deliver through".into());
+    }
+    // The order goes to the sender as it came.
+    let sent = ctx
+        .bus
+        .request_raw(topic, msg.payload.clone(), SMTP_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let reply: DeliveryReply = serde_json::from_slice(&sent.payload)
+        .map_err(|e| format!("bad reply from the SMTP sender: {e}"))?;
+    if reply.error {
+        return Ok(reply);
+    }
+    let Some(id) = ctx
+        .store
+        .identity(user, identity)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(reply); // sent; no identity to file it for
+    };
+    if id.kind != TYPE_REMOTE {
+        return Ok(reply);
+    }
+    let (raw_id, date) = ctx
+        .store
+        .message_raw(user, message)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no message {message} for user {user}"))?;
+    let raw_id = raw_id.ok_or_else(|| format!("message {message} has no raw message"))?;
+    let raw = ctx
+        .store
+        .raw_message_data(raw_id)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("raw message {raw_id} not found"))?;
+
+    let acc = account::from_identity(ctx, &id, "").map_err(|e| e.0)?;
+    let (mut session, _) = imap::connect(&acc).await.map_err(|e| e.to_string())?;
+    let filed = file_in_sent(
+        &mut session,
+        &raw,
+        date.unwrap_or_else(Utc::now),
+        acc.io_timeout,
+    )
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), session.logout()).await;
+    filed?;
+    tracing::info!(user = %user, message = %message, "sent message filed in the remote Sent mailbox");
+    Ok(reply)
+}
+
+/// APPEND `raw` to the Sent mailbox: the one with the `\Sent` special use,
+/// else the first whose name contains "Sent".
+async fn file_in_sent(
+    session: &mut ImapSession,
+    raw: &[u8],
+    date: DateTime<Utc>,
+    io: Duration,
+) -> Result<(), String> {
+    use async_imap::imap_proto::NameAttribute;
+    let mut special = None;
+    let mut by_name = None;
+    {
+        let mut names = tokio::time::timeout(io, session.list(Some(""), Some("*")))
+            .await
+            .map_err(|_| "LIST timed out".to_string())?
+            .map_err(|e| format!("LIST: {e}"))?;
+        while let Some(n) = tokio::time::timeout(io, names.next())
+            .await
+            .map_err(|_| "LIST timed out".to_string())?
+        {
+            let n = n.map_err(|e| format!("LIST: {e}"))?;
+            if n.attributes()
+                .iter()
+                .any(|a| matches!(a, NameAttribute::Sent))
+            {
+                special.get_or_insert_with(|| n.name().to_string());
+            } else if n.name().contains("Sent") {
+                by_name.get_or_insert_with(|| n.name().to_string());
+            }
+        }
+    }
+    let mailbox = special
+        .or(by_name)
+        .ok_or("the remote account has no Sent mailbox")?;
+    let when = format!("\"{}\"", date.format("%d-%b-%Y %H:%M:%S +0000"));
+    tokio::time::timeout(
+        io,
+        session.append(&mailbox, Some("(\\Seen)"), Some(&when), raw),
+    )
+    .await
+    .map_err(|_| "APPEND timed out".to_string())?
+    .map_err(|e| format!("APPEND to {mailbox}: {e}"))
 }
