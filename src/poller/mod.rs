@@ -113,17 +113,26 @@ impl Poller {
             {
                 Ok(true) => {
                     tracing::info!(owner = %self.owner, "lease taken: this poller is the leader");
-                    match self.lead(&mut hup).await? {
-                        Led::Shutdown => {
+                    match self.lead(&mut hup).await {
+                        Ok(Led::Shutdown) => {
                             let _ = self
                                 .store
                                 .drop_lease(&self.settings.poller.lease_name, &self.owner)
                                 .await;
                             break;
                         }
-                        Led::LostLease => {
+                        Ok(Led::LostLease) => {
                             tracing::warn!("lease lost: back to standby");
                             continue;
+                        }
+                        // Never a dead daemon: give the lease up so a
+                        // standby can serve, and try again later.
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot lead: stepping down");
+                            let _ = self
+                                .store
+                                .drop_lease(&self.settings.poller.lease_name, &self.owner)
+                                .await;
                         }
                     }
                 }

@@ -110,6 +110,7 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
     // each job slot were its own loop pulling once per period.
     let mut pulls: VecDeque<Instant> = VecDeque::new();
     let mut next_pull = Instant::now();
+    let mut lost = false;
 
     loop {
         // Reap finished jobs so the set does not grow.
@@ -130,7 +131,10 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
             _ = shutdown.wait() => break,
             msg = orders.next() => {
                 let Some(msg) = msg else {
-                    tracing::error!("order subscription closed by the server");
+                    // Only a closed client ends a subscription: exit non-zero
+                    // (after the running jobs) so a supervisor restarts us.
+                    tracing::error!("order subscription closed: stopping");
+                    lost = true;
                     break;
                 };
                 let ctx = ctx.clone();
@@ -172,6 +176,9 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
         jobs.abort_all();
     }
     let _ = ctx.bus.flush().await;
+    if lost {
+        anyhow::bail!("the NATS order subscription closed");
+    }
     tracing::info!("imapworker stopped");
     Ok(())
 }
