@@ -299,8 +299,14 @@ pub fn parse<T: FromArgs>(name: &str, args: &[String]) -> Parsed<T> {
                 Parsed::Exit(0)
             }
             Err(()) => {
-                eprintln!("{}", early.output.trim_end());
-                eprintln!("Run {name} --help for more information.");
+                // One line, whatever argh's layout ("Required options not
+                // provided:\n    --server" becomes one sentence).
+                let text = early
+                    .output
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                eprintln!("{name}: {text} (see {name} --help)");
                 Parsed::Exit(crate::error::code::USAGE)
             }
         },

@@ -582,6 +582,11 @@ fn describe(err: figment::Error, path: Option<&Path>) -> String {
         let key = e.path.join(".");
         let key = if key.is_empty() {
             "top level".to_string()
+        } else if source == "environment" {
+            format!(
+                "variable {ENV_PREFIX}{}",
+                key.to_uppercase().replace('.', "__")
+            )
         } else {
             format!("key {key}")
         };
