@@ -40,6 +40,10 @@ use crate::config::{split_host_port, StoreSettings};
 
 pub use cdrs_tokio::types::{ByName, IntoRustByName};
 
+/// No Cassandra request may wait longer than this: a lost answer becomes an
+/// error the job records, never a worker stuck for ever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 type CSession = Session<
     TransportTcp,
     TcpConnectionManager,
@@ -210,14 +214,17 @@ impl Store {
             .with_values(values)
             .with_consistency(self.inner.consistency)
             .build();
-        self.inner
-            .session
-            .exec_with_params(&prepared, &params)
-            .await
-            .map_err(|e| StoreError::Query {
+        let run = self.inner.session.exec_with_params(&prepared, &params);
+        match tokio::time::timeout(REQUEST_TIMEOUT, run).await {
+            Ok(r) => r.map_err(|e| StoreError::Query {
                 what: first_words(template),
                 reason: e.to_string(),
-            })
+            }),
+            Err(_) => Err(StoreError::Query {
+                what: first_words(template),
+                reason: format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
+            }),
+        }
     }
 
     /// Run a statement and return its rows.
@@ -259,11 +266,14 @@ impl Store {
         if let Some(s) = state {
             params = params.with_paging_state(s);
         }
-        let env = self
-            .inner
-            .session
-            .exec_with_params(&prepared, &params.build())
+        let params = params.build();
+        let run = self.inner.session.exec_with_params(&prepared, &params);
+        let env = tokio::time::timeout(REQUEST_TIMEOUT, run)
             .await
+            .map_err(|_| StoreError::Query {
+                what: first_words(template),
+                reason: format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
+            })?
             .map_err(|e| StoreError::Query {
                 what: first_words(template),
                 reason: e.to_string(),
