@@ -179,13 +179,15 @@ impl Store {
             return Ok(p.clone());
         }
         let cql = template.replace("{ks}", &self.inner.keyspace);
-        let p = self
-            .inner
-            .session
-            .prepare(cql.as_str())
+        let what = || format!("prepare `{}`", first_words(&cql));
+        let p = tokio::time::timeout(REQUEST_TIMEOUT, self.inner.session.prepare(cql.as_str()))
             .await
+            .map_err(|_| StoreError::Query {
+                what: what(),
+                reason: format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
+            })?
             .map_err(|e| StoreError::Query {
-                what: format!("prepare `{}`", first_words(&cql)),
+                what: what(),
                 reason: e.to_string(),
             })?;
         let p = Arc::new(p);
