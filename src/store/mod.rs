@@ -34,7 +34,8 @@ use cdrs_tokio::query::{PreparedQuery, QueryValues};
 use cdrs_tokio::statement::StatementParamsBuilder;
 use cdrs_tokio::transport::TransportTcp;
 use cdrs_tokio::types::rows::Row;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use crate::config::{split_host_port, StoreSettings};
 
@@ -77,93 +78,160 @@ pub struct Store {
 }
 
 struct Inner {
-    session: CSession,
+    /// The driver session; replaced when it stops answering (see `stalled`).
+    conn: RwLock<Arc<Conn>>,
+    /// To build a new session.
+    settings: StoreSettings,
     keyspace: String,
     consistency: Consistency,
     hosts: String,
+    /// Requests in a row that got no answer.
+    stalls: AtomicU32,
+    /// One renewal at a time.
+    renewing: tokio::sync::Mutex<()>,
+}
+
+/// A session and the statements prepared on it.
+struct Conn {
+    session: CSession,
     /// Prepared statements by CQL template.
     prepared: Mutex<HashMap<&'static str, Arc<PreparedQuery>>>,
 }
+
+/// Unanswered requests in a row after which the session is rebuilt.
+const STALLS_BEFORE_RENEWAL: u32 = 3;
 
 impl Store {
     /// Connect to the cluster in `settings`. Fails with
     /// [`StoreError::Unavailable`] ("cannot reach Cassandra at HOST:PORT:
     /// reason") rather than a driver dump, and within `timeout`.
     pub async fn connect(settings: &StoreSettings, timeout: Duration) -> Result<Store, StoreError> {
-        let mut points = Vec::new();
-        for h in &settings.hosts {
-            let (host, port) = split_host_port(h, 9042).map_err(|e| StoreError::Unavailable {
-                hosts: h.clone(),
-                reason: e,
-            })?;
-            let host = if host.contains(':') {
-                format!("[{host}]")
-            } else {
-                host
-            };
-            points.push(format!("{host}:{port}"));
-        }
-        let hosts = points.join(",");
-        let unavailable = |reason: String| StoreError::Unavailable {
-            hosts: hosts.clone(),
-            reason,
-        };
-        let consistency = Consistency::try_from(settings.consistency_level as i16)
-            .map_err(|e| unavailable(format!("consistency_level: {e}")))?;
-
-        let auth: Arc<dyn SaslAuthenticatorProvider + Send + Sync> = if settings.username.is_empty()
-        {
-            Arc::new(NoneAuthenticatorProvider)
-        } else {
-            Arc::new(StaticPasswordAuthenticatorProvider::new(
-                &settings.username,
-                &settings.password,
-            ))
-        };
-
-        let build = async {
-            // Fail fast when nothing listens: the driver would otherwise keep
-            // retrying behind our back.
-            let mut reached = false;
-            let mut last_err = String::new();
-            for p in &points {
-                match tokio::net::TcpStream::connect(p.as_str()).await {
-                    Ok(_) => {
-                        reached = true;
-                        break;
-                    }
-                    Err(e) => last_err = e.to_string(),
-                }
-            }
-            if !reached {
-                return Err(unavailable(last_err));
-            }
-            let config = NodeTcpConfigBuilder::new()
-                .with_contact_points(points.iter().map(|p| p.as_str().into()).collect())
-                .with_authenticator_provider(auth)
-                .build()
-                .await
-                .map_err(|e| unavailable(e.to_string()))?;
-            TcpSessionBuilder::new(RoundRobinLoadBalancingStrategy::new(), config)
-                .build()
-                .await
-                .map_err(|e| unavailable(e.to_string()))
-        };
-        let session = tokio::time::timeout(timeout, build)
-            .await
-            .map_err(|_| unavailable(format!("no answer within {} s", timeout.as_secs())))??;
-
+        let (session, hosts, consistency) = build_session(settings, timeout).await?;
         Ok(Store {
             inner: Arc::new(Inner {
-                session,
+                conn: RwLock::new(Arc::new(Conn {
+                    session,
+                    prepared: Mutex::new(HashMap::new()),
+                })),
+                settings: settings.clone(),
                 keyspace: settings.keyspace.clone(),
                 consistency,
                 hosts,
-                prepared: Mutex::new(HashMap::new()),
+                stalls: AtomicU32::new(0),
+                renewing: tokio::sync::Mutex::new(()),
             }),
         })
     }
 
+    fn conn(&self) -> Arc<Conn> {
+        self.inner
+            .conn
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A request got no answer. After a few in a row the session is
+    /// presumed wedged (seen once with cdrs-tokio: every later request
+    /// waited for ever) and a new one replaces it.
+    async fn stalled(&self) {
+        let n = self.inner.stalls.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < STALLS_BEFORE_RENEWAL {
+            return;
+        }
+        let Ok(_guard) = self.inner.renewing.try_lock() else {
+            return; // another caller renews it
+        };
+        tracing::warn!(hosts = %self.inner.hosts, unanswered = n, "Cassandra session stopped answering: opening a new one");
+        match build_session(&self.inner.settings, Duration::from_secs(20)).await {
+            Ok((session, _, _)) => {
+                let fresh = Arc::new(Conn {
+                    session,
+                    prepared: Mutex::new(HashMap::new()),
+                });
+                *self.inner.conn.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+                self.inner.stalls.store(0, Ordering::Relaxed);
+                tracing::info!(hosts = %self.inner.hosts, "new Cassandra session open");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot open a new Cassandra session"),
+        }
+    }
+
+    fn answered(&self) {
+        self.inner.stalls.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Open a driver session: (session, "host:port,..." for messages, consistency).
+async fn build_session(
+    settings: &StoreSettings,
+    timeout: Duration,
+) -> Result<(CSession, String, Consistency), StoreError> {
+    let mut points = Vec::new();
+    for h in &settings.hosts {
+        let (host, port) = split_host_port(h, 9042).map_err(|e| StoreError::Unavailable {
+            hosts: h.clone(),
+            reason: e,
+        })?;
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        points.push(format!("{host}:{port}"));
+    }
+    let hosts = points.join(",");
+    let unavailable = |reason: String| StoreError::Unavailable {
+        hosts: hosts.clone(),
+        reason,
+    };
+    let consistency = Consistency::try_from(settings.consistency_level as i16)
+        .map_err(|e| unavailable(format!("consistency_level: {e}")))?;
+
+    let auth: Arc<dyn SaslAuthenticatorProvider + Send + Sync> = if settings.username.is_empty() {
+        Arc::new(NoneAuthenticatorProvider)
+    } else {
+        Arc::new(StaticPasswordAuthenticatorProvider::new(
+            &settings.username,
+            &settings.password,
+        ))
+    };
+
+    let build = async {
+        // Fail fast when nothing listens: the driver would otherwise keep
+        // retrying behind our back.
+        let mut reached = false;
+        let mut last_err = String::new();
+        for p in &points {
+            match tokio::net::TcpStream::connect(p.as_str()).await {
+                Ok(_) => {
+                    reached = true;
+                    break;
+                }
+                Err(e) => last_err = e.to_string(),
+            }
+        }
+        if !reached {
+            return Err(unavailable(last_err));
+        }
+        let config = NodeTcpConfigBuilder::new()
+            .with_contact_points(points.iter().map(|p| p.as_str().into()).collect())
+            .with_authenticator_provider(auth)
+            .build()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        TcpSessionBuilder::new(RoundRobinLoadBalancingStrategy::new(), config)
+            .build()
+            .await
+            .map_err(|e| unavailable(e.to_string()))
+    };
+    let session = tokio::time::timeout(timeout, build)
+        .await
+        .map_err(|_| unavailable(format!("no answer within {} s", timeout.as_secs())))??;
+    Ok((session, hosts, consistency))
+}
+
+impl Store {
     pub fn keyspace(&self) -> &str {
         &self.inner.keyspace
     }
@@ -173,15 +241,23 @@ impl Store {
     }
 
     /// The prepared statement of a `{ks}` template, prepared on first use.
-    async fn prepared(&self, template: &'static str) -> Result<Arc<PreparedQuery>, StoreError> {
+    async fn prepared(
+        &self,
+        conn: &Conn,
+        template: &'static str,
+    ) -> Result<Arc<PreparedQuery>, StoreError> {
         // A plain mutex: held for a map lookup only, never across an await.
-        if let Some(p) = self.prepared_cache().get(template) {
+        if let Some(p) = conn.cache().get(template) {
             return Ok(p.clone());
         }
         let cql = template.replace("{ks}", &self.inner.keyspace);
         let what = || format!("prepare `{}`", first_words(&cql));
-        let p = tokio::time::timeout(REQUEST_TIMEOUT, self.inner.session.prepare(cql.as_str()))
-            .await
+        let prepared =
+            tokio::time::timeout(REQUEST_TIMEOUT, conn.session.prepare(cql.as_str())).await;
+        if prepared.is_err() {
+            self.stalled().await;
+        }
+        let p = prepared
             .map_err(|_| StoreError::Query {
                 what: what(),
                 reason: format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
@@ -191,18 +267,8 @@ impl Store {
                 reason: e.to_string(),
             })?;
         let p = Arc::new(p);
-        self.prepared_cache().insert(template, p.clone());
+        conn.cache().insert(template, p.clone());
         Ok(p)
-    }
-
-    fn prepared_cache(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<&'static str, Arc<PreparedQuery>>> {
-        // A panic while holding it cannot leave the map half-written.
-        self.inner
-            .prepared
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Run a statement with positional values at the configured consistency.
@@ -211,21 +277,28 @@ impl Store {
         template: &'static str,
         values: QueryValues,
     ) -> Result<Envelope, StoreError> {
-        let prepared = self.prepared(template).await?;
+        let conn = self.conn();
+        let prepared = self.prepared(&conn, template).await?;
         let params = StatementParamsBuilder::new()
             .with_values(values)
             .with_consistency(self.inner.consistency)
             .build();
-        let run = self.inner.session.exec_with_params(&prepared, &params);
+        let run = conn.session.exec_with_params(&prepared, &params);
         match tokio::time::timeout(REQUEST_TIMEOUT, run).await {
-            Ok(r) => r.map_err(|e| StoreError::Query {
-                what: first_words(template),
-                reason: e.to_string(),
-            }),
-            Err(_) => Err(StoreError::Query {
-                what: first_words(template),
-                reason: format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
-            }),
+            Ok(r) => {
+                self.answered();
+                r.map_err(|e| StoreError::Query {
+                    what: first_words(template),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                self.stalled().await;
+                Err(StoreError::Query {
+                    what: first_words(template),
+                    reason: format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
+                })
+            }
         }
     }
 
@@ -260,7 +333,8 @@ impl Store {
         page_size: i32,
         state: Option<cdrs_tokio::types::CBytes>,
     ) -> Result<(Vec<Row>, Option<cdrs_tokio::types::CBytes>), StoreError> {
-        let prepared = self.prepared(template).await?;
+        let conn = self.conn();
+        let prepared = self.prepared(&conn, template).await?;
         let mut params = StatementParamsBuilder::new()
             .with_values(values)
             .with_consistency(self.inner.consistency)
@@ -269,9 +343,14 @@ impl Store {
             params = params.with_paging_state(s);
         }
         let params = params.build();
-        let run = self.inner.session.exec_with_params(&prepared, &params);
-        let env = tokio::time::timeout(REQUEST_TIMEOUT, run)
-            .await
+        let run = conn.session.exec_with_params(&prepared, &params);
+        let env = tokio::time::timeout(REQUEST_TIMEOUT, run).await;
+        if env.is_err() {
+            self.stalled().await;
+        } else {
+            self.answered();
+        }
+        let env = env
             .map_err(|_| StoreError::Query {
                 what: first_words(template),
                 reason: format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
@@ -291,7 +370,7 @@ impl Store {
 
     /// A cheap query proving the session works (used by readiness checks).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.inner
+        self.conn()
             .session
             .query("SELECT release_version FROM system.local")
             .await
@@ -300,6 +379,13 @@ impl Store {
                 hosts: self.inner.hosts.clone(),
                 reason: e.to_string(),
             })
+    }
+}
+
+impl Conn {
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<&'static str, Arc<PreparedQuery>>> {
+        // A panic while holding it cannot leave the map half-written.
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

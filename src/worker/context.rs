@@ -2,10 +2,12 @@
 //! the worker's id, the shutdown token, and the memory budget for message
 //! bodies in flight. Plus the counters a job fills and reports.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
 
 use crate::bus::wire::JobReport;
 use crate::bus::Bus;
@@ -27,6 +29,9 @@ pub struct Ctx {
     /// `hostname-pid-random`: names this process in locks and job pulls.
     pub worker_id: String,
     pub shutdown: Shutdown,
+    /// Identities whose sync lock this process holds, so the locks of jobs
+    /// abandoned at the end of the shutdown grace can still be released.
+    pub locks: Arc<Mutex<HashSet<(Uuid, Uuid)>>>,
     /// Budget of message bytes in flight, in KiB permits.
     bytes: Arc<Semaphore>,
     bytes_total_kib: u32,
@@ -49,8 +54,46 @@ impl Ctx {
             bus,
             worker_id,
             shutdown,
+            locks: Arc::default(),
             bytes: Arc::new(Semaphore::new(kib as usize)),
             bytes_total_kib: kib,
+        }
+    }
+
+    /// Note that this process holds (`true`) or released (`false`) the
+    /// sync lock of an identity.
+    pub fn note_lock(&self, key: (Uuid, Uuid), held: bool) {
+        let mut set = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if held {
+            set.insert(key);
+        } else {
+            set.remove(&key);
+        }
+    }
+
+    /// Release every lock still noted (after jobs were abandoned).
+    pub async fn release_noted_locks(&self) {
+        let keys: Vec<(Uuid, Uuid)> = self
+            .locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (user, identity) in keys {
+            let released = self
+                .store
+                .release_sync_lock(user, identity, &self.worker_id)
+                .await;
+            let cleared = self
+                .store
+                .remove_infos(user, identity, &[crate::store::identity::infos::SYNCING])
+                .await;
+            match released.and(cleared) {
+                Ok(_) => tracing::info!(%identity, "lock of an abandoned sync released"),
+                Err(e) => {
+                    tracing::error!(%identity, error = %e, "cannot release the lock of an abandoned sync")
+                }
+            }
         }
     }
 

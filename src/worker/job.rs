@@ -126,6 +126,8 @@ async fn sync_locked(
         )
         .await?;
 
+    let key = (id.user_id, id.identity_id);
+    ctx.note_lock(key, true);
     let result = sync_identity_inner(ctx, &id, &req.password, counters).await;
 
     // Whatever happened: the time of this attempt, the error if any, the lock.
@@ -148,8 +150,11 @@ async fn sync_locked(
     let cleared = store
         .remove_infos(id.user_id, id.identity_id, &[infos::SYNCING])
         .await;
-    if let Err(e) = released.and(cleared) {
-        tracing::error!(identity = %id.identity_id, error = %e, "cannot release the sync lock");
+    match released.and(cleared) {
+        Ok(_) => ctx.note_lock(key, false),
+        Err(e) => {
+            tracing::error!(identity = %id.identity_id, error = %e, "cannot release the sync lock")
+        }
     }
     result
 }

@@ -171,9 +171,12 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
     if drained.is_err() {
         tracing::warn!(
             left = jobs.len(),
-            "grace period over: abandoning jobs (their locks expire after imap.lock_ttl_secs)"
+            "grace period over: abandoning jobs and releasing their locks"
         );
         jobs.abort_all();
+        while jobs.join_next().await.is_some() {}
+        // Their locks would block those identities for lock_ttl_secs.
+        ctx.release_noted_locks().await;
     }
     let _ = ctx.bus.flush().await;
     if lost {

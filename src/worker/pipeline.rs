@@ -317,19 +317,25 @@ async fn produce(
                 gmail_labels: &labels,
                 date: Utc::now().fixed_offset(),
             };
-            let permit = ctx.reserve_bytes(body.len() + 1024).await;
+            // Both waits are backpressure: they end when hand-offs finish, or
+            // at shutdown.
+            let permit = tokio::select! {
+                p = ctx.reserve_bytes(body.len() + 1024) => p,
+                _ = shutdown.wait() => return Ok(()),
+            };
             let mut raw = Vec::with_capacity(body.len() + 512);
             headers::write(&meta, &mut raw);
             raw.extend_from_slice(body);
-            if tx
-                .send(Fetched {
-                    uid,
-                    raw: Ok(raw),
-                    _permit: Some(permit),
-                })
-                .await
-                .is_err()
-            {
+            let fetched = Fetched {
+                uid,
+                raw: Ok(raw),
+                _permit: Some(permit),
+            };
+            let sent = tokio::select! {
+                r = tx.send(fetched) => r.is_ok(),
+                _ = shutdown.wait() => false,
+            };
+            if !sent {
                 return Ok(());
             }
         }
@@ -358,9 +364,28 @@ where
     let mut open = true;
     let mut since_save = 0u32;
     let mut last_saved = tracker.checkpoint();
+    let mut shutdown = ctx.shutdown.clone();
+    // After a shutdown request: the hand-offs in flight get this long to end.
+    let mut cut_at: Option<tokio::time::Instant> = None;
+    let far = tokio::time::Instant::now() + Duration::from_secs(365 * 86400);
     loop {
+        if !open && inflight.is_empty() {
+            break;
+        }
         tokio::select! {
             biased;
+            // Shutdown: take nothing more; what is queued stays unfetched as
+            // far as the checkpoint knows, and the next sync fetches it again.
+            _ = shutdown.wait(), if cut_at.is_none() => {
+                open = false;
+                rx.close();
+                cut_at = Some(tokio::time::Instant::now() + shutdown_cut(s.shutdown_grace_secs));
+            }
+            _ = tokio::time::sleep_until(cut_at.unwrap_or(far)), if cut_at.is_some() => {
+                tracing::warn!(mailbox = job.mailbox, abandoned = inflight.len(),
+                    "shutdown: hand-offs still running are abandoned (fetched again next time)");
+                break;
+            }
             Some((uid, outcome)) = inflight.next(), if !inflight.is_empty() => {
                 match outcome {
                     Outcome::HandedOff | Outcome::AlreadyDelivered => {
@@ -499,6 +524,12 @@ async fn hand_off(
         Ok(()) => (uid, Outcome::HandedOff),
         Err(e) => (uid, Outcome::Failed(e.to_string())),
     }
+}
+
+/// How long in-flight hand-offs may run on after a shutdown request: part
+/// of the grace period, so the checkpoint and the lock release still fit in.
+fn shutdown_cut(grace_secs: u64) -> Duration {
+    Duration::from_secs((grace_secs / 2).clamp(1, 10))
 }
 
 /// `1:3,5,7:9` from ascending UIDs.
