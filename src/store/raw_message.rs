@@ -48,7 +48,7 @@ pub fn fullfetch_identity(server: &str, login: &str) -> Uuid {
 
 const INSERT: &str =
     "INSERT INTO {ks}.raw_message (raw_msg_id, raw_data, raw_size, uri, delivered) \
-     VALUES (?, ?, ?, ?, false)";
+     VALUES (?, ?, ?, ?, ?)";
 const INSERT_LOOKUP: &str = "INSERT INTO {ks}.user_raw_lookup (user_id, raw_msg_id) VALUES (?, ?)";
 const SET_DELIVERED: &str = "UPDATE {ks}.raw_message SET delivered = true WHERE raw_msg_id = ?";
 const DELIVERED: &str = "SELECT delivered FROM {ks}.raw_message WHERE raw_msg_id = ?";
@@ -63,10 +63,23 @@ impl Store {
         raw_msg_id: Uuid,
         data: Vec<u8>,
     ) -> Result<(), StoreError> {
+        self.insert_raw_message_as(user_id, raw_msg_id, data, false)
+            .await
+    }
+
+    /// Store a raw message with its `delivered` flag already set: store-only
+    /// mode has no hand-off to wait for, so it saves the second write.
+    pub async fn insert_raw_message_as(
+        &self,
+        user_id: Uuid,
+        raw_msg_id: Uuid,
+        data: Vec<u8>,
+        delivered: bool,
+    ) -> Result<(), StoreError> {
         let size = data.len().min(i32::MAX as usize) as i32;
         let blob = Blob::from(data);
         let (a, b) = tokio::join!(
-            self.exec(INSERT, query_values!(raw_msg_id, blob, size, "")),
+            self.exec(INSERT, query_values!(raw_msg_id, blob, size, "", delivered)),
             self.exec(INSERT_LOOKUP, query_values!(user_id, raw_msg_id)),
         );
         a?;

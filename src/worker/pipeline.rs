@@ -498,27 +498,33 @@ async fn hand_off(
             Err(e) => return (uid, Outcome::Failed(e.to_string())),
         }
     }
-    if let Err(e) = ctx.store.insert_raw_message(job.user_id, id, raw).await {
+    let topic = &ctx.settings.lda.in_topic;
+    let store_only = topic.is_empty();
+    if let Err(e) = ctx
+        .store
+        .insert_raw_message_as(job.user_id, id, raw, store_only)
+        .await
+    {
         return (uid, Outcome::Failed(e.to_string()));
     }
-    let topic = &ctx.settings.lda.in_topic;
-    if !topic.is_empty() {
-        let order = ProcessRaw {
-            order: orders::PROCESS_RAW.into(),
-            user_id: job.user_id.to_string(),
-            identity_id: job.identity_id.to_string(),
-            message_id: id.to_string(),
-        };
-        let timeout = Duration::from_secs(ctx.settings.imap.lda_timeout_secs);
-        match ctx
-            .bus
-            .request::<_, ProcessRawReply>(topic, &order, timeout)
-            .await
-        {
-            Ok(reply) if reply.is_success() => {}
-            Ok(reply) => return (uid, Outcome::Failed(format!("processor: {}", reply.error))),
-            Err(e) => return (uid, Outcome::Failed(e.to_string())),
-        }
+    if store_only {
+        return (uid, Outcome::HandedOff);
+    }
+    let order = ProcessRaw {
+        order: orders::PROCESS_RAW.into(),
+        user_id: job.user_id.to_string(),
+        identity_id: job.identity_id.to_string(),
+        message_id: id.to_string(),
+    };
+    let timeout = Duration::from_secs(ctx.settings.imap.lda_timeout_secs);
+    match ctx
+        .bus
+        .request::<_, ProcessRawReply>(topic, &order, timeout)
+        .await
+    {
+        Ok(reply) if reply.is_success() => {}
+        Ok(reply) => return (uid, Outcome::Failed(format!("processor: {}", reply.error))),
+        Err(e) => return (uid, Outcome::Failed(e.to_string())),
     }
     match ctx.store.mark_delivered(id).await {
         Ok(()) => (uid, Outcome::HandedOff),
