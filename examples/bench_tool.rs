@@ -260,8 +260,8 @@ fn message(rng: &mut fastrand::Rng, seed: u64, idx: u64, size: usize) -> Vec<u8>
     } else {
         encode_q(&subject)
     };
-    // Dates spread over five years from 2021, one message every ~4 hours.
-    let date = chrono::DateTime::from_timestamp(1_609_459_200 + idx as i64 * 14_400, 0)
+    // Dates from 2021, one message every ~4 hours (wrapping after ~45 years).
+    let date = chrono::DateTime::from_timestamp(1_609_459_200 + (idx % 100_000) as i64 * 14_400, 0)
         .unwrap_or_default()
         .format("%a, %d %b %Y %H:%M:%S +0000");
     let boundary = format!("=_bench_{seed}_{idx}_{:08x}", rng.u32(..));

@@ -1,0 +1,567 @@
+#!/usr/bin/env bash
+# Benchmarks of caliopen-imap against its ceilings and against mbsync, on the
+# local stack (NATS, Cassandra, Dovecot on loopback; scripts/stack.sh).
+#
+#   scripts/bench.sh            1k and 10k mailboxes, 200 identities, poller
+#   scripts/bench.sh --large    the same plus a 50k mailbox (one round)
+#   scripts/bench.sh --rounds N rounds of every measurement (default 3)
+#
+# Rewrites BENCHMARKS.md at the repository root. Scratch files (configs, logs,
+# the raw figures in results.jsonl, mbsync's Maildir) live in .stack/bench/.
+#
+# Everything a Caliopen-side measurement writes goes to keyspace
+# caliopen_bench (and the poller's 100k identities to caliopen_bench_poller),
+# never to `caliopen`: the tests share that one, and the raw_message tables
+# are truncated between rounds here so every round starts from the same
+# Cassandra state.
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO_ROOT"
+SCRIPT_START=$SECONDS
+
+LARGE=0
+ROUNDS=3
+while [ $# -gt 0 ]; do
+    case $1 in
+        --large) LARGE=1 ;;
+        --rounds) ROUNDS=$2; shift ;;
+        *) echo "usage: scripts/bench.sh [--large] [--rounds N]" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# ------------------------------------------------------------------ setup
+
+bash scripts/stack.sh up
+# shellcheck source=/dev/null
+. "${CALIOPEN_IMAP_STACK_DIR:-$REPO_ROOT/.stack}/env"
+STATE=$CALIOPEN_IMAP_STACK_DIR
+
+log "building release binaries and examples"
+cargo build --release --examples --bins -q
+BIN=$REPO_ROOT/target/release/caliopen-imap
+TOOL=$REPO_ROOT/target/release/examples/bench_tool
+LDA=$REPO_ROOT/target/release/examples/lda_standin
+
+WORK=$STATE/bench
+mkdir -p "$WORK"
+RESULTS=$WORK/results.jsonl
+: >"$RESULTS"
+: >"$WORK/hangs.txt"
+SUITE_START=$SECONDS
+
+# Subjects of this run only, so no other worker, poller or test sees them.
+TAG=bench$$
+KS=caliopen_bench
+KS_POLLER=caliopen_bench_poller
+SEED=20261126
+IMAPS=$STACK_IMAP_HOST:$STACK_IMAPS_PORT
+CASS_HOST=${STACK_CASSANDRA_HOSTS%%:*}
+CASS_PORT=${STACK_CASSANDRA_HOSTS##*:}
+CASS_PID=$(tr -dc '0-9' <"$STATE/cassandra/cassandra.pid")
+# The password reaches our tools through the environment, never argv.
+export STACK_IMAP_PASSWORD
+
+# The store ceiling's concurrency is tuned once (the best of these wins).
+STORE_CONCURRENCY_CANDIDATES="16 64 256"
+# Messages added for the incremental-sync measurement.
+INCREMENT=100
+# The poller's population and its need_job load.
+POLLER_IDENTITIES=100000
+NEED_JOB_RATE=1000
+NEED_JOB_CLIENTS=10
+NEED_JOB_SECS=10
+# 200 identities of 100 to 200 small messages each.
+MULTI_USERS=200
+
+cqlsh() {
+    "$STACK_CQLSH" --connect-timeout=20 --request-timeout=120 "$CASS_HOST" "$CASS_PORT" "$@"
+}
+
+doveadm_() { doveadm -c "$STACK_DOVECOT_CONF" "$@"; }
+
+# Our keyspaces get the project's schema, as stack.sh gives `caliopen`.
+apply_schema() {
+    local ks=$1
+    sed -E "s/\bcaliopen\./$ks./g; s/(KEYSPACE IF NOT EXISTS) caliopen\b/\1 $ks/" \
+        config/schema.cql >"$WORK/schema-$ks.cql"
+    cqlsh -f "$WORK/schema-$ks.cql" >/dev/null
+}
+
+truncate_raw() {
+    cqlsh -e "TRUNCATE $KS.raw_message; TRUNCATE $KS.user_raw_lookup;" >/dev/null
+}
+
+# ------------------------------------------------------------------ processes
+
+# Our background processes, stopped on exit whatever happens.
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+# SIGTERM, then wait (bounded: SECS, default 40) for the process to go.
+stop_pid() {
+    local pid=$1 secs=${2:-40} i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for i in $(seq $((secs * 10))); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# Wait until FILE contains PATTERN (a grep -E pattern), at most SECS.
+wait_log() {
+    local file=$1 pattern=$2 secs=$3 i
+    for i in $(seq $((secs * 10))); do
+        grep -qE "$pattern" "$file" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    tail -n 20 "$file" >&2
+    die "no /$pattern/ in $file after ${secs}s"
+}
+
+# Peak and current resident memory (kB) and CPU seconds of a process.
+hwm_kb()  { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+rss_kb()  { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+cpu_s()   { awk -v t="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / t}' "/proc/$1/stat"; }
+# busy and total jiffies of the whole machine, for a CPU-saturation figure.
+sys_jiffies() { awk '/^cpu / {print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+
+# measure_begin / measure_end bracket a measured step: they add the
+# Cassandra JVM's CPU seconds and the machine's busy share to the figures.
+measure_begin() {
+    M_CASS0=$(cpu_s "$CASS_PID")
+    read -r M_BUSY0 M_TOT0 < <(sys_jiffies)
+}
+# usage: measure_end JSON → JSON with cass_cpu_s and busy_pct added
+measure_end() {
+    local cass1 busy1 tot1
+    cass1=$(cpu_s "$CASS_PID")
+    read -r busy1 tot1 < <(sys_jiffies)
+    jq -c --argjson c "$(echo "$cass1 - $M_CASS0" | bc)" \
+        --argjson b "$(echo "scale=1; 100 * ($busy1 - $M_BUSY0) / ($tot1 - $M_TOT0 + 1)" | bc)" \
+        '. + {cass_cpu_s: $c, busy_pct: $b}' <<<"$1"
+}
+
+# usage: record SCENARIO MAILBOX ROUND JSON [jq-expression adding fields]
+record() {
+    local scenario=$1 mailbox=$2 round=$3 json=$4
+    jq -c --arg s "$scenario" --arg m "$mailbox" --argjson r "$round" \
+        '{scenario: $s, mailbox: $m, round: $r} + .' <<<"$json" >>"$RESULTS"
+    log "$scenario $mailbox round $round: $(jq -c '{messages, bytes, secs, rss_kb}' <<<"$json")"
+}
+
+start_lda() {
+    "$LDA" "$STACK_NATS_URL" "inboundSMTP.$TAG" >"$WORK/lda.log" 2>&1 &
+    LDA_PID=$!
+    PIDS+=("$LDA_PID")
+    wait_log "$WORK/lda.log" "answering" 10
+}
+
+# usage: worker_yaml FILE WORKERS IN_TOPIC
+worker_yaml() {
+    cat >"$1" <<EOF
+# Generated by scripts/bench.sh: subjects and keyspace of the benchmark only.
+workers: $2
+hostname: bench
+nats_url: $STACK_NATS_URL
+nats_queue: IMAPworkers.$TAG
+nats_topic_sender: outboundIMAP.$TAG
+nats_topic_poller: imapJobs.$TAG
+nats_topic_poller_cache: idCache.$TAG
+store_name: cassandra
+store_settings:
+  hosts: ["$STACK_CASSANDRA_HOSTS"]
+  keyspace: $KS
+  consistency_level: 1
+LDAConfig:
+  in_topic: "$3"
+imap:
+  ca_file: $STACK_IMAP_CA_FILE
+  poll_throttle_secs: 3600       # no poller here: orders come from us
+EOF
+}
+
+# A fresh worker process per measured sync, so its peak RSS is its own.
+# usage: start_worker YAML NAME; sets WORKER_PID
+start_worker() {
+    local log=$WORK/worker-$2.log
+    CALIOPEN_IMAP_LOG=info "$BIN" worker -c "$1" start >"$log" 2>&1 &
+    WORKER_PID=$!
+    PIDS+=("$WORKER_PID")
+    wait_log "$log" "imapworker ready" 60
+}
+
+# A Caliopen user (the API's job in production) and, through the real
+# `ctl addremote`, a fresh remote identity for Dovecot user LOGIN: a new
+# identity makes the next sync a first sync. Sets C_USER and C_IDENTITY.
+new_identity() {
+    local yaml=$1 login=$2
+    C_USER=$(cat /proc/sys/kernel/random/uuid)
+    cqlsh -e "INSERT INTO $KS.user (user_id, name) VALUES ($C_USER, 'bench-$C_USER');
+              INSERT INTO $KS.user_name (name, user_id) VALUES ('bench-$C_USER', $C_USER);"
+    C_IDENTITY=$("$BIN" ctl -c "$yaml" addremote --login "$login" \
+        --pass-env STACK_IMAP_PASSWORD --server "$IMAPS" --userid "$C_USER")
+}
+
+# The worker's report of one sync, with its timing. A sync that has not
+# reported within SYNC_TIMEOUT seconds is recorded as hung (the suite goes
+# on with a fresh worker) rather than stalling the whole run.
+SYNC_TIMEOUT=60
+tool_sync() {
+    "$TOOL" sync --nats "$STACK_NATS_URL" --subject "outboundIMAP.$TAG" \
+        --user "$C_USER" --identity "$C_IDENTITY" --timeout "$SYNC_TIMEOUT" ||
+        jq -nc --argjson t "$SYNC_TIMEOUT" '{secs: $t, ok: false, hung: true,
+            error: "no final report within the timeout (worker hung?)"}'
+}
+
+# usage: hung SCENARIO LABEL ROUND JSON → true (and records it) if the sync hung
+hung() {
+    jq -e '.hung == true' <<<"$4" >/dev/null || return 1
+    record "$1" "$2" "$3" "$4"
+    log "$1 $2 round $3: HUNG, see $(ls -t "$WORK"/worker-*.log | head -1)"
+    # Evidence: requests the worker's Cassandra connections have made so far.
+    cqlsh -e "SELECT port, request_count FROM system_views.clients;" >>"$WORK/hangs.txt" 2>&1 || true
+    # A hung job keeps the worker for its whole shutdown grace: no need.
+    stop_pid "$WORKER_PID" 5
+    return 0
+}
+
+# ------------------------------------------------------------------ corpus
+
+maildir_of() { doveadm_ user -f mail "$1" | sed 's/^maildir://; s/:.*//'; }
+mailbox_field() {
+    doveadm_ -f flow mailbox status -u "$1" "$2" INBOX | grep -o "$2=[0-9]*" | cut -d= -f2
+}
+
+# Make Dovecot user USER hold exactly COUNT generated messages; a mailbox
+# that already does is kept (the corpus is reproducible: same seed, same
+# bytes), anything else is rebuilt from scratch.
+ensure_corpus() {
+    local user=$1 count=$2 profile=${3:-mixed} dir
+    [ "$(mailbox_field "$user" messages)" = "$count" ] && return 0
+    dir=$(maildir_of "$user")
+    [ "$profile" = small ] || log "generating $count messages ($profile) for $user in $dir"
+    rm -rf "$dir"
+    "$TOOL" corpus --dir "$dir" --count "$count" --seed "$SEED" --profile "$profile" >/dev/null
+    chown -R mail:mail "$dir"
+    doveadm_ force-resync -u "$user" INBOX
+    [ "$(mailbox_field "$user" messages)" = "$count" ] ||
+        die "$user: Dovecot does not see $count messages after the resync"
+}
+
+# ------------------------------------------------------------------ scenarios
+
+# Fetch ceiling: one bare UID FETCH 1:* BODY.PEEK[] of the whole mailbox.
+run_fetch() {
+    local user=$1 label=$2 round=$3 out
+    measure_begin
+    out=$("$TOOL" fetch --server "$IMAPS" --login "$user" --password-env STACK_IMAP_PASSWORD \
+        --ca "$STACK_IMAP_CA_FILE")
+    record fetch_ceiling "$label" "$round" "$(measure_end "$out")"
+}
+
+# Store ceiling: the same bytes into raw_message + user_raw_lookup, no IMAP.
+run_store() {
+    local user=$1 label=$2 round=$3 conc=$4 scenario=${5:-store_ceiling} out
+    truncate_raw
+    measure_begin
+    out=$("$TOOL" store --dir "$(maildir_of "$user")" --hosts "$STACK_CASSANDRA_HOSTS" \
+        --keyspace "$KS" --concurrency "$conc")
+    record "$scenario" "$label" "$round" "$(measure_end "$out")"
+}
+
+# mbsync: one-way pull into a fresh Maildir. It matches the certificate's
+# CN, not IP SANs (STACK.md), hence `localhost` and the server certificate.
+# Bytes are the mailbox's (mbsync stores LF line ends, a little less).
+# FSync off: neither Dovecot (mail_fsync=never) nor Cassandra (periodic
+# commit log) syncs per message in this setup.
+run_mbsync() {
+    local user=$1 label=$2 round=$3 near=$WORK/mbsync-near conf=$WORK/mbsyncrc t0 t1 n rss u s
+    rm -rf "$near"
+    mkdir -p "$near"
+    cat >"$conf" <<EOF
+FSync no
+
+IMAPAccount bench
+Host localhost
+Port $STACK_IMAPS_PORT
+User $user
+PassCmd "printenv STACK_IMAP_PASSWORD"
+SSLType IMAPS
+SystemCertificates no
+CertificateFile $STATE/tls/server.pem
+
+IMAPStore far
+Account bench
+
+MaildirStore near
+Path $near/
+Inbox $near/INBOX
+
+Channel pull
+Far :far:
+Near :near:
+Patterns INBOX
+Sync Pull
+Create Near
+SyncState *
+EOF
+    measure_begin
+    t0=$(date +%s.%N)
+    /usr/bin/time -f '%M %U %S' -o "$WORK/mbsync.time" mbsync -q -c "$conf" pull
+    t1=$(date +%s.%N)
+    n=$(find "$near/INBOX/cur" "$near/INBOX/new" -type f | wc -l)
+    read -r rss u s <"$WORK/mbsync.time"
+    record mbsync "$label" "$round" "$(measure_end "$(jq -nc --argjson n "$n" \
+        --argjson b "$(mailbox_field "$user" vsize)" --argjson t "$(echo "$t1 - $t0" | bc)" \
+        --argjson rss "$rss" --argjson cpu "$(echo "$u + $s" | bc)" \
+        '{messages: $n, bytes: $b, secs: $t, rss_kb: $rss, proc_cpu_s: $cpu}')")"
+}
+
+# caliopen-imap, with the hand-off to the processor stand-in: initial sync,
+# then on the same identity and worker a no-change resync (timed by us, and
+# through `ctl syncremote --wait` as an operator sees it), then an
+# incremental sync of INCREMENT new messages.
+run_caliopen() {
+    local user=$1 label=$2 round=$3 yaml=$WORK/worker-handoff.yaml out hwm cpu0 t0 t1
+    local uidnext dir
+    worker_yaml "$yaml" 10 "inboundSMTP.$TAG"
+    truncate_raw
+    start_worker "$yaml" "handoff-$label-$round"
+    new_identity "$yaml" "$user"
+    cpu0=$(cpu_s "$WORKER_PID")
+    measure_begin
+    out=$(tool_sync)
+    hung caliopen_initial "$label" "$round" "$out" && return 0
+    out=$(measure_end "$out")
+    hwm=$(hwm_kb "$WORKER_PID")
+    record caliopen_initial "$label" "$round" "$(jq -c --argjson rss "$hwm" \
+        --argjson cpu "$(echo "$(cpu_s "$WORKER_PID") - $cpu0" | bc)" \
+        '. + {messages: .fetched, bytes: null, rss_kb: $rss, proc_cpu_s: $cpu}' <<<"$out")"
+
+    out=$(tool_sync)
+    hung caliopen_nochange "$label" "$round" "$out" && return 0
+    record caliopen_nochange "$label" "$round" "$(jq -c '. + {messages: .fetched}' <<<"$out")"
+    t0=$(date +%s.%N)
+    "$BIN" ctl -c "$yaml" syncremote --userid "$C_USER" --remoteid "$C_IDENTITY" --wait \
+        --timeout "$SYNC_TIMEOUT" >/dev/null || true
+    t1=$(date +%s.%N)
+    record caliopen_nochange_ctl "$label" "$round" \
+        "$(jq -nc --argjson t "$(echo "$t1 - $t0" | bc)" '{messages: 0, secs: $t}')"
+
+    # INCREMENT new messages, put in place before the clock starts, taken
+    # away afterwards so the mailbox stays the cached corpus.
+    uidnext=$(mailbox_field "$user" uidnext)
+    dir=$(maildir_of "$user")
+    # (numbered apart from every earlier run: Dovecot remembers the names of
+    # expunged files and warns when one comes back)
+    "$TOOL" corpus --dir "$dir" --count "$INCREMENT" --seed "$SEED" \
+        --first $((10000000 + ($(date +%s) % 100000) * 1000 + round * INCREMENT)) >/dev/null
+    chown -R mail:mail "$dir"
+    doveadm_ force-resync -u "$user" INBOX
+    out=$(tool_sync)
+    doveadm_ expunge -u "$user" mailbox INBOX uid "$uidnext:*"
+    hung caliopen_incremental "$label" "$round" "$out" && return 0
+    record caliopen_incremental "$label" "$round" "$(jq -c '. + {messages: .fetched}' <<<"$out")"
+
+    record caliopen_worker_end "$label" "$round" \
+        "$(jq -nc --argjson rss "$(hwm_kb "$WORKER_PID")" '{rss_kb: $rss}')"
+    stop_pid "$WORKER_PID"
+}
+
+# caliopen-imap in store-only mode (LDAConfig.in_topic empty): no hand-off.
+run_caliopen_store_only() {
+    local user=$1 label=$2 round=$3 yaml=$WORK/worker-storeonly.yaml out cpu0
+    worker_yaml "$yaml" 10 ""
+    truncate_raw
+    start_worker "$yaml" "storeonly-$label-$round"
+    new_identity "$yaml" "$user"
+    cpu0=$(cpu_s "$WORKER_PID")
+    measure_begin
+    out=$(tool_sync)
+    hung caliopen_store_only "$label" "$round" "$out" && return 0
+    out=$(measure_end "$out")
+    record caliopen_store_only "$label" "$round" "$(jq -c --argjson rss "$(hwm_kb "$WORKER_PID")" \
+        --argjson cpu "$(echo "$(cpu_s "$WORKER_PID") - $cpu0" | bc)" \
+        '. + {messages: .fetched, rss_kb: $rss, proc_cpu_s: $cpu}' <<<"$out")"
+    stop_pid "$WORKER_PID"
+}
+
+# 200 identities ordered at once to one worker with WORKERS job slots.
+run_multi() {
+    local workers=$1 round=$2 yaml=$WORK/worker-multi.yaml out cpu0
+    worker_yaml "$yaml" "$workers" "inboundSMTP.$TAG"
+    truncate_raw
+    start_worker "$yaml" "multi-$workers-$round"
+    "$TOOL" users --hosts "$STACK_CASSANDRA_HOSTS" --keyspace "$KS" --logins bench200u \
+        --count "$MULTI_USERS" --server "$IMAPS" --password-env STACK_IMAP_PASSWORD \
+        --list "$WORK/multi.list" >/dev/null
+    cpu0=$(cpu_s "$WORKER_PID")
+    measure_begin
+    out=$("$TOOL" sync-many --nats "$STACK_NATS_URL" --subject "outboundIMAP.$TAG" \
+        --hosts "$STACK_CASSANDRA_HOSTS" --keyspace "$KS" --list "$WORK/multi.list" \
+        --timeout "$SYNC_TIMEOUT") ||
+        out=$(jq -nc --argjson t "$SYNC_TIMEOUT" '{secs: $t, ok: 0, hung: true}')
+    hung "multi_w$workers" 200x "$round" "$out" && return 0
+    out=$(measure_end "$out")
+    record "multi_w$workers" "200x" "$round" "$(jq -c --argjson rss "$(hwm_kb "$WORKER_PID")" \
+        --argjson cpu "$(echo "$(cpu_s "$WORKER_PID") - $cpu0" | bc)" \
+        --argjson b "$MULTI_BYTES" '. + {bytes: $b, rss_kb: $rss, proc_cpu_s: $cpu}' <<<"$out")"
+    stop_pid "$WORKER_PID"
+}
+
+# The poller over 100k identities: full scan time from its own log, its
+# memory with everything scheduled, then need_job latency under load.
+run_poller() {
+    local round=$1 yaml=$WORK/poller.yaml log=$WORK/poller-$round.log pid scan out
+    cat >"$yaml" <<EOF
+# Generated by scripts/bench.sh: its own keyspace, subjects and lease.
+scan_interval: 180
+remote_protocols: [email, imap, twitter, mastodon]
+store_name: cassandra
+store_settings:
+  hosts: ["$STACK_CASSANDRA_HOSTS"]
+  keyspace: $KS_POLLER
+  consistency_level: 1
+nats_url: $STACK_NATS_URL
+nats_queue: IDpoller.$TAG
+nats_topics:
+  id_cache: idCache.$TAG
+  imap: imapJobs.$TAG
+  twitter: twitterJobs.$TAG
+  mastodon: mastodonJobs.$TAG
+poller:
+  lease_name: $TAG-$round
+EOF
+    CALIOPEN_IMAP_LOG=info "$BIN" poller -c "$yaml" start >"$log" 2>&1 &
+    pid=$!
+    PIDS+=("$pid")
+    wait_log "$log" "scan applied" 300
+    # (the log is coloured: strip the escapes before reading the field)
+    scan=$(grep -m1 "scan applied" "$log" | sed 's/\x1b\[[0-9;]*m//g' |
+        grep -o 'elapsed_ms=[0-9]*' | cut -d= -f2)
+    sleep 1   # let the schedule settle before reading memory
+    record poller_scan 100k "$round" "$(jq -nc --argjson ms "$scan" --argjson rss "$(rss_kb "$pid")" \
+        --argjson hwm "$(hwm_kb "$pid")" --argjson n "$POLLER_IDENTITIES" \
+        '{messages: $n, secs: ($ms / 1000), rss_kb: $rss, hwm_kb: $hwm}')"
+    measure_begin
+    out=$("$TOOL" need-job --nats "$STACK_NATS_URL" --subject "imapJobs.$TAG" \
+        --rate "$NEED_JOB_RATE" --clients "$NEED_JOB_CLIENTS" --secs "$NEED_JOB_SECS")
+    record poller_need_job 100k "$round" "$(jq -c --argjson hwm "$(hwm_kb "$pid")" \
+        '. + {rss_kb: $hwm}' <<<"$(measure_end "$out")")"
+    stop_pid "$pid"
+    # The harness's own floor: the same load against a responder that does
+    # nothing (the processor stand-in answers anything at once), so the
+    # poller's share of the latency can be told from NATS's and ours.
+    out=$("$TOOL" need-job --nats "$STACK_NATS_URL" --subject "inboundSMTP.$TAG" \
+        --rate "$NEED_JOB_RATE" --clients "$NEED_JOB_CLIENTS" --secs "$NEED_JOB_SECS")
+    record need_job_floor 100k "$round" "$out"
+}
+
+# ------------------------------------------------------------------ the run
+
+machine_json() {
+    jq -nc \
+        --arg date "$(date -u '+%Y-%m-%d %H:%M UTC')" \
+        --arg cpu "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
+        --arg cores "$(nproc)" \
+        --arg mem "$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)" \
+        --arg kernel "$(uname -sr)" \
+        --arg os "$(. /etc/os-release && echo "$PRETTY_NAME")" \
+        --arg rustc "$(rustc --version)" \
+        --arg dovecot "$(dovecot --version)" \
+        --arg cassandra "$(cqlsh -e 'SELECT release_version FROM system.local' 2>/dev/null |
+            grep -oE '^ *[0-9]+\.[0-9]+\.[0-9]+ *$' | tr -d ' ')" \
+        --arg java "$("$(dirname "$(readlink -f "/proc/$CASS_PID/exe")")/java" -version 2>&1 | head -1)" \
+        --arg nats "$(nats-server --version)" \
+        --arg mbsync "$(mbsync --version)" \
+        --arg commit "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml || echo ' + uncommitted changes')" \
+        '$ARGS.named'
+}
+
+log "preparing keyspaces $KS and $KS_POLLER"
+apply_schema "$KS"
+apply_schema "$KS_POLLER"
+
+log "preparing mailboxes (cached between runs)"
+ensure_corpus bench1k 1000
+ensure_corpus bench10k 10000
+[ $LARGE = 1 ] && ensure_corpus bench50k 50000
+# 200 small mailboxes: quick to make, the test is about concurrency.
+log "preparing $MULTI_USERS small mailboxes bench200u1..$MULTI_USERS"
+for i in $(seq "$MULTI_USERS"); do
+    n=$((100 + (i * 37) % 101))
+    if [ ! -f "$WORK/multi-$SEED.done" ] || [ "$i" = "$MULTI_USERS" ]; then
+        ensure_corpus "bench200u$i" "$n" small
+    fi
+done
+touch "$WORK/multi-$SEED.done"
+MULTI_BYTES=0
+for i in $(seq "$MULTI_USERS"); do
+    MULTI_BYTES=$((MULTI_BYTES + $(mailbox_field "bench200u$i" vsize)))
+done
+
+log "seeding $POLLER_IDENTITIES identities into $KS_POLLER (kept between runs)"
+record poller_seed 100k 0 "$("$TOOL" seed-identities --hosts "$STACK_CASSANDRA_HOSTS" \
+    --keyspace "$KS_POLLER" --count "$POLLER_IDENTITIES")"
+
+start_lda
+
+# The store ceiling is "as fast as the driver allows": pick the best
+# concurrency on the 1k mailbox first.
+best=0 STORE_CONCURRENCY=64
+for c in $STORE_CONCURRENCY_CANDIDATES; do
+    run_store bench1k 1k 0 "$c" store_tuning
+    rate=$(tail -n 1 "$RESULTS" | jq '.messages / .secs | floor')
+    if [ "$rate" -gt "$best" ]; then best=$rate STORE_CONCURRENCY=$c; fi
+done
+log "store ceiling concurrency: $STORE_CONCURRENCY"
+
+# Rounds interleave every scenario, each round in a rotated order, so a
+# drift of the machine (compaction, page cache, JIT) spreads over all.
+SCENARIOS=(fetch store mbsync caliopen storeonly)
+for round in $(seq "$ROUNDS"); do
+    log "round $round of $ROUNDS"
+    for k in $(seq 0 $((${#SCENARIOS[@]} - 1))); do
+        s=${SCENARIOS[$(((k + round - 1) % ${#SCENARIOS[@]}))]}
+        for mb in "bench1k 1k" "bench10k 10k"; do
+            set -- $mb
+            case $s in
+                fetch) run_fetch "$1" "$2" "$round" ;;
+                store) run_store "$1" "$2" "$round" "$STORE_CONCURRENCY" ;;
+                mbsync) run_mbsync "$1" "$2" "$round" ;;
+                caliopen) run_caliopen "$1" "$2" "$round" ;;
+                storeonly) run_caliopen_store_only "$1" "$2" "$round" ;;
+            esac
+        done
+    done
+    run_multi 10 "$round"
+    run_multi 50 "$round"
+    run_poller "$round"
+done
+
+if [ $LARGE = 1 ]; then
+    log "large mailbox (one round)"
+    run_fetch bench50k 50k 1
+    run_store bench50k 50k 1 "$STORE_CONCURRENCY"
+    run_mbsync bench50k 50k 1
+    run_caliopen bench50k 50k 1
+    run_caliopen_store_only bench50k 50k 1
+fi
+truncate_raw
+
+stop_pid "$LDA_PID"
+machine_json >"$WORK/machine.json"
+python3 scripts/bench_report.py "$RESULTS" "$WORK/machine.json" \
+    --wall $((SECONDS - SUITE_START)) --total $((SECONDS - SCRIPT_START)) --rounds "$ROUNDS" --large "$LARGE" >BENCHMARKS.md
+log "BENCHMARKS.md written: $((SECONDS - SCRIPT_START)) s in all, $((SECONDS - SUITE_START)) s after the build"
