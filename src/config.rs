@@ -320,7 +320,7 @@ impl Default for ImapSettings {
             ca_file: String::new(),
             allow_plaintext_loopback: false,
             fetch_batch: 500,
-            in_flight: 128,
+            in_flight: 64,
             checkpoint_every: 200,
             max_message_tries: 5,
             max_message_size: 15 * 1024 * 1024,
