@@ -28,6 +28,24 @@ async fn ctl(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     .unwrap()
 }
 
+/// `syncremote --userid USER --identifier LOGIN --wait`.
+async fn sync_wait(config: &Path, user: uuid::Uuid, login: &str) -> Output {
+    let user = user.to_string();
+    ctl(
+        config,
+        &[
+            "syncremote",
+            "--userid",
+            &user,
+            "--identifier",
+            login,
+            "--wait",
+        ],
+        &[],
+    )
+    .await
+}
+
 fn assert_fails(out: &Output, code: i32, needle: &str) {
     let err = text(&out.stderr);
     assert_eq!(
@@ -244,19 +262,7 @@ async fn addremote_then_syncremote_wait_lands_the_mailbox() {
     assert_eq!(v[0]["status"], "active");
 
     // A second sync: nothing new, nothing doubled.
-    let out = ctl(
-        &cfg,
-        &[
-            "syncremote",
-            "--userid",
-            &user.to_string(),
-            "--identifier",
-            &login,
-            "--wait",
-        ],
-        &[],
-    )
-    .await;
+    let out = sync_wait(&cfg, user, &login).await;
     assert!(
         text(&out.stdout).contains("fetched 0"),
         "{}",
@@ -290,19 +296,7 @@ async fn wrong_password_with_wait_exits_non_zero_and_names_the_error() {
     )
     .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = ctl(
-        &cfg,
-        &[
-            "syncremote",
-            "--userid",
-            &user.to_string(),
-            "--identifier",
-            &login,
-            "--wait",
-        ],
-        &[],
-    )
-    .await;
+    let out = sync_wait(&cfg, user, &login).await;
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("refused"), "{err}");
