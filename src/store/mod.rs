@@ -160,78 +160,7 @@ impl Store {
     fn answered(&self) {
         self.inner.stalls.store(0, Ordering::Relaxed);
     }
-}
 
-/// Open a driver session: (session, "host:port,..." for messages, consistency).
-async fn build_session(
-    settings: &StoreSettings,
-    timeout: Duration,
-) -> Result<(CSession, String, Consistency), StoreError> {
-    let mut points = Vec::new();
-    for h in &settings.hosts {
-        let (host, port) = split_host_port(h, 9042).map_err(|e| StoreError::Unavailable {
-            hosts: h.clone(),
-            reason: e,
-        })?;
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host
-        };
-        points.push(format!("{host}:{port}"));
-    }
-    let hosts = points.join(",");
-    let unavailable = |reason: String| StoreError::Unavailable {
-        hosts: hosts.clone(),
-        reason,
-    };
-    let consistency = Consistency::try_from(settings.consistency_level as i16)
-        .map_err(|e| unavailable(format!("consistency_level: {e}")))?;
-
-    let auth: Arc<dyn SaslAuthenticatorProvider + Send + Sync> = if settings.username.is_empty() {
-        Arc::new(NoneAuthenticatorProvider)
-    } else {
-        Arc::new(StaticPasswordAuthenticatorProvider::new(
-            &settings.username,
-            &settings.password,
-        ))
-    };
-
-    let build = async {
-        // Fail fast when nothing listens: the driver would otherwise keep
-        // retrying behind our back.
-        let mut reached = false;
-        let mut last_err = String::new();
-        for p in &points {
-            match tokio::net::TcpStream::connect(p.as_str()).await {
-                Ok(_) => {
-                    reached = true;
-                    break;
-                }
-                Err(e) => last_err = e.to_string(),
-            }
-        }
-        if !reached {
-            return Err(unavailable(last_err));
-        }
-        let config = NodeTcpConfigBuilder::new()
-            .with_contact_points(points.iter().map(|p| p.as_str().into()).collect())
-            .with_authenticator_provider(auth)
-            .build()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        TcpSessionBuilder::new(RoundRobinLoadBalancingStrategy::new(), config)
-            .build()
-            .await
-            .map_err(|e| unavailable(e.to_string()))
-    };
-    let session = tokio::time::timeout(timeout, build)
-        .await
-        .map_err(|_| unavailable(format!("no answer within {} s", timeout.as_secs())))??;
-    Ok((session, hosts, consistency))
-}
-
-impl Store {
     pub fn keyspace(&self) -> &str {
         &self.inner.keyspace
     }
@@ -380,6 +309,75 @@ impl Store {
                 reason: e.to_string(),
             })
     }
+}
+
+/// Open a driver session: (session, "host:port,..." for messages, consistency).
+async fn build_session(
+    settings: &StoreSettings,
+    timeout: Duration,
+) -> Result<(CSession, String, Consistency), StoreError> {
+    let mut points = Vec::new();
+    for h in &settings.hosts {
+        let (host, port) = split_host_port(h, 9042).map_err(|e| StoreError::Unavailable {
+            hosts: h.clone(),
+            reason: e,
+        })?;
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        points.push(format!("{host}:{port}"));
+    }
+    let hosts = points.join(",");
+    let unavailable = |reason: String| StoreError::Unavailable {
+        hosts: hosts.clone(),
+        reason,
+    };
+    let consistency = Consistency::try_from(settings.consistency_level as i16)
+        .map_err(|e| unavailable(format!("consistency_level: {e}")))?;
+
+    let auth: Arc<dyn SaslAuthenticatorProvider + Send + Sync> = if settings.username.is_empty() {
+        Arc::new(NoneAuthenticatorProvider)
+    } else {
+        Arc::new(StaticPasswordAuthenticatorProvider::new(
+            &settings.username,
+            &settings.password,
+        ))
+    };
+
+    let build = async {
+        // Fail fast when nothing listens: the driver would otherwise keep
+        // retrying behind our back.
+        let mut reached = false;
+        let mut last_err = String::new();
+        for p in &points {
+            match tokio::net::TcpStream::connect(p.as_str()).await {
+                Ok(_) => {
+                    reached = true;
+                    break;
+                }
+                Err(e) => last_err = e.to_string(),
+            }
+        }
+        if !reached {
+            return Err(unavailable(last_err));
+        }
+        let config = NodeTcpConfigBuilder::new()
+            .with_contact_points(points.iter().map(|p| p.as_str().into()).collect())
+            .with_authenticator_provider(auth)
+            .build()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        TcpSessionBuilder::new(RoundRobinLoadBalancingStrategy::new(), config)
+            .build()
+            .await
+            .map_err(|e| unavailable(e.to_string()))
+    };
+    let session = tokio::time::timeout(timeout, build)
+        .await
+        .map_err(|_| unavailable(format!("no answer within {} s", timeout.as_secs())))??;
+    Ok((session, hosts, consistency))
 }
 
 impl Conn {
