@@ -67,10 +67,10 @@ async fn run(cfg: &str, username: &str) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "Raw messages (raw_message + user_raw_lookup): {} stored, {} delivered to the processor, {:.1} MB",
+        "Raw messages (raw_message + user_raw_lookup): {} stored, {} delivered to the processor, {}",
         ids.len(),
         delivered,
-        bytes as f64 / 1e6
+        human(bytes)
     );
     // In UID order, the first few.
     samples.sort_by_key(|(uid, _)| *uid);
@@ -105,4 +105,13 @@ fn describe(data: &[u8]) -> (u32, String) {
         data.len() as f64 / 1024.0
     );
     (uid.parse().unwrap_or(0), line)
+}
+
+/// `12.3 KB`, `4.5 MB`.
+fn human(bytes: usize) -> String {
+    if bytes < 1_000_000 {
+        format!("{:.1} KB", bytes as f64 / 1e3)
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
 }
