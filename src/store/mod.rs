@@ -31,7 +31,7 @@ use cdrs_tokio::consistency::Consistency;
 use cdrs_tokio::frame::Envelope;
 use cdrs_tokio::load_balancing::RoundRobinLoadBalancingStrategy;
 use cdrs_tokio::query::{PreparedQuery, QueryValues};
-use cdrs_tokio::statement::StatementParamsBuilder;
+use cdrs_tokio::statement::{StatementParams, StatementParamsBuilder};
 use cdrs_tokio::transport::TransportTcp;
 use cdrs_tokio::types::rows::Row;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -212,7 +212,19 @@ impl Store {
             .with_values(values)
             .with_consistency(self.inner.consistency)
             .build();
-        let run = conn.session.exec_with_params(&prepared, &params);
+        self.send(&conn, &prepared, &params, template).await
+    }
+
+    /// Send one statement on `conn`, bounded by [`REQUEST_TIMEOUT`]; an
+    /// unanswered one counts towards renewing the session.
+    async fn send(
+        &self,
+        conn: &Conn,
+        prepared: &PreparedQuery,
+        params: &StatementParams,
+        template: &str,
+    ) -> Result<Envelope, StoreError> {
+        let run = conn.session.exec_with_params(prepared, params);
         match tokio::time::timeout(REQUEST_TIMEOUT, run).await {
             Ok(r) => {
                 self.answered();
@@ -271,23 +283,9 @@ impl Store {
         if let Some(s) = state {
             params = params.with_paging_state(s);
         }
-        let params = params.build();
-        let run = conn.session.exec_with_params(&prepared, &params);
-        let env = tokio::time::timeout(REQUEST_TIMEOUT, run).await;
-        if env.is_err() {
-            self.stalled().await;
-        } else {
-            self.answered();
-        }
-        let env = env
-            .map_err(|_| StoreError::Query {
-                what: first_words(template),
-                reason: format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
-            })?
-            .map_err(|e| StoreError::Query {
-                what: first_words(template),
-                reason: e.to_string(),
-            })?;
+        let env = self
+            .send(&conn, &prepared, &params.build(), template)
+            .await?;
         let body = env.response_body().map_err(|e| decode(template, e))?;
         let next = body
             .as_rows_metadata()
