@@ -79,22 +79,31 @@ impl Ctx {
             .unwrap_or_else(|p| p.into_inner())
             .drain()
             .collect();
-        for (user, identity) in keys {
-            let released = self
-                .store
-                .release_sync_lock(user, identity, &self.worker_id)
-                .await;
-            let cleared = self
-                .store
-                .remove_infos(user, identity, &[crate::store::identity::infos::SYNCING])
-                .await;
-            match released.and(cleared) {
-                Ok(_) => tracing::info!(%identity, "lock of an abandoned sync released"),
+        for key in keys {
+            match self.release_lock(key).await {
+                Ok(()) => tracing::info!(identity = %key.1, "lock of an abandoned sync released"),
                 Err(e) => {
-                    tracing::error!(%identity, error = %e, "cannot release the lock of an abandoned sync")
+                    tracing::error!(identity = %key.1, error = %e, "cannot release the lock of an abandoned sync")
                 }
             }
         }
+    }
+
+    /// Release this process's sync lock of (user, identity) and clear
+    /// Caliopen's `syncing` marker; forget the note when both succeed.
+    pub async fn release_lock(&self, key: (Uuid, Uuid)) -> Result<(), crate::store::StoreError> {
+        let (user, identity) = key;
+        let released = self
+            .store
+            .release_sync_lock(user, identity, &self.worker_id)
+            .await;
+        let cleared = self
+            .store
+            .remove_infos(user, identity, &[crate::store::identity::infos::SYNCING])
+            .await;
+        released.and(cleared)?;
+        self.note_lock(key, false);
+        Ok(())
     }
 
     /// Wait until `len` bytes of message may be held in memory.

@@ -144,17 +144,8 @@ async fn sync_locked(
             }
         }
     }
-    let released = store
-        .release_sync_lock(id.user_id, id.identity_id, &ctx.worker_id)
-        .await;
-    let cleared = store
-        .remove_infos(id.user_id, id.identity_id, &[infos::SYNCING])
-        .await;
-    match released.and(cleared) {
-        Ok(_) => ctx.note_lock(key, false),
-        Err(e) => {
-            tracing::error!(identity = %id.identity_id, error = %e, "cannot release the sync lock")
-        }
+    if let Err(e) = ctx.release_lock(key).await {
+        tracing::error!(identity = %id.identity_id, error = %e, "cannot release the sync lock");
     }
     result
 }
@@ -251,7 +242,8 @@ pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>
     rep
 }
 
-async fn logout(session: &mut ImapSession, acc: &Account) {
+/// LOGOUT, politely and briefly: the work is done whatever it answers.
+pub(crate) async fn logout(session: &mut ImapSession, acc: &Account) {
     let _ = tokio::time::timeout(
         acc.io_timeout.min(std::time::Duration::from_secs(5)),
         session.logout(),

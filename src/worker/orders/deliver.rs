@@ -87,7 +87,7 @@ async fn deliver(ctx: &Ctx, msg: &Message, order: &ImapOrder) -> Result<Delivery
         acc.io_timeout,
     )
     .await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), session.logout()).await;
+    crate::worker::job::logout(&mut session, &acc).await;
     filed?;
     tracing::info!(user = %user, message = %message, "sent message filed in the remote Sent mailbox");
     Ok(reply)
