@@ -523,6 +523,10 @@ namespace inbox {
     special_use = \\Trash
     auto = subscribe
   }
+  mailbox Junk {
+    special_use = \\Junk
+    auto = subscribe
+  }
 }
 
 # Room for hundreds of concurrent sessions (tests, benchmarks).

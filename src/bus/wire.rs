@@ -143,6 +143,38 @@ pub struct JobReport {
     /// Set when the job failed or was skipped.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// The job was cut short by the worker's shutdown: what was reached is
+    /// saved, the rest waits for the next sync.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
+    /// The job stopped on an outage of ours (processor, NATS, Cassandra,
+    /// object store), not of the remote account: nothing was stepped over.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub outage: bool,
+    /// Messages that can never be handed off, stepped over by this job, with why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stepped: Vec<ReportedMessage>,
+    /// Mailboxes that could not be synced (missing, unselectable...), with why;
+    /// the other mailboxes of the identity were synced all the same.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mailbox_errors: Vec<ReportedMailbox>,
+}
+
+/// A message named in a [`JobReport`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReportedMessage {
+    pub mailbox: String,
+    pub uid: u32,
+    pub reason: String,
+}
+
+/// A mailbox named in a [`JobReport`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReportedMailbox {
+    pub mailbox: String,
+    pub reason: String,
 }
 
 #[cfg(test)]

@@ -28,6 +28,10 @@ pub mod infos {
     pub const UIDVALIDITY: &str = "uidvalidity";
     pub const LASTSYNC: &str = "lastsync";
     pub const SYNCING: &str = "syncing";
+    /// Ours: the worker id that wrote `syncing`. A marker without it was
+    /// written by a Go worker (honoured for the contract's 24 h); one with it
+    /// is ours and only counts while our lock row (`imap_sync_lock`) lives.
+    pub const SYNCING_OWNER: &str = "syncing_owner";
     pub const LAST_FETCH_ERROR: &str = "lastFetchError";
     pub const FIRST_ERROR_DATE: &str = "firstErrorDate";
     pub const LAST_ERROR_DATE: &str = "lastErrorDate";
