@@ -308,8 +308,14 @@ pub struct ImapSettings {
     pub poll_throttle_secs: u64,
     /// On SIGTERM, how long in-flight syncs may run to their checkpoint.
     pub shutdown_grace_secs: u64,
-    /// A sync lock older than this is stale (CONTRACT: 24 h).
+    /// Life of the sync lock row. The running sync renews it every third of
+    /// this, so a worker killed with `kill -9` blocks its identities for at
+    /// most this long. At least 30 s (a renewal is a Paxos round).
     pub lock_ttl_secs: u64,
+    /// Longest run of one job; past it the job stops at its next message
+    /// boundary, saves its checkpoint and frees its slot (the next sync
+    /// resumes). Bounds a server that trickles its replies.
+    pub job_deadline_secs: u64,
     /// Login failures lasting longer than this disable the identity (72 h).
     pub disable_after_secs: u64,
 }
@@ -329,7 +335,8 @@ impl Default for ImapSettings {
             lda_timeout_secs: 10,
             poll_throttle_secs: 10,
             shutdown_grace_secs: 30,
-            lock_ttl_secs: 24 * 3600,
+            lock_ttl_secs: 60,
+            job_deadline_secs: 3600,
             disable_after_secs: 72 * 3600,
         }
     }
@@ -377,7 +384,8 @@ impl WorkerSettings {
             ("imap.connect_timeout_secs", i.connect_timeout_secs, 1, 3600),
             ("imap.io_timeout_secs", i.io_timeout_secs, 1, 3600),
             ("imap.lda_timeout_secs", i.lda_timeout_secs, 1, 3600),
-            ("imap.lock_ttl_secs", i.lock_ttl_secs, 60, 30 * 86400),
+            ("imap.lock_ttl_secs", i.lock_ttl_secs, 30, 3600),
+            ("imap.job_deadline_secs", i.job_deadline_secs, 60, 7 * 86400),
         ] {
             if v < lo || v > hi {
                 errors.push(format!("{key}: expected {lo} to {hi}, found {v}"));

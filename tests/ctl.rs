@@ -59,17 +59,7 @@ fn assert_fails(out: &Output, code: i32, needle: &str) {
 }
 
 fn cql(query: &str) -> String {
-    let cqlsh = std::fs::read_to_string(root().join(".stack/env"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("export STACK_CQLSH=").map(str::to_string))
-        .unwrap();
-    let host = stack().cassandra.split(':').collect::<Vec<_>>();
-    let out = Command::new(cqlsh.trim_matches('"'))
-        .args([host[0], host[1], "-e", query])
-        .output()
-        .unwrap();
-    text(&out.stdout)
+    cql_exec(query)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,4 +13,5 @@ mod ctl;
 mod dispatch;
 mod poller;
 mod store;
+mod sync_faults;
 mod worker;

@@ -41,6 +41,13 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The stack's state folder (`.stack`, or `CALIOPEN_IMAP_STACK_DIR`).
+pub fn stack_dir() -> PathBuf {
+    std::env::var("CALIOPEN_IMAP_STACK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".stack"))
+}
+
 pub fn stack() -> &'static Stack {
     static S: OnceLock<Stack> = OnceLock::new();
     S.get_or_init(|| {
@@ -381,6 +388,68 @@ where
         }
     });
     Lda { seen, join }
+}
+
+/// A stand-in processor that never answers the requests `silent` picks
+/// (and answers the others with success): a poison message's timeout.
+pub async fn lda_answering_except<F>(subject: &str, silent: F) -> Lda
+where
+    F: Fn(&str) -> bool + Send + 'static,
+{
+    let client = async_nats::connect(&stack().nats_url).await.unwrap();
+    let mut sub = client.subscribe(subject.to_string()).await.unwrap();
+    client.flush().await.unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let join = tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+            let id = v["message_id"].as_str().unwrap_or("").to_string();
+            if silent(&id) {
+                continue;
+            }
+            s2.lock().unwrap().push(id);
+            let reply = serde_json::json!({"message": "OK", "message_id": Uuid::new_v4().to_string(), "discussion_id": "d"});
+            if let Some(r) = msg.reply {
+                let _ = client
+                    .publish(r, serde_json::to_vec(&reply).unwrap().into())
+                    .await;
+            }
+        }
+    });
+    Lda { seen, join }
+}
+
+// ------------------------------------------------------------------ cqlsh
+
+/// Run CQL through the stack's cqlsh (for what the Store does not expose,
+/// such as TTL and WRITETIME); its standard output.
+pub fn cql_exec(query: &str) -> String {
+    let cqlsh = std::fs::read_to_string(stack_dir().join("env"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("export STACK_CQLSH=").map(str::to_string))
+        .unwrap();
+    let host = stack().cassandra.split(':').collect::<Vec<_>>();
+    let out = Command::new(cqlsh.trim_matches('"'))
+        .args([host[0], host[1], "-e", query])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cqlsh {query}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The single value a one-column, one-row CQL query returns.
+pub fn cql_value(query: &str) -> Option<String> {
+    let out = cql_exec(query);
+    let mut lines = out.lines().map(str::trim).filter(|l| !l.is_empty());
+    lines.find(|l| l.starts_with("---"))?;
+    let v = lines.next()?;
+    if v.starts_with('(') || v == "null" {
+        None
+    } else {
+        Some(v.to_string())
+    }
 }
 
 // ------------------------------------------------------------------ binary

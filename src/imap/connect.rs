@@ -220,7 +220,9 @@ pub async fn connect(acc: &Account) -> Result<(ImapSession, ConnInfo), ImapError
 
     let tls_config = || {
         let files: Vec<&std::path::Path> = acc.ca_files.iter().map(PathBuf::as_path).collect();
-        tls::client_config(&files, acc.pin).map_err(|reason| ImapError::Tls {
+        // A trust store we cannot build is a fault of this machine or of
+        // our settings, never of the remote account.
+        tls::client_config(&files, acc.pin).map_err(|reason| ImapError::Policy {
             server: server.clone(),
             reason,
         })

@@ -2,13 +2,18 @@
 //! policy ([`tls`]), and the X-Fetched headers put on every message
 //! ([`headers`]).
 //!
-//! Fetching itself is driven by the worker's sync pipeline, which owns the
-//! checkpoint logic; this module only knows how to talk to a server safely.
+//! [`fetch`] reads a mailbox with every command's tagged status checked;
+//! [`utf7`] encodes mailbox names for the wire. The worker's sync pipeline
+//! drives the fetch and owns the checkpoint logic; this module only knows
+//! how to talk to a server safely.
 
 pub mod connect;
+pub mod fetch;
+pub mod folders;
 pub mod headers;
 pub mod oauth;
 pub mod tls;
+pub mod utf7;
 
 pub use connect::{connect, Account, Auth, ConnInfo, ImapSession, Security};
 
@@ -36,6 +41,18 @@ pub enum ImapError {
     },
     #[error("refused by policy for {server}: {reason}")]
     Policy { server: String, reason: String },
+    /// A mailbox the server will not open (missing, not selectable): an
+    /// error of that folder, never of the whole account.
+    #[error("mailbox {mailbox:?} on {server}: {reason}")]
+    Mailbox {
+        server: String,
+        mailbox: String,
+        reason: String,
+    },
+    /// The job's stop token fired (shutdown, lost lock, deadline) while
+    /// waiting on the server.
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl ImapError {

@@ -31,6 +31,21 @@ fn system_roots() -> &'static Vec<CertificateDer<'static>> {
     })
 }
 
+const NO_TRUST: &str = "no trusted CA certificate on this machine: install the system CA \
+     certificates (Debian: ca-certificates) or set imap.ca_file";
+
+/// Refuse to run with no trust at all: without it every account would fail
+/// TLS and, after 72 h, be disabled for a fault of this machine.
+pub fn check_trust(ca_file: &str) -> Result<(), String> {
+    if !ca_file.is_empty() {
+        return read_pem_certs(Path::new(ca_file)).map(|_| ());
+    }
+    if system_roots().is_empty() {
+        return Err(NO_TRUST.into());
+    }
+    Ok(())
+}
+
 /// Read every certificate of a PEM file.
 pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let iter = CertificateDer::pem_file_iter(path)
@@ -92,6 +107,9 @@ pub fn client_config(
                     .add(cert)
                     .map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
             }
+        }
+        if roots.is_empty() {
+            return Err(NO_TRUST.into());
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };

@@ -49,6 +49,29 @@ const CLEAR_FAILURE: &str = "DELETE FROM {ks}.imap_message_failure \
      WHERE user_id = ? AND identity_id = ? AND mailbox = ? AND uidvalidity = ? AND uid = ?";
 const DELETE_FAILURES: &str = "DELETE FROM {ks}.imap_message_failure \
      WHERE user_id = ? AND identity_id = ?";
+const SELECT_HIGH: &str = "SELECT uidvalidity, high_uid FROM {ks}.imap_high_water \
+     WHERE user_id = ? AND identity_id = ? AND mailbox = ?";
+const SAVE_HIGH: &str = "UPDATE {ks}.imap_high_water SET uidvalidity = ?, high_uid = ? \
+     WHERE user_id = ? AND identity_id = ? AND mailbox = ?";
+const DELETE_HIGHS: &str = "DELETE FROM {ks}.imap_high_water \
+     WHERE user_id = ? AND identity_id = ?";
+const SELECT_MAILBOX_ERRORS: &str = "SELECT mailbox, last_error, first_error, last_error_at \
+     FROM {ks}.imap_mailbox_error WHERE user_id = ? AND identity_id = ?";
+const SAVE_MAILBOX_ERROR: &str = "UPDATE {ks}.imap_mailbox_error SET last_error = ?, \
+     first_error = ?, last_error_at = ? WHERE user_id = ? AND identity_id = ? AND mailbox = ?";
+const CLEAR_MAILBOX_ERROR: &str = "DELETE FROM {ks}.imap_mailbox_error \
+     WHERE user_id = ? AND identity_id = ? AND mailbox = ?";
+const DELETE_MAILBOX_ERRORS: &str = "DELETE FROM {ks}.imap_mailbox_error \
+     WHERE user_id = ? AND identity_id = ?";
+
+/// A mailbox that could not be synced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxError {
+    pub mailbox: String,
+    pub last_error: String,
+    pub first_error: Option<DateTime<Utc>>,
+    pub last_error_at: Option<DateTime<Utc>>,
+}
 
 impl Store {
     pub async fn mailbox_checkpoint(
@@ -165,6 +188,106 @@ impl Store {
         .map(|_| ())
     }
 
+    /// The high-water mark of `mailbox`: `(uidvalidity, high_uid)`.
+    pub async fn high_water(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        mailbox: &str,
+    ) -> Result<Option<(u32, u32)>, StoreError> {
+        const W: &str = "imap_high_water row";
+        let rows = self
+            .rows(SELECT_HIGH, query_values!(user_id, identity_id, mailbox))
+            .await?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        let v: i64 = col(r, "uidvalidity", W)?.unwrap_or(0);
+        let h: i64 = col(r, "high_uid", W)?.unwrap_or(0);
+        Ok(Some((
+            u32::try_from(v).map_err(|e| decode(W, e))?,
+            u32::try_from(h).map_err(|e| decode(W, e))?,
+        )))
+    }
+
+    pub async fn save_high_water(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        mailbox: &str,
+        uidvalidity: u32,
+        high_uid: u32,
+    ) -> Result<(), StoreError> {
+        self.exec(
+            SAVE_HIGH,
+            query_values!(
+                uidvalidity as i64,
+                high_uid as i64,
+                user_id,
+                identity_id,
+                mailbox
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn mailbox_errors(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+    ) -> Result<Vec<MailboxError>, StoreError> {
+        const W: &str = "imap_mailbox_error row";
+        let rows = self
+            .rows(SELECT_MAILBOX_ERRORS, query_values!(user_id, identity_id))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(MailboxError {
+                    mailbox: col(r, "mailbox", W)?.unwrap_or_default(),
+                    last_error: col(r, "last_error", W)?.unwrap_or_default(),
+                    first_error: col(r, "first_error", W)?,
+                    last_error_at: col(r, "last_error_at", W)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn save_mailbox_error(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        e: &MailboxError,
+    ) -> Result<(), StoreError> {
+        self.exec(
+            SAVE_MAILBOX_ERROR,
+            query_values!(
+                e.last_error.clone(),
+                e.first_error,
+                e.last_error_at,
+                user_id,
+                identity_id,
+                e.mailbox.clone()
+            ),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn clear_mailbox_error(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        mailbox: &str,
+    ) -> Result<(), StoreError> {
+        self.exec(
+            CLEAR_MAILBOX_ERROR,
+            query_values!(user_id, identity_id, mailbox),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Forget all of an identity's own state (when it is removed).
     pub async fn delete_sync_state(
         &self,
@@ -174,6 +297,10 @@ impl Store {
         self.exec(DELETE_STATES, query_values!(user_id, identity_id))
             .await?;
         self.exec(DELETE_FAILURES, query_values!(user_id, identity_id))
+            .await?;
+        self.exec(DELETE_HIGHS, query_values!(user_id, identity_id))
+            .await?;
+        self.exec(DELETE_MAILBOX_ERRORS, query_values!(user_id, identity_id))
             .await?;
         Ok(())
     }

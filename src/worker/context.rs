@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
-use crate::bus::wire::JobReport;
+use crate::bus::wire::{JobReport, ReportedMailbox, ReportedMessage};
 use crate::bus::Bus;
 use crate::config::WorkerSettings;
 use crate::shutdown::Shutdown;
@@ -32,6 +32,8 @@ pub struct Ctx {
     /// Identities whose sync lock this process holds, so the locks of jobs
     /// abandoned at the end of the shutdown grace can still be released.
     pub locks: Arc<Mutex<HashSet<(Uuid, Uuid)>>>,
+    /// Jobs skipped because their identity was busy (locked elsewhere).
+    pub busy_skips: Arc<AtomicU64>,
     /// Budget of message bytes in flight, in KiB permits.
     bytes: Arc<Semaphore>,
     bytes_total_kib: u32,
@@ -55,6 +57,7 @@ impl Ctx {
             worker_id,
             shutdown,
             locks: Arc::default(),
+            busy_skips: Arc::default(),
             bytes: Arc::new(Semaphore::new(kib as usize)),
             bytes_total_kib: kib,
         }
@@ -97,9 +100,10 @@ impl Ctx {
             .store
             .release_sync_lock(user, identity, &self.worker_id)
             .await;
+        use crate::store::identity::infos;
         let cleared = self
             .store
-            .remove_infos(user, identity, &[crate::store::identity::infos::SYNCING])
+            .remove_infos(user, identity, &[infos::SYNCING, infos::SYNCING_OWNER])
             .await;
         released.and(cleared)?;
         self.note_lock(key, false);
@@ -125,6 +129,12 @@ pub struct Counters {
     pub already_delivered: AtomicU64,
     pub failed: AtomicU64,
     pub stepped_over: AtomicU64,
+    /// Messages expunged from the server while the sync ran (done, nothing lost).
+    pub gone: AtomicU64,
+    /// What was stepped over, and why, for the final report.
+    pub stepped: Mutex<Vec<ReportedMessage>>,
+    /// Mailboxes that could not be synced, and why.
+    pub mailbox_errors: Mutex<Vec<ReportedMailbox>>,
 }
 
 impl Counters {
@@ -143,5 +153,29 @@ impl Counters {
         r.already_delivered = self.already_delivered.load(Ordering::Relaxed);
         r.failed = self.failed.load(Ordering::Relaxed);
         r.stepped_over = self.stepped_over.load(Ordering::Relaxed);
+        r.stepped = lock(&self.stepped).clone();
+        r.mailbox_errors = lock(&self.mailbox_errors).clone();
     }
+
+    /// Note a message stepped over by this job.
+    pub fn step_over(&self, mailbox: &str, uid: u32, reason: &str) {
+        Counters::add(&self.stepped_over, 1);
+        lock(&self.stepped).push(ReportedMessage {
+            mailbox: mailbox.to_string(),
+            uid,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// Note a mailbox this job could not sync.
+    pub fn mailbox_failed(&self, mailbox: &str, reason: &str) {
+        lock(&self.mailbox_errors).push(ReportedMailbox {
+            mailbox: mailbox.to_string(),
+            reason: reason.to_string(),
+        });
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

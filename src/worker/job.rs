@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 // Dates in infos are written as Go's time.RFC3339 does: seconds, `Z`.
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -13,20 +14,32 @@ use uuid::Uuid;
 use super::account::{self, AccountError};
 use super::checkpoint;
 use super::context::{Counters, Ctx};
-use super::pipeline::{sync_mailbox, MailboxJob};
+use super::pipeline::{sync_mailbox, MailboxJob, SyncFrom};
 use super::JobError;
 use crate::bus::wire::{orders, CacheOrder, JobReport};
-use crate::imap::{self, Account, ImapSession};
+use crate::imap::{self, Account, ImapError, ImapSession};
+use crate::shutdown::{self, Shutdown};
 use crate::store::identity::{infos, Identity, PROTOCOL_EMAIL, STATUS_INACTIVE};
 use crate::store::raw_message::fullfetch_identity;
 
 /// A `sync` order, validated.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SyncRequest {
     pub user_id: Uuid,
     pub identity_id: Uuid,
-    /// Overrides the stored password for this run only (not logged).
+    /// Overrides the stored password for this run only (never logged).
     pub password: String,
+}
+
+// The password is a secret: Debug says only whether there is one.
+impl std::fmt::Debug for SyncRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncRequest")
+            .field("user_id", &self.user_id)
+            .field("identity_id", &self.identity_id)
+            .field("password", &redacted(&self.password))
+            .finish()
+    }
 }
 
 /// A `fullfetch` order, validated.
@@ -39,6 +52,26 @@ pub struct FullFetchRequest {
     pub mailbox: String,
 }
 
+impl std::fmt::Debug for FullFetchRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FullFetchRequest")
+            .field("user_id", &self.user_id)
+            .field("server", &self.server)
+            .field("login", &self.login)
+            .field("password", &redacted(&self.password))
+            .field("mailbox", &self.mailbox)
+            .finish()
+    }
+}
+
+fn redacted(secret: &str) -> &'static str {
+    if secret.is_empty() {
+        ""
+    } else {
+        "<redacted>"
+    }
+}
+
 fn report(order: &str, user: Uuid, identity: Uuid) -> JobReport {
     JobReport {
         order: order.to_string(),
@@ -48,28 +81,46 @@ fn report(order: &str, user: Uuid, identity: Uuid) -> JobReport {
     }
 }
 
+/// Fill the end of a report from a job's result.
+fn conclude(rep: &mut JobReport, counters: &Counters, result: &Result<(), JobError>) {
+    counters.fill(rep);
+    rep.interrupted = matches!(result, Err(e) if e.is_interrupted());
+    rep.outage = matches!(
+        result,
+        Err(JobError::Outage(_) | JobError::Store(_) | JobError::Bus(_))
+    );
+    rep.ok =
+        result.is_ok() && rep.failed == 0 && rep.stepped_over == 0 && rep.mailbox_errors.is_empty();
+    if let Err(e) = result {
+        rep.error = e.to_string();
+    }
+}
+
 /// Sync a stored identity. Never panics on bad data: every problem ends up
 /// in the report (and, when it concerns the account, on the identity).
 pub async fn sync_identity(ctx: &Ctx, req: SyncRequest, counters: Arc<Counters>) -> JobReport {
     let mut rep = report(orders::SYNC, req.user_id, req.identity_id);
     let result = sync_locked(ctx, &req, &counters, &mut rep).await;
-    counters.fill(&mut rep);
-    match result {
-        Ok(()) => rep.ok = rep.failed == 0,
-        Err(e) => {
-            rep.ok = false;
-            rep.error = e.to_string();
-        }
-    }
+    conclude(&mut rep, &counters, &result);
     if rep.ok {
         tracing::info!(user = %req.user_id, identity = %req.identity_id, fetched = rep.fetched,
             handed_off = rep.handed_off, "sync done");
+    } else if matches!(result, Err(JobError::Busy(_))) {
+        ctx.busy_skips
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(user = %req.user_id, identity = %req.identity_id, reason = %rep.error,
+            "sync skipped: the identity is busy");
     } else {
         tracing::warn!(user = %req.user_id, identity = %req.identity_id, fetched = rep.fetched,
-            handed_off = rep.handed_off, failed = rep.failed, error = %rep.error, "sync ended with errors");
+            handed_off = rep.handed_off, failed = rep.failed, stepped_over = rep.stepped_over,
+            interrupted = rep.interrupted, outage = rep.outage, error = %rep.error,
+            "sync ended with errors");
     }
     rep
 }
+
+/// The contract's stale age of a `syncing` marker written by a Go worker.
+const GO_MARKER_STALE: chrono::Duration = chrono::Duration::hours(24);
 
 async fn sync_locked(
     ctx: &Ctx,
@@ -78,57 +129,37 @@ async fn sync_locked(
     rep: &mut JobReport,
 ) -> Result<(), JobError> {
     let store = &ctx.store;
-    let id = store
-        .identity(req.user_id, req.identity_id)
-        .await?
-        .ok_or_else(|| {
-            JobError::NotFound(format!(
-                "no identity {} for user {}",
-                req.identity_id, req.user_id
-            ))
-        })?;
-    if !id.is_remote_email() {
-        return Err(JobError::NotFound(format!(
-            "identity {} is not a remote email identity (type {:?}, protocol {:?})",
-            id.identity_id, id.kind, id.protocol
-        )));
-    }
+    let id = load_identity(ctx, req).await?;
     rep.mailboxes = id.mailboxes();
+    go_marker_check(&id)?;
 
-    // Caliopen's own marker first (a Go worker may still be running).
+    let since = Utc::now();
     let ttl = ctx.settings.imap.lock_ttl_secs;
-    if let Some(since) = parse_time(id.info(infos::SYNCING)) {
-        let age = Utc::now().signed_duration_since(since);
-        if age.num_seconds() >= 0 && (age.num_seconds() as u64) < ttl {
-            return Err(JobError::Busy(format!(
-                "a sync of this identity is already running (since {})",
-                since.to_rfc3339_opts(SecondsFormat::Secs, true)
-            )));
-        }
-    }
-    let now = Utc::now();
     if !store
-        .take_sync_lock(id.user_id, id.identity_id, &ctx.worker_id, now, ttl)
+        .take_sync_lock(id.user_id, id.identity_id, &ctx.worker_id, since, ttl)
         .await?
     {
         return Err(JobError::Busy(
             "a sync of this identity is already running on another worker".into(),
         ));
     }
-    store
-        .merge_infos(
-            id.user_id,
-            id.identity_id,
-            HashMap::from([(
-                infos::SYNCING.to_string(),
-                now.to_rfc3339_opts(SecondsFormat::Secs, true),
-            )]),
-        )
-        .await?;
-
+    // From here on, every path releases the lock.
     let key = (id.user_id, id.identity_id);
     ctx.note_lock(key, true);
-    let result = sync_identity_inner(ctx, &id, &req.password, counters).await;
+    let result = async {
+        let id = mark_syncing(ctx, req, since).await?;
+        rep.mailboxes = id.mailboxes();
+        let r = run_renewing(ctx, &id, since, |stop| {
+            sync_identity_inner(ctx, &id, &req.password, counters, stop)
+        })
+        .await;
+        Ok::<_, JobError>((id, r))
+    }
+    .await;
+    let (id, result) = match result {
+        Ok((id, r)) => (id, r),
+        Err(e) => (id, Err(e)),
+    };
 
     // Whatever happened: the time of this attempt, the error if any, the lock.
     let _ = store
@@ -144,10 +175,193 @@ async fn sync_locked(
             }
         }
     }
-    if let Err(e) = ctx.release_lock(key).await {
-        tracing::error!(identity = %id.identity_id, error = %e, "cannot release the sync lock");
-    }
+    release(ctx, key).await;
     result
+}
+
+async fn load_identity(ctx: &Ctx, req: &SyncRequest) -> Result<Identity, JobError> {
+    let id = ctx
+        .store
+        .identity(req.user_id, req.identity_id)
+        .await?
+        .ok_or_else(|| {
+            JobError::NotFound(format!(
+                "no identity {} for user {}",
+                req.identity_id, req.user_id
+            ))
+        })?;
+    if !id.is_remote_email() {
+        return Err(JobError::NotFound(format!(
+            "identity {} is not a remote email identity (type {:?}, protocol {:?})",
+            id.identity_id, id.kind, id.protocol
+        )));
+    }
+    Ok(id)
+}
+
+/// A `syncing` marker without `syncing_owner` was written by a Caliopen Go
+/// worker, which knows no other lock: honour it for the contract's 24 h.
+/// Ours carry their owner and count only while our lock row lives.
+fn go_marker_check(id: &Identity) -> Result<(), JobError> {
+    if !id.info(infos::SYNCING_OWNER).is_empty() {
+        return Ok(());
+    }
+    if let Some(since) = parse_time(id.info(infos::SYNCING)) {
+        let age = Utc::now().signed_duration_since(since);
+        if age >= chrono::Duration::zero() && age < GO_MARKER_STALE {
+            return Err(JobError::Busy(format!(
+                "a Caliopen Go worker marked this identity as syncing at {} \
+                 (imapctl unlock clears a marker it left behind)",
+                time_text(since)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Write Caliopen's `syncing` marker with a value unique to this sync, then
+/// read the identity back: a Go worker that wrote its own marker in between
+/// wins, and this sync stands down. The identity read back (after the lock)
+/// is the one synced, so its checkpoint is never older than the last sync's.
+async fn mark_syncing(
+    ctx: &Ctx,
+    req: &SyncRequest,
+    since: DateTime<Utc>,
+) -> Result<Identity, JobError> {
+    let marker = since.to_rfc3339_opts(SecondsFormat::Nanos, true);
+    ctx.store
+        .merge_infos(
+            req.user_id,
+            req.identity_id,
+            HashMap::from([
+                (infos::SYNCING.to_string(), marker.clone()),
+                (infos::SYNCING_OWNER.to_string(), ctx.worker_id.clone()),
+            ]),
+        )
+        .await?;
+    let id = load_identity(ctx, req).await?;
+    if id.info(infos::SYNCING) != marker || id.info(infos::SYNCING_OWNER) != ctx.worker_id {
+        return Err(JobError::Busy(
+            "a Caliopen Go worker started a sync of this identity at the same moment".into(),
+        ));
+    }
+    Ok(id)
+}
+
+/// Run `work` with a stop token of its own, fired by the worker's shutdown,
+/// the job deadline, or a lock that can no longer be renewed. The lock is
+/// renewed every third of its TTL; a sync that cannot renew it for half the
+/// TTL stops, so it ends before another worker could take the lock.
+async fn run_renewing<F, Fut>(
+    ctx: &Ctx,
+    id: &Identity,
+    since: DateTime<Utc>,
+    work: F,
+) -> Result<(), JobError>
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: std::future::Future<Output = Result<(), JobError>>,
+{
+    let (trigger, stop) = shutdown::channel();
+    let trigger = Arc::new(trigger);
+    let why: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let ttl = ctx.settings.imap.lock_ttl_secs;
+    let renewer = {
+        let (ctx, trigger, why) = (ctx.clone(), trigger.clone(), why.clone());
+        let (user, identity) = (id.user_id, id.identity_id);
+        tokio::spawn(async move {
+            let every = Duration::from_secs(ttl / 3);
+            let give_up = Duration::from_secs(ttl / 2);
+            let mut renewed = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(every.min(Duration::from_secs(5)).max(every / 2)).await;
+                if renewed.elapsed() < every {
+                    continue;
+                }
+                let stop_with = match ctx
+                    .store
+                    .renew_sync_lock(user, identity, &ctx.worker_id, since, ttl)
+                    .await
+                {
+                    Ok(true) => {
+                        renewed = tokio::time::Instant::now();
+                        None
+                    }
+                    Ok(false) => Some("the sync lock was lost (cleared or lapsed)".to_string()),
+                    Err(e) if renewed.elapsed() >= give_up => {
+                        Some(format!("cannot renew the sync lock: {e}"))
+                    }
+                    Err(e) => {
+                        tracing::warn!(identity = %identity, error = %e, "cannot renew the sync lock yet");
+                        None
+                    }
+                };
+                if let Some(reason) = stop_with {
+                    tracing::warn!(identity = %identity, reason = %reason, "stopping the sync");
+                    why.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(reason);
+                    trigger.trigger();
+                    return;
+                }
+            }
+        })
+    };
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(ctx.settings.imap.job_deadline_secs);
+    let mut shutdown = ctx.shutdown.clone();
+    let work = work(stop);
+    tokio::pin!(work);
+    let mut stopping = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = shutdown.wait(), if !stopping => {
+                stopping = true;
+                why.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert("the worker is shutting down".into());
+                trigger.trigger();
+            }
+            _ = tokio::time::sleep_until(deadline), if !stopping => {
+                stopping = true;
+                why.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(format!(
+                    "the job ran longer than imap.job_deadline_secs ({} s)",
+                    ctx.settings.imap.job_deadline_secs
+                ));
+                trigger.trigger();
+            }
+        }
+    };
+    renewer.abort();
+    let _ = renewer.await;
+    let reason = why.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match (result, reason) {
+        (Err(e), Some(reason)) if e.is_interrupted() => Err(JobError::Interrupted(reason)),
+        (r, _) => r,
+    }
+}
+
+/// Release the lock and the marker; when Cassandra cannot be reached, keep
+/// trying in the background for a while (the lock row also lapses by itself).
+async fn release(ctx: &Ctx, key: (Uuid, Uuid)) {
+    if let Err(e) = ctx.release_lock(key).await {
+        tracing::warn!(identity = %key.1, error = %e, "cannot release the sync lock yet: retrying in the background");
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_secs(1);
+            let until = tokio::time::Instant::now() + Duration::from_secs(600);
+            while tokio::time::Instant::now() < until {
+                tokio::time::sleep(delay).await;
+                match ctx.release_lock(key).await {
+                    Ok(()) => {
+                        tracing::info!(identity = %key.1, "sync lock released");
+                        return;
+                    }
+                    Err(_) => delay = (delay * 2).min(Duration::from_secs(30)),
+                }
+            }
+            tracing::error!(identity = %key.1, "gave up releasing the sync lock (its row lapses by itself)");
+        });
+    }
 }
 
 async fn sync_identity_inner(
@@ -155,6 +369,7 @@ async fn sync_identity_inner(
     id: &Identity,
     password: &str,
     counters: &Arc<Counters>,
+    mut stop: Shutdown,
 ) -> Result<(), JobError> {
     let mut id = id.clone();
     account::ensure_fresh_token(ctx, &mut id)
@@ -163,48 +378,117 @@ async fn sync_identity_inner(
     let id = &id;
     let acc = account::from_identity(ctx, id, password)
         .map_err(|AccountError(e)| JobError::Account(e))?;
-    let (mut session, conn) = imap::connect(&acc).await?;
+    let (mut session, conn) = tokio::select! {
+        r = imap::connect(&acc) => r?,
+        _ = stop.wait() => return Err(JobError::Interrupted("stopped while connecting".into())),
+    };
     let display = if id.display_name.is_empty() {
         id.identifier.as_str()
     } else {
         id.display_name.as_str()
     };
-    let mut result = Ok(());
-    for mailbox in id.mailboxes() {
-        if ctx.shutdown.is_triggered() {
-            break;
+    let result = async {
+        let mailboxes = mailboxes_of(id, &mut session, &acc, &stop).await?;
+        let known = ctx.store.mailbox_errors(id.user_id, id.identity_id).await?;
+        for gone in known.iter().filter(|k| !mailboxes.contains(&k.mailbox)) {
+            ctx.store
+                .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
+                .await?;
         }
-        let state = checkpoint::load(ctx, id, &mailbox).await?;
-        let job = MailboxJob {
-            ctx,
-            user_id: id.user_id,
-            identity_id: id.identity_id,
-            display_name: display,
-            server: &acc.server,
-            conn: &conn,
-            mailbox: &mailbox,
-            state: Some(state),
-            counters,
-        };
-        if let Err(e) = sync_mailbox(&job, &mut session).await {
-            result = Err(e);
-            break;
+        for mailbox in &mailboxes {
+            if stop.is_triggered() {
+                return Err(JobError::Interrupted("stopped between mailboxes".into()));
+            }
+            let from = match checkpoint::load(ctx, id, mailbox).await? {
+                Some(cp) => SyncFrom::Resume(cp),
+                None => SyncFrom::First,
+            };
+            let job = MailboxJob {
+                ctx,
+                user_id: id.user_id,
+                identity_id: id.identity_id,
+                display_name: display,
+                server: &acc.server,
+                conn: &conn,
+                mailbox,
+                from,
+                counters,
+                stop: stop.clone(),
+            };
+            let earlier = known.iter().find(|k| &k.mailbox == mailbox);
+            match sync_mailbox(&job, &mut session).await {
+                Ok(()) => {
+                    if earlier.is_some() {
+                        ctx.store
+                            .clear_mailbox_error(id.user_id, id.identity_id, mailbox)
+                            .await?;
+                    }
+                }
+                Err(JobError::Imap(e @ ImapError::Mailbox { .. })) => {
+                    folder_failed(ctx, id, mailbox, earlier, &e.to_string(), counters).await?
+                }
+                Err(e) => return Err(e),
+            }
         }
+        Ok(())
     }
+    .await;
     logout(&mut session, &acc).await;
-    if result.is_ok() && !ctx.shutdown.is_triggered() {
+    if result.is_ok() && !stop.is_triggered() {
         ctx.store
             .merge_infos(
                 id.user_id,
                 id.identity_id,
-                HashMap::from([(
-                    infos::LASTSYNC.to_string(),
-                    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
-                )]),
+                HashMap::from([(infos::LASTSYNC.to_string(), time_text(Utc::now()))]),
             )
             .await?;
     }
     result
+}
+
+/// The mailboxes to sync: `infos.mailboxes`, where `*` means every
+/// selectable folder but Junk and Trash, listed anew at each sync.
+async fn mailboxes_of(
+    id: &Identity,
+    session: &mut ImapSession,
+    acc: &Account,
+    stop: &Shutdown,
+) -> Result<Vec<String>, JobError> {
+    let listed = id.mailboxes();
+    if listed.iter().any(|m| m == "*") {
+        let mut stop = stop.clone();
+        let folders = tokio::select! {
+            r = imap::folders::syncable(session, acc.io_timeout) => r?,
+            _ = stop.wait() => return Err(JobError::Interrupted("stopped while listing folders".into())),
+        };
+        return Ok(folders);
+    }
+    Ok(listed)
+}
+
+/// Record an error of one folder: shown by listremotes and in the report,
+/// never counted against the account; the other folders sync on.
+async fn folder_failed(
+    ctx: &Ctx,
+    id: &Identity,
+    mailbox: &str,
+    earlier: Option<&crate::store::state::MailboxError>,
+    reason: &str,
+    counters: &Counters,
+) -> Result<(), JobError> {
+    tracing::warn!(identity = %id.identity_id, mailbox, error = reason, "mailbox not synced");
+    counters.mailbox_failed(mailbox, reason);
+    let now = Utc::now();
+    let e = crate::store::state::MailboxError {
+        mailbox: mailbox.to_string(),
+        last_error: reason.to_string(),
+        first_error: Some(earlier.and_then(|k| k.first_error).unwrap_or(now)),
+        last_error_at: Some(now),
+    };
+    ctx.store
+        .save_mailbox_error(id.user_id, id.identity_id, &e)
+        .await?;
+    Ok(())
 }
 
 /// Fetch a whole mailbox into a user's account, keeping no state.
@@ -224,19 +508,16 @@ pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>
             server: &acc.server,
             conn: &conn,
             mailbox: &req.mailbox,
-            state: None,
+            from: SyncFrom::FullFetch,
             counters: &counters,
+            stop: ctx.shutdown.clone(),
         };
         let r = sync_mailbox(&job, &mut session).await;
         logout(&mut session, &acc).await;
         r
     }
     .await;
-    counters.fill(&mut rep);
-    match result {
-        Ok(()) => rep.ok = rep.failed == 0,
-        Err(e) => rep.error = e.to_string(),
-    }
+    conclude(&mut rep, &counters, &result);
     tracing::info!(user = %req.user_id, server = %req.server, fetched = rep.fetched,
         handed_off = rep.handed_off, failed = rep.failed, error = %rep.error, "fullfetch done");
     rep
@@ -251,6 +532,11 @@ pub(crate) async fn logout(session: &mut ImapSession, acc: &Account) {
     .await;
 }
 
+/// Dates in infos as Go's `time.RFC3339` writes them: seconds, `Z`.
+fn time_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s.trim())
         .ok()
@@ -260,17 +546,14 @@ fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 /// Record a failed sync on the identity (CONTRACT §4 step 6). Failures of the
 /// remote account count towards disabling it; ours (store, bus) do not.
 async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), JobError> {
-    if matches!(err, JobError::Busy(_) | JobError::NotFound(_)) {
+    if matches!(err, JobError::Busy(_) | JobError::NotFound(_)) || err.is_interrupted() {
         return Ok(());
     }
     let now = Utc::now();
     let line = err.to_string();
     let mut entries = HashMap::from([
         (infos::LAST_FETCH_ERROR.to_string(), line),
-        (
-            infos::LAST_ERROR_DATE.to_string(),
-            now.to_rfc3339_opts(SecondsFormat::Secs, true),
-        ),
+        (infos::LAST_ERROR_DATE.to_string(), time_text(now)),
     ]);
     if err.counts_against_account() {
         let count = id
@@ -281,16 +564,13 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
             + 1;
         entries.insert(infos::ERRORS_COUNT.to_string(), count.to_string());
         let first = parse_time(id.info(infos::FIRST_ERROR_DATE)).unwrap_or(now);
-        entries.insert(
-            infos::FIRST_ERROR_DATE.to_string(),
-            first.to_rfc3339_opts(SecondsFormat::Secs, true),
-        );
+        entries.insert(infos::FIRST_ERROR_DATE.to_string(), time_text(first));
         ctx.store
             .merge_infos(id.user_id, id.identity_id, entries)
             .await?;
         let lasting = now.signed_duration_since(first).num_seconds();
         if lasting > ctx.settings.imap.disable_after_secs as i64 {
-            tracing::warn!(identity = %id.identity_id, since = %first.to_rfc3339_opts(SecondsFormat::Secs, true),
+            tracing::warn!(identity = %id.identity_id, since = %time_text(first),
                 "identity failing for too long: disabling it");
             ctx.store
                 .set_status(id.user_id, id.identity_id, STATUS_INACTIVE)

@@ -53,16 +53,36 @@ pub enum JobError {
     /// Another sync of the identity holds the lock.
     #[error("skipped: {0}")]
     Busy(String),
+    /// An outage of ours (processor absent or silent, NATS, Cassandra): the
+    /// mailbox stopped at the first message it touched, nothing was counted
+    /// against the messages or the account.
+    #[error("stopped by an outage on our side (not the account's): {0}")]
+    Outage(String),
+    /// Cut short (shutdown, lost lock, job deadline); what was reached is saved.
+    #[error("interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl JobError {
     /// Does this failure say something about the remote account (and so
-    /// count towards disabling it)? Our own outages do not.
+    /// count towards disabling it)? Our own outages do not, nor does one
+    /// folder the server will not open.
     pub fn counts_against_account(&self) -> bool {
         match self {
-            JobError::Imap(e) => !matches!(e, ImapError::Policy { .. }),
+            JobError::Imap(e) => !matches!(
+                e,
+                ImapError::Policy { .. } | ImapError::Mailbox { .. } | ImapError::Interrupted
+            ),
             _ => false,
         }
+    }
+
+    /// The IMAP side was stopped by the job's stop token.
+    pub fn is_interrupted(&self) -> bool {
+        matches!(
+            self,
+            JobError::Interrupted(_) | JobError::Imap(ImapError::Interrupted)
+        )
     }
 }
 
@@ -75,6 +95,7 @@ pub async fn run(
     if settings.lda.in_topic.is_empty() {
         tracing::info!("LDAConfig.in_topic is empty: store-only mode, no hand-off");
     }
+    crate::imap::tls::check_trust(&settings.imap.ca_file).map_err(crate::error::Failure::Config)?;
     let store = Store::connect_retrying(&settings.store_settings, shutdown.clone()).await?;
     let bus = Bus::connect(
         &settings.nats_url,

@@ -1,19 +1,37 @@
 //! The sync pipeline of one mailbox: IMAP fetch → Cassandra → hand-off.
 //!
-//! One producer reads messages from the server in UID batches and streams
-//! them, headers prepended, into a bounded channel; one consumer keeps up to
-//! `imap.in_flight` messages in store-and-hand-off at once. Both run in the
-//! same task (`join!`), so fetching, writes and hand-offs overlap while the
-//! channel, the in-flight bound and the process-wide byte budget cap memory.
+//! A producer reads the mailbox through [`imap::fetch`](crate::imap::fetch)
+//! in UID batches and streams each message, headers prepended, into a
+//! bounded channel; a consumer keeps up to `imap.in_flight` messages in
+//! store-and-hand-off at once. Both run in the same task (`join!`), so
+//! fetching, writes and hand-offs overlap while the channel, the in-flight
+//! bound and the process-wide byte budget cap memory.
 //!
-//! Steps per message, in this order: store `raw_message` with
-//! `delivered = false` (idempotent: the id is derived from the UID), send
+//! Steps per message: store `raw_message` with `delivered = false` (the id
+//! is derived from the UID, so a refetch rewrites the same row), send
 //! `process_raw`, then set `delivered = true`. The [`Tracker`] moves the
-//! checkpoint over the unbroken run of finished UIDs only, and it is saved
-//! every `imap.checkpoint_every` messages, so a crash resumes close to where
-//! it stopped and a failed hand-off is retried by the next sync.
+//! checkpoint over the unbroken run of finished UIDs only; it is saved every
+//! `imap.checkpoint_every` messages and at the end.
+//!
+//! What each outcome does to a message ([`Outcome`]):
+//! - handed off, already delivered, or expunged from the server: done;
+//! - refused by the processor, or still on the server but unfetchable: one
+//!   try; after `max_message_tries` it is stepped over and listed;
+//! - larger than `max_message_size` (announced or real): stepped over at
+//!   once, since no retry can succeed;
+//! - an outage of ours (no processor, NATS or Cassandra failing): the
+//!   mailbox stops there, the checkpoint stays before it, no try is counted;
+//! - a hand-off timeout: a try only if a hand-off sent after it succeeds
+//!   (a poison message); if none does, the processor is silent: an outage.
+//!
+//! Before the first hand-off the highest UID of the run is saved as the
+//! mailbox's high-water mark. Messages at or below the previous mark may
+//! have been delivered by a sync that did not end cleanly (crash, failure
+//! further down), so their `delivered` flag is read before a hand-off; a
+//! clean sync leaves the mark at or below its checkpoint and pays nothing.
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -27,10 +45,24 @@ use super::context::{Counters, Ctx};
 use super::tracker::Tracker;
 use super::JobError;
 use crate::bus::wire::{orders, ProcessRaw, ProcessRawReply};
+use crate::bus::BusError;
+use crate::imap::fetch::{uid_set, Reader};
 use crate::imap::headers::{self, FetchedMeta};
 use crate::imap::{ConnInfo, ImapError, ImapSession};
+use crate::shutdown::Shutdown;
 use crate::store::raw_message::raw_message_id;
 use crate::store::state::{Checkpoint, MessageFailure};
+
+/// Where a mailbox's fetch starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncFrom {
+    /// A fullfetch: every message, and no state read or written.
+    FullFetch,
+    /// The first sync of this mailbox: every message, state kept.
+    First,
+    /// A resync after this checkpoint.
+    Resume(Checkpoint),
+}
 
 /// Which mailbox, for whom, and whether state is kept.
 pub struct MailboxJob<'a> {
@@ -42,60 +74,67 @@ pub struct MailboxJob<'a> {
     /// `inserver`, for `X-Fetched-Imap`.
     pub server: &'a str,
     pub conn: &'a ConnInfo,
+    /// UTF-8; encoded for the wire by the IMAP layer.
     pub mailbox: &'a str,
-    /// `Some(checkpoint)` for a sync (`None` inside = first sync); `None`
-    /// for a fullfetch, which keeps no state at all.
-    pub state: Option<Option<Checkpoint>>,
+    pub from: SyncFrom,
     pub counters: &'a Counters,
+    /// Fires on shutdown, a lost lock or the job deadline.
+    pub stop: Shutdown,
 }
 
-/// One message between the fetch and the end of its hand-off: its bytes
-/// (headers prepended), or why it was not downloaded.
+impl MailboxJob<'_> {
+    fn tracked(&self) -> bool {
+        self.from != SyncFrom::FullFetch
+    }
+}
+
+/// One message between the fetch and the end of its hand-off.
 struct Fetched {
     uid: u32,
-    raw: Result<Vec<u8>, String>,
-    /// Its share of the memory budget, released when the hand-off ends.
-    _permit: Option<OwnedSemaphorePermit>,
+    item: Item,
+}
+
+enum Item {
+    /// Its bytes (headers prepended) and its share of the memory budget,
+    /// released when the hand-off ends.
+    Message(Vec<u8>, OwnedSemaphorePermit),
+    /// Can never be stored (too large).
+    Refused(String),
+    /// Still on the server, which would not send it.
+    Unfetchable(String),
+    /// Expunged while we synced.
+    Gone,
 }
 
 enum Outcome {
     HandedOff,
     AlreadyDelivered,
-    Failed(String),
+    Gone,
+    /// The processor said no (or answered nonsense): one try.
+    Rejected(String),
+    /// The server would not send it: one try.
+    Unfetchable(String),
+    /// No try can succeed: stepped over at once.
+    Permanent(String),
+    /// No answer in time: a try or an outage, decided later.
+    TimedOut(String),
+    /// Ours: stop the mailbox, count nothing against the message.
+    Outage(String),
 }
 
 /// Sync one mailbox. Returns when every fetched message has finished its
-/// hand-off (or failed), the shutdown token fired, or the server failed; in
-/// every case the checkpoint reached is saved before returning.
+/// hand-off (or failed), the stop token fired, an outage stopped it, or the
+/// server failed; in every case the checkpoint reached is saved first.
 pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Result<(), JobError> {
     let ctx = job.ctx;
     let s = &ctx.settings.imap;
     let io = Duration::from_secs(s.io_timeout_secs);
-    let server = job.server;
-    let imap_err = |during: &str, e: async_imap::error::Error| {
-        JobError::Imap(ImapError::Protocol {
-            server: server.to_string(),
-            during: during.to_string(),
-            reason: e.to_string(),
-        })
-    };
-    let timed_out = |during: &str| {
-        JobError::Imap(ImapError::Timeout {
-            server: server.to_string(),
-            during: during.to_string(),
-        })
-    };
-
-    let mb = tokio::time::timeout(io, session.examine(job.mailbox))
-        .await
-        .map_err(|_| timed_out("EXAMINE"))?
-        .map_err(|e| imap_err(&format!("EXAMINE {}", job.mailbox), e))?;
-    let uidvalidity = mb.uid_validity.unwrap_or(0);
-    let tracked = job.state.is_some();
-    let previous = job.state.flatten();
-    let base = match previous {
-        Some(cp) if cp.uidvalidity == uidvalidity && uidvalidity != 0 => cp.lastseenuid,
-        Some(cp) => {
+    let mut reader = Reader::new(session, job.server, io, job.stop.clone());
+    let mb = reader.examine(job.mailbox).await.map_err(imap_err)?;
+    let uidvalidity = mb.uidvalidity;
+    let base = match job.from {
+        SyncFrom::Resume(cp) if cp.uidvalidity == uidvalidity && uidvalidity != 0 => cp.lastseenuid,
+        SyncFrom::Resume(cp) => {
             tracing::warn!(
                 mailbox = job.mailbox,
                 old = cp.uidvalidity,
@@ -104,51 +143,127 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
             );
             0
         }
-        None => 0,
+        SyncFrom::First | SyncFrom::FullFetch => 0,
     };
+    let known_generation =
+        matches!(job.from, SyncFrom::Resume(cp) if cp.uidvalidity == uidvalidity);
     let save = |cp: u32| async move {
-        if tracked {
-            checkpoint::save(
-                ctx,
-                job.user_id,
-                job.identity_id,
-                job.mailbox,
-                Checkpoint {
-                    uidvalidity,
-                    lastseenuid: cp,
-                },
-            )
-            .await
-        } else {
-            Ok(())
+        if !job.tracked() {
+            return Ok(());
         }
+        let checkpoint = Checkpoint {
+            uidvalidity,
+            lastseenuid: cp,
+        };
+        settle(|| checkpoint::save(ctx, job.user_id, job.identity_id, job.mailbox, checkpoint))
+            .await
     };
 
     // Nothing new: no FETCH at all (the cheap path of a no-change resync).
     let nothing_new = mb.exists == 0 || mb.uid_next.is_some_and(|next| next <= base + 1);
-    if nothing_new {
-        if previous.map(|p| p.uidvalidity) != Some(uidvalidity) {
-            save(base).await?;
-        }
-        return Ok(());
-    }
-
-    let found = tokio::time::timeout(io, session.uid_search(format!("UID {}:*", base + 1)))
-        .await
-        .map_err(|_| timed_out("UID SEARCH"))?
-        .map_err(|e| imap_err("UID SEARCH", e))?;
-    let mut tracker = Tracker::new(base, found.into_iter().collect());
+    let found = if nothing_new {
+        Vec::new()
+    } else {
+        reader
+            .search(&format!("{}:*", base + 1))
+            .await
+            .map_err(imap_err)?
+    };
+    let mut tracker = Tracker::new(base, found);
     if tracker.is_empty() {
-        if previous.map(|p| p.uidvalidity) != Some(uidvalidity) {
+        if job.tracked() && !known_generation {
             save(base).await?;
         }
         return Ok(());
     }
 
-    // Earlier failures of this mailbox generation.
-    let mut failures: HashMap<u32, MessageFailure> = HashMap::new();
-    if tracked {
-        for f in ctx
+    let mut failures = earlier_failures(job, uidvalidity).await?;
+    for f in failures.values().filter(|f| f.stepped_over) {
+        tracker.done(f.uid);
+    }
+    let check_upto = high_water(job, uidvalidity, tracker.uids()).await?;
+
+    tracing::info!(
+        mailbox = job.mailbox,
+        uidvalidity,
+        from_uid = base + 1,
+        messages = tracker.len(),
+        "fetching"
+    );
+    let (tx, rx) = mpsc::channel::<Fetched>(s.in_flight);
+    let uids: Vec<u32> = tracker
+        .uids()
+        .iter()
+        .copied()
+        .filter(|u| !failures.get(u).is_some_and(|f| f.stepped_over))
+        .collect();
+    let producer = produce(job, &mut reader, uids, tx);
+    let mut run = Consumer {
+        job,
+        uidvalidity,
+        check_upto,
+        tracker: &mut tracker,
+        failures: &mut failures,
+        answered_upto: 0,
+    };
+    let (produced, consumed) = tokio::join!(producer, run.consume(rx, &save));
+
+    // Whatever happened, keep what was reached.
+    let reached = tracker.checkpoint();
+    let saved = save(reached).await;
+    tracing::info!(mailbox = job.mailbox, checkpoint = reached, "mailbox done");
+    consumed?;
+    produced.map_err(imap_err)?;
+    saved?;
+    if job.stop.is_triggered() && !tracker.complete() {
+        return Err(JobError::Interrupted(
+            "stopped before the end of the mailbox".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn imap_err(e: ImapError) -> JobError {
+    match e {
+        ImapError::Interrupted => {
+            JobError::Interrupted("stopped while waiting on the server".into())
+        }
+        e => JobError::Imap(e),
+    }
+}
+
+/// A store write that must land: retried a few times with backoff, so a
+/// Cassandra restart of a few seconds does not lose the checkpoint reached.
+async fn settle<F, Fut>(mut write: F) -> Result<(), JobError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), JobError>>,
+{
+    let mut delay = Duration::from_millis(500);
+    let mut tries = 0;
+    loop {
+        match write().await {
+            Ok(()) => return Ok(()),
+            Err(e) if tries >= 5 => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot save the sync state yet: retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(8));
+                tries += 1;
+            }
+        }
+    }
+}
+
+/// Earlier failures of this mailbox generation.
+async fn earlier_failures(
+    job: &MailboxJob<'_>,
+    uidvalidity: u32,
+) -> Result<HashMap<u32, MessageFailure>, JobError> {
+    let mut failures = HashMap::new();
+    if job.tracked() {
+        for f in job
+            .ctx
             .store
             .message_failures(job.user_id, job.identity_id)
             .await?
@@ -158,184 +273,124 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
             }
         }
     }
-    // After a failure, later messages were handed off already: check before
-    // handing them off again.
-    let check_delivered = failures.values().any(|f| !f.stepped_over);
-    let stepped: Vec<u32> = failures
-        .values()
-        .filter(|f| f.stepped_over)
-        .map(|f| f.uid)
-        .collect();
-    for uid in stepped {
-        tracker.done(uid);
-    }
-
-    tracing::info!(
-        mailbox = job.mailbox,
-        uidvalidity,
-        from_uid = base + 1,
-        messages = tracker.len(),
-        "fetching"
-    );
-
-    let (tx, rx) = mpsc::channel::<Fetched>(s.in_flight);
-    let uids: Vec<u32> = tracker
-        .uids()
-        .iter()
-        .copied()
-        .filter(|u| !failures.get(u).is_some_and(|f| f.stepped_over))
-        .collect();
-
-    let producer = produce(job, session, uids, tx);
-    let consumer = consume(
-        job,
-        rx,
-        uidvalidity,
-        check_delivered,
-        &mut tracker,
-        &mut failures,
-        &save,
-    );
-    let (produced, consumed) = tokio::join!(producer, consumer);
-
-    // Whatever happened, keep what was reached.
-    let reached = tracker.checkpoint();
-    let saved = save(reached).await;
-    tracing::info!(mailbox = job.mailbox, checkpoint = reached, "mailbox done");
-    produced?;
-    consumed?;
-    saved?;
-    Ok(())
+    Ok(failures)
 }
 
-/// Read messages batch by batch and send them down the channel. Oversized
-/// messages are not downloaded: they are sent as failures straight away.
+/// Read the previous high-water mark and save this run's. Returns the UID
+/// up to which `delivered` must be checked before a hand-off.
+async fn high_water(job: &MailboxJob<'_>, uidvalidity: u32, uids: &[u32]) -> Result<u32, JobError> {
+    if !job.tracked() {
+        // A fullfetch keeps no mark: any message may be stored already.
+        return Ok(u32::MAX);
+    }
+    let store = &job.ctx.store;
+    let previous = match store
+        .high_water(job.user_id, job.identity_id, job.mailbox)
+        .await?
+    {
+        Some((v, high)) if v == uidvalidity => high,
+        _ => 0,
+    };
+    let top = uids.last().copied().unwrap_or(0);
+    if top > previous {
+        store
+            .save_high_water(job.user_id, job.identity_id, job.mailbox, uidvalidity, top)
+            .await?;
+    }
+    Ok(previous)
+}
+
+/// Read messages batch by batch and send them down the channel. Messages
+/// larger than `max_message_size` are not downloaded; whatever the server
+/// does not send is told apart as gone (expunged) or unfetchable.
 async fn produce(
     job: &MailboxJob<'_>,
-    session: &mut ImapSession,
+    reader: &mut Reader<'_>,
     uids: Vec<u32>,
     tx: mpsc::Sender<Fetched>,
-) -> Result<(), JobError> {
-    let ctx = job.ctx;
-    let s = &ctx.settings.imap;
-    let io = Duration::from_secs(s.io_timeout_secs);
-    let mut shutdown = ctx.shutdown.clone();
-    let server = job.server.to_string();
-    let imap_err = |during: &str, reason: String| {
-        JobError::Imap(ImapError::Protocol {
-            server: server.clone(),
-            during: during.to_string(),
-            reason,
-        })
-    };
-    let items = if job.conn.gmail {
-        "(UID FLAGS BODY.PEEK[] X-GM-MSGID X-GM-LABELS)"
-    } else {
-        "(UID FLAGS BODY.PEEK[])"
-    };
-    let user = job.user_id.to_string();
-
+) -> Result<(), ImapError> {
+    let s = &job.ctx.settings.imap;
+    let max = s.max_message_size;
     for batch in uids.chunks(s.fetch_batch as usize) {
-        if shutdown.is_triggered() {
+        if job.stop.is_triggered() {
             return Ok(());
         }
         // Sizes first, so a huge message is refused without downloading it.
+        let (sizes, _) = reader.sizes(batch).await?;
+        let in_batch: HashSet<u32> = batch.iter().copied().collect();
+        let mut seen = HashSet::new();
+        let mut refused = HashSet::new();
         let mut wanted = Vec::with_capacity(batch.len());
-        {
-            let set = uid_set(batch);
-            let mut stream = tokio::time::timeout(io, session.uid_fetch(&set, "(UID RFC822.SIZE)"))
-                .await
-                .map_err(|_| imap_err("UID FETCH sizes", "timed out".into()))?
-                .map_err(|e| imap_err("UID FETCH sizes", e.to_string()))?;
-            loop {
-                let item = tokio::time::timeout(io, stream.next())
-                    .await
-                    .map_err(|_| imap_err("UID FETCH sizes", "timed out".into()))?;
-                let Some(item) = item else { break };
-                let f = item.map_err(|e| imap_err("UID FETCH sizes", e.to_string()))?;
-                let (Some(uid), size) = (f.uid, f.size) else {
-                    continue;
-                };
-                if size.is_some_and(|n| n as u64 > s.max_message_size) {
-                    Counters::add(&job.counters.fetched, 1);
-                    let reason = format!(
-                        "message of {} bytes exceeds imap.max_message_size ({} bytes)",
-                        size.unwrap_or(0),
-                        s.max_message_size
-                    );
-                    let refused = Fetched {
-                        uid,
-                        raw: Err(reason),
-                        _permit: None,
-                    };
-                    if tx.send(refused).await.is_err() {
-                        return Ok(());
-                    }
-                } else {
-                    wanted.push(uid);
+        for (uid, size) in sizes {
+            if !in_batch.contains(&uid) || !seen.insert(uid) {
+                continue;
+            }
+            if size as u64 > max {
+                refused.insert(uid);
+                let reason =
+                    format!("message of {size} bytes exceeds imap.max_message_size ({max} bytes)");
+                if !send(job, &tx, uid, Item::Refused(reason)).await {
+                    return Ok(());
                 }
+            } else {
+                wanted.push(uid);
             }
         }
-        if wanted.is_empty() {
+        let mut received = HashSet::new();
+        let mut no_text = None;
+        if !wanted.is_empty() {
+            let mut bodies = reader.bodies(&wanted, job.conn.gmail).await?;
+            while let Some(b) = bodies.next().await? {
+                if !in_batch.contains(&b.uid) || refused.contains(&b.uid) || !received.insert(b.uid)
+                {
+                    continue;
+                }
+                Counters::add(&job.counters.fetched, 1);
+                let item = if b.data.len() as u64 > max {
+                    Item::Refused(format!(
+                        "message of {} bytes (the server announced less) exceeds \
+                         imap.max_message_size ({max} bytes)",
+                        b.data.len()
+                    ))
+                } else {
+                    // Backpressure: ends when hand-offs finish, or when the
+                    // consumer stopped taking messages.
+                    let permit = tokio::select! {
+                        p = job.ctx.reserve_bytes(b.data.len() + 1024) => p,
+                        _ = tx.closed() => return Ok(()),
+                    };
+                    Item::Message(with_headers(job, &b), permit)
+                };
+                if !send(job, &tx, b.uid, item).await {
+                    return Ok(());
+                }
+            }
+            no_text = bodies.status().err();
+        }
+        // What the server did not send at all: gone, or there but refused.
+        let unanswered: Vec<u32> = batch
+            .iter()
+            .copied()
+            .filter(|u| !received.contains(u) && !refused.contains(u))
+            .collect();
+        if unanswered.is_empty() {
             continue;
         }
-        wanted.sort_unstable();
-
-        let set = uid_set(&wanted);
-        let mut stream = tokio::time::timeout(io, session.uid_fetch(&set, items))
-            .await
-            .map_err(|_| imap_err("UID FETCH", "timed out".into()))?
-            .map_err(|e| imap_err("UID FETCH", e.to_string()))?;
-        loop {
-            let item = tokio::select! {
-                r = tokio::time::timeout(io, stream.next()) => r
-                    .map_err(|_| imap_err("UID FETCH", "timed out".into()))?,
-                _ = shutdown.wait() => return Ok(()),
+        let still: HashSet<u32> = reader
+            .search(&uid_set(&unanswered))
+            .await?
+            .into_iter()
+            .collect();
+        for uid in unanswered {
+            let item = if still.contains(&uid) {
+                Item::Unfetchable(match &no_text {
+                    Some(t) => format!("the server refused to send it: NO {t}"),
+                    None => "the server did not send it".to_string(),
+                })
+            } else {
+                Item::Gone
             };
-            let Some(item) = item else { break };
-            let f = item.map_err(|e| imap_err("UID FETCH", e.to_string()))?;
-            let Some(uid) = f.uid else { continue };
-            let Some(body) = f.body() else {
-                // A FETCH without the body (flag updates arrive this way too).
-                continue;
-            };
-            Counters::add(&job.counters.fetched, 1);
-            let flags: Vec<String> = f.flags().map(|fl| headers::flag_name(&fl)).collect();
-            let labels: Vec<String> = f
-                .gmail_labels()
-                .map(|l| l.iter().map(|s| s.to_string()).collect())
-                .unwrap_or_default();
-            let meta = FetchedMeta {
-                server: job.server,
-                conn: job.conn,
-                account: job.display_name,
-                mailbox: job.mailbox,
-                user_id: &user,
-                uid,
-                flags: &flags,
-                gmail_msgid: f.gmail_msg_id().copied(),
-                gmail_labels: &labels,
-                date: Utc::now().fixed_offset(),
-            };
-            // Both waits are backpressure: they end when hand-offs finish, or
-            // at shutdown.
-            let permit = tokio::select! {
-                p = ctx.reserve_bytes(body.len() + 1024) => p,
-                _ = shutdown.wait() => return Ok(()),
-            };
-            let mut raw = Vec::with_capacity(body.len() + 512);
-            headers::write(&meta, &mut raw);
-            raw.extend_from_slice(body);
-            let fetched = Fetched {
-                uid,
-                raw: Ok(raw),
-                _permit: Some(permit),
-            };
-            let sent = tokio::select! {
-                r = tx.send(fetched) => r.is_ok(),
-                _ = shutdown.wait() => false,
-            };
-            if !sent {
+            if !send(job, &tx, uid, item).await {
                 return Ok(());
             }
         }
@@ -343,138 +398,265 @@ async fn produce(
     Ok(())
 }
 
-/// Keep up to `in_flight` hand-offs going; account for each result.
-async fn consume<F, Fut>(
-    job: &MailboxJob<'_>,
-    mut rx: mpsc::Receiver<Fetched>,
-    uidvalidity: u32,
-    check_delivered: bool,
-    tracker: &mut Tracker,
-    failures: &mut HashMap<u32, MessageFailure>,
-    save: &F,
-) -> Result<(), JobError>
-where
-    F: Fn(u32) -> Fut,
-    Fut: std::future::Future<Output = Result<(), JobError>>,
-{
-    let ctx = job.ctx;
-    let s = &ctx.settings.imap;
-    let tracked = job.state.is_some();
-    let mut inflight = FuturesUnordered::new();
-    let mut open = true;
-    let mut since_save = 0u32;
-    let mut last_saved = tracker.checkpoint();
-    let mut shutdown = ctx.shutdown.clone();
-    // After a shutdown request: the hand-offs in flight get this long to end.
-    let mut cut_at: Option<tokio::time::Instant> = None;
-    let far = tokio::time::Instant::now() + Duration::from_secs(365 * 86400);
-    loop {
-        if !open && inflight.is_empty() {
-            break;
-        }
-        tokio::select! {
-            biased;
-            // Shutdown: take nothing more; what is queued stays unfetched as
-            // far as the checkpoint knows, and the next sync fetches it again.
-            _ = shutdown.wait(), if cut_at.is_none() => {
-                open = false;
-                rx.close();
-                cut_at = Some(tokio::time::Instant::now() + shutdown_cut(s.shutdown_grace_secs));
-            }
-            _ = tokio::time::sleep_until(cut_at.unwrap_or(far)), if cut_at.is_some() => {
-                tracing::warn!(mailbox = job.mailbox, abandoned = inflight.len(),
-                    "shutdown: hand-offs still running are abandoned (fetched again next time)");
-                break;
-            }
-            Some((uid, outcome)) = inflight.next(), if !inflight.is_empty() => {
-                match outcome {
-                    Outcome::HandedOff | Outcome::AlreadyDelivered => {
-                        if matches!(outcome, Outcome::HandedOff) {
-                            Counters::add(&job.counters.handed_off, 1);
-                        } else {
-                            Counters::add(&job.counters.already_delivered, 1);
-                        }
-                        tracker.done(uid);
-                        if tracked && failures.remove(&uid).is_some() {
-                            ctx.store
-                                .clear_message_failure(job.user_id, job.identity_id, job.mailbox, uidvalidity, uid)
-                                .await?;
-                        }
-                    }
-                    Outcome::Failed(reason) => {
-                        let stepped = record_failure(job, failures, uidvalidity, uid, &reason).await?;
-                        if stepped {
-                            Counters::add(&job.counters.stepped_over, 1);
-                            tracker.done(uid);
-                        } else {
-                            Counters::add(&job.counters.failed, 1);
-                        }
-                    }
-                }
-                since_save += 1;
-                if since_save >= s.checkpoint_every && tracker.checkpoint() != last_saved {
-                    last_saved = tracker.checkpoint();
-                    since_save = 0;
-                    save(last_saved).await?;
-                }
-            }
-            msg = rx.recv(), if open && inflight.len() < s.in_flight => {
-                match msg {
-                    Some(m) => inflight.push(hand_off(job, m, uidvalidity, check_delivered)),
-                    None => open = false,
-                }
-            }
-            else => break,
-        }
+/// Send one item down the channel; `false` when the consumer is gone or
+/// the job is stopping.
+async fn send(job: &MailboxJob<'_>, tx: &mpsc::Sender<Fetched>, uid: u32, item: Item) -> bool {
+    let mut stop = job.stop.clone();
+    tokio::select! {
+        r = tx.send(Fetched { uid, item }) => r.is_ok(),
+        _ = stop.wait() => false,
     }
-    Ok(())
 }
 
-/// Count a failure of `uid`; `true` when it has now failed too often and is
-/// stepped over (it stays listed for operators).
-async fn record_failure(
-    job: &MailboxJob<'_>,
-    failures: &mut HashMap<u32, MessageFailure>,
+/// The raw message as stored: X-Fetched headers, then the server's bytes.
+fn with_headers(job: &MailboxJob<'_>, b: &crate::imap::fetch::Body) -> Vec<u8> {
+    let user = job.user_id.to_string();
+    let flags: Vec<String> = b
+        .flags
+        .iter()
+        .map(|f| headers::flag_name(&async_imap::types::Flag::from(f.as_str())))
+        .collect();
+    let meta = FetchedMeta {
+        server: job.server,
+        conn: job.conn,
+        account: job.display_name,
+        mailbox: job.mailbox,
+        user_id: &user,
+        uid: b.uid,
+        flags: &flags,
+        gmail_msgid: b.gmail_msgid,
+        gmail_labels: &b.gmail_labels,
+        date: Utc::now().fixed_offset(),
+    };
+    let mut raw = Vec::with_capacity(b.data.len() + 512);
+    headers::write(&meta, &mut raw);
+    raw.extend_from_slice(&b.data);
+    raw
+}
+
+/// The consuming half of a mailbox sync: hand-offs in flight and the
+/// bookkeeping of their outcomes.
+struct Consumer<'j, 'a> {
+    job: &'j MailboxJob<'a>,
     uidvalidity: u32,
-    uid: u32,
-    reason: &str,
-) -> Result<bool, JobError> {
-    let ctx = job.ctx;
-    let max = ctx.settings.imap.max_message_tries;
-    tracing::warn!(
-        mailbox = job.mailbox,
-        uid,
-        error = reason,
-        "message not handed off"
-    );
-    if job.state.is_none() {
-        // fullfetch keeps no state: the failure is counted in its report only.
-        return Ok(false);
+    /// `delivered` is read first for UIDs up to this one.
+    check_upto: u32,
+    tracker: &'j mut Tracker,
+    failures: &'j mut HashMap<u32, MessageFailure>,
+    /// The latest (in sending order) hand-off the processor answered.
+    answered_upto: u64,
+}
+
+/// Hand-offs that timed out and wait for a verdict: `(sequence, uid, why)`.
+type Pending = Vec<(u64, u32, String)>;
+
+impl Consumer<'_, '_> {
+    /// Keep up to `in_flight` hand-offs going; account for each result.
+    async fn consume<F, Fut>(
+        &mut self,
+        mut rx: mpsc::Receiver<Fetched>,
+        save: &F,
+    ) -> Result<(), JobError>
+    where
+        F: Fn(u32) -> Fut,
+        Fut: std::future::Future<Output = Result<(), JobError>>,
+    {
+        let job = self.job;
+        let s = &job.ctx.settings.imap;
+        let mut inflight = FuturesUnordered::new();
+        let mut open = true;
+        let mut since_save = 0u32;
+        let mut last_saved = self.tracker.checkpoint();
+        let mut stop = job.stop.clone();
+        // After a stop: the hand-offs in flight get this long to end.
+        let mut cut_at: Option<tokio::time::Instant> = None;
+        let far = tokio::time::Instant::now() + Duration::from_secs(365 * 86400);
+        let mut seq = 0u64;
+        let mut timed_out: Pending = Vec::new();
+        let mut outage: Option<String> = None;
+        let uidvalidity = self.uidvalidity;
+        loop {
+            // A silent processor: every hand-off sent after the timed-out
+            // ones has ended and none succeeded.
+            if !timed_out.is_empty() && inflight.is_empty() {
+                outage.get_or_insert_with(|| {
+                    format!("no answer from the processor ({})", timed_out[0].2)
+                });
+                timed_out.clear();
+            }
+            if outage.is_some() && open {
+                open = false;
+                rx.close();
+            }
+            if !open && inflight.is_empty() {
+                break;
+            }
+            let paused = !timed_out.is_empty();
+            tokio::select! {
+                biased;
+                // Stop: take nothing more; what is queued stays unfetched as
+                // far as the checkpoint knows, and the next sync fetches it.
+                _ = stop.wait(), if cut_at.is_none() => {
+                    open = false;
+                    rx.close();
+                    cut_at = Some(tokio::time::Instant::now() + shutdown_cut(s.shutdown_grace_secs));
+                }
+                _ = tokio::time::sleep_until(cut_at.unwrap_or(far)), if cut_at.is_some() => {
+                    tracing::warn!(mailbox = job.mailbox, abandoned = inflight.len(),
+                        "stopping: hand-offs still running are abandoned (fetched again next time)");
+                    break;
+                }
+                Some((n, uid, outcome)) = inflight.next(), if !inflight.is_empty() => {
+                    self.account(n, uid, outcome, &mut timed_out, &mut outage).await?;
+                    since_save += 1;
+                    if since_save >= s.checkpoint_every && self.tracker.checkpoint() != last_saved {
+                        last_saved = self.tracker.checkpoint();
+                        since_save = 0;
+                        save(last_saved).await?;
+                    }
+                }
+                msg = rx.recv(), if open && !paused && inflight.len() < s.in_flight => {
+                    match msg {
+                        Some(m) => {
+                            seq += 1;
+                            let n = seq;
+                            let check = m.uid <= self.check_upto;
+                            inflight.push(async move {
+                                let (uid, outcome) = hand_off(job, m, uidvalidity, check).await;
+                                (n, uid, outcome)
+                            });
+                        }
+                        None => open = false,
+                    }
+                }
+                else => break,
+            }
+        }
+        match outage {
+            Some(reason) => Err(JobError::Outage(reason)),
+            None => Ok(()),
+        }
     }
-    let f = failures.entry(uid).or_insert_with(|| MessageFailure {
-        mailbox: job.mailbox.to_string(),
-        uidvalidity,
-        uid,
-        tries: 0,
-        last_error: String::new(),
-        stepped_over: false,
-    });
-    f.tries += 1;
-    f.last_error = reason.to_string();
-    f.stepped_over = f.tries >= max;
-    if f.stepped_over {
-        tracing::error!(
+
+    /// Account for one finished hand-off (`n` is its place in sending order).
+    async fn account(
+        &mut self,
+        n: u64,
+        uid: u32,
+        outcome: Outcome,
+        timed_out: &mut Pending,
+        outage: &mut Option<String>,
+    ) -> Result<(), JobError> {
+        let counters = self.job.counters;
+        match outcome {
+            Outcome::HandedOff | Outcome::AlreadyDelivered | Outcome::Gone => {
+                match outcome {
+                    Outcome::HandedOff => Counters::add(&counters.handed_off, 1),
+                    Outcome::AlreadyDelivered => Counters::add(&counters.already_delivered, 1),
+                    _ => {
+                        tracing::info!(
+                            mailbox = self.job.mailbox,
+                            uid,
+                            "message expunged during the sync"
+                        );
+                        Counters::add(&counters.gone, 1);
+                    }
+                }
+                self.done(uid).await?;
+                if !matches!(outcome, Outcome::Gone) {
+                    self.answered_upto = self.answered_upto.max(n);
+                    // The processor answered a hand-off sent after these:
+                    // they are poison messages, not an outage.
+                    let (poison, wait): (Pending, Pending) =
+                        timed_out.drain(..).partition(|(m, _, _)| *m < n);
+                    *timed_out = wait;
+                    for (_, u, reason) in poison {
+                        self.failed(u, &reason, false).await?;
+                    }
+                }
+            }
+            Outcome::Rejected(reason) | Outcome::Unfetchable(reason) => {
+                self.failed(uid, &reason, false).await?
+            }
+            Outcome::Permanent(reason) => self.failed(uid, &reason, true).await?,
+            // A hand-off sent after it was answered already: poison.
+            Outcome::TimedOut(reason) if n < self.answered_upto => {
+                self.failed(uid, &reason, false).await?
+            }
+            Outcome::TimedOut(reason) => timed_out.push((n, uid, reason)),
+            Outcome::Outage(reason) => {
+                tracing::warn!(mailbox = self.job.mailbox, uid, error = %reason,
+                    "outage on our side: the mailbox stops here, nothing counted against the message");
+                outage.get_or_insert(reason);
+            }
+        }
+        Ok(())
+    }
+
+    async fn done(&mut self, uid: u32) -> Result<(), JobError> {
+        let job = self.job;
+        self.tracker.done(uid);
+        if job.tracked() && self.failures.remove(&uid).is_some() {
+            job.ctx
+                .store
+                .clear_message_failure(
+                    job.user_id,
+                    job.identity_id,
+                    job.mailbox,
+                    self.uidvalidity,
+                    uid,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Count a failed try of `uid` (or, `permanent`, give up on it at once);
+    /// a message that has failed too often is stepped over: the checkpoint
+    /// moves past it and it stays listed for operators.
+    async fn failed(&mut self, uid: u32, reason: &str, permanent: bool) -> Result<(), JobError> {
+        let job = self.job;
+        let max = job.ctx.settings.imap.max_message_tries;
+        tracing::warn!(
             mailbox = job.mailbox,
             uid,
-            tries = f.tries,
             error = reason,
-            "message failed too often: stepped over (listed by imapctl listremotes)"
+            "message not handed off"
         );
+        let f = self.failures.entry(uid).or_insert_with(|| MessageFailure {
+            mailbox: job.mailbox.to_string(),
+            uidvalidity: self.uidvalidity,
+            uid,
+            tries: 0,
+            last_error: String::new(),
+            stepped_over: false,
+        });
+        f.tries += 1;
+        f.last_error = reason.to_string();
+        f.stepped_over = permanent || f.tries >= max;
+        if f.stepped_over {
+            tracing::error!(
+                mailbox = job.mailbox,
+                uid,
+                tries = f.tries,
+                error = reason,
+                "message stepped over (listed by imapctl listremotes)"
+            );
+        }
+        if job.tracked() {
+            job.ctx
+                .store
+                .save_message_failure(job.user_id, job.identity_id, f, Utc::now())
+                .await?;
+        }
+        if f.stepped_over {
+            job.counters.step_over(job.mailbox, uid, reason);
+            self.tracker.done(uid);
+        } else {
+            Counters::add(&job.counters.failed, 1);
+        }
+        Ok(())
     }
-    ctx.store
-        .save_message_failure(job.user_id, job.identity_id, f, Utc::now())
-        .await?;
-    Ok(f.stepped_over)
 }
 
 /// Store one message and hand it off.
@@ -482,20 +664,34 @@ async fn hand_off(
     job: &MailboxJob<'_>,
     m: Fetched,
     uidvalidity: u32,
-    check_delivered: bool,
+    check: bool,
 ) -> (u32, Outcome) {
-    let ctx = job.ctx;
     let uid = m.uid;
-    let raw = match m.raw {
-        Ok(raw) => raw,
-        Err(reason) => return (uid, Outcome::Failed(reason)),
+    let outcome = match m.item {
+        Item::Message(raw, _permit) => store_and_hand_off(job, uid, raw, uidvalidity, check).await,
+        Item::Refused(reason) => Outcome::Permanent(reason),
+        Item::Unfetchable(reason) => Outcome::Unfetchable(reason),
+        Item::Gone => Outcome::Gone,
     };
+    (uid, outcome)
+}
+
+async fn store_and_hand_off(
+    job: &MailboxJob<'_>,
+    uid: u32,
+    raw: Vec<u8>,
+    uidvalidity: u32,
+    check: bool,
+) -> Outcome {
+    let ctx = job.ctx;
     let id = raw_message_id(job.user_id, job.identity_id, job.mailbox, uidvalidity, uid);
-    if check_delivered {
+    if check {
+        // May be stored and delivered already: never store it again over a
+        // delivered row, never hand it off twice.
         match ctx.store.raw_message_delivered(id).await {
-            Ok(Some(true)) => return (uid, Outcome::AlreadyDelivered),
+            Ok(Some(true)) => return Outcome::AlreadyDelivered,
             Ok(_) => {}
-            Err(e) => return (uid, Outcome::Failed(e.to_string())),
+            Err(e) => return Outcome::Outage(e.to_string()),
         }
     }
     let topic = &ctx.settings.lda.in_topic;
@@ -505,10 +701,10 @@ async fn hand_off(
         .insert_raw_message_as(job.user_id, id, raw, store_only)
         .await
     {
-        return (uid, Outcome::Failed(e.to_string()));
+        return Outcome::Outage(e.to_string());
     }
     if store_only {
-        return (uid, Outcome::HandedOff);
+        return Outcome::HandedOff;
     }
     let order = ProcessRaw {
         order: orders::PROCESS_RAW.into(),
@@ -523,53 +719,22 @@ async fn hand_off(
         .await
     {
         Ok(reply) if reply.is_success() => {}
-        Ok(reply) => return (uid, Outcome::Failed(format!("processor: {}", reply.error))),
-        Err(e) => return (uid, Outcome::Failed(e.to_string())),
+        Ok(reply) => return Outcome::Rejected(format!("processor: {}", reply.error)),
+        Err(e @ BusError::TimedOut { .. }) => return Outcome::TimedOut(e.to_string()),
+        Err(e @ BusError::BadReply { .. }) => return Outcome::Rejected(e.to_string()),
+        Err(BusError::NoResponders(subject)) => {
+            return Outcome::Outage(format!("no processor listening on {subject:?}"))
+        }
+        Err(e) => return Outcome::Outage(e.to_string()),
     }
     match ctx.store.mark_delivered(id).await {
-        Ok(()) => (uid, Outcome::HandedOff),
-        Err(e) => (uid, Outcome::Failed(e.to_string())),
+        Ok(()) => Outcome::HandedOff,
+        Err(e) => Outcome::Outage(e.to_string()),
     }
 }
 
-/// How long in-flight hand-offs may run on after a shutdown request: part
-/// of the grace period, so the checkpoint and the lock release still fit in.
+/// How long in-flight hand-offs may run on after a stop: part of the grace
+/// period, so the checkpoint and the lock release still fit in.
 fn shutdown_cut(grace_secs: u64) -> Duration {
     Duration::from_secs((grace_secs / 2).clamp(1, 10))
-}
-
-/// `1:3,5,7:9` from ascending UIDs.
-pub fn uid_set(uids: &[u32]) -> String {
-    let mut out = String::new();
-    let mut i = 0;
-    while i < uids.len() {
-        let start = uids[i];
-        let mut end = start;
-        while i + 1 < uids.len() && uids[i + 1] == end + 1 {
-            i += 1;
-            end = uids[i];
-        }
-        if !out.is_empty() {
-            out.push(',');
-        }
-        if start == end {
-            out.push_str(&start.to_string());
-        } else {
-            out.push_str(&format!("{start}:{end}"));
-        }
-        i += 1;
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uid_sets() {
-        assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8, 9]), "1:3,5,7:9");
-        assert_eq!(uid_set(&[4]), "4");
-        assert_eq!(uid_set(&[]), "");
-    }
 }

@@ -1,0 +1,460 @@
+//! Reading one mailbox: EXAMINE, UID SEARCH, and UID FETCH of sizes then
+//! bodies, with the tagged status of every command checked.
+//!
+//! async-imap's `uid_fetch` and `uid_search` streams end at the tagged reply
+//! without saying whether it was `OK`, `NO` or `BAD`, so a server that
+//! refuses a message (Gmail and Exchange answer `NO` for some) or a whole
+//! SEARCH looked like success. Here each command is sent with
+//! `run_command` and its responses are read one by one until the tagged
+//! reply, whose status is returned: `BAD` is a protocol error, `NO` is
+//! reported to the caller with the server's text, so it can tell a message
+//! that is gone from one that cannot be fetched.
+//!
+//! Every wait goes through [`Reader::step`]: bounded by the I/O timeout and
+//! ended early by the job's stop token, so a slow or silent server never
+//! holds a job past a shutdown.
+//!
+//! Mailbox names are UTF-8 everywhere in this project and encoded to
+//! modified UTF-7 (RFC 3501 §5.1.3) only here, on the wire.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use async_imap::imap_proto::{AttributeValue, MailboxDatum, RequestId, Response, Status};
+
+use super::{utf7, ImapError, ImapSession};
+use crate::shutdown::Shutdown;
+
+/// What EXAMINE says about a mailbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MailboxInfo {
+    pub uidvalidity: u32,
+    pub uid_next: Option<u32>,
+    pub exists: u32,
+}
+
+/// One message read by a body FETCH.
+#[derive(Debug)]
+pub struct Body {
+    pub uid: u32,
+    pub data: Vec<u8>,
+    /// Flags as the server spelled them (`\Seen`, `$Forwarded`...).
+    pub flags: Vec<String>,
+    pub gmail_msgid: Option<u64>,
+    pub gmail_labels: Vec<String>,
+}
+
+/// How a command ended: `Ok`, or the server's `NO` text.
+pub type Tagged = Result<(), String>;
+
+/// A mailbox reader over one session.
+pub struct Reader<'a> {
+    session: &'a mut ImapSession,
+    server: &'a str,
+    io: Duration,
+    stop: Shutdown,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(
+        session: &'a mut ImapSession,
+        server: &'a str,
+        io: Duration,
+        stop: Shutdown,
+    ) -> Self {
+        Reader {
+            session,
+            server,
+            io,
+            stop,
+        }
+    }
+
+    /// One IMAP wait, bounded by the I/O timeout and ended by the stop token.
+    pub async fn step<T, F>(&mut self, during: &str, fut: F) -> Result<T, ImapError>
+    where
+        F: Future<Output = Result<T, async_imap::error::Error>>,
+    {
+        step(self.server, self.io, &mut self.stop, during, fut).await
+    }
+
+    /// EXAMINE `mailbox` (UTF-8). A `NO` (no such mailbox, not selectable)
+    /// is [`ImapError::Mailbox`]: an error of that folder, not of the account.
+    pub async fn examine(&mut self, mailbox: &str) -> Result<MailboxInfo, ImapError> {
+        let wire = utf7::encode(mailbox);
+        let during = format!("EXAMINE {mailbox}");
+        let server = self.server.to_string();
+        let r = step_raw(self.io, &mut self.stop, self.session.examine(&wire)).await;
+        let mb = match r {
+            Step::Done(Ok(mb)) => mb,
+            Step::Done(Err(async_imap::error::Error::No(text))) => {
+                return Err(ImapError::Mailbox {
+                    server,
+                    mailbox: mailbox.to_string(),
+                    reason: text,
+                })
+            }
+            Step::Done(Err(e)) => return Err(protocol(&server, &during, e.to_string())),
+            Step::TimedOut => return Err(timeout(&server, &during)),
+            Step::Stopped => return Err(ImapError::Interrupted),
+        };
+        Ok(MailboxInfo {
+            uidvalidity: mb.uid_validity.unwrap_or(0),
+            uid_next: mb.uid_next,
+            exists: mb.exists,
+        })
+    }
+
+    /// UIDs of `set` (a UID set such as `5:*`) that exist now, ascending.
+    /// A `NO` is an error here: "cannot search" is not "empty mailbox".
+    pub async fn search(&mut self, set: &str) -> Result<Vec<u32>, ImapError> {
+        let during = format!("UID SEARCH UID {set}");
+        let mut found = Vec::new();
+        let status = self
+            .command(&during, |resp| {
+                if let Response::MailboxData(MailboxDatum::Search(ids)) = resp {
+                    found.extend_from_slice(ids);
+                }
+            })
+            .await?;
+        if let Err(text) = status {
+            return Err(protocol(self.server, &during, format!("NO {text}")));
+        }
+        found.sort_unstable();
+        found.dedup();
+        Ok(found)
+    }
+
+    /// The announced size of each message of `uids` the server answers for.
+    pub async fn sizes(&mut self, uids: &[u32]) -> Result<(Vec<(u32, u32)>, Tagged), ImapError> {
+        let during = "UID FETCH (UID RFC822.SIZE)";
+        let mut out = Vec::with_capacity(uids.len());
+        let status = self
+            .command(
+                &format!("UID FETCH {} (UID RFC822.SIZE)", uid_set(uids)),
+                |resp| {
+                    if let Response::Fetch(_, attrs) = resp {
+                        let mut uid = None;
+                        let mut size = None;
+                        for a in attrs {
+                            match a {
+                                AttributeValue::Uid(u) => uid = Some(*u),
+                                AttributeValue::Rfc822Size(s) => size = Some(*s),
+                                _ => {}
+                            }
+                        }
+                        if let (Some(u), Some(s)) = (uid, size) {
+                            out.push((u, s));
+                        }
+                    }
+                },
+            )
+            .await
+            .map_err(|e| rename(e, during))?;
+        Ok((out, status))
+    }
+
+    /// Start the body FETCH of `uids`; read the messages with
+    /// [`Bodies::next`].
+    pub async fn bodies<'r>(
+        &'r mut self,
+        uids: &[u32],
+        gmail: bool,
+    ) -> Result<Bodies<'r, 'a>, ImapError> {
+        let items = if gmail {
+            "(UID FLAGS BODY.PEEK[] X-GM-MSGID X-GM-LABELS)"
+        } else {
+            "(UID FLAGS BODY.PEEK[])"
+        };
+        let cmd = format!("UID FETCH {} {items}", uid_set(uids));
+        let tag = self.send("UID FETCH", &cmd).await?;
+        Ok(Bodies {
+            reader: self,
+            tag,
+            status: None,
+        })
+    }
+
+    /// Send `cmd` and return its tag.
+    async fn send(&mut self, during: &str, cmd: &str) -> Result<RequestId, ImapError> {
+        let session = &mut *self.session;
+        step(
+            self.server,
+            self.io,
+            &mut self.stop,
+            during,
+            session.run_command(cmd),
+        )
+        .await
+    }
+
+    /// The next response of the command tagged `tag`, passed to `f`:
+    /// `Ok(Some(f(..)))` for an untagged one, `Ok(None)` once the tagged
+    /// reply came (its status then in `status`).
+    async fn next_with<T, F>(
+        &mut self,
+        during: &str,
+        tag: &RequestId,
+        status: &mut Option<Tagged>,
+        f: F,
+    ) -> Result<Option<T>, ImapError>
+    where
+        F: FnOnce(&Response<'_>) -> T,
+    {
+        if status.is_some() {
+            return Ok(None);
+        }
+        let read = step_raw(self.io, &mut self.stop, self.session.read_response()).await;
+        let resp = match read {
+            Step::Done(Ok(Some(r))) => r,
+            Step::Done(Ok(None)) => {
+                return Err(protocol(self.server, during, "connection closed".into()))
+            }
+            Step::Done(Err(e)) => return Err(protocol(self.server, during, e.to_string())),
+            Step::TimedOut => return Err(timeout(self.server, during)),
+            Step::Stopped => return Err(ImapError::Interrupted),
+        };
+        match resp.parsed() {
+            Response::Done {
+                tag: t,
+                status: s,
+                outcome,
+            } if t == tag => {
+                let text = outcome.information.as_deref().unwrap_or("").to_string();
+                match s {
+                    Status::Ok => *status = Some(Ok(())),
+                    Status::No => *status = Some(Err(text)),
+                    _ => return Err(protocol(self.server, during, format!("{s:?} {text}"))),
+                }
+                Ok(None)
+            }
+            Response::Data {
+                status: Status::Bye,
+                outcome,
+            } => Err(protocol(
+                self.server,
+                during,
+                format!(
+                    "BYE {}",
+                    outcome
+                        .information
+                        .as_deref()
+                        .unwrap_or("(no reason given)")
+                ),
+            )),
+            parsed => Ok(Some(f(parsed))),
+        }
+    }
+
+    /// Run `cmd` to its tagged reply, passing each untagged response to `on`.
+    async fn command<F>(&mut self, cmd: &str, mut on: F) -> Result<Tagged, ImapError>
+    where
+        F: FnMut(&Response<'_>),
+    {
+        let tag = self.send(cmd, cmd).await?;
+        let mut status = None;
+        while self
+            .next_with(cmd, &tag, &mut status, &mut on)
+            .await?
+            .is_some()
+        {}
+        Ok(status.unwrap_or(Ok(())))
+    }
+}
+
+/// The responses of a body FETCH, message by message.
+pub struct Bodies<'r, 'a> {
+    reader: &'r mut Reader<'a>,
+    tag: RequestId,
+    status: Option<Tagged>,
+}
+
+impl Bodies<'_, '_> {
+    /// The next message, or `None` at the tagged reply. FETCH responses
+    /// without a body (flag updates) are passed over.
+    pub async fn next(&mut self) -> Result<Option<Body>, ImapError> {
+        loop {
+            let next = self
+                .reader
+                .next_with(
+                    "UID FETCH",
+                    &self.tag,
+                    &mut self.status,
+                    |resp| match resp {
+                        Response::Fetch(_, attrs) => body_of(attrs),
+                        _ => None,
+                    },
+                )
+                .await?;
+            match next {
+                None => return Ok(None),
+                Some(Some(body)) => return Ok(Some(body)),
+                // Not a message with its body (a flag update, EXISTS...).
+                Some(None) => {}
+            }
+        }
+    }
+
+    /// How the FETCH ended; call after `next` returned `None`.
+    pub fn status(&self) -> Tagged {
+        self.status.clone().unwrap_or(Ok(()))
+    }
+}
+
+fn body_of(attrs: &[AttributeValue<'_>]) -> Option<Body> {
+    let mut uid = None;
+    let mut data: Option<&Cow<'_, [u8]>> = None;
+    let mut flags = Vec::new();
+    let mut gmail_msgid = None;
+    let mut gmail_labels = Vec::new();
+    for a in attrs {
+        match a {
+            AttributeValue::Uid(u) => uid = Some(*u),
+            AttributeValue::BodySection {
+                section: None,
+                data: Some(d),
+                ..
+            } => data = Some(d),
+            AttributeValue::Rfc822(Some(d)) => data = Some(d),
+            AttributeValue::Flags(f) => flags = f.iter().map(|s| s.to_string()).collect(),
+            AttributeValue::GmailMsgId(id) => gmail_msgid = Some(*id),
+            AttributeValue::GmailLabels(l) => {
+                gmail_labels = l.iter().map(|s| s.to_string()).collect()
+            }
+            _ => {}
+        }
+    }
+    Some(Body {
+        uid: uid?,
+        data: data?.to_vec(),
+        flags,
+        gmail_msgid,
+        gmail_labels,
+    })
+}
+
+/// How one bounded wait ended.
+enum Step<T> {
+    Done(T),
+    TimedOut,
+    Stopped,
+}
+
+async fn step_raw<T, F: Future<Output = T>>(io: Duration, stop: &mut Shutdown, fut: F) -> Step<T> {
+    if stop.is_triggered() {
+        return Step::Stopped;
+    }
+    tokio::select! {
+        r = tokio::time::timeout(io, fut) => match r {
+            Ok(v) => Step::Done(v),
+            Err(_) => Step::TimedOut,
+        },
+        _ = stop.wait() => Step::Stopped,
+    }
+}
+
+/// One IMAP wait: bounded by `io`, ended by `stop`, errors named by `during`.
+pub async fn step<T, F>(
+    server: &str,
+    io: Duration,
+    stop: &mut Shutdown,
+    during: &str,
+    fut: F,
+) -> Result<T, ImapError>
+where
+    F: Future<Output = Result<T, async_imap::error::Error>>,
+{
+    match step_raw(io, stop, fut).await {
+        Step::Done(Ok(v)) => Ok(v),
+        Step::Done(Err(e)) => Err(protocol(server, during, e.to_string())),
+        Step::TimedOut => Err(timeout(server, during)),
+        Step::Stopped => Err(ImapError::Interrupted),
+    }
+}
+
+fn protocol(server: &str, during: &str, reason: String) -> ImapError {
+    ImapError::Protocol {
+        server: server.to_string(),
+        during: during.to_string(),
+        reason,
+    }
+}
+
+fn timeout(server: &str, during: &str) -> ImapError {
+    ImapError::Timeout {
+        server: server.to_string(),
+        during: during.to_string(),
+    }
+}
+
+/// Name a long command by its short form in errors.
+fn rename(e: ImapError, during: &str) -> ImapError {
+    match e {
+        ImapError::Protocol { server, reason, .. } => ImapError::Protocol {
+            server,
+            during: during.to_string(),
+            reason,
+        },
+        ImapError::Timeout { server, .. } => ImapError::Timeout {
+            server,
+            during: during.to_string(),
+        },
+        e => e,
+    }
+}
+
+/// `1:3,5,7:9` from UIDs (sorted and deduplicated here).
+pub fn uid_set(uids: &[u32]) -> String {
+    let mut sorted = uids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+/// UIDs of `wanted` missing from `got`.
+pub fn missing(wanted: &[u32], got: &HashSet<u32>) -> Vec<u32> {
+    wanted
+        .iter()
+        .copied()
+        .filter(|u| !got.contains(u))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_sets() {
+        assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8, 9]), "1:3,5,7:9");
+        assert_eq!(uid_set(&[9, 4, 4]), "4,9");
+        assert_eq!(uid_set(&[]), "");
+    }
+
+    #[test]
+    fn missing_uids() {
+        let got: HashSet<u32> = [1, 3].into_iter().collect();
+        assert_eq!(missing(&[1, 2, 3, 4], &got), vec![2, 4]);
+    }
+}

@@ -1,0 +1,499 @@
+//! What a sync does when production surprises it: the processor is away or
+//! silent, a message vanishes mid-sync, a folder is missing or named in
+//! UTF-8, a message is too large, two orders for one identity arrive at
+//! once, a worker died holding the lock. Each test names the guarantee it
+//! proves (README, "What a sync guarantees").
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use caliopen_imap::bus::wire::JobReport;
+use caliopen_imap::store::identity::infos;
+use caliopen_imap::store::raw_message::raw_message_id;
+use caliopen_imap::worker::context::{Counters, Ctx};
+use caliopen_imap::worker::job::{self, SyncRequest};
+use uuid::Uuid;
+
+use crate::util::*;
+
+async fn sync(ctx: &Ctx, user: Uuid, identity: Uuid) -> JobReport {
+    job::sync_identity(
+        ctx,
+        SyncRequest {
+            user_id: user,
+            identity_id: identity,
+            password: String::new(),
+        },
+        Counters::new(),
+    )
+    .await
+}
+
+/// How many times the processor stand-in saw each message id.
+fn counts(seen: &Arc<Mutex<Vec<String>>>) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for id in seen.lock().unwrap().iter() {
+        *m.entry(id.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_outage_never_steps_a_message_over() {
+    let tag = unique("f1");
+    let mut settings = worker_settings(&tag);
+    settings.imap.max_message_tries = 2;
+    let (ctx, _t) = context(settings.clone()).await;
+    let st = &ctx.store;
+    let (user, _, id) = mailbox_account(st, 6, 400).await;
+
+    // Nobody serves the hand-off subject: max_message_tries + 2 syncs.
+    for round in 0..4 {
+        let rep = sync(&ctx, user, id.identity_id).await;
+        assert!(!rep.ok, "round {round}: {rep:?}");
+        assert!(rep.outage, "round {round}: {rep:?}");
+        assert_eq!(rep.stepped_over, 0, "round {round}: {rep:?}");
+        assert!(rep.error.contains("no processor"), "{}", rep.error);
+    }
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert!(
+        after.info(infos::LAST_FETCH_ERROR).contains("outage"),
+        "recorded as our outage: {:?}",
+        after.info(infos::LAST_FETCH_ERROR)
+    );
+    assert_eq!(
+        after.info(infos::ERRORS_COUNT),
+        "",
+        "not counted against the account"
+    );
+    assert!(st
+        .message_failures(user, id.identity_id)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // The processor is back: everything is delivered, once.
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!((rep.handed_off, rep.stepped_over), (6, 0), "{rep:?}");
+    assert_eq!(lda.seen.lock().unwrap().len(), 6);
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::LASTSEENUID), "6");
+    assert_eq!(after.info(infos::LAST_FETCH_ERROR), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_processor_is_an_outage_and_a_poison_message_is_a_try() {
+    let tag = unique("f2");
+    let mut settings = worker_settings(&tag);
+    settings.imap.lda_timeout_secs = 1;
+    settings.imap.in_flight = 2;
+    settings.imap.max_message_tries = 5;
+    let (ctx, _t) = context(settings.clone()).await;
+    let st = &ctx.store;
+    let (user, login, id) = mailbox_account(st, 4, 300).await;
+    let (_, _, v) = mailbox_status(&login, "INBOX");
+
+    // A processor that receives but never answers: an outage, no try.
+    let client = async_nats::connect(&stack().nats_url).await.unwrap();
+    let silent = client
+        .subscribe(settings.lda.in_topic.clone())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.outage && !rep.ok, "{rep:?}");
+    assert!(st
+        .message_failures(user, id.identity_id)
+        .await
+        .unwrap()
+        .is_empty());
+    drop(silent);
+    drop(client);
+
+    // One message never answered while the others are: a poison message,
+    // which counts a try (and only that one).
+    let poison = raw_message_id(user, id.identity_id, "INBOX", v, 2).to_string();
+    let p = poison.clone();
+    let _lda = lda_answering_except(&settings.lda.in_topic, move |m| m == p).await;
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(!rep.outage, "{rep:?}");
+    assert_eq!(rep.failed, 1, "{rep:?}");
+    let f = st.message_failures(user, id.identity_id).await.unwrap();
+    assert_eq!(f.len(), 1);
+    assert_eq!((f[0].uid, f[0].tries), (2, 1));
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::LASTSEENUID), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_expunged_mid_sync_is_done_and_the_next_sync_fetches_nothing() {
+    let tag = unique("f3");
+    let mut settings = worker_settings(&tag);
+    settings.imap.fetch_batch = 5;
+    settings.imap.in_flight = 1;
+    let (ctx, _t) = context(settings.clone()).await;
+    let st = &ctx.store;
+    let (user, login, id) = mailbox_account(st, 20, 300).await;
+
+    // When the processor sees the first message, 15..17 are expunged: the
+    // sync has not fetched them yet (one message in flight, batches of 5).
+    let once = std::sync::Once::new();
+    let l = login.clone();
+    let lda = lda(&settings.lda.in_topic, move |_| {
+        once.call_once(|| {
+            doveadm(
+                &["expunge", "-u", &l, "mailbox", "INBOX", "uid", "15:17"],
+                None,
+            );
+        });
+        false
+    })
+    .await;
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.handed_off, 17, "{rep:?}");
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::LASTSEENUID), "20");
+
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!((rep.fetched, rep.handed_off), (0, 0), "{rep:?}");
+    assert_eq!(lda.seen.lock().unwrap().len(), 17);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storing_again_never_undoes_a_delivery() {
+    let tag = unique("f4");
+    let settings = worker_settings(&tag);
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, login, id) = mailbox_account(st, 5, 300).await;
+    let (_, _, v) = mailbox_status(&login, "INBOX");
+    assert!(sync(&ctx, user, id.identity_id).await.ok);
+
+    // As after a crash before the checkpoint was saved: the checkpoint is
+    // behind messages that were delivered.
+    st.merge_infos(
+        user,
+        id.identity_id,
+        [(infos::LASTSEENUID.to_string(), "0".to_string())].into(),
+    )
+    .await
+    .unwrap();
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!((rep.handed_off, rep.already_delivered), (0, 5), "{rep:?}");
+    assert_eq!(lda.seen.lock().unwrap().len(), 5, "no second hand-off");
+    for uid in 1..=5 {
+        let rid = raw_message_id(user, id.identity_id, "INBOX", v, uid);
+        assert_eq!(st.raw_message_delivered(rid).await.unwrap(), Some(true));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn utf8_folders_sync_and_a_missing_folder_fails_alone() {
+    let tag = unique("f5");
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 1, 300);
+    fill(&login, "Entwürfe", 2, 300);
+    fill(&login, "日本語", 1, 300);
+    fill(&login, "Archive", 3, 300);
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    st.merge_infos(
+        user,
+        id.identity_id,
+        [(
+            infos::MAILBOXES.to_string(),
+            "INBOX,Entwürfe,DoesNotExist,日本語,Archive".to_string(),
+        )]
+        .into(),
+    )
+    .await
+    .unwrap();
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert_eq!(rep.handed_off, 7, "{rep:?}");
+    assert!(!rep.ok, "a folder failed: {rep:?}");
+    assert_eq!(rep.mailbox_errors.len(), 1, "{rep:?}");
+    assert_eq!(rep.mailbox_errors[0].mailbox, "DoesNotExist");
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(
+        after.info(infos::ERRORS_COUNT),
+        "",
+        "never counted against the account"
+    );
+    let errors = st.mailbox_errors(user, id.identity_id).await.unwrap();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].mailbox, "DoesNotExist");
+
+    // X-Fetched-Imap-Box holds the decoded name, as the Go worker wrote it.
+    let (_, _, v) = mailbox_status(&login, "Entwürfe");
+    let rid = raw_message_id(user, id.identity_id, "Entwürfe", v, 1);
+    let raw = st.raw_message_data(rid).await.unwrap().unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode("Entwürfe");
+    let head = String::from_utf8_lossy(&raw[..raw.len().min(2000)]).to_string();
+    assert!(
+        head.contains(&format!("X-Fetched-Imap-Box: {b64}\r\n")),
+        "{head}"
+    );
+    assert_eq!(
+        st.mailbox_checkpoint(user, id.identity_id, "日本語")
+            .await
+            .unwrap()
+            .unwrap()
+            .lastseenuid,
+        1
+    );
+
+    // The folder appears: its error goes away, nothing else is fetched again.
+    fill(&login, "DoesNotExist", 1, 300);
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.handed_off, 1, "{rep:?}");
+    assert!(st
+        .mailbox_errors(user, id.identity_id)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_message_is_stepped_over_at_once_and_listed() {
+    let tag = unique("f6");
+    let mut settings = worker_settings(&tag);
+    settings.imap.max_message_size = 100_000;
+    settings.imap.max_message_tries = 5;
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 1, 300_000);
+    fill(&login, "INBOX", 3, 300);
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(!rep.ok, "a message was stepped over: {rep:?}");
+    assert_eq!((rep.handed_off, rep.stepped_over), (3, 1), "{rep:?}");
+    assert_eq!(rep.stepped.len(), 1);
+    assert_eq!(rep.stepped[0].uid, 1);
+    assert!(
+        rep.stepped[0].reason.contains("max_message_size"),
+        "{rep:?}"
+    );
+    let f = st.message_failures(user, id.identity_id).await.unwrap();
+    assert!(
+        f.len() == 1 && f[0].stepped_over && f[0].tries == 1,
+        "{f:?}"
+    );
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::LASTSEENUID), "4");
+
+    // The next sync is a true no-op.
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!((rep.fetched, rep.handed_off, rep.stepped_over), (0, 0, 0));
+    assert_eq!(lda.seen.lock().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_order_to_two_workers_never_hands_a_message_off_twice() {
+    let tag = unique("f7");
+    let settings = worker_settings(&tag);
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (a, _ta) = context(settings.clone()).await;
+    let (b, _tb) = context(settings).await;
+    let (user, login, id) = mailbox_account(&a.store, 2, 300).await;
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..50 {
+        fill(&login, "INBOX", 2, 300);
+        // The second order lands a moment later, as it does from a queue:
+        // late enough to lose the lock race, early enough to have read the
+        // identity before the first sync saved its checkpoint.
+        let lag = Duration::from_millis(rng.u64(0..4));
+        let (ra, rb) = tokio::join!(sync(&a, user, id.identity_id), async {
+            tokio::time::sleep(lag).await;
+            sync(&b, user, id.identity_id).await
+        });
+        assert!(!ra.outage && !rb.outage, "{ra:?} {rb:?}");
+    }
+    let seen = counts(&lda.seen);
+    assert_eq!(seen.len(), 102, "every message handed off");
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "handed off more than once: {twice:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_lock_lapses_and_its_marker_does_not_block() {
+    let tag = unique("f8");
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings.clone()).await;
+    let st = &ctx.store;
+    let (user, _, id) = mailbox_account(st, 2, 300).await;
+
+    // A worker that died mid-sync: its marker stays, its lock row lives
+    // lock_ttl_secs at most.
+    let since = chrono::Utc::now();
+    assert!(st
+        .take_sync_lock(
+            user,
+            id.identity_id,
+            "dead-worker",
+            since,
+            settings.imap.lock_ttl_secs
+        )
+        .await
+        .unwrap());
+    st.merge_infos(
+        user,
+        id.identity_id,
+        [
+            (infos::SYNCING.to_string(), since.to_rfc3339()),
+            (infos::SYNCING_OWNER.to_string(), "dead-worker".to_string()),
+        ]
+        .into(),
+    )
+    .await
+    .unwrap();
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.error.starts_with("skipped"), "locked: {rep:?}");
+    let ttl = lock_ttl_left(user, id.identity_id);
+    assert!(
+        ttl > 0 && ttl <= settings.imap.lock_ttl_secs as i64,
+        "the lock lapses within lock_ttl_secs: {ttl}"
+    );
+
+    // Once the row lapsed (deleted here, as its TTL would), our marker left
+    // behind does not block: it is ours, and only the lock row counts.
+    cql_exec(&format!(
+        "DELETE FROM caliopen.imap_sync_lock WHERE user_id = {user} AND identity_id = {}",
+        id.identity_id
+    ));
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.handed_off, 2);
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(
+        after.info(infos::SYNCING),
+        "",
+        "marker cleared after the sync"
+    );
+    assert_eq!(after.info(infos::SYNCING_OWNER), "");
+
+    // A marker a Go worker wrote (no owner) is honoured for 24 h.
+    st.merge_infos(
+        user,
+        id.identity_id,
+        [(infos::SYNCING.to_string(), chrono::Utc::now().to_rfc3339())].into(),
+    )
+    .await
+    .unwrap();
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.error.contains("Go worker"), "{rep:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_sync_renews_its_lock() {
+    let tag = unique("f9");
+    let mut settings = worker_settings(&tag);
+    settings.imap.lock_ttl_secs = 30;
+    settings.imap.in_flight = 1;
+    // Each hand-off takes 1 s: the sync outlives a renewal period (10 s).
+    let _lda = lda_with_delay(&settings.lda.in_topic, Duration::from_secs(1), |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = ctx.store.clone();
+    let (user, _, id) = mailbox_account(&st, 14, 300).await;
+    let identity = id.identity_id;
+    let c = ctx.clone();
+    let run = tokio::spawn(async move { sync(&c, user, identity).await });
+    // Watch the lock row while the sync runs: its write time moves on.
+    let mut first = None;
+    let mut renewed = false;
+    while !run.is_finished() {
+        if let Some(w) = lock_writetime(user, identity) {
+            match first {
+                None => first = Some(w),
+                Some(f) if w > f => renewed = true,
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let rep = run.await.unwrap();
+    assert!(rep.ok, "{rep:?}");
+    assert!(renewed, "the lock was renewed while the sync ran");
+    assert_eq!(lock_writetime(user, identity), None, "released at the end");
+}
+
+/// Seconds left on the lock row of an identity (`TTL(owner)`), 0 if none.
+fn lock_ttl_left(user: Uuid, identity: Uuid) -> i64 {
+    cql_value(&format!(
+        "SELECT TTL(owner) FROM caliopen.imap_sync_lock WHERE user_id = {user} AND identity_id = {identity}"
+    ))
+    .and_then(|v| v.parse().ok())
+    .unwrap_or(0)
+}
+
+/// `WRITETIME(owner)` of the lock row, `None` when there is no lock.
+fn lock_writetime(user: Uuid, identity: Uuid) -> Option<i64> {
+    cql_value(&format!(
+        "SELECT WRITETIME(owner) FROM caliopen.imap_sync_lock WHERE user_id = {user} AND identity_id = {identity}"
+    ))
+    .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_no_trust_roots_refuses_to_start() {
+    let s = stack();
+    let tag = unique("f10");
+    // No imap.ca_file, and the system roots pointed at nothing.
+    let yaml = std::env::temp_dir().join(format!("caliopen-imap-{tag}.yaml"));
+    std::fs::write(
+        &yaml,
+        format!(
+            "nats_url: {}\nnats_topic_sender: outboundIMAP.{tag}\nstore_settings:\n  hosts: [\"{}\"]\n",
+            s.nats_url, s.cassandra
+        ),
+    )
+    .unwrap();
+    let empty = std::env::temp_dir().join(unique("no-certs"));
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["worker", "-c", yaml.to_str().unwrap(), "start"])
+        .env("SSL_CERT_FILE", empty.join("none.pem"))
+        .env("SSL_CERT_DIR", &empty)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A worker that started anyway would run until killed: bound the wait.
+    let mut status = None;
+    for _ in 0..600 {
+        if let Some(st) = child.try_wait().unwrap() {
+            status = Some(st);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "refused as a configuration error: {err}"
+    );
+    assert!(err.contains("no trusted CA certificate"), "{err}");
+}
