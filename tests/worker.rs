@@ -609,10 +609,18 @@ async fn sigterm_mid_sync_then_restart_resumes_from_the_checkpoint() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    b.publish(&settings.nats_topic_sender, &order)
-        .await
-        .unwrap();
-    b.flush().await.unwrap();
+    // As a request: the worker's report must say the sync was cut short.
+    let pending = {
+        let (b, subject, order) = (
+            bus().await,
+            settings.nats_topic_sender.clone(),
+            order.clone(),
+        );
+        tokio::spawn(async move {
+            b.request::<_, JobReport>(&subject, &order, Duration::from_secs(120))
+                .await
+        })
+    };
     while lda.seen.lock().unwrap().len() < 30 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
@@ -628,6 +636,12 @@ async fn sigterm_mid_sync_then_restart_resumes_from_the_checkpoint() {
         .await
         .unwrap();
     assert_eq!(code.code(), Some(0), "clean exit on SIGTERM");
+    let rep = pending.await.unwrap().expect("the report of the cut sync");
+    assert!(
+        rep.interrupted && !rep.ok,
+        "reported as interrupted: {rep:?}"
+    );
+    assert!(rep.error.contains("shutting down"), "{rep:?}");
 
     let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
     let cp: u32 = after.info(infos::LASTSEENUID).parse().unwrap();
