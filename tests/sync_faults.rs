@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use caliopen_imap::bus::wire::JobReport;
+use caliopen_imap::shutdown::Trigger;
 use caliopen_imap::store::identity::infos;
 use caliopen_imap::store::raw_message::raw_message_id;
 use caliopen_imap::worker::context::{Counters, Ctx};
@@ -496,4 +497,182 @@ async fn a_worker_with_no_trust_roots_refuses_to_start() {
         "refused as a configuration error: {err}"
     );
     assert!(err.contains("no trusted CA certificate"), "{err}");
+}
+
+/// How the scripted server answers the commands of one sync.
+#[derive(Clone, Copy)]
+enum Script {
+    /// Announces 100 bytes for UID 1, then sends a 200 KB body.
+    UnderReportedSize,
+    /// `UID SEARCH` answered `NO`.
+    SearchRefused,
+    /// The body FETCH sends UID 2 only and ends `NO` for UID 1, which SEARCH
+    /// still finds (as Gmail and Exchange do for some messages).
+    OneMessageRefused,
+}
+
+/// A small scripted IMAP server on loopback (plaintext, allowed for
+/// loopback only), standing in for remote servers whose misbehaviour
+/// Dovecot cannot be made to show. Mailbox: UIDs 1 and 2, UIDVALIDITY 7.
+async fn scripted_server(script: Script) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let small = message(2, 300);
+    let big = message(1, 200_000);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let (small, big) = (small.clone(), big.clone());
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut lines = BufReader::new(r).lines();
+                let _ = w
+                    .write_all(b"* OK [CAPABILITY IMAP4rev1] scripted\r\n")
+                    .await;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let (tag, rest) = line.split_once(' ').unwrap_or((&line, ""));
+                    let cmd = rest.to_ascii_uppercase();
+                    let mut out: Vec<u8> = Vec::new();
+                    let body = |out: &mut Vec<u8>, uid: u32, data: &[u8]| {
+                        out.extend_from_slice(
+                            format!(
+                                "* {uid} FETCH (UID {uid} FLAGS () BODY[] {{{}}}\r\n",
+                                data.len()
+                            )
+                            .as_bytes(),
+                        );
+                        out.extend_from_slice(data);
+                        out.extend_from_slice(b")\r\n");
+                    };
+                    let done = if cmd.starts_with("CAPABILITY") {
+                        out.extend_from_slice(b"* CAPABILITY IMAP4rev1\r\n");
+                        "OK done"
+                    } else if cmd.starts_with("EXAMINE") {
+                        out.extend_from_slice(
+                            b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 3] n\r\n",
+                        );
+                        "OK [READ-ONLY] done"
+                    } else if cmd.starts_with("UID SEARCH") {
+                        if matches!(script, Script::SearchRefused) {
+                            "NO search is not possible now"
+                        } else {
+                            let uids = cmd.trim_start_matches("UID SEARCH UID ").trim();
+                            let found = if uids == "2" {
+                                "2"
+                            } else if uids == "1" {
+                                "1"
+                            } else {
+                                "1 2"
+                            };
+                            out.extend_from_slice(format!("* SEARCH {found}\r\n").as_bytes());
+                            "OK done"
+                        }
+                    } else if cmd.starts_with("UID FETCH") && cmd.contains("RFC822.SIZE") {
+                        out.extend_from_slice(b"* 1 FETCH (UID 1 RFC822.SIZE 100)\r\n");
+                        out.extend_from_slice(
+                            format!("* 2 FETCH (UID 2 RFC822.SIZE {})\r\n", small.len()).as_bytes(),
+                        );
+                        "OK done"
+                    } else if cmd.starts_with("UID FETCH") {
+                        match script {
+                            Script::OneMessageRefused => {
+                                body(&mut out, 2, &small);
+                                "NO [UNAVAILABLE] message 1 cannot be fetched now"
+                            }
+                            _ => {
+                                body(&mut out, 1, &big);
+                                body(&mut out, 2, &small);
+                                "OK done"
+                            }
+                        }
+                    } else if cmd.starts_with("LOGOUT") {
+                        out.extend_from_slice(b"* BYE bye\r\n");
+                        "OK bye"
+                    } else {
+                        "OK done"
+                    };
+                    out.extend_from_slice(format!("{tag} {done}\r\n").as_bytes());
+                    if w.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// An identity on the scripted server, and a context allowed to reach it.
+async fn scripted_account(tag: &str, script: Script) -> (Ctx, Trigger, Uuid, Uuid, Lda) {
+    let mut settings = worker_settings(tag);
+    settings.imap.allow_plaintext_loopback = true;
+    settings.imap.max_message_size = 100_000;
+    settings.imap.max_message_tries = 3;
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, t) = context(settings).await;
+    let (user, _) = new_user(&ctx.store).await;
+    let port = scripted_server(script).await;
+    let id = new_identity(
+        &ctx.store,
+        user,
+        &unique("s"),
+        &format!("127.0.0.1:{port}"),
+        "pw",
+    )
+    .await;
+    ctx.store
+        .merge_infos(
+            user,
+            id.identity_id,
+            [(infos::SECURITY.to_string(), "plain".to_string())].into(),
+        )
+        .await
+        .unwrap();
+    (ctx, t, user, id.identity_id, lda)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_longer_than_announced_is_refused_on_arrival() {
+    let (ctx, _t, user, identity, lda) =
+        scripted_account(&unique("f11"), Script::UnderReportedSize).await;
+    let rep = sync(&ctx, user, identity).await;
+    assert_eq!((rep.handed_off, rep.stepped_over), (1, 1), "{rep:?}");
+    assert!(rep.stepped[0].reason.contains("announced less"), "{rep:?}");
+    let rid = raw_message_id(user, identity, "INBOX", 7, 1);
+    assert_eq!(
+        ctx.store.raw_message_delivered(rid).await.unwrap(),
+        None,
+        "never stored"
+    );
+    assert_eq!(lda.seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_answered_no_is_an_error_not_an_empty_mailbox() {
+    let (ctx, _t, user, identity, _lda) =
+        scripted_account(&unique("f12"), Script::SearchRefused).await;
+    let rep = sync(&ctx, user, identity).await;
+    assert!(!rep.ok && rep.error.contains("UID SEARCH"), "{rep:?}");
+    let after = ctx.store.identity(user, identity).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::LASTSEENUID), "", "no checkpoint moved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_server_keeps_refusing_is_a_failure_with_its_reason() {
+    let (ctx, _t, user, identity, lda) =
+        scripted_account(&unique("f13"), Script::OneMessageRefused).await;
+    let rep = sync(&ctx, user, identity).await;
+    assert_eq!((rep.handed_off, rep.failed), (1, 1), "{rep:?}");
+    let f = ctx.store.message_failures(user, identity).await.unwrap();
+    assert_eq!((f.len(), f[0].uid, f[0].tries), (1, 1, 1), "{f:?}");
+    assert!(f[0].last_error.contains("cannot be fetched now"), "{f:?}");
+    let after = ctx.store.identity(user, identity).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::LASTSEENUID), "0", "pinned before it");
+    // After max_message_tries it is stepped over, and the checkpoint moves.
+    sync(&ctx, user, identity).await;
+    let rep = sync(&ctx, user, identity).await;
+    assert_eq!(rep.stepped_over, 1, "{rep:?}");
+    let after = ctx.store.identity(user, identity).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::LASTSEENUID), "2");
+    assert_eq!(lda.seen.lock().unwrap().len(), 1, "UID 2 handed off once");
 }
