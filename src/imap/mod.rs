@@ -1,6 +1,6 @@
 //! The IMAP client side: secure connection and login ([`connect`]), TLS
-//! policy ([`tls`]), and the X-Fetched headers put on every message
-//! ([`headers`]).
+//! policy ([`tls`]), the X-Fetched headers put on every message
+//! ([`headers`]) and mailbox names in modified UTF-7 ([`utf7`]).
 //!
 //! Fetching itself is driven by the worker's sync pipeline, which owns the
 //! checkpoint logic; this module only knows how to talk to a server safely.
@@ -9,6 +9,7 @@ pub mod connect;
 pub mod headers;
 pub mod oauth;
 pub mod tls;
+pub mod utf7;
 
 pub use connect::{connect, Account, Auth, ConnInfo, ImapSession, Security};
 
