@@ -1,11 +1,15 @@
 //! The IMAP client side: secure connection and login ([`connect`]), TLS
 //! policy ([`tls`]), the X-Fetched headers put on every message
-//! ([`headers`]) and mailbox names in modified UTF-7 ([`utf7`]).
+//! ([`headers`]), mailbox names in modified UTF-7 ([`utf7`]), the folders
+//! a `mailboxes: *` identity syncs ([`folders`]), and commands whose tagged
+//! reply is checked ([`command`]).
 //!
 //! Fetching itself is driven by the worker's sync pipeline, which owns the
 //! checkpoint logic; this module only knows how to talk to a server safely.
 
+pub mod command;
 pub mod connect;
+pub mod folders;
 pub mod headers;
 pub mod oauth;
 pub mod tls;
