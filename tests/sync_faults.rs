@@ -676,3 +676,43 @@ async fn a_message_the_server_keeps_refusing_is_a_failure_with_its_reason() {
     assert_eq!(after.info(infos::LASTSEENUID), "2");
     assert_eq!(lda.seen.lock().unwrap().len(), 1, "UID 2 handed off once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn star_syncs_every_folder_but_junk_and_trash_and_picks_up_new_ones() {
+    let tag = unique("f14");
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 1, 300);
+    fill(&login, "Archive", 2, 300);
+    fill(&login, "Junk", 3, 300);
+    fill(&login, "Trash", 4, 300);
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    st.merge_infos(
+        user,
+        id.identity_id,
+        [(infos::MAILBOXES.to_string(), "*".to_string())].into(),
+    )
+    .await
+    .unwrap();
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(
+        rep.handed_off, 3,
+        "INBOX and Archive, not Junk nor Trash: {rep:?}"
+    );
+    assert!(st
+        .mailbox_checkpoint(user, id.identity_id, "Junk")
+        .await
+        .unwrap()
+        .is_none());
+
+    // A folder created later is picked up by the next sync.
+    fill(&login, "Été", 2, 300);
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.handed_off, 2, "{rep:?}");
+}

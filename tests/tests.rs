@@ -11,6 +11,7 @@ mod bus;
 mod config;
 mod ctl;
 mod dispatch;
+mod folders;
 mod poller;
 mod store;
 mod sync_faults;

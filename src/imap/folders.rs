@@ -1,8 +1,197 @@
-//! Placeholder until the folder listing lands.
+//! Which folders `mailboxes: *` syncs: every selectable folder of the
+//! account except the special-use `\Junk` and `\Trash` (RFC 6154), asked of
+//! the server at each sync so folders created later are picked up.
+//!
+//! Names come back decoded (UTF-8): the rest of the program, like
+//! Caliopen's Go worker through go-imap, only ever sees UTF-8 names, and
+//! [`super::utf7::encode`] turns them back into wire form at EXAMINE.
+//!
+//! The order is stable (INBOX first, then by name) so logs and `--wait`
+//! results read the same from one sync to the next.
+
 use std::time::Duration;
 
-use super::{ImapError, ImapSession};
+use async_imap::imap_proto::{MailboxDatum, NameAttribute, Response};
 
-pub async fn syncable(_s: &mut ImapSession, _io: Duration) -> Result<Vec<String>, ImapError> {
-    Ok(vec!["INBOX".into()])
+use super::command::run_checked;
+use super::{utf7, ImapError, ImapSession};
+
+/// More folders than any real account has; a server listing more is
+/// refused rather than held in memory.
+pub const MAX_FOLDERS: usize = 10_000;
+
+/// The RFC 6154 special uses we act on (the others sync as usual).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialUse {
+    Junk,
+    Trash,
+    Sent,
+    Drafts,
+    Archive,
+    All,
+    Flagged,
+}
+
+/// One LIST entry, as the server described it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Folder {
+    /// The name as sent on the wire (modified UTF-7).
+    pub wire: String,
+    /// The UTF-8 name, or why the wire name does not decode.
+    pub name: Result<String, utf7::Utf7Error>,
+    /// False for `\Noselect` and `\NonExistent` (a hierarchy level only).
+    pub selectable: bool,
+    pub special_use: Option<SpecialUse>,
+}
+
+impl Folder {
+    fn from_list(name: &str, attrs: &[NameAttribute<'_>]) -> Folder {
+        let mut selectable = true;
+        let mut special_use = None;
+        for a in attrs {
+            match a {
+                NameAttribute::NoSelect => selectable = false,
+                // RFC 5258: \NonExistent implies \Noselect.
+                NameAttribute::Extension(x) if x.eq_ignore_ascii_case("\\NonExistent") => {
+                    selectable = false
+                }
+                NameAttribute::Junk => special_use = Some(SpecialUse::Junk),
+                NameAttribute::Trash => special_use = Some(SpecialUse::Trash),
+                NameAttribute::Sent => special_use = Some(SpecialUse::Sent),
+                NameAttribute::Drafts => special_use = Some(SpecialUse::Drafts),
+                NameAttribute::Archive => special_use = Some(SpecialUse::Archive),
+                NameAttribute::All => special_use = Some(SpecialUse::All),
+                NameAttribute::Flagged => special_use = Some(SpecialUse::Flagged),
+                _ => {}
+            }
+        }
+        Folder {
+            wire: name.to_string(),
+            name: utf7::decode(name),
+            selectable,
+            special_use,
+        }
+    }
+
+    /// Whether `mailboxes: *` syncs this folder.
+    pub fn syncable(&self) -> bool {
+        self.selectable
+            && !matches!(
+                self.special_use,
+                Some(SpecialUse::Junk) | Some(SpecialUse::Trash)
+            )
+    }
+}
+
+/// Every folder of the account (`LIST "" "*"`), in the server's order.
+///
+/// When the server has LIST-EXTENDED and SPECIAL-USE, the special-use
+/// attributes are asked for explicitly (`RETURN (SPECIAL-USE)`): RFC 6154
+/// only promises them then, although Dovecot and Gmail send them with a
+/// plain LIST too.
+pub async fn list(
+    session: &mut ImapSession,
+    server: &str,
+    io_timeout: Duration,
+) -> Result<Vec<Folder>, ImapError> {
+    let caps = tokio::time::timeout(io_timeout, session.capabilities())
+        .await
+        .map_err(|_| ImapError::Timeout {
+            server: server.to_string(),
+            during: "CAPABILITY".into(),
+        })?
+        .map_err(|e| ImapError::Protocol {
+            server: server.to_string(),
+            during: "CAPABILITY".into(),
+            reason: e.to_string(),
+        })?;
+    let command = if caps.has_str("LIST-EXTENDED") && caps.has_str("SPECIAL-USE") {
+        "LIST \"\" \"*\" RETURN (SPECIAL-USE)"
+    } else {
+        "LIST \"\" \"*\""
+    };
+    let mut folders = Vec::new();
+    run_checked(session, command, server, "LIST", io_timeout, |resp| {
+        if let Response::MailboxData(MailboxDatum::List(data)) = resp {
+            if folders.len() >= MAX_FOLDERS {
+                return Err(format!("more than {MAX_FOLDERS} folders"));
+            }
+            folders.push(Folder::from_list(&data.name, &data.name_attributes));
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(folders)
+}
+
+/// The UTF-8 names `mailboxes: *` syncs: selectable, neither `\Junk` nor
+/// `\Trash`, INBOX first and the rest sorted.
+///
+/// A name that is not valid modified UTF-7 is left out with a warning: it
+/// could be neither stored as UTF-8 nor asked for again. A refused LIST is
+/// an error, never an empty account.
+pub async fn syncable(
+    session: &mut ImapSession,
+    server: &str,
+    io_timeout: Duration,
+) -> Result<Vec<String>, ImapError> {
+    let folders = list(session, server, io_timeout).await?;
+    Ok(syncable_names(server, folders))
+}
+
+/// The filtering and ordering of [`syncable`], apart so it is testable.
+pub fn syncable_names(server: &str, folders: Vec<Folder>) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for f in folders {
+        if !f.syncable() {
+            continue;
+        }
+        match f.name {
+            Ok(name) => names.push(name),
+            Err(e) => tracing::warn!(server, "folder skipped: {e}"),
+        }
+    }
+    // INBOX is case-insensitive (RFC 3501 §5.1); servers send it as they like.
+    names.sort_by(|a, b| {
+        let (ai, bi) = (is_inbox(a), is_inbox(b));
+        bi.cmp(&ai).then_with(|| a.cmp(b))
+    });
+    names.dedup();
+    names
+}
+
+fn is_inbox(name: &str) -> bool {
+    name.eq_ignore_ascii_case("INBOX")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    fn folder(wire: &str, attrs: &[NameAttribute<'static>]) -> Folder {
+        Folder::from_list(wire, attrs)
+    }
+
+    #[test]
+    fn filters_and_orders() {
+        let ext = |s: &'static str| NameAttribute::Extension(Cow::Borrowed(s));
+        let folders = vec![
+            folder("a", &[NameAttribute::NoSelect, ext("\\HasChildren")]),
+            folder("a.b", &[ext("\\HasNoChildren")]),
+            folder("&ZeVnLIqe-", &[]),
+            folder("Entw&APw-rfe", &[]),
+            folder("Archive", &[NameAttribute::Archive]),
+            folder("Sent", &[NameAttribute::Sent]),
+            folder("Trash", &[NameAttribute::Trash]),
+            folder("Junk", &[NameAttribute::Junk]),
+            folder("gone", &[ext("\\NonExistent")]),
+            folder("bad&AEE-", &[]),
+            folder("Inbox", &[]),
+        ];
+        assert_eq!(
+            syncable_names("s", folders),
+            ["Inbox", "Archive", "Entwürfe", "Sent", "a.b", "日本語"]
+        );
+    }
 }

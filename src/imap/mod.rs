@@ -1,12 +1,15 @@
 //! The IMAP client side: secure connection and login ([`connect`]), TLS
-//! policy ([`tls`]), and the X-Fetched headers put on every message
-//! ([`headers`]).
+//! policy ([`tls`]), the X-Fetched headers put on every message
+//! ([`headers`]), mailbox names in modified UTF-7 ([`utf7`]), the folders
+//! a `mailboxes: *` identity syncs ([`folders`]), and commands whose tagged
+//! reply is checked ([`command`]).
 //!
 //! [`fetch`] reads a mailbox with every command's tagged status checked;
 //! [`utf7`] encodes mailbox names for the wire. The worker's sync pipeline
 //! drives the fetch and owns the checkpoint logic; this module only knows
 //! how to talk to a server safely.
 
+pub mod command;
 pub mod connect;
 pub mod fetch;
 pub mod folders;

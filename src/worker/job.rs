@@ -458,7 +458,7 @@ async fn mailboxes_of(
     if listed.iter().any(|m| m == "*") {
         let mut stop = stop.clone();
         let folders = tokio::select! {
-            r = imap::folders::syncable(session, acc.io_timeout) => r?,
+            r = imap::folders::syncable(session, &acc.server, acc.io_timeout) => r?,
             _ = stop.wait() => return Err(JobError::Interrupted("stopped while listing folders".into())),
         };
         return Ok(folders);
