@@ -621,3 +621,144 @@ async fn fullfetch_wait_and_no_worker() {
     assert!(text(&out.stdout).contains("order sent"));
     w.stop().await;
 }
+
+// ------------------------------------------------ the Go imapctl's command lines
+
+/// Run the `imapctl` symlink with `args` as they are, without blocking.
+async fn imapctl(args: Vec<String>, env: Vec<(String, String)>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(symlink("imapctl"));
+        cmd.args(&args).stdin(Stdio::null());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("CALIOPEN_IMAP_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env);
+        cmd.output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn words(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// A folder with `imapworker.yaml`, as Caliopen mounts /etc/caliopen.
+fn etc_with_worker_yaml(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(unique("etc-ctl"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(worker_yaml(tag, ""), dir.join("imapworker.yaml")).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_imapctl_short_flags_work_before_or_after_the_command() {
+    let tag = unique("cgo");
+    let etc = etc_with_worker_yaml(&tag);
+    let etc = etc.to_str().unwrap();
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let w = start_worker(settings).await;
+    let (user, name) = new_user(&w.ctx.store).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 3, 300);
+    let server = imaps_server();
+    let pw = stack().password.clone();
+
+    // addremote.go: -u -s -l -p -m -d; the persistent flags after the command.
+    let out = imapctl(
+        words(&[
+            "addremote",
+            "-u",
+            &name,
+            "-s",
+            &server,
+            "-l",
+            &login,
+            "-p",
+            &pw,
+            "-m",
+            "INBOX",
+            "-d",
+            "Go Display",
+            "-c",
+            "imapworker",
+            "--configpath",
+            etc,
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id_id = w
+        .ctx
+        .store
+        .lookup_identity(user, &login)
+        .await
+        .unwrap()
+        .expect("identity written");
+    let id = w.ctx.store.identity(user, id_id).await.unwrap().unwrap();
+    assert_eq!(id.display_name, "Go Display");
+    assert_eq!(id.info(infos::INSERVER), server);
+
+    // syncremote.go: -u -r -p; the persistent flags before the command.
+    let rid = id_id.to_string();
+    let out = imapctl(
+        words(&[
+            "-c",
+            "imapworker",
+            "--configpath",
+            etc,
+            "syncremote",
+            "-u",
+            &name,
+            "-r",
+            &rid,
+            "-p",
+            &pw,
+            "--wait",
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("fetched 3"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // fullfetch.go: -u -s -m -l -p, with -v.
+    let out = imapctl(
+        words(&[
+            "fullfetch",
+            "-u",
+            &name,
+            "-s",
+            &server,
+            "-m",
+            "INBOX",
+            "-l",
+            &login,
+            "-p",
+            &pw,
+            "-v",
+            "-c",
+            "imapworker",
+            "--configpath",
+            etc,
+            "--wait",
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("handed off 3"),
+        "{}",
+        text(&out.stdout)
+    );
+    w.stop().await;
+}
