@@ -168,6 +168,7 @@ pub enum CtlCmd {
     FullFetch(FullFetchArgs),
     ListRemotes(ListRemotesArgs),
     RemoveRemote(RemoveRemoteArgs),
+    Unlock(UnlockArgs),
     Config(ShowConfigArgs),
 }
 
@@ -310,6 +311,27 @@ pub struct RemoveRemoteArgs {
     /// the identity's id (UUID), instead of --identifier
     #[argh(option, short = 'r')]
     pub remoteid: Option<String>,
+}
+
+/// clear a sync lock (and Caliopen's syncing marker) left by a stopped sync
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "unlock")]
+pub struct UnlockArgs {
+    /// local Caliopen user id (UUID)
+    #[argh(option)]
+    pub userid: Option<String>,
+    /// local Caliopen user name, instead of --userid
+    #[argh(option, short = 'u')]
+    pub username: Option<String>,
+    /// the identity's identifier (its login)
+    #[argh(option)]
+    pub identifier: Option<String>,
+    /// the identity's id (UUID), instead of --identifier
+    #[argh(option, short = 'r')]
+    pub remoteid: Option<String>,
+    /// clear the lock and the marker even if a sync is still renewing them
+    #[argh(switch)]
+    pub force: bool,
 }
 
 // ------------------------------------------------------------------ parsing
