@@ -61,7 +61,7 @@ pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
                     cli::WorkerCmd::Start(st) => st.pid_file.clone(),
                     _ => None,
                 };
-                locate(&mut a.config, a.configpath.as_deref(), "imapworker").and_then(|()| {
+                locate(&mut a.config, a.configpath.as_deref(), mode.config_name()).and_then(|()| {
                     let config = a.config.clone();
                     with_settings::<WorkerSettings, _, _>(
                         config.as_deref(),
@@ -84,7 +84,7 @@ pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
                 };
                 // The poller re-reads `a.config` on SIGHUP: it gets the
                 // resolved file.
-                locate(&mut a.config, a.configpath.as_deref(), "idpoller").and_then(|()| {
+                locate(&mut a.config, a.configpath.as_deref(), mode.config_name()).and_then(|()| {
                     let config = a.config.clone();
                     with_settings::<PollerSettings, _, _>(
                         config.as_deref(),
@@ -101,8 +101,7 @@ pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
             Parsed::Exit(c) => return ExitCode::from(c),
             Parsed::Args(mut a) => {
                 let show = matches!(a.cmd, cli::CtlCmd::Config(_));
-                // imapctl's Go default config name was imapworker's.
-                locate(&mut a.config, a.configpath.as_deref(), "imapworker").and_then(|()| {
+                locate(&mut a.config, a.configpath.as_deref(), mode.config_name()).and_then(|()| {
                     let config = a.config.clone();
                     with_settings::<WorkerSettings, _, _>(
                         config.as_deref(),
@@ -150,7 +149,8 @@ where
     F: FnOnce(S, Shutdown) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
-    let path = config::config_path(explicit, mode.program());
+    // /etc/caliopen/imapworker.yaml for imapctl too, as in Caliopen's images.
+    let path = config::config_path(explicit, mode.config_name());
     if let Some(p) = &path {
         tracing::debug!(file = %p.display(), "loading configuration");
     }

@@ -27,6 +27,14 @@ impl Mode {
         }
     }
 
+    /// The Go binaries' default config name: imapctl read imapworker's file.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            Mode::Worker | Mode::Ctl => "imapworker",
+            Mode::Poller => "idpoller",
+        }
+    }
+
     /// The mode named by a program file name (`imapctl`) or a first argument (`ctl`).
     pub fn from_program(name: &str) -> Option<Mode> {
         match name {
@@ -673,6 +681,12 @@ mod tests {
         };
         assert_eq!(a.login, "a@b.c");
         assert_eq!(a.server, "imap.b.c:993");
+    }
+
+    #[test]
+    fn imapctl_reads_imapworkers_file() {
+        assert_eq!(Mode::Ctl.config_name(), "imapworker");
+        assert_eq!(Mode::Poller.config_name(), "idpoller");
     }
 
     #[test]
