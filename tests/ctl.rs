@@ -926,6 +926,34 @@ async fn removeremote_refuses_under_a_running_sync_and_holds_the_lock_itself() {
     assert!(st.identity(u, i).await.unwrap().is_some(), "kept");
     assert!(st.release_sync_lock(u, i, "worker-busy").await.unwrap());
 
+    // A Go worker's fresh `syncing` marker: it may be syncing, so refused
+    // too; `unlock -r ID --force` (Go-style flags) clears it.
+    st.merge_infos(
+        u,
+        i,
+        std::collections::HashMap::from([(
+            infos::SYNCING.to_string(),
+            chrono::Utc::now().to_rfc3339(),
+        )]),
+    )
+    .await
+    .unwrap();
+    let out = ctl(
+        &cfg,
+        &["removeremote", "-u", &name, "--identifier", &login],
+        &[],
+    )
+    .await;
+    assert_fails(&out, 4, "Go worker");
+    assert!(st.identity(u, i).await.unwrap().is_some(), "kept");
+    assert!(
+        st.sync_lock(u, i).await.unwrap().is_none(),
+        "its lock released"
+    );
+    let rid = i.to_string();
+    let out = ctl(&cfg, &["unlock", "-u", &name, "-r", &rid, "--force"], &[]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
     // Free: removed, and the lock it took is gone too.
     let out = ctl(
         &cfg,
