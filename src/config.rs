@@ -1,8 +1,9 @@
 //! The one configuration loader of every mode.
 //!
 //! Layers, later wins: built-in defaults (written next to each key below), the
-//! YAML file (`-c/--config`, else `$CALIOPEN_IMAP_CONFIG`, else
-//! `/etc/caliopen/<mode>.yaml` when it exists), then environment variables
+//! YAML file (`-c/--config`, else `$CALIOPEN_IMAP_CONFIG`, else the first of
+//! `/etc/caliopen/<name>.yaml`, `$CALIOPENROOT/src/backend/configs/<name>.yaml`
+//! and `./<name>.yaml` that exists), then environment variables
 //! `CALIOPEN_IMAP_<KEY>` with `__` between nested keys
 //! (`CALIOPEN_IMAP_STORE_SETTINGS__KEYSPACE=test`).
 //!
@@ -568,8 +569,14 @@ pub fn config_path(explicit: Option<&Path>, mode_file: &str) -> Option<PathBuf> 
             return Some(PathBuf::from(p));
         }
     }
-    let etc = PathBuf::from(format!("/etc/caliopen/{mode_file}.yaml"));
-    etc.is_file().then_some(etc)
+    // Then where the Go binaries looked with no flag at all (their default
+    // name, in $CALIOPENROOT/src/backend/configs/ and the working directory).
+    let mut candidates = vec![PathBuf::from(format!("/etc/caliopen/{mode_file}.yaml"))];
+    if let Some(root) = std::env::var_os("CALIOPENROOT").filter(|r| !r.is_empty()) {
+        candidates.push(PathBuf::from(root).join(format!("src/backend/configs/{mode_file}.yaml")));
+    }
+    candidates.push(PathBuf::from(format!("{mode_file}.yaml")));
+    candidates.into_iter().find(|p| p.is_file())
 }
 
 /// Load settings: defaults, then the file, then the environment. Any error

@@ -968,3 +968,82 @@ async fn removeremote_refuses_under_a_running_sync_and_holds_the_lock_itself() {
     // that lock, which removeremote held while deleting (checked above by
     // the refusal the other way round).
 }
+
+/// The seed README's examples, word for word, with the configuration found
+/// where the Go imapctl found it without a flag ($CALIOPENROOT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_readme_examples_work_unchanged() {
+    let tag = unique("seed");
+    let root = std::env::temp_dir().join(unique("caliopenroot"));
+    let cfgs = root.join("src/backend/configs");
+    std::fs::create_dir_all(&cfgs).unwrap();
+    std::fs::copy(worker_yaml(&tag, ""), cfgs.join("imapworker.yaml")).unwrap();
+    let env = vec![(
+        "CALIOPENROOT".to_string(),
+        root.to_str().unwrap().to_string(),
+    )];
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let w = start_worker(settings).await;
+    let (user, _) = new_user(&w.ctx.store).await;
+    let u = user.to_string();
+    let login = unique("dove");
+    fill(&login, "INBOX", 2, 300);
+    let server = imaps_server();
+    let pw = stack().password.clone();
+
+    let out = imapctl(
+        words(&[
+            "addremote",
+            "--login",
+            &login,
+            "--pass",
+            &pw,
+            "--server",
+            &server,
+            "--userid",
+            &u,
+        ]),
+        env.clone(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = imapctl(
+        words(&["syncremote", "--userid", &u, "--identifier", &login]),
+        env.clone(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("order sent"));
+    // The order was published and quit, as the seed did; wait (bounded) for
+    // the worker to have stored both messages.
+    let mut n = 0;
+    for _ in 0..300 {
+        n = w.ctx.store.raw_message_ids_of(user).await.unwrap().len();
+        if n == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(n, 2, "the sync ordered by syncremote");
+    let out = imapctl(
+        words(&[
+            "fullfetch",
+            "--login",
+            &login,
+            "--pass",
+            &pw,
+            "--server",
+            &server,
+            "--mailbox",
+            "INBOX",
+            "--userid",
+            &u,
+        ]),
+        env,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("order sent"));
+    w.stop().await;
+}
