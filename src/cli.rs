@@ -64,7 +64,7 @@ Caliopen's IMAP importer: fetch users' remote mail into Cassandra.
 
 Modes:
   worker    the imapworker daemon: takes sync/fullfetch orders over NATS
-  ctl       imapctl: addremote, syncremote, fullfetch, listremotes, removeremote
+  ctl       imapctl: addremote, syncremote, fullfetch, listremotes, removeremote, unlock
   poller    the idpoller daemon: schedules periodic syncs of remote identities
 
 Options:
