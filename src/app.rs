@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::cli::{self, Mode, Parsed};
 use crate::config::{self, PollerSettings, WorkerSettings};
 use crate::error::{self, code, Failure};
+use crate::pidfile::PidFile;
 use crate::shutdown::{self, Shutdown};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -42,53 +43,75 @@ pub fn top_level(first: &str) -> ExitCode {
 /// Run `mode` with `args` (the words after the mode); `prog` is how the user
 /// called it, for help texts and error messages.
 pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
-    if matches!(args.first().map(String::as_str), Some("--version" | "-V")) {
+    // The Go binaries' persistent flags may come after the command.
+    let hoisted = cli::hoist_globals(args);
+    if hoisted.version {
         println!("{} (caliopen-imap {VERSION})", mode.program());
         return ExitCode::SUCCESS;
     }
-    init_logging(mode);
+    init_logging(mode, hoisted.verbose);
     crate::imap::tls::install_provider();
+    let args = &hoisted.args;
     let result = match mode {
         Mode::Worker => match cli::parse::<cli::WorkerArgs>(prog, args) {
             Parsed::Exit(c) => return ExitCode::from(c),
-            Parsed::Args(a) => {
+            Parsed::Args(mut a) => {
                 let show = matches!(a.cmd, cli::WorkerCmd::Config(_));
-                let config = a.config.clone();
-                with_settings::<WorkerSettings, _, _>(
-                    config.as_deref(),
-                    mode,
-                    show,
-                    WorkerSettings::validate,
-                    |s, sd| crate::worker::run(a, s, sd),
-                )
+                let pid_file = match &a.cmd {
+                    cli::WorkerCmd::Start(st) => st.pid_file.clone(),
+                    _ => None,
+                };
+                locate(&mut a.config, a.configpath.as_deref(), mode.config_name()).and_then(|()| {
+                    let config = a.config.clone();
+                    with_settings::<WorkerSettings, _, _>(
+                        config.as_deref(),
+                        mode,
+                        show,
+                        pid_file.as_deref(),
+                        WorkerSettings::validate,
+                        |s, sd| crate::worker::run(a, s, sd),
+                    )
+                })
             }
         },
         Mode::Poller => match cli::parse::<cli::PollerArgs>(prog, args) {
             Parsed::Exit(c) => return ExitCode::from(c),
-            Parsed::Args(a) => {
+            Parsed::Args(mut a) => {
                 let show = matches!(a.cmd, cli::PollerCmd::Config(_));
-                let config = a.config.clone();
-                with_settings::<PollerSettings, _, _>(
-                    config.as_deref(),
-                    mode,
-                    show,
-                    PollerSettings::validate,
-                    |s, sd| crate::poller::run(a, s, sd),
-                )
+                let pid_file = match &a.cmd {
+                    cli::PollerCmd::Start(st) => st.pid_file.clone(),
+                    _ => None,
+                };
+                // The poller re-reads `a.config` on SIGHUP: it gets the
+                // resolved file.
+                locate(&mut a.config, a.configpath.as_deref(), mode.config_name()).and_then(|()| {
+                    let config = a.config.clone();
+                    with_settings::<PollerSettings, _, _>(
+                        config.as_deref(),
+                        mode,
+                        show,
+                        pid_file.as_deref(),
+                        PollerSettings::validate,
+                        |s, sd| crate::poller::run(a, s, sd),
+                    )
+                })
             }
         },
         Mode::Ctl => match cli::parse::<cli::CtlArgs>(prog, args) {
             Parsed::Exit(c) => return ExitCode::from(c),
-            Parsed::Args(a) => {
+            Parsed::Args(mut a) => {
                 let show = matches!(a.cmd, cli::CtlCmd::Config(_));
-                let config = a.config.clone();
-                with_settings::<WorkerSettings, _, _>(
-                    config.as_deref(),
-                    mode,
-                    show,
-                    WorkerSettings::validate,
-                    |s, sd| crate::ctl::run(a, s, sd),
-                )
+                locate(&mut a.config, a.configpath.as_deref(), mode.config_name()).and_then(|()| {
+                    let config = a.config.clone();
+                    with_settings::<WorkerSettings, _, _>(
+                        config.as_deref(),
+                        mode,
+                        show,
+                        None,
+                        WorkerSettings::validate,
+                        |s, sd| crate::ctl::run(a, s, sd),
+                    )
+                })
             }
         },
     };
@@ -101,12 +124,23 @@ pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
     }
 }
 
+/// Turn `-c NAME` / `--configpath DIR` into the file to load, in place.
+fn locate(
+    config: &mut Option<std::path::PathBuf>,
+    configpath: Option<&Path>,
+    go_name: &str,
+) -> anyhow::Result<()> {
+    *config = config::locate(config.as_deref(), configpath, go_name)?;
+    Ok(())
+}
+
 /// Load and check the settings, then either print them (`config`) or run
 /// the mode on a fresh runtime.
 fn with_settings<S, F, Fut>(
     explicit: Option<&Path>,
     mode: Mode,
     show: bool,
+    pid_file: Option<&Path>,
     validate: fn(&S) -> Result<(), Vec<String>>,
     body: F,
 ) -> anyhow::Result<ExitCode>
@@ -115,7 +149,8 @@ where
     F: FnOnce(S, Shutdown) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
-    let path = config::config_path(explicit, mode.program());
+    // /etc/caliopen/imapworker.yaml for imapctl too, as in Caliopen's images.
+    let path = config::config_path(explicit, mode.config_name());
     if let Some(p) = &path {
         tracing::debug!(file = %p.display(), "loading configuration");
     }
@@ -134,16 +169,21 @@ where
             Mode::Ctl => Shutdown::never(),
             _ => shutdown::on_signals(),
         };
+        // Written once SIGTERM is handled; held until the daemon's shutdown
+        // path has run, then removed.
+        let _pid = pid_file.map(PidFile::create).transpose()?;
         body(settings, shutdown).await
     })
 }
 
 /// Logs go to stderr. `CALIOPEN_IMAP_LOG` takes a tracing filter
 /// (`debug`, `caliopen_imap=trace`...); daemons default to `info`, the CLI
-/// to `warn` so its own output stays readable.
-fn init_logging(mode: Mode) {
+/// to `warn` so its own output stays readable; `-v` (the Go binaries'
+/// `--verbose`) makes the default `debug`.
+fn init_logging(mode: Mode, verbose: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match mode {
+        _ if verbose => "debug",
         Mode::Ctl => "warn",
         _ => "info",
     };

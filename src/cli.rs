@@ -27,6 +27,14 @@ impl Mode {
         }
     }
 
+    /// The Go binaries' default config name: imapctl read imapworker's file.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            Mode::Worker | Mode::Ctl => "imapworker",
+            Mode::Poller => "idpoller",
+        }
+    }
+
     /// The mode named by a program file name (`imapctl`) or a first argument (`ctl`).
     pub fn from_program(name: &str) -> Option<Mode> {
         match name {
@@ -56,7 +64,7 @@ Caliopen's IMAP importer: fetch users' remote mail into Cassandra.
 
 Modes:
   worker    the imapworker daemon: takes sync/fullfetch orders over NATS
-  ctl       imapctl: addremote, syncremote, fullfetch, listremotes, removeremote
+  ctl       imapctl: addremote, syncremote, fullfetch, listremotes, removeremote, unlock
   poller    the idpoller daemon: schedules periodic syncs of remote identities
 
 Options:
@@ -70,9 +78,19 @@ Run `caliopen-imap <mode> --help` for the commands of a mode.";
 /// imapworker: fetch mail from remote IMAP accounts on orders received over NATS.
 #[derive(FromArgs, Debug)]
 pub struct WorkerArgs {
-    /// configuration file (YAML, Caliopen's imapworker.yaml keys)
+    /// configuration: a file, or a name looked up as NAME.yaml in --configpath,
+    /// $CALIOPENROOT/src/backend/configs and . (as the Go binaries did)
     #[argh(option, short = 'c')]
     pub config: Option<PathBuf>,
+    /// directory searched first for the -c NAME configuration
+    #[argh(option)]
+    pub configpath: Option<PathBuf>,
+    /// log at debug level (unless CALIOPEN_IMAP_LOG says otherwise)
+    #[argh(switch, short = 'v')]
+    pub verbose: bool,
+    /// print the version and exit
+    #[argh(switch, short = 'V')]
+    pub version: bool,
     #[argh(subcommand)]
     pub cmd: WorkerCmd,
 }
@@ -87,7 +105,12 @@ pub enum WorkerCmd {
 /// run the daemon until SIGTERM or SIGINT
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "start")]
-pub struct StartArgs {}
+pub struct StartArgs {
+    /// write the process id to this file (removed on exit); refuse to start
+    /// while it names a live process
+    #[argh(option, short = 'p')]
+    pub pid_file: Option<PathBuf>,
+}
 
 /// print the effective configuration (secrets redacted) and exit
 #[derive(FromArgs, Debug)]
@@ -99,9 +122,19 @@ pub struct ShowConfigArgs {}
 /// idpoller: schedule a periodic sync job for every active remote identity.
 #[derive(FromArgs, Debug)]
 pub struct PollerArgs {
-    /// configuration file (YAML, Caliopen's idpoller.yaml keys)
+    /// configuration: a file, or a name looked up as NAME.yaml in --configpath,
+    /// $CALIOPENROOT/src/backend/configs and . (as the Go binaries did)
     #[argh(option, short = 'c')]
     pub config: Option<PathBuf>,
+    /// directory searched first for the -c NAME configuration
+    #[argh(option)]
+    pub configpath: Option<PathBuf>,
+    /// log at debug level (unless CALIOPEN_IMAP_LOG says otherwise)
+    #[argh(switch, short = 'v')]
+    pub verbose: bool,
+    /// print the version and exit
+    #[argh(switch, short = 'V')]
+    pub version: bool,
     #[argh(subcommand)]
     pub cmd: PollerCmd,
 }
@@ -118,9 +151,19 @@ pub enum PollerCmd {
 /// imapctl: on-demand IMAP operations and remote identity management.
 #[derive(FromArgs, Debug)]
 pub struct CtlArgs {
-    /// configuration file (the same file as imapworker's)
+    /// configuration: a file, or a name looked up as NAME.yaml in --configpath,
+    /// $CALIOPENROOT/src/backend/configs and . (as the Go binaries did)
     #[argh(option, short = 'c')]
     pub config: Option<PathBuf>,
+    /// directory searched first for the -c NAME configuration
+    #[argh(option)]
+    pub configpath: Option<PathBuf>,
+    /// log at debug level (unless CALIOPEN_IMAP_LOG says otherwise)
+    #[argh(switch, short = 'v')]
+    pub verbose: bool,
+    /// print the version and exit
+    #[argh(switch, short = 'V')]
+    pub version: bool,
     #[argh(subcommand)]
     pub cmd: CtlCmd,
 }
@@ -133,6 +176,7 @@ pub enum CtlCmd {
     FullFetch(FullFetchArgs),
     ListRemotes(ListRemotesArgs),
     RemoveRemote(RemoveRemoteArgs),
+    Unlock(UnlockArgs),
     Config(ShowConfigArgs),
 }
 
@@ -141,10 +185,10 @@ pub enum CtlCmd {
 #[argh(subcommand, name = "addremote")]
 pub struct AddRemoteArgs {
     /// remote IMAP login (also the identity's identifier)
-    #[argh(option)]
+    #[argh(option, short = 'l')]
     pub login: String,
     /// IMAP password (visible in `ps`: prefer --pass-env, --pass-file or the prompt)
-    #[argh(option)]
+    #[argh(option, short = 'p')]
     pub pass: Option<String>,
     /// read the password from this environment variable
     #[argh(option)]
@@ -156,19 +200,19 @@ pub struct AddRemoteArgs {
     #[argh(switch)]
     pub no_pass: bool,
     /// remote IMAP server, host:port (993: implicit TLS, 143: STARTTLS)
-    #[argh(option)]
+    #[argh(option, short = 's')]
     pub server: String,
     /// local Caliopen user id (UUID)
     #[argh(option)]
     pub userid: Option<String>,
     /// local Caliopen user name, instead of --userid
-    #[argh(option)]
+    #[argh(option, short = 'u')]
     pub username: Option<String>,
     /// display name of the identity (default: the login)
-    #[argh(option)]
+    #[argh(option, short = 'd')]
     pub display: Option<String>,
     /// mailbox(es) to sync, comma-separated (default INBOX)
-    #[argh(option)]
+    #[argh(option, short = 'm')]
     pub mailbox: Option<String>,
     /// minutes between two scheduled syncs, or a cron expression (default 15)
     #[argh(option)]
@@ -183,16 +227,16 @@ pub struct SyncRemoteArgs {
     #[argh(option)]
     pub userid: Option<String>,
     /// local Caliopen user name, instead of --userid
-    #[argh(option)]
+    #[argh(option, short = 'u')]
     pub username: Option<String>,
     /// the identity's identifier (its login)
     #[argh(option)]
     pub identifier: Option<String>,
     /// the identity's id (UUID), instead of --identifier
-    #[argh(option)]
+    #[argh(option, short = 'r')]
     pub remoteid: Option<String>,
     /// IMAP password for this run (when none is stored)
-    #[argh(option)]
+    #[argh(option, short = 'p')]
     pub pass: Option<String>,
     /// read the password from this environment variable
     #[argh(option)]
@@ -213,10 +257,10 @@ pub struct SyncRemoteArgs {
 #[argh(subcommand, name = "fullfetch")]
 pub struct FullFetchArgs {
     /// remote IMAP login
-    #[argh(option)]
+    #[argh(option, short = 'l')]
     pub login: String,
     /// IMAP password (visible in `ps`: prefer --pass-env, --pass-file or the prompt)
-    #[argh(option)]
+    #[argh(option, short = 'p')]
     pub pass: Option<String>,
     /// read the password from this environment variable
     #[argh(option)]
@@ -225,16 +269,16 @@ pub struct FullFetchArgs {
     #[argh(option)]
     pub pass_file: Option<PathBuf>,
     /// remote IMAP server, host:port
-    #[argh(option)]
+    #[argh(option, short = 's')]
     pub server: String,
     /// mailbox to fetch (default INBOX)
-    #[argh(option, default = "String::from(\"INBOX\")")]
+    #[argh(option, short = 'm', default = "String::from(\"INBOX\")")]
     pub mailbox: String,
     /// local Caliopen user id (UUID)
     #[argh(option)]
     pub userid: Option<String>,
     /// local Caliopen user name, instead of --userid
-    #[argh(option)]
+    #[argh(option, short = 'u')]
     pub username: Option<String>,
     /// wait for the worker's result and exit non-zero if the fetch failed
     #[argh(switch)]
@@ -252,7 +296,7 @@ pub struct ListRemotesArgs {
     #[argh(option)]
     pub userid: Option<String>,
     /// local Caliopen user name, instead of --userid
-    #[argh(option)]
+    #[argh(option, short = 'u')]
     pub username: Option<String>,
     /// print JSON instead of a table
     #[argh(switch)]
@@ -267,14 +311,35 @@ pub struct RemoveRemoteArgs {
     #[argh(option)]
     pub userid: Option<String>,
     /// local Caliopen user name, instead of --userid
-    #[argh(option)]
+    #[argh(option, short = 'u')]
     pub username: Option<String>,
     /// the identity's identifier (its login)
     #[argh(option)]
     pub identifier: Option<String>,
     /// the identity's id (UUID), instead of --identifier
-    #[argh(option)]
+    #[argh(option, short = 'r')]
     pub remoteid: Option<String>,
+}
+
+/// clear a sync lock (and Caliopen's syncing marker) left by a stopped sync
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "unlock")]
+pub struct UnlockArgs {
+    /// local Caliopen user id (UUID)
+    #[argh(option)]
+    pub userid: Option<String>,
+    /// local Caliopen user name, instead of --userid
+    #[argh(option, short = 'u')]
+    pub username: Option<String>,
+    /// the identity's identifier (its login)
+    #[argh(option)]
+    pub identifier: Option<String>,
+    /// the identity's id (UUID), instead of --identifier
+    #[argh(option, short = 'r')]
+    pub remoteid: Option<String>,
+    /// clear the lock and the marker even if a sync is still renewing them
+    #[argh(switch)]
+    pub force: bool,
 }
 
 // ------------------------------------------------------------------ parsing
@@ -310,6 +375,82 @@ pub fn parse<T: FromArgs>(name: &str, args: &[String]) -> Parsed<T> {
                 Parsed::Exit(crate::error::code::USAGE)
             }
         },
+    }
+}
+
+/// The command line after [`hoist_globals`], and what it found.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Hoisted {
+    /// The words to hand to argh: persistent flags first, then the rest.
+    pub args: Vec<String>,
+    /// `-V`, `--version` or a `version` command was given.
+    pub version: bool,
+    /// `-v` or `--verbose` was given.
+    pub verbose: bool,
+}
+
+/// The Go binaries' persistent flags (cobra): valid before or after the
+/// command. `-c NAME`, `--configpath DIR`, `-v`, `-V`.
+const GLOBAL_OPTIONS: &[&str] = &["-c", "--config", "--configpath"];
+const GLOBAL_SWITCHES: &[&str] = &["-v", "--verbose", "-V", "--version"];
+/// Every flag of any mode that takes no value; any other flag takes the next
+/// word as its value. A switch added to the structs above goes here too,
+/// else the word after it is read as its value.
+const SWITCHES: &[&str] = &["--help", "-h", "--wait", "--json", "--no-pass", "--force"];
+
+/// Move the persistent flags (and their values) in front of the command,
+/// where argh wants a struct's own options, so `imapworker start -c imapworker
+/// --configpath /etc/caliopen` parses as cobra parsed it. argh has no
+/// persistent flags; this is the one place that reorders words. Values of
+/// other options are skipped, never taken for flags (`--pass -v` keeps `-v`
+/// as the password), and nothing after `--` is touched.
+pub fn hoist_globals(args: &[String]) -> Hoisted {
+    let args = split_equals(args);
+    let mut globals = Vec::new();
+    let mut rest = Vec::with_capacity(args.len());
+    let (mut version, mut verbose) = (false, false);
+    let mut seen_command = false;
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if a == "--" {
+            rest.extend_from_slice(&args[i..]);
+            break;
+        }
+        if GLOBAL_OPTIONS.contains(&a) && i + 1 < args.len() {
+            globals.push(args[i].clone());
+            globals.push(args[i + 1].clone());
+            i += 2;
+            continue;
+        }
+        if GLOBAL_SWITCHES.contains(&a) {
+            match a {
+                "-V" | "--version" => version = true,
+                _ => verbose = true,
+            }
+            globals.push(args[i].clone());
+            i += 1;
+            continue;
+        }
+        if a.starts_with('-') && a.len() > 1 && !SWITCHES.contains(&a) {
+            // An option with its value: both stay where they are.
+            rest.extend_from_slice(&args[i..(i + 2).min(args.len())]);
+            i += 2;
+            continue;
+        }
+        if !a.starts_with('-') && !seen_command {
+            seen_command = true;
+            // cobra's `version` command.
+            version |= a == "version";
+        }
+        rest.push(args[i].clone());
+        i += 1;
+    }
+    globals.extend(rest);
+    Hoisted {
+        args: globals,
+        version,
+        verbose,
     }
 }
 
@@ -355,6 +496,170 @@ mod tests {
     }
 
     #[test]
+    fn persistent_flags_move_before_the_command() {
+        // Caliopen's Dockerfile.imap-worker entrypoint.
+        let h = hoist_globals(&s(&[
+            "start",
+            "-c",
+            "imapworker",
+            "--configpath",
+            "/etc/caliopen",
+            "-p",
+            "/imapworker.pid",
+        ]));
+        assert_eq!(
+            h.args,
+            s(&[
+                "-c",
+                "imapworker",
+                "--configpath",
+                "/etc/caliopen",
+                "start",
+                "-p",
+                "/imapworker.pid"
+            ])
+        );
+        assert!(!h.version && !h.verbose);
+        let Parsed::Args(WorkerArgs {
+            config,
+            configpath,
+            cmd: WorkerCmd::Start(st),
+            ..
+        }) = parse::<WorkerArgs>("imapworker", &h.args)
+        else {
+            panic!("did not parse")
+        };
+        assert_eq!(config, Some(PathBuf::from("imapworker")));
+        assert_eq!(configpath, Some(PathBuf::from("/etc/caliopen")));
+        assert_eq!(st.pid_file, Some(PathBuf::from("/imapworker.pid")));
+    }
+
+    #[test]
+    fn values_are_never_taken_for_flags() {
+        let h = hoist_globals(&s(&[
+            "syncremote",
+            "-p",
+            "-v",
+            "--pass-env",
+            "-c",
+            "--config=x.yaml",
+            "--wait",
+            "-v",
+            "--",
+            "-V",
+        ]));
+        assert_eq!(
+            h.args,
+            s(&[
+                "--config",
+                "x.yaml",
+                "-v",
+                "syncremote",
+                "-p",
+                "-v",
+                "--pass-env",
+                "-c",
+                "--wait",
+                "--",
+                "-V"
+            ])
+        );
+        assert!(h.verbose);
+        assert!(!h.version, "-V after -- is not a flag");
+    }
+
+    #[test]
+    fn version_in_any_place_or_as_a_command() {
+        assert!(hoist_globals(&s(&["start", "-V"])).version);
+        assert!(hoist_globals(&s(&["--version"])).version);
+        assert!(hoist_globals(&s(&["version"])).version);
+        assert!(!hoist_globals(&s(&["syncremote", "--username", "version"])).version);
+    }
+
+    #[test]
+    fn ctl_go_short_flags() {
+        let h = hoist_globals(&s(&[
+            "addremote",
+            "-u",
+            "alice",
+            "-s",
+            "imap.b.c:993",
+            "-l",
+            "a@b.c",
+            "-p",
+            "pw",
+            "-m",
+            "Archive",
+            "-d",
+            "Alice",
+            "-c",
+            "imapworker",
+        ]));
+        let Parsed::Args(CtlArgs {
+            config,
+            cmd: CtlCmd::AddRemote(a),
+            ..
+        }) = parse::<CtlArgs>("imapctl", &h.args)
+        else {
+            panic!("did not parse")
+        };
+        assert_eq!(config, Some(PathBuf::from("imapworker")));
+        assert_eq!(
+            (a.username.as_deref(), a.server.as_str(), a.login.as_str()),
+            (Some("alice"), "imap.b.c:993", "a@b.c")
+        );
+        assert_eq!(
+            (
+                a.pass.as_deref(),
+                a.mailbox.as_deref(),
+                a.display.as_deref()
+            ),
+            (Some("pw"), Some("Archive"), Some("Alice"))
+        );
+        let h = hoist_globals(&s(&["syncremote", "-u", "alice", "-r", "r-1", "-p", "pw"]));
+        let Parsed::Args(CtlArgs {
+            cmd: CtlCmd::SyncRemote(a),
+            ..
+        }) = parse::<CtlArgs>("imapctl", &h.args)
+        else {
+            panic!("did not parse")
+        };
+        assert_eq!(
+            (
+                a.username.as_deref(),
+                a.remoteid.as_deref(),
+                a.pass.as_deref()
+            ),
+            (Some("alice"), Some("r-1"), Some("pw"))
+        );
+        let h = hoist_globals(&s(&[
+            "fullfetch",
+            "-u",
+            "alice",
+            "-s",
+            "h:993",
+            "-m",
+            "Box",
+            "-l",
+            "a@b.c",
+            "-p",
+            "pw",
+        ]));
+        let Parsed::Args(CtlArgs {
+            cmd: CtlCmd::FullFetch(a),
+            ..
+        }) = parse::<CtlArgs>("imapctl", &h.args)
+        else {
+            panic!("did not parse")
+        };
+        assert_eq!(
+            (a.username.as_deref(), a.server.as_str(), a.mailbox.as_str()),
+            (Some("alice"), "h:993", "Box")
+        );
+        assert_eq!((a.login.as_str(), a.pass.as_deref()), ("a@b.c", Some("pw")));
+    }
+
+    #[test]
     fn ctl_parses_seed_example() {
         let args = s(&[
             "addremote",
@@ -376,6 +681,12 @@ mod tests {
         };
         assert_eq!(a.login, "a@b.c");
         assert_eq!(a.server, "imap.b.c:993");
+    }
+
+    #[test]
+    fn imapctl_reads_imapworkers_file() {
+        assert_eq!(Mode::Ctl.config_name(), "imapworker");
+        assert_eq!(Mode::Poller.config_name(), "idpoller");
     }
 
     #[test]

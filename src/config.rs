@@ -1,8 +1,9 @@
 //! The one configuration loader of every mode.
 //!
 //! Layers, later wins: built-in defaults (written next to each key below), the
-//! YAML file (`-c/--config`, else `$CALIOPEN_IMAP_CONFIG`, else
-//! `/etc/caliopen/<mode>.yaml` when it exists), then environment variables
+//! YAML file (`-c/--config`, else `$CALIOPEN_IMAP_CONFIG`, else the first of
+//! `/etc/caliopen/<name>.yaml`, `$CALIOPENROOT/src/backend/configs/<name>.yaml`
+//! and `./<name>.yaml` that exists), then environment variables
 //! `CALIOPEN_IMAP_<KEY>` with `__` between nested keys
 //! (`CALIOPEN_IMAP_STORE_SETTINGS__KEYSPACE=test`).
 //!
@@ -519,6 +520,53 @@ impl PollerSettings {
 
 // ------------------------------------------------------------------ loading
 
+/// What `-c` and `--configpath` name, as a file to load.
+///
+/// The Go binaries took `-c NAME` (viper's config name, no extension) and
+/// searched `--configpath`, then `$CALIOPENROOT/src/backend/configs/`, then
+/// the working directory. We keep that, and keep `-c FILE`: a value that is
+/// an existing file, or ends in `.yaml`/`.yml`, is a file. `--configpath`
+/// alone searches for the mode's Go default name (`go_name`). Neither given:
+/// `None`, and [`config_path`] picks the default.
+pub fn locate(
+    config: Option<&Path>,
+    configpath: Option<&Path>,
+    go_name: &str,
+) -> Result<Option<PathBuf>, Failure> {
+    let name = match (config, configpath) {
+        (None, None) => return Ok(None),
+        (Some(c), _) => {
+            let is_file_name = c
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+            if is_file_name || c.is_file() {
+                return Ok(Some(c.to_path_buf()));
+            }
+            c.to_string_lossy().into_owned()
+        }
+        (None, Some(_)) => go_name.to_string(),
+    };
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    dirs.extend(configpath.map(Path::to_path_buf));
+    if let Some(root) = std::env::var_os("CALIOPENROOT").filter(|r| !r.is_empty()) {
+        dirs.push(PathBuf::from(root).join("src/backend/configs"));
+    }
+    dirs.push(PathBuf::from("."));
+    for dir in &dirs {
+        for ext in ["yaml", "yml"] {
+            let candidate = dir.join(format!("{name}.{ext}"));
+            if candidate.is_file() {
+                return Ok(Some(candidate));
+            }
+        }
+    }
+    let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    Err(Failure::Config(format!(
+        "config {name:?}: no {name}.yaml or {name}.yml in {}",
+        searched.join(", ")
+    )))
+}
+
 /// Where the file layer comes from.
 pub fn config_path(explicit: Option<&Path>, mode_file: &str) -> Option<PathBuf> {
     if let Some(p) = explicit {
@@ -529,8 +577,14 @@ pub fn config_path(explicit: Option<&Path>, mode_file: &str) -> Option<PathBuf> 
             return Some(PathBuf::from(p));
         }
     }
-    let etc = PathBuf::from(format!("/etc/caliopen/{mode_file}.yaml"));
-    etc.is_file().then_some(etc)
+    // Then where the Go binaries looked with no flag at all (their default
+    // name, in $CALIOPENROOT/src/backend/configs/ and the working directory).
+    let mut candidates = vec![PathBuf::from(format!("/etc/caliopen/{mode_file}.yaml"))];
+    if let Some(root) = std::env::var_os("CALIOPENROOT").filter(|r| !r.is_empty()) {
+        candidates.push(PathBuf::from(root).join(format!("src/backend/configs/{mode_file}.yaml")));
+    }
+    candidates.push(PathBuf::from(format!("{mode_file}.yaml")));
+    candidates.into_iter().find(|p| p.is_file())
 }
 
 /// Load settings: defaults, then the file, then the environment. Any error
@@ -679,6 +733,37 @@ pub fn redact_url(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_names_are_looked_up_as_the_go_binaries_did() {
+        let dir = std::env::temp_dir().join(format!("cfg-locate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("imapworker.yaml");
+        std::fs::write(&file, "workers: 1\n").unwrap();
+        // -c NAME --configpath DIR (Caliopen's entrypoint).
+        assert_eq!(
+            locate(Some(Path::new("imapworker")), Some(&dir), "x").unwrap(),
+            Some(file.clone())
+        );
+        // --configpath alone: the Go default name.
+        assert_eq!(
+            locate(None, Some(&dir), "imapworker").unwrap(),
+            Some(file.clone())
+        );
+        // -c FILE keeps its meaning, existing or not (load reports a missing one).
+        assert_eq!(locate(Some(&file), None, "x").unwrap(), Some(file.clone()));
+        assert_eq!(
+            locate(Some(Path::new("/nowhere/a.yml")), Some(&dir), "x").unwrap(),
+            Some(PathBuf::from("/nowhere/a.yml"))
+        );
+        assert_eq!(locate(None, None, "x").unwrap(), None);
+        // A name found nowhere: one line naming where we looked.
+        let err = locate(Some(Path::new("nosuchname")), Some(&dir), "x").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("nosuchname.yaml") && text.contains(&dir.display().to_string()));
+        assert!(!text.contains('\n'));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn host_port() {

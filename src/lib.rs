@@ -14,6 +14,7 @@
 //! - [`config`]: the one loader (defaults → YAML → environment), validation,
 //!   redacted printing.
 //! - [`error`]: error kinds callers branch on, and the exit codes.
+//! - [`pidfile`]: the daemons' `start --pid-file`.
 //! - [`shutdown`]: SIGINT/SIGTERM → one shutdown token.
 //! - [`backoff`]: retry delays with jitter and a cap.
 //! - [`bus`]: NATS connection and [`bus::wire`], the JSON shapes.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod ctl;
 pub mod error;
 pub mod imap;
+pub mod pidfile;
 pub mod poller;
 pub mod shutdown;
 pub mod store;

@@ -54,28 +54,32 @@ impl Shutdown {
 }
 
 /// Listen for SIGINT/SIGTERM in the background; the first one triggers.
+/// The handlers are installed before this returns, so a signal sent once
+/// the pid file exists (written after this) is never the default "die".
 pub fn on_signals() -> Shutdown {
+    use tokio::signal::unix::{signal, SignalKind};
     let (trigger, shutdown) = channel();
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
     tokio::spawn(async move {
-        let name = wait_for_signal().await;
+        let name = match (term, int) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            (Ok(mut term), Err(_)) => {
+                term.recv().await;
+                "SIGTERM"
+            }
+            (Err(_), _) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        };
         tracing::info!(signal = name, "shutdown requested");
         trigger.trigger();
     });
     shutdown
-}
-
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        },
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            "SIGINT"
-        }
-    }
 }
 
 #[cfg(test)]

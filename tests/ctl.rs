@@ -611,3 +611,429 @@ async fn fullfetch_wait_and_no_worker() {
     assert!(text(&out.stdout).contains("order sent"));
     w.stop().await;
 }
+
+// ------------------------------------------------ the Go imapctl's command lines
+
+/// Run the `imapctl` symlink with `args` as they are, without blocking.
+async fn imapctl(args: Vec<String>, env: Vec<(String, String)>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(symlink("imapctl"));
+        cmd.args(&args).stdin(Stdio::null());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("CALIOPEN_IMAP_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env);
+        cmd.output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn words(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// A folder with `imapworker.yaml`, as Caliopen mounts /etc/caliopen.
+fn etc_with_worker_yaml(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(unique("etc-ctl"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(worker_yaml(tag, ""), dir.join("imapworker.yaml")).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_imapctl_short_flags_work_before_or_after_the_command() {
+    let tag = unique("cgo");
+    let etc = etc_with_worker_yaml(&tag);
+    let etc = etc.to_str().unwrap();
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let w = start_worker(settings).await;
+    let (user, name) = new_user(&w.ctx.store).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 3, 300);
+    let server = imaps_server();
+    let pw = stack().password.clone();
+
+    // addremote.go: -u -s -l -p -m -d; the persistent flags after the command.
+    let out = imapctl(
+        words(&[
+            "addremote",
+            "-u",
+            &name,
+            "-s",
+            &server,
+            "-l",
+            &login,
+            "-p",
+            &pw,
+            "-m",
+            "INBOX",
+            "-d",
+            "Go Display",
+            "-c",
+            "imapworker",
+            "--configpath",
+            etc,
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id_id = w
+        .ctx
+        .store
+        .lookup_identity(user, &login)
+        .await
+        .unwrap()
+        .expect("identity written");
+    let id = w.ctx.store.identity(user, id_id).await.unwrap().unwrap();
+    assert_eq!(id.display_name, "Go Display");
+    assert_eq!(id.info(infos::INSERVER), server);
+
+    // syncremote.go: -u -r -p; the persistent flags before the command.
+    let rid = id_id.to_string();
+    let out = imapctl(
+        words(&[
+            "-c",
+            "imapworker",
+            "--configpath",
+            etc,
+            "syncremote",
+            "-u",
+            &name,
+            "-r",
+            &rid,
+            "-p",
+            &pw,
+            "--wait",
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("fetched 3"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // fullfetch.go: -u -s -m -l -p, with -v.
+    let out = imapctl(
+        words(&[
+            "fullfetch",
+            "-u",
+            &name,
+            "-s",
+            &server,
+            "-m",
+            "INBOX",
+            "-l",
+            &login,
+            "-p",
+            &pw,
+            "-v",
+            "-c",
+            "imapworker",
+            "--configpath",
+            etc,
+            "--wait",
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("handed off 3"),
+        "{}",
+        text(&out.stdout)
+    );
+    w.stop().await;
+}
+
+// ------------------------------------------------ locks: visible and clearable
+
+/// `unlock -u NAME --identifier LOGIN [--force]`.
+async fn unlock(cfg: &Path, name: &str, login: &str, force: bool) -> Output {
+    let mut a = vec!["unlock", "-u", name, "--identifier", login];
+    if force {
+        a.push("--force");
+    }
+    ctl(cfg, &a, &[]).await
+}
+
+/// listremotes --json, the row of `login`.
+async fn remote_json(cfg: &Path, name: &str, login: &str) -> serde_json::Value {
+    let out = ctl(cfg, &["listremotes", "-u", name, "--json"], &[]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["identifier"] == login.to_lowercase())
+        .unwrap()
+        .clone()
+}
+
+// Each case has its own identity: a lock row written "in the past" loses
+// against a newer write of the same row (last write wins), whatever its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listremotes_shows_locks_and_unlock_clears_only_stale_ones() {
+    let tag = unique("lk");
+    // lock_ttl 60: a lock not renewed for 30 s is stale.
+    let cfg = worker_yaml(&tag, "  lock_ttl_secs: 60\n");
+    let st = store().await;
+    let (user, name) = new_user(&st).await;
+    let now = chrono::Utc::now();
+    let marker = |owner: Option<&str>| {
+        let mut m =
+            std::collections::HashMap::from([(infos::SYNCING.to_string(), now.to_rfc3339())]);
+        if let Some(o) = owner {
+            m.insert(infos::SYNCING_OWNER.to_string(), o.to_string());
+        }
+        m
+    };
+
+    // Nothing held: unlock says so, exit 0.
+    let free = unique("dove");
+    new_identity(&st, user, &free, &imaps_server(), "x").await;
+    let out = unlock(&cfg, &name, &free, false).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("nothing to unlock"));
+
+    // A live lock (just renewed) with our marker: shown, refused without
+    // --force, cleared with it.
+    let live = unique("dove");
+    let id = new_identity(&st, user, &live, &imaps_server(), "x").await;
+    let (u, i) = (user, id.identity_id);
+    st.put_sync_lock_at(u, i, "worker-live", now, now, 60)
+        .await
+        .unwrap();
+    st.merge_infos(u, i, marker(Some("worker-live")))
+        .await
+        .unwrap();
+    let v = remote_json(&cfg, &name, &live).await;
+    assert_eq!(v["sync_lock"]["owner"], "worker-live");
+    assert!(v["sync_lock"]["expires_in_secs"].as_u64().unwrap() <= 60);
+    assert_eq!(v["syncing_marker"]["owner"], "worker-live");
+    let out = ctl(&cfg, &["listremotes", "-u", &name], &[]).await;
+    let table = text(&out.stdout);
+    assert!(table.contains("running"), "{table}");
+    assert!(
+        table.contains(&format!(
+            "{}: sync lock held by worker-live since",
+            live.to_lowercase()
+        )),
+        "{table}"
+    );
+    let out = unlock(&cfg, &name, &live, false).await;
+    assert_fails(&out, 4, "live");
+    assert!(st.sync_lock(u, i).await.unwrap().is_some());
+    let out = unlock(&cfg, &name, &live, true).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("worker-live"));
+    assert!(st.sync_lock(u, i).await.unwrap().is_none());
+
+    // A lock last renewed 10 minutes ago: stale, cleared with the marker.
+    let stale = unique("dove");
+    let id = new_identity(&st, user, &stale, &imaps_server(), "x").await;
+    let (u, i) = (user, id.identity_id);
+    let old = now - chrono::Duration::minutes(10);
+    st.put_sync_lock_at(u, i, "worker-dead", old, old, 3600)
+        .await
+        .unwrap();
+    st.merge_infos(u, i, marker(Some("worker-dead")))
+        .await
+        .unwrap();
+    let out = ctl(&cfg, &["listremotes", "-u", &name], &[]).await;
+    assert!(text(&out.stdout).contains("stale"), "{}", text(&out.stdout));
+    let out = unlock(&cfg, &name, &stale, false).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert_eq!(said.trim().lines().count(), 1, "{said}");
+    assert!(
+        said.contains("cleared the sync lock held by worker-dead"),
+        "{said}"
+    );
+    assert!(st.sync_lock(u, i).await.unwrap().is_none());
+    let after = st.identity(u, i).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::SYNCING), "");
+    assert_eq!(after.info(infos::SYNCING_OWNER), "");
+
+    // A Go worker's marker (no syncing_owner, no lock row): shown as such,
+    // refused while Go workers honour it, cleared with --force.
+    let go = unique("dove");
+    let id = new_identity(&st, user, &go, &imaps_server(), "x").await;
+    let (u, i) = (user, id.identity_id);
+    st.merge_infos(u, i, marker(None)).await.unwrap();
+    let out = ctl(&cfg, &["listremotes", "-u", &name], &[]).await;
+    let table = text(&out.stdout);
+    assert!(table.contains("go-marker"), "{table}");
+    assert!(
+        table.contains("syncing marker of a Go worker since"),
+        "{table}"
+    );
+    let v = remote_json(&cfg, &name, &go).await;
+    assert!(v["syncing_marker"]["owner"].is_null());
+    assert!(v["sync_lock"].is_null());
+    let out = unlock(&cfg, &name, &go, false).await;
+    assert_fails(&out, 4, "Go worker");
+    let out = unlock(&cfg, &name, &go, true).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("Go worker"));
+    let after = st.identity(u, i).await.unwrap().unwrap();
+    assert_eq!(after.info(infos::SYNCING), "");
+
+    // Unknown identity: not found.
+    let out = unlock(&cfg, &name, "nobody@nowhere", false).await;
+    assert_fails(&out, 3, "nobody@nowhere");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removeremote_refuses_under_a_running_sync_and_holds_the_lock_itself() {
+    let tag = unique("rmlk");
+    let cfg = worker_yaml(&tag, "");
+    let st = store().await;
+    let (user, name) = new_user(&st).await;
+    let login = unique("dove");
+    let id = new_identity(&st, user, &login, &imaps_server(), "x").await;
+    let (u, i) = (user, id.identity_id);
+
+    // A sync holds the lock: refused, one line, conflict, row kept.
+    assert!(st
+        .take_sync_lock(u, i, "worker-busy", chrono::Utc::now(), 60)
+        .await
+        .unwrap());
+    let out = ctl(
+        &cfg,
+        &["removeremote", "-u", &name, "--identifier", &login],
+        &[],
+    )
+    .await;
+    assert_fails(&out, 4, "imapctl unlock");
+    assert!(text(&out.stderr).contains("worker-busy"));
+    assert!(st.identity(u, i).await.unwrap().is_some(), "kept");
+    assert!(st.release_sync_lock(u, i, "worker-busy").await.unwrap());
+
+    // A Go worker's fresh `syncing` marker: it may be syncing, so refused
+    // too; `unlock -r ID --force` (Go-style flags) clears it.
+    st.merge_infos(
+        u,
+        i,
+        std::collections::HashMap::from([(
+            infos::SYNCING.to_string(),
+            chrono::Utc::now().to_rfc3339(),
+        )]),
+    )
+    .await
+    .unwrap();
+    let out = ctl(
+        &cfg,
+        &["removeremote", "-u", &name, "--identifier", &login],
+        &[],
+    )
+    .await;
+    assert_fails(&out, 4, "Go worker");
+    assert!(st.identity(u, i).await.unwrap().is_some(), "kept");
+    assert!(
+        st.sync_lock(u, i).await.unwrap().is_none(),
+        "its lock released"
+    );
+    let rid = i.to_string();
+    let out = ctl(&cfg, &["unlock", "-u", &name, "-r", &rid, "--force"], &[]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Free: removed, and the lock it took is gone too.
+    let out = ctl(
+        &cfg,
+        &["removeremote", "-u", &name, "--identifier", &login],
+        &[],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(st.identity(u, i).await.unwrap().is_none());
+    assert!(st.sync_lock(u, i).await.unwrap().is_none(), "lock released");
+    // So a sync that wanted to start meanwhile could not have: it needed
+    // that lock, which removeremote held while deleting (checked above by
+    // the refusal the other way round).
+}
+
+/// The seed README's examples, word for word, with the configuration found
+/// where the Go imapctl found it without a flag ($CALIOPENROOT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_readme_examples_work_unchanged() {
+    let tag = unique("seed");
+    let root = std::env::temp_dir().join(unique("caliopenroot"));
+    let cfgs = root.join("src/backend/configs");
+    std::fs::create_dir_all(&cfgs).unwrap();
+    std::fs::copy(worker_yaml(&tag, ""), cfgs.join("imapworker.yaml")).unwrap();
+    let env = vec![(
+        "CALIOPENROOT".to_string(),
+        root.to_str().unwrap().to_string(),
+    )];
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let w = start_worker(settings).await;
+    let (user, _) = new_user(&w.ctx.store).await;
+    let u = user.to_string();
+    let login = unique("dove");
+    fill(&login, "INBOX", 2, 300);
+    let server = imaps_server();
+    let pw = stack().password.clone();
+
+    let out = imapctl(
+        words(&[
+            "addremote",
+            "--login",
+            &login,
+            "--pass",
+            &pw,
+            "--server",
+            &server,
+            "--userid",
+            &u,
+        ]),
+        env.clone(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = imapctl(
+        words(&["syncremote", "--userid", &u, "--identifier", &login]),
+        env.clone(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("order sent"));
+    // The order was published and quit, as the seed did; wait (bounded) for
+    // the worker to have stored both messages.
+    let mut n = 0;
+    for _ in 0..300 {
+        n = w.ctx.store.raw_message_ids_of(user).await.unwrap().len();
+        if n == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(n, 2, "the sync ordered by syncremote");
+    let out = imapctl(
+        words(&[
+            "fullfetch",
+            "--login",
+            &login,
+            "--pass",
+            &pw,
+            "--server",
+            &server,
+            "--mailbox",
+            "INBOX",
+            "--userid",
+            &u,
+        ]),
+        env,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("order sent"));
+    w.stop().await;
+}

@@ -925,3 +925,64 @@ async fn deliver_sends_then_files_the_message_in_the_remote_sent_mailbox() {
     );
     w.stop().await;
 }
+
+/// Keywords reach Caliopen as the Go worker wrote them: lowercased by
+/// go-imap's `CanonicalFlag`, system flags in their RFC spelling, in the
+/// order the server listed them (issue 15, item 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keywords_are_stored_lowercase_as_the_go_worker_did() {
+    let tag = unique("kw");
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 1, 200);
+    doveadm(
+        &[
+            "flags",
+            "add",
+            "-u",
+            &login,
+            "$Label1 $Forwarded NonJunk $MDNSent \\Seen",
+            "mailbox",
+            "INBOX",
+            "uid",
+            "1",
+        ],
+        None,
+    );
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    let (_, _, uidvalidity) = mailbox_status(&login, "INBOX");
+    let raw = st
+        .raw_message_data(raw_message_id(
+            user,
+            id.identity_id,
+            "INBOX",
+            uidvalidity,
+            1,
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    let b64 = raw
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("X-Fetched-Imap-Flags: "))
+        .unwrap_or_else(|| panic!("no flags header in {raw}"));
+    let flags = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    let flags = String::from_utf8(flags).unwrap();
+    // `\Recent` depends on which session saw the message first: not ours
+    // to pin. The rest is Dovecot's order (system flags, then keywords as
+    // registered), spelled as go-imap spelled it.
+    let got = flags.replace("\\Recent\r\n", "");
+    assert_eq!(
+        got, "\\Seen\r\n$label1\r\n$forwarded\r\nnonjunk\r\n$mdnsent",
+        "header {b64}"
+    );
+}

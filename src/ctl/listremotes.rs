@@ -1,12 +1,16 @@
 //! `listremotes`: a user's remote identities and where their syncs stand,
 //! as a table or (`--json`) as machine output. Messages stepped over after
-//! too many failures are listed here, so nothing is skipped unseen.
+//! too many failures are listed here, so nothing is skipped unseen, and so
+//! is a running or stranded sync: its lock (owner, start, last renewal,
+//! expiry) and Caliopen's `syncing` marker, a Go worker's included.
 
 use std::process::ExitCode;
 
 use serde::Serialize;
 
-use super::common;
+use chrono::Utc;
+
+use super::{common, locks};
 use crate::cli::ListRemotesArgs;
 use crate::config::WorkerSettings;
 use crate::error::Failure;
@@ -25,6 +29,10 @@ struct Row {
     last_error: String,
     failing_messages: u32,
     stepped_over: Vec<String>,
+    /// Our lock row, while a sync holds it.
+    sync_lock: Option<locks::LockView>,
+    /// `infos.syncing` (owner null: written by a Go worker).
+    syncing_marker: Option<locks::Marker>,
 }
 
 pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> {
@@ -32,6 +40,7 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
     let store = common::store(s).await?;
     let user_id = user.resolve(&store).await?;
     let mut rows = Vec::new();
+    let now = Utc::now();
     for id in store.identities_of(user_id).await.map_err(Failure::from)? {
         if !id.is_remote_email() {
             continue;
@@ -50,6 +59,7 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
                 )
             })
             .collect();
+        let sync = locks::read(&store, &id, now).await?;
         rows.push(Row {
             identity_id: id.identity_id.to_string(),
             identifier: id.identifier.clone(),
@@ -62,6 +72,8 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
             last_error: id.info(infos::LAST_FETCH_ERROR).to_string(),
             failing_messages: failures.iter().filter(|f| !f.stepped_over).count() as u32,
             stepped_over: stepped,
+            sync_lock: sync.lock,
+            syncing_marker: sync.marker,
         });
     }
     rows.sort_by(|a, b| a.identifier.cmp(&b.identifier));
@@ -82,9 +94,10 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
         "LASTSYNC",
         "LASTSEENUID",
         "ERRORS",
+        "SYNC",
         "LAST ERROR",
     ];
-    let table: Vec<[String; 9]> = rows
+    let table: Vec<[String; 10]> = rows
         .iter()
         .map(|r| {
             [
@@ -96,6 +109,16 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
                 r.lastsync.clone(),
                 r.lastseenuid.clone(),
                 r.errors.clone(),
+                match (&r.sync_lock, &r.syncing_marker) {
+                    // Stopped renewing: what `unlock` clears without --force.
+                    (Some(l), _) if l.renewed_secs_ago >= s.imap.lock_ttl_secs / 2 => {
+                        "stale".into()
+                    }
+                    (Some(_), _) => "running".into(),
+                    (None, Some(m)) if m.by_go_worker() => "go-marker".into(),
+                    (None, Some(_)) => "marker".into(),
+                    (None, None) => "-".into(),
+                },
                 r.last_error.chars().take(60).collect(),
             ]
         })
@@ -121,6 +144,12 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
         println!("{}", line(row));
     }
     for r in &rows {
+        if let Some(l) = &r.sync_lock {
+            println!("{}: sync lock {}", r.identifier, l.describe());
+        }
+        if let Some(m) = &r.syncing_marker {
+            println!("{}: {}", r.identifier, m.describe());
+        }
         for s in &r.stepped_over {
             println!("stepped over in {}: {s}", r.identifier);
         }

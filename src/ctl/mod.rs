@@ -1,7 +1,7 @@
 //! imapctl: on-demand commands, one file each.
 //!
 //! Commands that only touch Cassandra (`addremote`, `listremotes`,
-//! `removeremote`) do their work themselves; `syncremote` and `fullfetch`
+//! `removeremote`, `unlock`) do their work themselves; `syncremote` and `fullfetch`
 //! publish an order for the workers and, with `--wait`, follow it to its end.
 //! Every failure is one line on stderr and a documented exit code.
 
@@ -9,8 +9,10 @@ mod addremote;
 mod common;
 mod fullfetch;
 mod listremotes;
+mod locks;
 mod removeremote;
 mod syncremote;
+mod unlock;
 
 use std::process::ExitCode;
 
@@ -29,6 +31,7 @@ pub async fn run(
         CtlCmd::FullFetch(a) => fullfetch::run(a, &settings).await,
         CtlCmd::ListRemotes(a) => listremotes::run(a, &settings).await,
         CtlCmd::RemoveRemote(a) => removeremote::run(a, &settings).await,
+        CtlCmd::Unlock(a) => unlock::run(a, &settings).await,
         // Printed by app before the runtime starts.
         CtlCmd::Config(_) => Ok(ExitCode::SUCCESS),
     }

@@ -3,6 +3,8 @@
 //! lines ending in CRLF, the `X-Fetched-Imap` value folded with a bare LF and
 //! eight spaces (the Go source used a raw string literal), dates in RFC 1123
 //! with a numeric zone, mailbox names, flags and Gmail labels in base64.
+//! Flags are spelled as go-imap spelled them (keywords lowercased); Gmail
+//! labels are passed through as the server sent them, as the Go worker did.
 //! Unlike the Go map, the order of the headers is fixed, so the same message
 //! always gives the same bytes (apart from the fetch date).
 
@@ -85,19 +87,41 @@ pub fn write(meta: &FetchedMeta<'_>, out: &mut Vec<u8>) {
     }
 }
 
-/// An IMAP flag as the server spells it (`\Seen`, `$Forwarded`...).
+/// An IMAP flag as the Go worker wrote it: through go-imap's
+/// `CanonicalFlag` (v1, the revision Caliopen vendored), which gives the
+/// RFC 3501 system flags their RFC spelling and lowercases everything else
+/// (`$Forwarded` becomes `$forwarded`, `NonJunk` becomes `nonjunk`).
+/// Caliopen's Python side filters those markers by their lowercase names.
 pub fn flag_name(f: &async_imap::types::Flag<'_>) -> String {
     use async_imap::types::Flag;
-    match f {
-        Flag::Seen => "\\Seen".into(),
-        Flag::Answered => "\\Answered".into(),
-        Flag::Flagged => "\\Flagged".into(),
-        Flag::Deleted => "\\Deleted".into(),
-        Flag::Draft => "\\Draft".into(),
-        Flag::Recent => "\\Recent".into(),
-        Flag::MayCreate => "\\*".into(),
-        Flag::Custom(c) => c.to_string(),
-    }
+    let raw = match f {
+        Flag::Seen => "\\Seen",
+        Flag::Answered => "\\Answered",
+        Flag::Flagged => "\\Flagged",
+        Flag::Deleted => "\\Deleted",
+        Flag::Draft => "\\Draft",
+        Flag::Recent => "\\Recent",
+        Flag::MayCreate => "\\*",
+        Flag::Custom(c) => c,
+    };
+    canonical_flag(raw)
+}
+
+/// go-imap v1's `CanonicalFlag`, on any spelling of a flag.
+fn canonical_flag(flag: &str) -> String {
+    const SYSTEM: [&str; 6] = [
+        "\\Seen",
+        "\\Answered",
+        "\\Flagged",
+        "\\Deleted",
+        "\\Draft",
+        "\\Recent",
+    ];
+    let lower = flag.to_lowercase();
+    SYSTEM
+        .iter()
+        .find(|s| s.to_lowercase() == lower)
+        .map_or(lower, |s| s.to_string())
 }
 
 #[cfg(test)]
@@ -139,6 +163,60 @@ X-Fetched-Imap-For: u-1\r\n\
 X-Fetched-Imap-Uid: 42\r\n\
 X-Fetched-Imap-Flags: XFNlZW4NClxBbnN3ZXJlZA==\r\n";
         assert_eq!(String::from_utf8(out).unwrap(), expected);
+    }
+
+    /// The Go worker's flags went through go-imap's `CanonicalFlag`: RFC 3501
+    /// system flags in their RFC case, every other keyword lowercased.
+    /// Caliopen's Python side matches `$forwarded`, `nonjunk`... lowercase.
+    #[test]
+    fn keywords_are_lowercased_as_go_imap_did() {
+        use async_imap::types::Flag;
+        let raw = [
+            Flag::Custom("$Label1".into()),
+            Flag::Custom("$Forwarded".into()),
+            Flag::Custom("NonJunk".into()),
+            Flag::Custom("$MDNSent".into()),
+            Flag::Seen,
+            Flag::Custom("\\SEEN".into()),
+            Flag::Custom("\\Junk".into()),
+        ];
+        let flags: Vec<String> = raw.iter().map(flag_name).collect();
+        assert_eq!(
+            flags,
+            [
+                "$label1",
+                "$forwarded",
+                "nonjunk",
+                "$mdnsent",
+                "\\Seen",
+                "\\Seen",
+                "\\junk"
+            ]
+        );
+        let conn = ConnInfo::default();
+        let date = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap();
+        let meta = FetchedMeta {
+            server: "s",
+            conn: &conn,
+            account: "a",
+            mailbox: "INBOX",
+            user_id: "u",
+            uid: 1,
+            flags: &flags[..5],
+            gmail_msgid: None,
+            gmail_labels: &[],
+            date,
+        };
+        let mut out = Vec::new();
+        write(&meta, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        // base64 of "$label1\r\n$forwarded\r\nnonjunk\r\n$mdnsent\r\n\\Seen"
+        assert!(
+            text.ends_with(
+                "X-Fetched-Imap-Flags: JGxhYmVsMQ0KJGZvcndhcmRlZA0Kbm9uanVuaw0KJG1kbnNlbnQNClxTZWVu\r\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
