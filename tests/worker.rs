@@ -910,3 +910,105 @@ async fn deliver_sends_then_files_the_message_in_the_remote_sent_mailbox() {
     );
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_never_show_a_password_or_a_token() {
+    use std::process::{Command, Stdio};
+    let tag = unique("w18");
+    let cfg = worker_yaml(&tag, "");
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let st = store().await;
+    // A password login...
+    let (user, _login, id) = mailbox_account(&st, 2, 300).await;
+    // ...and an XOAUTH2 one with a known token (this Dovecot refuses it,
+    // after it was sent).
+    let token = format!("tok-{}", Uuid::new_v4().simple());
+    let oauth = new_identity(&st, user, &unique("dove"), &imaps_server(), "").await;
+    st.merge_infos(
+        user,
+        oauth.identity_id,
+        [(infos::AUTHTYPE.to_string(), "Oauth2".to_string())].into(),
+    )
+    .await
+    .unwrap();
+    st.merge_credentials(
+        user,
+        oauth.identity_id,
+        [
+            ("username".to_string(), "someone".to_string()),
+            ("oauth2accesstoken".to_string(), token.clone()),
+        ]
+        .into(),
+    )
+    .await
+    .unwrap();
+
+    let log_path = std::env::temp_dir().join(format!("{tag}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut worker = Command::new(bin())
+        .args(["worker", "-c", cfg.to_str().unwrap(), "start"])
+        .env("CALIOPEN_IMAP_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let b = bus().await;
+    let started = std::time::Instant::now();
+    loop {
+        let test = ImapOrder {
+            order: "test".into(),
+            ..Default::default()
+        };
+        if b.request::<_, JobReport>(&settings.nats_topic_sender, &test, Duration::from_secs(1))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "worker never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (identity, password) in [
+        (id.identity_id, stack().password.clone()),
+        (oauth.identity_id, String::new()),
+    ] {
+        // The password also rides in the order, over NATS.
+        let order = ImapOrder {
+            order: "sync".into(),
+            user_id: user.to_string(),
+            identity_id: identity.to_string(),
+            password,
+            ..Default::default()
+        };
+        let rep: JobReport = b
+            .request(&settings.nats_topic_sender, &order, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(rep.ok, identity == id.identity_id, "{rep:?}");
+    }
+    Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    tokio::task::spawn_blocking(move || worker.wait().unwrap())
+        .await
+        .unwrap();
+
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    assert!(logged.contains("TRACE"), "trace logging was on");
+    let sasl = base64::engine::general_purpose::STANDARD
+        .encode(format!("user=someone\x01auth=Bearer {token}\x01\x01"));
+    for secret in [stack().password.as_str(), token.as_str(), sasl.as_str()] {
+        assert!(
+            !logged.contains(secret),
+            "a secret is in the trace logs ({} bytes of logs)",
+            logged.len()
+        );
+    }
+}
