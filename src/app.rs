@@ -180,8 +180,14 @@ where
 /// (`debug`, `caliopen_imap=trace`...); daemons default to `info`, the CLI
 /// to `warn` so its own output stays readable; `-v` (the Go binaries'
 /// `--verbose`) makes the default `debug`.
+///
+/// Whatever the filter asks, the crates in [`WIRE_LOGGERS`] are capped at
+/// `debug`: at `trace` they print the bytes they send and receive, and so
+/// `LOGIN "user" "password"`, XOAUTH2 tokens, and orders carrying passwords.
 fn init_logging(mode: Mode, verbose: bool) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
     let default = match mode {
         _ if verbose => "debug",
         Mode::Ctl => "warn",
@@ -191,9 +197,43 @@ fn init_logging(mode: Mode, verbose: bool) {
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
-        .try_init();
+        .with_filter(filter)
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            !secret_bearing(m.target(), *m.level())
+        }));
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+}
+
+/// Crates whose `trace` logs hold wire bytes: IMAP commands (async-imap,
+/// imap-proto) and NATS operations with their payloads and CONNECT
+/// credentials (async-nats).
+pub const WIRE_LOGGERS: [&str; 3] = ["async_imap", "imap_proto", "async_nats"];
+
+/// Would a record of `target` at `level` risk printing a secret?
+pub fn secret_bearing(target: &str, level: tracing::Level) -> bool {
+    level > tracing::Level::DEBUG
+        && WIRE_LOGGERS.iter().any(|c| {
+            target == *c
+                || target
+                    .strip_prefix(c)
+                    .is_some_and(|rest| rest.starts_with("::"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn wire_loggers_are_capped_at_debug() {
+        assert!(secret_bearing("async_imap::imap_stream", Level::TRACE));
+        assert!(secret_bearing("async_nats", Level::TRACE));
+        assert!(!secret_bearing("async_nats::connection", Level::DEBUG));
+        assert!(!secret_bearing("async_imapx", Level::TRACE));
+        assert!(!secret_bearing("caliopen_imap::worker", Level::TRACE));
+    }
 }

@@ -181,7 +181,7 @@ pub enum CtlCmd {
 }
 
 /// create a remote identity in Cassandra and schedule it on the poller
-#[derive(FromArgs, Debug)]
+#[derive(FromArgs)]
 #[argh(subcommand, name = "addremote")]
 pub struct AddRemoteArgs {
     /// remote IMAP login (also the identity's identifier)
@@ -220,7 +220,7 @@ pub struct AddRemoteArgs {
 }
 
 /// order a sync of a stored remote identity (needs a running imapworker)
-#[derive(FromArgs, Debug)]
+#[derive(FromArgs)]
 #[argh(subcommand, name = "syncremote")]
 pub struct SyncRemoteArgs {
     /// local Caliopen user id (UUID)
@@ -253,7 +253,7 @@ pub struct SyncRemoteArgs {
 }
 
 /// fetch every message of a mailbox into a user account, keeping no sync state
-#[derive(FromArgs, Debug)]
+#[derive(FromArgs)]
 #[argh(subcommand, name = "fullfetch")]
 pub struct FullFetchArgs {
     /// remote IMAP login
@@ -479,12 +479,74 @@ fn split_equals(args: &[String]) -> Vec<String> {
     out
 }
 
+// The commands that take a password show it in `Debug` only as hidden.
+macro_rules! debug_hiding_pass {
+    ($t:ty, $($field:ident),*) => {
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($t))
+                    $(.field(stringify!($field), &self.$field))*
+                    .field("pass", &self.pass.as_deref().map(crate::bus::wire::hidden))
+                    .finish_non_exhaustive()
+            }
+        }
+    };
+}
+debug_hiding_pass!(
+    AddRemoteArgs,
+    login,
+    pass_env,
+    pass_file,
+    server,
+    userid,
+    username
+);
+debug_hiding_pass!(
+    SyncRemoteArgs,
+    userid,
+    username,
+    identifier,
+    remoteid,
+    pass_env,
+    wait
+);
+debug_hiding_pass!(
+    FullFetchArgs,
+    login,
+    pass_env,
+    pass_file,
+    server,
+    mailbox,
+    userid,
+    wait
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn debug_hides_passwords() {
+        let Parsed::Args(a) = parse::<CtlArgs>(
+            "imapctl",
+            &s(&[
+                "syncremote",
+                "--userid",
+                "u",
+                "--identifier",
+                "i",
+                "--pass",
+                "pw-XYZ",
+            ]),
+        ) else {
+            panic!("parsed")
+        };
+        let d = format!("{a:?}");
+        assert!(!d.contains("pw-XYZ") && d.contains("<hidden>"), "{d}");
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub mod code {
     pub const NOT_FOUND: u8 = 3;
     /// The record already exists (for example a remote identity for that login).
     pub const CONFLICT: u8 = 4;
-    /// Cassandra or NATS could not be reached.
+    /// Cassandra or NATS could not be reached, no worker listens or one
+    /// stopped answering, or a job was cut short by a worker's shutdown or
+    /// an outage: running it again later should do.
     pub const UNAVAILABLE: u8 = 5;
 }
 

@@ -1037,3 +1037,68 @@ async fn seed_readme_examples_work_unchanged() {
     assert!(text(&out.stdout).contains("order sent"));
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncremote_wait_ends_when_the_worker_is_killed() {
+    let tag = unique("c6");
+    // One hand-off at a time to a slow processor: the sync cannot finish
+    // before the kill.
+    let cfg = worker_yaml(&tag, "  in_flight: 1\n");
+    let settings = worker_settings(&tag);
+    let lda = lda_with_delay(&settings.lda.in_topic, Duration::from_millis(300), |_| {
+        false
+    })
+    .await;
+    let st = store().await;
+    let (user, login, _id) = mailbox_account(&st, 40, 300).await;
+
+    let mut worker = Command::new(bin())
+        .args(["worker", "-c", cfg.to_str().unwrap(), "start"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Until the worker listens, --wait would say at once that none does.
+    let b = bus().await;
+    let started = std::time::Instant::now();
+    loop {
+        let test = caliopen_imap::bus::wire::ImapOrder {
+            order: "test".into(),
+            ..Default::default()
+        };
+        let asked = b
+            .request::<_, caliopen_imap::bus::wire::JobReport>(
+                &settings.nats_topic_sender,
+                &test,
+                Duration::from_secs(1),
+            )
+            .await;
+        if asked.is_ok() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "worker never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let waiting = {
+        let cfg = cfg.clone();
+        let user = user.to_string();
+        tokio::spawn(async move { sync_wait(&cfg, user.parse().unwrap(), &login).await })
+    };
+    while lda.seen.lock().unwrap().len() < 3 {
+        assert!(!waiting.is_finished(), "--wait ended before the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    worker.kill().unwrap(); // SIGKILL
+    let _ = worker.wait();
+    let out = waiting.await.unwrap();
+    assert!(
+        lda.seen.lock().unwrap().len() < 40,
+        "the sync did not finish"
+    );
+    assert_fails(&out, 5, "the worker stopped answering");
+}

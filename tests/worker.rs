@@ -669,10 +669,11 @@ async fn sigterm_mid_sync_then_restart_resumes_from_the_checkpoint() {
     assert_eq!(unique_seen.len(), 120);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_oauth2_token_is_refreshed_and_stored() {
+/// A stand-in for an OAuth provider's token endpoint (outside this
+/// project): it answers one refresh with `at-2`/`rt-2`, chunked, and hands
+/// over the request it got. Returns its port.
+async fn token_endpoint() -> (u16, tokio::sync::oneshot::Receiver<String>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A stand-in for the OAuth provider's token endpoint (outside this project).
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = tokio::sync::oneshot::channel::<String>();
@@ -695,9 +696,14 @@ async fn expired_oauth2_token_is_refreshed_and_stored() {
         s.write_all(resp.as_bytes()).await.unwrap();
         let _ = tx.send(String::from_utf8_lossy(&got).to_string());
     });
+    (port, rx)
+}
 
-    let tag = unique("w15");
-    let mut settings = worker_settings(&tag);
+/// Settings whose provider `testprov` refreshes tokens at `port`.
+fn with_token_endpoint(
+    mut settings: caliopen_imap::config::WorkerSettings,
+    port: u16,
+) -> caliopen_imap::config::WorkerSettings {
     settings.imap.allow_plaintext_loopback = true;
     settings.lda.providers = vec![caliopen_imap::config::Provider {
         name: "testprov".into(),
@@ -712,13 +718,14 @@ async fn expired_oauth2_token_is_refreshed_and_stored() {
         ]
         .into(),
     }];
-    let (ctx, _t) = context(settings).await;
-    let st = &ctx.store;
-    let (user, _) = new_user(st).await;
-    let id = new_identity(st, user, &unique("dove"), &imaps_server(), "").await;
+    settings
+}
+
+/// Make `identity` an Oauth2 one of provider `testprov`, its token expired.
+async fn expired_oauth2(st: &caliopen_imap::store::Store, user: Uuid, identity: Uuid) {
     st.merge_infos(
         user,
-        id.identity_id,
+        identity,
         [
             (infos::AUTHTYPE.to_string(), "Oauth2".to_string()),
             (infos::PROVIDER.to_string(), "testprov".to_string()),
@@ -729,7 +736,7 @@ async fn expired_oauth2_token_is_refreshed_and_stored() {
     .unwrap();
     st.merge_credentials(
         user,
-        id.identity_id,
+        identity,
         [
             ("username".to_string(), "someone".to_string()),
             ("oauth2accesstoken".to_string(), "at-1".to_string()),
@@ -743,6 +750,18 @@ async fn expired_oauth2_token_is_refreshed_and_stored() {
     )
     .await
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_oauth2_token_is_refreshed_and_stored() {
+    let (port, rx) = token_endpoint().await;
+    let tag = unique("w15");
+    let settings = with_token_endpoint(worker_settings(&tag), port);
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let id = new_identity(st, user, &unique("dove"), &imaps_server(), "").await;
+    expired_oauth2(st, user, id.identity_id).await;
 
     let rep = sync_once(&ctx, user, id.identity_id).await;
     let request = rx.await.unwrap();
@@ -921,6 +940,250 @@ async fn deliver_sends_then_files_the_message_in_the_remote_sent_mailbox() {
     assert_eq!(reply["error"], true);
     assert!(
         reply["message"].as_str().unwrap().contains("no message"),
+        "{reply}"
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_never_show_a_password_or_a_token() {
+    use std::process::{Command, Stdio};
+    let tag = unique("w18");
+    let cfg = worker_yaml(&tag, "");
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let st = store().await;
+    // A password login...
+    let (user, _login, id) = mailbox_account(&st, 2, 300).await;
+    // ...and an XOAUTH2 one with a known token (this Dovecot refuses it,
+    // after it was sent).
+    let token = format!("tok-{}", Uuid::new_v4().simple());
+    let oauth = new_identity(&st, user, &unique("dove"), &imaps_server(), "").await;
+    st.merge_infos(
+        user,
+        oauth.identity_id,
+        [(infos::AUTHTYPE.to_string(), "Oauth2".to_string())].into(),
+    )
+    .await
+    .unwrap();
+    st.merge_credentials(
+        user,
+        oauth.identity_id,
+        [
+            ("username".to_string(), "someone".to_string()),
+            ("oauth2accesstoken".to_string(), token.clone()),
+        ]
+        .into(),
+    )
+    .await
+    .unwrap();
+
+    let log_path = std::env::temp_dir().join(format!("{tag}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut worker = Command::new(bin())
+        .args(["worker", "-c", cfg.to_str().unwrap(), "start"])
+        .env("CALIOPEN_IMAP_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let b = bus().await;
+    let started = std::time::Instant::now();
+    loop {
+        let test = ImapOrder {
+            order: "test".into(),
+            ..Default::default()
+        };
+        if b.request::<_, JobReport>(&settings.nats_topic_sender, &test, Duration::from_secs(1))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "worker never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (identity, password) in [
+        (id.identity_id, stack().password.clone()),
+        (oauth.identity_id, String::new()),
+    ] {
+        // The password also rides in the order, over NATS.
+        let order = ImapOrder {
+            order: "sync".into(),
+            user_id: user.to_string(),
+            identity_id: identity.to_string(),
+            password,
+            ..Default::default()
+        };
+        let rep: JobReport = b
+            .request(&settings.nats_topic_sender, &order, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(rep.ok, identity == id.identity_id, "{rep:?}");
+    }
+    Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    tokio::task::spawn_blocking(move || worker.wait().unwrap())
+        .await
+        .unwrap();
+
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    assert!(logged.contains("TRACE"), "trace logging was on");
+    let sasl = base64::engine::general_purpose::STANDARD
+        .encode(format!("user=someone\x01auth=Bearer {token}\x01\x01"));
+    for secret in [stack().password.as_str(), token.as_str(), sasl.as_str()] {
+        assert!(
+            !logged.contains(secret),
+            "a secret is in the trace logs ({} bytes of logs)",
+            logged.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliver_goes_through_while_a_slow_sync_holds_every_slot() {
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tag = unique("w19");
+    let mut settings = worker_settings(&tag);
+    settings.workers = 1;
+    settings.imap.in_flight = 1;
+    // A slow processor: the sync holds the only job slot for a while.
+    let lda = lda_with_delay(&settings.lda.in_topic, Duration::from_millis(300), |_| {
+        false
+    })
+    .await;
+    let w = start_worker(settings.clone()).await;
+    let st = w.ctx.store.clone();
+    let (user, login, id) = mailbox_account(&st, 30, 300).await;
+    // A stand-in for Caliopen's SMTP sender (outside this project).
+    let smtp = async_nats::connect(&stack().nats_url).await.unwrap();
+    let mut sub = smtp
+        .subscribe(settings.lda.out_topic.clone())
+        .await
+        .unwrap();
+    smtp.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Some(r) = m.reply {
+                let _ = smtp
+                    .publish(r, br#"{"error":false,"message":"sent"}"#.to_vec().into())
+                    .await;
+            }
+        }
+    });
+    let raw_id = Uuid::new_v4();
+    let message_id = Uuid::new_v4();
+    st.insert_raw_message(user, raw_id, message(1, 400))
+        .await
+        .unwrap();
+    st.insert_message(user, message_id, raw_id, chrono::Utc::now())
+        .await
+        .unwrap();
+
+    let b = bus().await;
+    let sync_ended = std::sync::Arc::new(AtomicBool::new(false));
+    let sync = {
+        let (b, ended, subject) = (
+            b.clone(),
+            sync_ended.clone(),
+            settings.nats_topic_sender.clone(),
+        );
+        let order = ImapOrder {
+            order: "sync".into(),
+            user_id: user.to_string(),
+            identity_id: id.identity_id.to_string(),
+            ..Default::default()
+        };
+        tokio::spawn(async move {
+            let rep: JobReport = b
+                .request(&subject, &order, Duration::from_secs(120))
+                .await
+                .unwrap();
+            ended.store(true, Ordering::SeqCst);
+            rep
+        })
+    };
+    while lda.seen.lock().unwrap().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let order = serde_json::json!({"order": "deliver", "user_id": user.to_string(), "identity_id": id.identity_id.to_string(), "message_id": message_id.to_string()});
+    let reply: serde_json::Value = b
+        .request(&settings.nats_topic_sender, &order, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(reply["error"], false, "{reply}");
+    assert!(
+        !sync_ended.load(Ordering::SeqCst),
+        "the deliver was answered only after the sync had ended"
+    );
+    assert_eq!(mailbox_status(&login, "Sent").0, 1, "filed in Sent");
+    let rep = sync.await.unwrap();
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.handed_off, 30);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliver_refreshes_an_expired_oauth2_token_before_filing_in_sent() {
+    use futures::StreamExt;
+    let (port, rx) = token_endpoint().await;
+    let tag = unique("w20");
+    let settings = with_token_endpoint(worker_settings(&tag), port);
+    let w = start_worker(settings.clone()).await;
+    let st = w.ctx.store.clone();
+    let (user, _login, id) = mailbox_account(&st, 0, 0).await;
+    expired_oauth2(&st, user, id.identity_id).await;
+    // A stand-in for Caliopen's SMTP sender (outside this project).
+    let smtp = async_nats::connect(&stack().nats_url).await.unwrap();
+    let mut sub = smtp
+        .subscribe(settings.lda.out_topic.clone())
+        .await
+        .unwrap();
+    smtp.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Some(r) = m.reply {
+                let _ = smtp
+                    .publish(r, br#"{"error":false,"message":"sent"}"#.to_vec().into())
+                    .await;
+            }
+        }
+    });
+    let raw_id = Uuid::new_v4();
+    let message_id = Uuid::new_v4();
+    st.insert_raw_message(user, raw_id, message(1, 400))
+        .await
+        .unwrap();
+    st.insert_message(user, message_id, raw_id, chrono::Utc::now())
+        .await
+        .unwrap();
+    let order = serde_json::json!({"order": "deliver", "user_id": user.to_string(), "identity_id": id.identity_id.to_string(), "message_id": message_id.to_string()});
+    let reply: serde_json::Value = bus()
+        .await
+        .request(&settings.nats_topic_sender, &order, Duration::from_secs(30))
+        .await
+        .unwrap();
+    // Asked before the answer came; the bound only keeps a failure from hanging.
+    let request = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("the token endpoint was never asked")
+        .unwrap();
+    assert!(request.contains("refresh_token=rt-1"), "{request}");
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert_eq!(after.credentials["oauth2accesstoken"], "at-2");
+    // This Dovecot offers no XOAUTH2: the login with the new token is
+    // refused, and said so.
+    assert_eq!(reply["error"], true, "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("refused"),
         "{reply}"
     );
     w.stop().await;

@@ -8,8 +8,9 @@
 use serde::{Deserialize, Serialize};
 
 /// An order to the workers on `nats_topic_sender` (Go `IMAPorder`), also the
-/// `deliver` order (which carries `message_id`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `deliver` order (which carries `message_id`). Its `Debug` hides the
+/// password; the JSON carries it, as the contract says.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ImapOrder {
     pub order: String,
@@ -21,6 +22,30 @@ pub struct ImapOrder {
     pub server: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub message_id: String,
+}
+
+impl std::fmt::Debug for ImapOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImapOrder")
+            .field("order", &self.order)
+            .field("user_id", &self.user_id)
+            .field("identity_id", &self.identity_id)
+            .field("login", &self.login)
+            .field("mailbox", &self.mailbox)
+            .field("password", &hidden(&self.password))
+            .field("server", &self.server)
+            .field("message_id", &self.message_id)
+            .finish()
+    }
+}
+
+/// What `Debug` shows of a secret: whether there is one, never what.
+pub fn hidden(secret: &str) -> &'static str {
+    if secret.is_empty() {
+        ""
+    } else {
+        "<hidden>"
+    }
 }
 
 /// Order names workers understand.
@@ -188,6 +213,21 @@ mod tests {
         let o: ImapOrder = serde_json::from_str(go).unwrap();
         assert_eq!(o.order, "sync");
         assert_eq!(serde_json::to_string(&o).unwrap(), go);
+    }
+
+    #[test]
+    fn imap_order_debug_hides_the_password() {
+        let o = ImapOrder {
+            order: "fullfetch".into(),
+            login: "bob".into(),
+            password: "s3cr3t-pw".into(),
+            ..Default::default()
+        };
+        let d = format!("{o:?} {o:#?}");
+        assert!(!d.contains("s3cr3t-pw"), "{d}");
+        assert!(d.contains("<hidden>") && d.contains("bob"), "{d}");
+        // The JSON still carries it.
+        assert!(serde_json::to_string(&o).unwrap().contains("s3cr3t-pw"));
     }
 
     #[test]

@@ -15,7 +15,8 @@ use crate::error::{self, Failure};
 use crate::store::identity::{creds, infos, Identity, PROTOCOL_EMAIL, STATUS_ACTIVE, TYPE_REMOTE};
 
 /// `--pollinterval`: minutes (1 to 4319, the poller's bounds) or a cron
-/// expression (5 fields, or 6-7 with seconds/years).
+/// expression (5 fields, or 6-7 with seconds/years, firing at most once a
+/// minute).
 pub fn poll_interval(v: &str) -> anyhow::Result<String> {
     let v = v.trim();
     if let Ok(n) = v.parse::<i64>() {
@@ -28,7 +29,7 @@ pub fn poll_interval(v: &str) -> anyhow::Result<String> {
     }
     crate::poller::schedule::parse_cron(v).map_err(|e| {
         error::usage(format!(
-            "--pollinterval: neither minutes nor a cron expression: {e}"
+            "--pollinterval: neither 1 to 4319 minutes nor an accepted cron expression: {e}"
         ))
     })?;
     Ok(v.to_string())
@@ -125,4 +126,25 @@ pub async fn run(a: AddRemoteArgs, s: &WorkerSettings) -> anyhow::Result<ExitCod
     bus.flush().await.map_err(Failure::from)?;
     println!("{}", identity.identity_id);
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_intervals() {
+        assert_eq!(poll_interval(" 30 ").unwrap(), "30");
+        assert_eq!(poll_interval("0 7 * * 1-5").unwrap(), "0 7 * * 1-5");
+        assert_eq!(poll_interval("15 */5 * * * *").unwrap(), "15 */5 * * * *");
+        for bad in ["0", "4320", "banana"] {
+            assert!(poll_interval(bad).is_err(), "{bad}");
+        }
+        // One login a second is refused, with the reason.
+        for fast in ["* * * * * *", "*/5 * * * * *"] {
+            let e = poll_interval(fast).unwrap_err();
+            assert_eq!(crate::error::exit_code(&e), std::process::ExitCode::from(2));
+            assert!(e.to_string().contains("more than once a minute"), "{e}");
+        }
+    }
 }

@@ -188,9 +188,20 @@ pub fn server(value: &str) -> anyhow::Result<String> {
     Ok(v.to_string())
 }
 
+/// How long `--wait` goes without hearing from the worker before it says
+/// the worker stopped answering (exit 5). While a job runs, or waits for a
+/// free job slot, the worker sends a progress report every second
+/// (`worker/orders/mod.rs`), so this much silence means it died, hangs, or
+/// lost NATS for far longer than a reconnect takes (2–3 s).
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(15);
+
+/// At most this many stepped-over messages are listed in the final report;
+/// `imapctl listremotes` lists them all.
+const MAX_LISTED: usize = 20;
+
 /// Send an order. Without `wait`: publish, flush, done. With `wait`: send it
 /// as a request asking for progress, show progress on stderr, print the
-/// final report, and exit non-zero when the job failed.
+/// final report, and exit non-zero when the job did not do everything.
 pub async fn send_order(
     s: &WorkerSettings,
     bus: &Bus,
@@ -220,7 +231,18 @@ pub async fn send_order(
     let tty = std::io::stderr().is_terminal();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
     loop {
-        let msg = match tokio::time::timeout_at(deadline, replies.next()).await {
+        let silence_ends = tokio::time::Instant::now() + SILENCE_LIMIT;
+        let msg = match tokio::time::timeout_at(deadline.min(silence_ends), replies.next()).await {
+            Err(_) if silence_ends < deadline => {
+                if tty {
+                    eprintln!();
+                }
+                return Err(error::unavailable(format!(
+                    "{what}: the worker stopped answering (nothing heard for {} s): \
+                     it may have died or lost NATS; run the order again",
+                    SILENCE_LIMIT.as_secs()
+                )));
+            }
             Err(_) => {
                 return Err(error::failed(format!(
                     "{what}: no result within {timeout_secs} s (the worker may still be running)"
@@ -254,24 +276,175 @@ pub async fn send_order(
         if tty {
             eprintln!();
         }
-        if rep.ok {
-            println!("{}", summary(what, &rep));
-            return Ok(ExitCode::SUCCESS);
+        let (code, text) = outcome(what, &rep);
+        if code == error::code::OK {
+            println!("{text}");
+        } else {
+            eprintln!("imapctl: {text}");
         }
-        eprintln!("imapctl: {}", summary(what, &rep));
-        return Ok(ExitCode::from(error::code::FAILED));
+        return Ok(ExitCode::from(code));
     }
 }
 
+/// The exit code and the text of a final report.
+///
+/// - interrupted by the worker's shutdown, or stopped on an outage of ours
+///   (processor, NATS, Cassandra): 5, unavailable; running it again later
+///   finishes the work;
+/// - failed, messages left to retry or stepped over, mailboxes not synced: 1;
+/// - else 0.
+pub fn outcome(what: &str, r: &JobReport) -> (u8, String) {
+    let mut text = summary(what, r);
+    for m in r.stepped.iter().take(MAX_LISTED) {
+        text.push_str(&format!(
+            "\n  stepped over: {} uid {}: {}",
+            m.mailbox, m.uid, m.reason
+        ));
+    }
+    if r.stepped.len() > MAX_LISTED {
+        text.push_str(&format!(
+            "\n  ... and {} more (imapctl listremotes lists them)",
+            r.stepped.len() - MAX_LISTED
+        ));
+    }
+    for m in &r.mailbox_errors {
+        text.push_str(&format!(
+            "\n  mailbox {} not synced: {}",
+            m.mailbox, m.reason
+        ));
+    }
+    let code = if r.interrupted || r.outage {
+        error::code::UNAVAILABLE
+    } else if !r.ok || r.stepped_over > 0 || !r.stepped.is_empty() || !r.mailbox_errors.is_empty() {
+        error::code::FAILED
+    } else {
+        error::code::OK
+    };
+    (code, text)
+}
+
+/// The one-line summary of a report.
 pub fn summary(what: &str, r: &JobReport) -> String {
     let mut s = format!(
         "{what}: fetched {}, handed off {}, already delivered {}, failed {}, stepped over {}",
         r.fetched, r.handed_off, r.already_delivered, r.failed, r.stepped_over
     );
+    if r.interrupted {
+        s.push_str("; interrupted by the worker's shutdown: run it again to finish");
+    }
+    if r.outage {
+        s.push_str(
+            "; stopped on an outage of ours (processor, NATS or Cassandra): \
+             nothing was stepped over, run it again later",
+        );
+    }
     if !r.error.is_empty() {
         s.push_str(&format!("; error: {}", r.error));
-    } else if !r.ok {
+    } else if !r.ok && !r.interrupted && !r.outage {
         s.push_str("; some messages will be retried at the next sync");
     }
+    if !r.mailbox_errors.is_empty() {
+        s.push_str(&format!(
+            "; {} mailbox(es) not synced",
+            r.mailbox_errors.len()
+        ));
+    }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::wire::{ReportedMailbox, ReportedMessage};
+
+    fn report() -> JobReport {
+        JobReport {
+            ok: true,
+            fetched: 10,
+            handed_off: 10,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_complete_job_exits_0() {
+        let (code, text) = outcome("sync of a", &report());
+        assert_eq!(code, 0);
+        assert_eq!(
+            text,
+            "sync of a: fetched 10, handed off 10, already delivered 0, failed 0, stepped over 0"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_job_exits_5_and_says_so() {
+        let mut r = report();
+        r.ok = false;
+        r.interrupted = true;
+        let (code, text) = outcome("sync of a", &r);
+        assert_eq!(code, error::code::UNAVAILABLE);
+        assert!(
+            text.contains("interrupted by the worker's shutdown"),
+            "{text}"
+        );
+        // Even if a worker called an interrupted job ok.
+        r.ok = true;
+        assert_eq!(outcome("x", &r).0, error::code::UNAVAILABLE);
+        let mut r = report();
+        r.ok = false;
+        r.outage = true;
+        r.error = "processor unreachable".into();
+        let (code, text) = outcome("sync of a", &r);
+        assert_eq!(code, error::code::UNAVAILABLE);
+        assert!(
+            text.contains("outage") && text.contains("processor unreachable"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn stepped_messages_and_failed_mailboxes_are_listed_and_exit_1() {
+        let mut r = report();
+        r.stepped_over = 25;
+        r.stepped = (0..25)
+            .map(|uid| ReportedMessage {
+                mailbox: "INBOX".into(),
+                uid,
+                reason: "too large".into(),
+            })
+            .collect();
+        r.mailbox_errors = vec![ReportedMailbox {
+            mailbox: "Archive".into(),
+            reason: "no such mailbox".into(),
+        }];
+        let (code, text) = outcome("sync of a", &r);
+        assert_eq!(code, error::code::FAILED);
+        assert!(
+            text.contains("stepped over: INBOX uid 3: too large"),
+            "{text}"
+        );
+        assert!(text.contains("... and 5 more"), "{text}");
+        assert!(
+            text.contains("mailbox Archive not synced: no such mailbox"),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1 + MAX_LISTED + 1 + 1);
+        // A count alone (older workers) is enough to fail.
+        let mut r = report();
+        r.stepped_over = 1;
+        assert_eq!(outcome("x", &r).0, error::code::FAILED);
+        let mut r = report();
+        r.mailbox_errors = vec![ReportedMailbox::default()];
+        assert_eq!(outcome("x", &r).0, error::code::FAILED);
+    }
+
+    #[test]
+    fn a_failed_job_exits_1() {
+        let mut r = report();
+        r.ok = false;
+        r.failed = 2;
+        let (code, text) = outcome("x", &r);
+        assert_eq!(code, error::code::FAILED);
+        assert!(text.contains("retried at the next sync"), "{text}");
+    }
 }

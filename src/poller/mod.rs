@@ -15,6 +15,7 @@
 //! SIGHUP re-reads the configuration (scan interval, protocols, topics).
 
 pub mod orders;
+pub mod renew;
 pub mod scan;
 pub mod schedule;
 
@@ -102,6 +103,7 @@ impl Poller {
         loop {
             // Standby until we hold the lease.
             let ttl = self.lease_ttl();
+            let asked = Instant::now();
             match self
                 .store
                 .hold_lease(
@@ -113,7 +115,7 @@ impl Poller {
             {
                 Ok(true) => {
                     tracing::info!(owner = %self.owner, "lease taken: this poller is the leader");
-                    match self.lead(&mut hup).await {
+                    match self.lead(&mut hup, asked).await {
                         Ok(Led::Shutdown) => {
                             let _ = self
                                 .store
@@ -182,7 +184,12 @@ impl Poller {
     }
 
     /// Lead: scan, schedule and serve until shutdown or the lease is lost.
-    async fn lead(&mut self, hup: &mut tokio::signal::unix::Signal) -> anyhow::Result<Led> {
+    /// `held_since` is when the request that took the lease was sent.
+    async fn lead(
+        &mut self,
+        hup: &mut tokio::signal::unix::Signal,
+        held_since: Instant,
+    ) -> anyhow::Result<Led> {
         let minute = Duration::from_secs(self.settings.poller.minute_secs);
         let mut sched = Schedule::new(minute, self.settings.poller.queue_limit);
         let mut subs = self.subscribe().await?;
@@ -191,9 +198,22 @@ impl Poller {
         let (scan_tx, mut scan_rx) = mpsc::channel(1);
         let mut scanning = false;
         let mut next_scan = Instant::now();
-        let mut renew = tokio::time::interval(self.lease_ttl() / 3);
-        renew.tick().await;
-        let mut last_renewed = Instant::now();
+        // The renewal runs beside this loop (`renew.rs`), so a slow
+        // Cassandra never delays a `need_job` answer; its end means "step
+        // down". Aborted when we stop leading.
+        let mut renewal = {
+            let store = self.store.clone();
+            let name = self.settings.poller.lease_name.clone();
+            let owner = self.owner.clone();
+            let ttl = self.lease_ttl();
+            AbortOnDrop(tokio::spawn(async move {
+                renew::keep(ttl, held_since, move || {
+                    let (store, name, owner) = (store.clone(), name.clone(), owner.clone());
+                    async move { store.hold_lease(&name, &owner, ttl.as_secs() as u32).await }
+                })
+                .await
+            }))
+        };
 
         let outcome = loop {
             if !scanning && Instant::now() >= next_scan {
@@ -228,19 +248,9 @@ impl Poller {
                     // Apply new protocols and interval with a fresh scan.
                     next_scan = Instant::now();
                 }
-                _ = renew.tick() => {
-                    match self.store.hold_lease(&self.settings.poller.lease_name, &self.owner, self.lease_ttl().as_secs() as u32).await {
-                        Ok(true) => last_renewed = Instant::now(),
-                        Ok(false) => break Led::LostLease,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot renew the lease");
-                            // Our lease may have expired: step down before
-                            // another poller could have taken it.
-                            if last_renewed.elapsed() >= self.lease_ttl() * 2 / 3 {
-                                break Led::LostLease;
-                            }
-                        }
-                    }
+                lost = &mut renewal.0 => {
+                    tracing::warn!(why = ?lost.ok(), "stepping down: the lease is not ours for sure any more");
+                    break Led::LostLease;
                 }
                 res = scan_rx.recv() => {
                     scanning = false;
@@ -293,6 +303,16 @@ impl Poller {
             tracing::warn!(subject = %m.subject, reply = %job.order, "bad job request");
         }
         self.bus.reply(&m, &job).await;
+    }
+}
+
+/// A task handle that aborts its task when dropped, so no renewal outlives
+/// the leadership it was for.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -60,15 +60,26 @@ impl PartialEq for Interval {
 pub const DEFAULT_MINUTES: u32 = 15;
 
 /// Parse a cron expression; 5 fields (minute precision) get a leading `0`
-/// for seconds.
+/// for seconds. An expression that could fire more than once a minute (a
+/// 6-field one with several seconds, such as `* * * * * *`) is refused: it
+/// would mean a login to the remote server every second.
 pub fn parse_cron(s: &str) -> Result<cron::Schedule, String> {
+    use cron::TimeUnitSpec;
     let fields = s.split_whitespace().count();
     let full = if fields == 5 {
         format!("0 {}", s.trim())
     } else {
         s.trim().to_string()
     };
-    cron::Schedule::from_str(&full).map_err(|e| e.to_string())
+    let c = cron::Schedule::from_str(&full).map_err(|e| e.to_string())?;
+    if c.seconds().count() > 1 {
+        return Err(format!(
+            "{:?} can fire more than once a minute: give one value in the seconds field, \
+             or use 5 fields (at most once a minute)",
+            s.trim()
+        ));
+    }
+    Ok(c)
 }
 
 impl Interval {
@@ -402,6 +413,21 @@ mod tests {
         assert!(warn.is_some());
         assert!(matches!(
             Interval::parse("*/5 * * * *").0,
+            Interval::Cron(_)
+        ));
+        // More than once a minute: refused, the default is used instead.
+        for fast in [
+            "* * * * * *",
+            "*/10 * * * * *",
+            "0,30 * * * * *",
+            "* * * * * * *",
+        ] {
+            let (i, warn) = Interval::parse(fast);
+            assert_eq!(i, Interval::Minutes(15), "{fast}");
+            assert!(warn.unwrap().contains("more than once a minute"), "{fast}");
+        }
+        assert!(matches!(
+            Interval::parse("30 */5 * * * *").0,
             Interval::Cron(_)
         ));
         let (i, warn) = Interval::parse("banana");

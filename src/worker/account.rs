@@ -198,7 +198,10 @@ pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), Acco
     let token = crate::imap::oauth::refresh(&req)
         .await
         .map_err(|e| AccountError(format!("cannot refresh the Oauth2 token: {e}")))?;
-    let expires = Utc::now() + chrono::Duration::seconds(token.expires_in.unwrap_or(3600));
+    // `expires_in` is at most a year (checked when parsed), so this cannot
+    // overflow.
+    let expires =
+        Utc::now() + chrono::Duration::seconds(i64::from(token.expires_in.unwrap_or(3600)));
     let mut entries = HashMap::from([
         (creds::ACCESS_TOKEN.to_string(), token.access_token.clone()),
         (

@@ -4,7 +4,12 @@
 //! number of workers share the orders, and pulls scheduled jobs from the
 //! poller (`need_job` on `nats_topic_poller`) whenever it has a free job
 //! slot, at most `workers` pulls per throttle period. At most `workers` jobs
-//! run at once (a semaphore). On SIGTERM/SIGINT it takes no new work, lets
+//! run at once (a semaphore). `deliver` orders have a small pool of their
+//! own ([`DELIVER_SLOTS`]): a message to send must not wait behind long
+//! syncs, since its requester gives up after 30 s. Orders are read as they
+//! come and wait for their slot in memory, at most [`MAX_WAITING`] of them;
+//! one waiting for a slot sends progress reports when asked, so `imapctl
+//! --wait` knows the worker is alive. On SIGTERM/SIGINT it takes no new work, lets
 //! running syncs stop at their next message boundary — each saves its
 //! checkpoint and releases its lock — and exits once they are done or the
 //! grace period is over.
@@ -23,11 +28,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::bus::wire::{orders as names, Job, NeedJob, OrderName};
+use crate::bus::wire::{orders as names, Job, JobReport, NeedJob, OrderName};
+use crate::bus::Message;
 use crate::bus::{Bus, BusError, Retry};
 use crate::cli::{WorkerArgs, WorkerCmd};
 use crate::config::WorkerSettings;
@@ -35,6 +41,16 @@ use crate::imap::ImapError;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 use context::Ctx;
+
+/// `deliver` orders carried out at once, apart from the sync slots.
+pub const DELIVER_SLOTS: usize = 2;
+
+/// Orders read from NATS and waiting for a slot, at most. Beyond that the
+/// worker reads no more orders until one starts (they wait in NATS).
+pub const MAX_WAITING: usize = 256;
+
+/// The last flush of the NATS connection on the way out.
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a job did not complete.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +141,12 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
         "imapworker ready"
     );
     let slots = Arc::new(Semaphore::new(s.workers));
+    let deliver_slots = Arc::new(Semaphore::new(DELIVER_SLOTS));
+    let waiting = Arc::new(Semaphore::new(MAX_WAITING));
+    // A free job slot taken ahead, for the next pull or the next order.
+    let mut free_slot: Option<OwnedSemaphorePermit> = None;
+    // Room to read one more order.
+    let mut room: Option<OwnedSemaphorePermit> = None;
     let mut jobs = JoinSet::new();
     let throttle = Duration::from_secs(s.imap.poll_throttle_secs);
     // Instants of recent pulls: at most `workers` per throttle window, as if
@@ -136,10 +158,6 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
     loop {
         // Reap finished jobs so the set does not grow.
         while jobs.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("slots semaphore never closed"),
-            _ = shutdown.wait() => break,
-        };
         while pulls.front().is_some_and(|t| t.elapsed() >= throttle) {
             pulls.pop_front();
         }
@@ -150,7 +168,13 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
         };
         tokio::select! {
             _ = shutdown.wait() => break,
-            msg = orders.next() => {
+            p = slots.clone().acquire_owned(), if free_slot.is_none() => {
+                free_slot = Some(p.expect("slots semaphore never closed"));
+            }
+            p = waiting.clone().acquire_owned(), if room.is_none() => {
+                room = Some(p.expect("waiting semaphore never closed"));
+            }
+            msg = orders.next(), if room.is_some() => {
                 let Some(msg) = msg else {
                     // Only a closed client ends a subscription: exit non-zero
                     // (after the running jobs) so a supervisor restarts us.
@@ -158,16 +182,34 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                     lost = true;
                     break;
                 };
+                let received = Instant::now();
+                let in_waiting = room.take();
+                let is_deliver = serde_json::from_slice::<OrderName>(&msg.payload)
+                    .is_ok_and(|o| o.order == names::DELIVER);
+                let (pool, ready) = if is_deliver {
+                    (deliver_slots.clone(), None)
+                } else {
+                    (slots.clone(), free_slot.take())
+                };
                 let ctx = ctx.clone();
                 jobs.spawn(async move {
-                    orders::handle(&ctx, msg).await;
+                    let permit = match ready {
+                        Some(p) => p,
+                        None => match wait_for_slot(&ctx, &msg, is_deliver, pool).await {
+                            Some(p) => p,
+                            None => return,
+                        },
+                    };
+                    drop(in_waiting);
+                    orders::handle(&ctx, msg, received).await;
                     drop(permit);
                 });
             }
-            _ = tokio::time::sleep_until(pull_at) => {
+            _ = tokio::time::sleep_until(pull_at), if free_slot.is_some() => {
                 pulls.push_back(Instant::now());
                 match pull_job(&ctx).await {
                     Some(job) => {
+                        let permit = free_slot.take();
                         let ctx = ctx.clone();
                         jobs.spawn(async move {
                             orders::run_pulled(&ctx, job).await;
@@ -199,12 +241,55 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
         // Their locks would block those identities for lock_ttl_secs.
         ctx.release_noted_locks().await;
     }
-    let _ = ctx.bus.flush().await;
+    // The last replies and records must reach NATS, but a server that is
+    // gone must not hold the exit.
+    if tokio::time::timeout(FINAL_FLUSH_TIMEOUT, ctx.bus.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!("NATS did not confirm the last messages in time: exiting anyway");
+    }
     if lost {
         anyhow::bail!("the NATS order subscription closed");
     }
     tracing::info!("imapworker stopped");
     Ok(())
+}
+
+/// Wait for a permit of `pool` for the order in `msg`. Meanwhile, if the
+/// requester asked for progress, tell it every second that the order waits,
+/// so it knows the worker is alive. `None` when the worker shuts down first
+/// (the requester is told so).
+async fn wait_for_slot(
+    ctx: &Ctx,
+    msg: &Message,
+    is_deliver: bool,
+    pool: Arc<Semaphore>,
+) -> Option<OwnedSemaphorePermit> {
+    let mut shutdown = ctx.shutdown.clone();
+    let progress = orders::wants_progress(msg);
+    let acquire = pool.acquire_owned();
+    tokio::pin!(acquire);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            p = &mut acquire => return Some(p.expect("slot semaphores are never closed")),
+            _ = shutdown.wait() => {
+                let why = "the worker is shutting down: order not started, send it again";
+                if is_deliver {
+                    orders::deliver::reply_failure(ctx, msg, why).await;
+                } else {
+                    orders::reply_error(ctx, msg, "", why).await;
+                }
+                return None;
+            }
+            _ = tick.tick(), if progress => {
+                let waiting = JobReport { progress: true, ..Default::default() };
+                ctx.bus.reply(msg, &waiting).await;
+            }
+        }
+    }
 }
 
 /// Ask the poller for one job. `None` when there is none (or no poller).

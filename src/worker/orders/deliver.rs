@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use tokio::time::Instant;
 
 use crate::bus::wire::{DeliveryReply, ImapOrder};
 use crate::bus::Message;
@@ -20,7 +21,19 @@ use crate::worker::context::Ctx;
 /// The SMTP sender's timeout (CONTRACT §5).
 const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub async fn handle(ctx: &Ctx, msg: &Message, order: ImapOrder) {
+/// How long the requester of a `deliver` waits for its answer (CONTRACT
+/// §5). An order that waited longer for a free slot is not carried out: its
+/// requester has given up, and may send it again, so sending it now could
+/// send the message twice.
+pub const REQUESTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `received` is when the order was read from NATS.
+pub async fn handle(ctx: &Ctx, msg: &Message, order: ImapOrder, received: Instant) {
+    if let Err(e) = still_wanted(received, Instant::now()) {
+        tracing::warn!(subject = %msg.subject, user = %order.user_id, message = %order.message_id, error = %e, "deliver not carried out");
+        reply_failure(ctx, msg, &e).await;
+        return;
+    }
     let reply = match deliver(ctx, msg, &order).await {
         Ok(r) => r,
         Err(e) => {
@@ -32,6 +45,28 @@ pub async fn handle(ctx: &Ctx, msg: &Message, order: ImapOrder) {
         }
     };
     ctx.bus.reply(msg, &reply).await;
+}
+
+/// Answer the contract's failure shape.
+pub(crate) async fn reply_failure(ctx: &Ctx, msg: &Message, why: &str) {
+    let reply = DeliveryReply {
+        error: true,
+        message: format!("failed to handle order with error « {why} » "),
+    };
+    ctx.bus.reply(msg, &reply).await;
+}
+
+/// Is the requester of an order received at `received` still waiting at `now`?
+fn still_wanted(received: Instant, now: Instant) -> Result<(), String> {
+    let waited = now.saturating_duration_since(received);
+    if waited > REQUESTER_TIMEOUT {
+        return Err(format!(
+            "not sent: the order waited {} s for a free slot, longer than its requester waits ({} s)",
+            waited.as_secs(),
+            REQUESTER_TIMEOUT.as_secs()
+        ));
+    }
+    Ok(())
 }
 
 async fn deliver(ctx: &Ctx, msg: &Message, order: &ImapOrder) -> Result<DeliveryReply, String> {
@@ -53,7 +88,7 @@ async fn deliver(ctx: &Ctx, msg: &Message, order: &ImapOrder) -> Result<Delivery
     if reply.error {
         return Ok(reply);
     }
-    let Some(id) = ctx
+    let Some(mut id) = ctx
         .store
         .identity(user, identity)
         .await
@@ -78,6 +113,10 @@ async fn deliver(ctx: &Ctx, msg: &Message, order: &ImapOrder) -> Result<Delivery
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("raw message {raw_id} not found"))?;
 
+    // An expired OAuth2 token is refreshed first, as a sync does.
+    account::ensure_fresh_token(ctx, &mut id)
+        .await
+        .map_err(|e| e.0)?;
     let acc = account::from_identity(ctx, &id, "").map_err(|e| e.0)?;
     let (mut session, _) = imap::connect(&acc).await.map_err(|e| e.to_string())?;
     let filed = file_in_sent(
@@ -135,4 +174,22 @@ async fn file_in_sent(
     .await
     .map_err(|_| "APPEND timed out".to_string())?
     .map_err(|e| format!("APPEND to {mailbox}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_order_whose_requester_gave_up_is_not_carried_out() {
+        let received = Instant::now();
+        assert!(still_wanted(received, received).is_ok());
+        assert!(still_wanted(received, received + REQUESTER_TIMEOUT).is_ok());
+        let e = still_wanted(
+            received,
+            received + REQUESTER_TIMEOUT + Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(e.contains("not sent") && e.contains("31 s"), "{e}");
+    }
 }

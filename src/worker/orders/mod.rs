@@ -7,7 +7,7 @@
 //! the [`PROGRESS_HEADER`] header (imapctl --wait does), progress reports
 //! (`"progress": true`) are sent to the same reply subject while it runs.
 
-mod deliver;
+pub(crate) mod deliver;
 mod fullfetch;
 mod sync;
 mod test;
@@ -24,8 +24,8 @@ use crate::bus::Message;
 /// Header asking for progress reports on the reply subject.
 pub const PROGRESS_HEADER: &str = "Caliopen-Imap-Progress";
 
-/// Handle one message of the order subject.
-pub async fn handle(ctx: &Ctx, msg: Message) {
+/// Handle one message of the order subject, `received` at that instant.
+pub async fn handle(ctx: &Ctx, msg: Message, received: tokio::time::Instant) {
     let subject = msg.subject.to_string();
     let order: ImapOrder = match serde_json::from_slice(&msg.payload) {
         Ok(o) => o,
@@ -39,7 +39,7 @@ pub async fn handle(ctx: &Ctx, msg: Message) {
     match order.order.as_str() {
         names::SYNC => sync::handle(ctx, &msg, order).await,
         names::FULLFETCH => fullfetch::handle(ctx, &msg, order).await,
-        names::DELIVER => deliver::handle(ctx, &msg, order).await,
+        names::DELIVER => deliver::handle(ctx, &msg, order, received).await,
         names::TEST => test::handle(ctx, &msg, order).await,
         // A reply body of the poller that may land here: nothing to do.
         names::NO_PENDING_JOB => {}
@@ -77,7 +77,16 @@ pub(super) fn uuid_field(name: &str, value: &str) -> Result<Uuid, String> {
     Uuid::parse_str(value.trim()).map_err(|_| format!("{name} is not a UUID: {value:?}"))
 }
 
-pub(super) async fn reply_error(ctx: &Ctx, msg: &Message, order: &str, text: &str) {
+/// Did the requester ask for progress reports?
+pub fn wants_progress(msg: &Message) -> bool {
+    msg.reply.is_some()
+        && msg
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(PROGRESS_HEADER).is_some())
+}
+
+pub(crate) async fn reply_error(ctx: &Ctx, msg: &Message, order: &str, text: &str) {
     let rep = JobReport {
         order: order.to_string(),
         ok: false,
@@ -95,11 +104,7 @@ where
     Fut: std::future::Future<Output = JobReport>,
 {
     let counters = Counters::new();
-    let wants_progress = msg.reply.is_some()
-        && msg
-            .headers
-            .as_ref()
-            .is_some_and(|h| h.get(PROGRESS_HEADER).is_some());
+    let wants_progress = wants_progress(msg);
     let work = job(counters.clone());
     let rep = if wants_progress {
         tokio::pin!(work);
