@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use caliopen_imap::imap::{self, folders, utf7, Account, Auth, ImapError, Security};
+use caliopen_imap::shutdown::Shutdown;
 
 use crate::util::{doveadm, imaps_server, stack, unique};
 
@@ -100,35 +101,18 @@ async fn a_refused_command_is_an_error_not_an_empty_answer() {
     let login = unique("refused");
     doveadm(&["mailbox", "create", "-u", &login, "Archive"], None);
     let (mut session, _) = imap::connect(&account(&login)).await.unwrap();
-    let mut untagged = 0;
-    let err = imap::command::run_checked(
-        &mut session,
-        "EXAMINE \"DoesNotExist\"",
-        &imaps_server(),
-        "EXAMINE",
-        IO,
-        |_| {
-            untagged += 1;
-            Ok(())
-        },
-    )
-    .await
-    .unwrap_err();
+    let server = imaps_server();
+    let mut reader = imap::fetch::Reader::new(&mut session, &server, IO, Shutdown::never());
+    let err = reader
+        .run_checked("EXAMINE \"DoesNotExist\"", "EXAMINE", |_| {})
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, ImapError::Protocol { during, reason, .. }
             if during == "EXAMINE" && reason.starts_with("NO ")),
         "{err}"
     );
     // The session is still usable after a NO.
-    imap::command::run_checked(
-        &mut session,
-        "NOOP",
-        &imaps_server(),
-        "NOOP",
-        IO,
-        |_| Ok(()),
-    )
-    .await
-    .unwrap();
+    reader.run_checked("NOOP", "NOOP", |_| {}).await.unwrap();
     session.logout().await.unwrap();
 }

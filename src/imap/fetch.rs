@@ -262,6 +262,19 @@ impl<'a> Reader<'a> {
         {}
         Ok(status.unwrap_or(Ok(())))
     }
+
+    /// Run any command to its tagged reply, passing each untagged response
+    /// to `on`; a `NO` is an error here, named by `during` (which, like the
+    /// command, must hold no secret).
+    pub async fn run_checked<F>(&mut self, cmd: &str, during: &str, on: F) -> Result<(), ImapError>
+    where
+        F: FnMut(&Response<'_>),
+    {
+        match self.command(cmd, on).await.map_err(|e| rename(e, during))? {
+            Ok(()) => Ok(()),
+            Err(text) => Err(protocol(self.server, during, format!("NO {text}"))),
+        }
+    }
 }
 
 /// The responses of a body FETCH, message by message.

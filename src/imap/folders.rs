@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use async_imap::imap_proto::{MailboxDatum, NameAttribute, Response};
 
-use super::command::run_checked;
+use super::fetch::Reader;
 use super::{utf7, ImapError, ImapSession};
+use crate::shutdown::Shutdown;
 
 /// More folders than any real account has; a server listing more is
 /// refused rather than held in memory.
@@ -111,16 +112,27 @@ pub async fn list(
         "LIST \"\" \"*\""
     };
     let mut folders = Vec::new();
-    run_checked(session, command, server, "LIST", io_timeout, |resp| {
-        if let Response::MailboxData(MailboxDatum::List(data)) = resp {
-            if folders.len() >= MAX_FOLDERS {
-                return Err(format!("more than {MAX_FOLDERS} folders"));
+    let mut too_many = false;
+    // The caller bounds the whole listing with the job's stop token.
+    let mut reader = Reader::new(session, server, io_timeout, Shutdown::never());
+    reader
+        .run_checked(command, "LIST", |resp| {
+            if let Response::MailboxData(MailboxDatum::List(data)) = resp {
+                if folders.len() >= MAX_FOLDERS {
+                    too_many = true;
+                } else {
+                    folders.push(Folder::from_list(&data.name, &data.name_attributes));
+                }
             }
-            folders.push(Folder::from_list(&data.name, &data.name_attributes));
-        }
-        Ok(())
-    })
-    .await?;
+        })
+        .await?;
+    if too_many {
+        return Err(ImapError::Protocol {
+            server: server.to_string(),
+            during: "LIST".into(),
+            reason: format!("more than {MAX_FOLDERS} folders"),
+        });
+    }
     Ok(folders)
 }
 

@@ -1,15 +1,13 @@
 //! The IMAP client side: secure connection and login ([`connect`]), TLS
 //! policy ([`tls`]), the X-Fetched headers put on every message
-//! ([`headers`]), mailbox names in modified UTF-7 ([`utf7`]), the folders
-//! a `mailboxes: *` identity syncs ([`folders`]), and commands whose tagged
-//! reply is checked ([`command`]).
+//! ([`headers`]), mailbox names in modified UTF-7 ([`utf7`]), and the
+//! folders a `mailboxes: *` identity syncs ([`folders`]).
 //!
-//! [`fetch`] reads a mailbox with every command's tagged status checked;
-//! [`utf7`] encodes mailbox names for the wire. The worker's sync pipeline
-//! drives the fetch and owns the checkpoint logic; this module only knows
-//! how to talk to a server safely.
+//! [`fetch`] reads a mailbox with every command's tagged status checked, and
+//! holds the one bounded, stoppable IMAP step every reader uses. The
+//! worker's sync pipeline drives the fetch and owns the checkpoint logic;
+//! this module only knows how to talk to a server safely.
 
-pub mod command;
 pub mod connect;
 pub mod fetch;
 pub mod folders;
