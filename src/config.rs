@@ -386,7 +386,7 @@ impl WorkerSettings {
             ("imap.io_timeout_secs", i.io_timeout_secs, 1, 3600),
             ("imap.lda_timeout_secs", i.lda_timeout_secs, 1, 3600),
             ("imap.lock_ttl_secs", i.lock_ttl_secs, 30, 3600),
-            ("imap.job_deadline_secs", i.job_deadline_secs, 60, 7 * 86400),
+            ("imap.job_deadline_secs", i.job_deadline_secs, 5, 7 * 86400),
         ] {
             if v < lo || v > hi {
                 errors.push(format!("{key}: expected {lo} to {hi}, found {v}"));

@@ -716,3 +716,74 @@ async fn star_syncs_every_folder_but_junk_and_trash_and_picks_up_new_ones() {
     assert!(rep.ok, "{rep:?}");
     assert_eq!(rep.handed_off, 2, "{rep:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_whose_lock_is_taken_away_stops_and_says_why() {
+    let tag = unique("f15");
+    let mut settings = worker_settings(&tag);
+    settings.imap.lock_ttl_secs = 30;
+    settings.imap.in_flight = 1;
+    let lda = lda_with_delay(&settings.lda.in_topic, Duration::from_millis(500), |_| {
+        false
+    })
+    .await;
+    let (ctx, _t) = context(settings).await;
+    let st = ctx.store.clone();
+    let (user, _, id) = mailbox_account(&st, 60, 300).await;
+    let identity = id.identity_id;
+    let c = ctx.clone();
+    let run = tokio::spawn(async move { sync(&c, user, identity).await });
+    while lda.seen.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // As `imapctl unlock --force` does.
+    let lock = st.sync_lock(user, identity).await.unwrap().expect("held");
+    assert!(st
+        .force_release_sync_lock(user, identity, &lock.owner)
+        .await
+        .unwrap());
+    let rep = run.await.unwrap();
+    assert!(rep.interrupted && !rep.ok, "{rep:?}");
+    assert!(rep.error.contains("lock was lost"), "{rep:?}");
+    assert!(rep.handed_off < 60, "stopped before the end: {rep:?}");
+    let after = st.identity(user, identity).await.unwrap().unwrap();
+    assert_eq!(
+        after.info(infos::LASTSEENUID),
+        rep.handed_off.to_string(),
+        "the checkpoint reached is saved"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_deadline_stops_at_a_message_boundary_and_resumes() {
+    let tag = unique("f16");
+    let mut settings = worker_settings(&tag);
+    settings.imap.job_deadline_secs = 5;
+    settings.imap.in_flight = 1;
+    let lda = lda_with_delay(&settings.lda.in_topic, Duration::from_millis(500), |_| {
+        false
+    })
+    .await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _, id) = mailbox_account(st, 40, 300).await;
+    let rep = sync(&ctx, user, id.identity_id).await;
+    assert!(rep.interrupted && !rep.ok, "{rep:?}");
+    assert!(rep.error.contains("job_deadline_secs"), "{rep:?}");
+    let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    let cp: u64 = after.info(infos::LASTSEENUID).parse().unwrap();
+    assert_eq!(cp, rep.handed_off, "checkpoint saved at the boundary");
+    assert!(cp < 40);
+    // The next syncs go on from there; nothing is handed off twice.
+    let mut total = cp;
+    for _ in 0..10 {
+        let rep = sync(&ctx, user, id.identity_id).await;
+        total += rep.handed_off;
+        if rep.ok {
+            break;
+        }
+    }
+    assert_eq!(total, 40);
+    assert_eq!(counts(&lda.seen).len(), 40);
+    assert!(counts(&lda.seen).values().all(|n| *n == 1));
+}
