@@ -203,24 +203,12 @@ async fn utf8_folders_sync_and_a_missing_folder_fails_alone() {
     let _lda = lda(&settings.lda.in_topic, |_| false).await;
     let (ctx, _t) = context(settings).await;
     let st = &ctx.store;
-    let (user, _) = new_user(st).await;
-    let login = unique("dove");
-    fill(&login, "INBOX", 1, 300);
-    fill(&login, "Entwürfe", 2, 300);
-    fill(&login, "日本語", 1, 300);
-    fill(&login, "Archive", 3, 300);
-    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
-    st.merge_infos(
-        user,
-        id.identity_id,
-        [(
-            infos::MAILBOXES.to_string(),
-            "INBOX,Entwürfe,DoesNotExist,日本語,Archive".to_string(),
-        )]
-        .into(),
+    let (user, login, id) = folders_account(
+        st,
+        &[("INBOX", 1), ("Entwürfe", 2), ("日本語", 1), ("Archive", 3)],
+        "INBOX,Entwürfe,DoesNotExist,日本語,Archive",
     )
-    .await
-    .unwrap();
+    .await;
     let rep = sync(&ctx, user, id.identity_id).await;
     assert_eq!(rep.handed_off, 7, "{rep:?}");
     assert!(!rep.ok, "a folder failed: {rep:?}");
@@ -684,20 +672,12 @@ async fn star_syncs_every_folder_but_junk_and_trash_and_picks_up_new_ones() {
     let _lda = lda(&settings.lda.in_topic, |_| false).await;
     let (ctx, _t) = context(settings).await;
     let st = &ctx.store;
-    let (user, _) = new_user(st).await;
-    let login = unique("dove");
-    fill(&login, "INBOX", 1, 300);
-    fill(&login, "Archive", 2, 300);
-    fill(&login, "Junk", 3, 300);
-    fill(&login, "Trash", 4, 300);
-    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
-    st.merge_infos(
-        user,
-        id.identity_id,
-        [(infos::MAILBOXES.to_string(), "*".to_string())].into(),
+    let (user, login, id) = folders_account(
+        st,
+        &[("INBOX", 1), ("Archive", 2), ("Junk", 3), ("Trash", 4)],
+        "*",
     )
-    .await
-    .unwrap();
+    .await;
     let rep = sync(&ctx, user, id.identity_id).await;
     assert!(rep.ok, "{rep:?}");
     assert_eq!(

@@ -195,6 +195,30 @@ pub async fn new_identity(
     id
 }
 
+/// A Caliopen user, a fresh Dovecot user with `count` small messages in
+/// each of `folders`, and a remote identity syncing `mailboxes`.
+pub async fn folders_account(
+    store: &Store,
+    folders: &[(&str, usize)],
+    mailboxes: &str,
+) -> (Uuid, String, Identity) {
+    let (user, _) = new_user(store).await;
+    let login = unique("dove");
+    for (folder, count) in folders {
+        fill(&login, folder, *count, 300);
+    }
+    let id = new_identity(store, user, &login, &imaps_server(), &stack().password).await;
+    store
+        .merge_infos(
+            user,
+            id.identity_id,
+            [(infos::MAILBOXES.to_string(), mailboxes.to_string())].into(),
+        )
+        .await
+        .unwrap();
+    (user, login, id)
+}
+
 /// A Caliopen user, a fresh Dovecot user with `count` messages of about
 /// `size` bytes in INBOX, and a remote identity linking them.
 pub async fn mailbox_account(store: &Store, count: usize, size: usize) -> (Uuid, String, Identity) {
@@ -360,6 +384,48 @@ pub async fn lda_with_delay<F>(subject: &str, delay: Duration, fail: F) -> Lda
 where
     F: Fn(&str) -> bool + Send + 'static,
 {
+    lda_answering(subject, delay, move |id| {
+        if fail(id) {
+            Answer::Fail
+        } else {
+            Answer::Ok
+        }
+    })
+    .await
+}
+
+/// A stand-in processor that never answers the requests `silent` picks
+/// (and answers the others with success): a poison message's timeout.
+pub async fn lda_answering_except<F>(subject: &str, silent: F) -> Lda
+where
+    F: Fn(&str) -> bool + Send + 'static,
+{
+    lda_answering(subject, Duration::ZERO, move |id| {
+        if silent(id) {
+            Answer::Silent
+        } else {
+            Answer::Ok
+        }
+    })
+    .await
+}
+
+/// How the processor stand-in answers one `process_raw`.
+pub enum Answer {
+    /// Success; the id is recorded in `seen`.
+    Ok,
+    /// `{"error": ...}`, as the processor rejects a message.
+    Fail,
+    /// No answer at all.
+    Silent,
+}
+
+/// The processor stand-in: answers each `process_raw` as `answer` picks,
+/// after `delay`.
+pub async fn lda_answering<F>(subject: &str, delay: Duration, answer: F) -> Lda
+where
+    F: Fn(&str) -> Answer + Send + 'static,
+{
     let client = async_nats::connect(&stack().nats_url).await.unwrap();
     let mut sub = client.subscribe(subject.to_string()).await.unwrap();
     client.flush().await.unwrap();
@@ -371,45 +437,19 @@ where
             let id = v["message_id"].as_str().unwrap_or("").to_string();
             let reply = if v["order"] != "process_raw" {
                 serde_json::json!({"error": "unknown order"})
-            } else if fail(&id) {
-                serde_json::json!({"error": "stand-in: chosen failure"})
             } else {
-                s2.lock().unwrap().push(id);
-                serde_json::json!({"message": "OK", "message_id": Uuid::new_v4().to_string(), "discussion_id": "d"})
+                match answer(&id) {
+                    Answer::Silent => continue,
+                    Answer::Fail => serde_json::json!({"error": "stand-in: chosen failure"}),
+                    Answer::Ok => {
+                        s2.lock().unwrap().push(id);
+                        serde_json::json!({"message": "OK", "message_id": Uuid::new_v4().to_string(), "discussion_id": "d"})
+                    }
+                }
             };
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            if let Some(r) = msg.reply {
-                let _ = client
-                    .publish(r, serde_json::to_vec(&reply).unwrap().into())
-                    .await;
-            }
-        }
-    });
-    Lda { seen, join }
-}
-
-/// A stand-in processor that never answers the requests `silent` picks
-/// (and answers the others with success): a poison message's timeout.
-pub async fn lda_answering_except<F>(subject: &str, silent: F) -> Lda
-where
-    F: Fn(&str) -> bool + Send + 'static,
-{
-    let client = async_nats::connect(&stack().nats_url).await.unwrap();
-    let mut sub = client.subscribe(subject.to_string()).await.unwrap();
-    client.flush().await.unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let s2 = seen.clone();
-    let join = tokio::spawn(async move {
-        while let Some(msg) = sub.next().await {
-            let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
-            let id = v["message_id"].as_str().unwrap_or("").to_string();
-            if silent(&id) {
-                continue;
-            }
-            s2.lock().unwrap().push(id);
-            let reply = serde_json::json!({"message": "OK", "message_id": Uuid::new_v4().to_string(), "discussion_id": "d"});
             if let Some(r) = msg.reply {
                 let _ = client
                     .publish(r, serde_json::to_vec(&reply).unwrap().into())
