@@ -2,6 +2,7 @@
 #   make demo    the main job end to end on the local stack
 #   make test    every test (brings the local stack up itself)
 #   make bench   benchmarks against mbsync and the fetch/store ceilings
+#   make fuzz    cargo-fuzz targets, FUZZ_SECS each (default 300), on demand
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
@@ -9,7 +10,7 @@ CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all build release test unit lint demo bench bench-large install uninstall \
-        stack-up stack-down stack-status clean
+        stack-up stack-down stack-status clean fuzz
 
 all: build
 
@@ -38,6 +39,11 @@ bench:
 
 bench-large:
 	bash scripts/bench.sh --large
+
+# Fuzzers (nightly + cargo-fuzz, installed if missing): on demand, not in CI.
+FUZZ_SECS ?= 300
+fuzz:
+	FUZZ_SECS=$(FUZZ_SECS) bash scripts/fuzz.sh
 
 # The binary and its three program names.
 install: release

@@ -593,16 +593,27 @@ pub fn load<T>(path: Option<&Path>) -> Result<T, Failure>
 where
     T: Default + Serialize + DeserializeOwned,
 {
-    let mut fig = Figment::from(Serialized::defaults(T::default()));
-    if let Some(path) = path {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = match path {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
             Failure::Config(format!("config file {}: cannot read: {e}", path.display()))
-        })?;
-        // A YAML file whose top level is not a mapping is an error, not an
-        // empty configuration.
-        if !text.trim().is_empty() {
-            fig = fig.merge(Yaml::file(path));
-        }
+        })?,
+        None => String::new(),
+    };
+    from_yaml_str(&text, path)
+}
+
+/// [`load`] with the file's text already read: defaults, then `text` (YAML;
+/// blank means no file), then the environment. `path` only names the source
+/// in errors. One path for the daemons and the config fuzzer.
+pub fn from_yaml_str<T>(text: &str, path: Option<&Path>) -> Result<T, Failure>
+where
+    T: Default + Serialize + DeserializeOwned,
+{
+    let mut fig = Figment::from(Serialized::defaults(T::default()));
+    // A YAML file whose top level is not a mapping is an error, not an
+    // empty configuration.
+    if !text.trim().is_empty() {
+        fig = fig.merge(Yaml::string(text));
     }
     fig = fig.merge(env_provider());
     fig.extract::<T>()

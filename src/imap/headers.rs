@@ -36,6 +36,18 @@ pub fn rfc1123z(date: &DateTime<FixedOffset>) -> String {
     date.format("%a, %d %b %Y %H:%M:%S %z").to_string()
 }
 
+/// A free-text value with CR and LF turned into spaces: display names and
+/// server names come from users and remote servers, and a line break in one
+/// would start a header of its own (a forged `Bcc:`, say) in the stored
+/// message. Values without them, all real ones, are unchanged.
+fn one_line(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.contains(['\r', '\n']) {
+        value.replace(['\r', '\n'], " ").into()
+    } else {
+        value.into()
+    }
+}
+
 /// Write the headers; the raw message is appended after them unchanged.
 pub fn write(meta: &FetchedMeta<'_>, out: &mut Vec<u8>) {
     let proto = if meta.conn.imap4rev1 {
@@ -54,17 +66,17 @@ pub fn write(meta: &FetchedMeta<'_>, out: &mut Vec<u8>) {
         "X-Fetched-Imap",
         &format!(
             "from {} ([{}])\n        (using {} with cipher {})\n        by imap-fetcher (Caliopen) {};\n        {}",
-            meta.server,
-            meta.conn.remote_addr,
-            meta.conn.tls_version,
-            meta.conn.cipher,
+            one_line(meta.server),
+            one_line(&meta.conn.remote_addr),
+            one_line(&meta.conn.tls_version),
+            one_line(&meta.conn.cipher),
             proto,
             rfc1123z(&meta.date)
         ),
     );
-    line(out, "X-Fetched-Imap-Account", meta.account);
+    line(out, "X-Fetched-Imap-Account", &one_line(meta.account));
     line(out, "X-Fetched-Imap-Box", &STANDARD.encode(meta.mailbox));
-    line(out, "X-Fetched-Imap-For", meta.user_id);
+    line(out, "X-Fetched-Imap-For", &one_line(meta.user_id));
     line(out, "X-Fetched-Imap-Uid", &meta.uid.to_string());
     if !meta.flags.is_empty() {
         line(
@@ -247,5 +259,44 @@ X-Fetched-Imap-Flags: XFNlZW4NClxBbnN3ZXJlZA==\r\n";
         assert!(s.contains("X-Fetched-X-GM-MSGID: 1278455344230334865\r\n"));
         assert!(s.contains("X-Fetched-X-GM-LABELS: XEltcG9ydGFudA0Kd29yaw==\r\n"));
         assert!(!s.contains("X-Fetched-Imap-Flags"));
+    }
+
+    /// Found by the `headers` fuzzer: a display name (or server, or any
+    /// other free-text value) holding CR or LF started a header of its own,
+    /// e.g. a forged `Bcc:` in the stored message.
+    #[test]
+    fn values_never_start_a_header() {
+        let conn = ConnInfo {
+            remote_addr: "1.2.3.4:993\r\nX-A: 1".into(),
+            tls_version: "t\n".into(),
+            cipher: "c\rX-B: 2".into(),
+            imap4rev1: false,
+            gmail: false,
+        };
+        let date = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap();
+        let meta = FetchedMeta {
+            server: "imap.example.org\nX-C: 3",
+            conn: &conn,
+            account: "Alice\r\nBcc: evil@example.org",
+            mailbox: "INBOX",
+            user_id: "u\n\nbody",
+            uid: 1,
+            flags: &[],
+            gmail_msgid: None,
+            gmail_labels: &[],
+            date,
+        };
+        let mut out = Vec::new();
+        write(&meta, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        for line in text.trim_end_matches("\r\n").split('\n') {
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            assert!(
+                line.starts_with("X-Fetched-") || line.starts_with("        "),
+                "{line:?} in {text:?}"
+            );
+            assert!(!line.contains('\r'), "{text:?}");
+        }
+        assert!(text.contains("X-Fetched-Imap-Account: Alice  Bcc: evil@example.org\r\n"));
     }
 }

@@ -7,7 +7,7 @@ use crate::config::split_host_port;
 use crate::worker::context::Ctx;
 use crate::worker::job::{self, FullFetchRequest};
 
-fn validate(o: &ImapOrder) -> Result<FullFetchRequest, String> {
+pub(super) fn validate(o: &ImapOrder) -> Result<FullFetchRequest, String> {
     let user_id = super::uuid_field("user_id", &o.user_id)?;
     split_host_port(&o.server, 993).map_err(|e| format!("server: {e}"))?;
     if o.login.trim().is_empty() {

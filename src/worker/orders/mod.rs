@@ -51,6 +51,24 @@ pub async fn handle(ctx: &Ctx, msg: Message, received: tokio::time::Instant) {
     }
 }
 
+/// Check an order's fields the way its handler does before acting, and do
+/// nothing else: the entry point of the order fuzzer (`fuzz/`), so the
+/// checks it exercises are the handlers' own.
+pub fn validate(order: &ImapOrder) -> Result<(), String> {
+    match order.order.as_str() {
+        names::SYNC => sync::validate(order).map(drop),
+        names::FULLFETCH => fullfetch::validate(order).map(drop),
+        // deliver checks these three first (deliver.rs), then talks to NATS.
+        names::DELIVER => {
+            uuid_field("user_id", &order.user_id)?;
+            uuid_field("identity_id", &order.identity_id)?;
+            uuid_field("message_id", &order.message_id).map(drop)
+        }
+        names::TEST | names::NO_PENDING_JOB => Ok(()),
+        other => Err(format!("unknown order {other:?}")),
+    }
+}
+
 /// Run a job pulled from the poller (no one waits for its report).
 pub async fn run_pulled(ctx: &Ctx, job: Job) {
     let order = ImapOrder {
