@@ -220,14 +220,18 @@ fn go_marker_check(id: &Identity) -> Result<(), JobError> {
 }
 
 /// Write Caliopen's `syncing` marker with a value unique to this sync, then
-/// read the identity back: a Go worker that wrote its own marker in between
-/// wins, and this sync stands down. The identity read back (after the lock)
+/// read the identity back: a Go worker that wrote its own marker before ours
+/// (during our lock's Paxos round) or in between wins, and this sync stands
+/// down. The identity read back (after the lock)
 /// is the one synced, so its checkpoint is never older than the last sync's.
 async fn mark_syncing(
     ctx: &Ctx,
     req: &SyncRequest,
     since: DateTime<Utc>,
 ) -> Result<Identity, JobError> {
+    // A Go worker may have marked the identity while our lock was being
+    // taken (a Paxos round): look again just before writing ours.
+    go_marker_check(&load_identity(ctx, req).await?)?;
     let marker = since.to_rfc3339_opts(SecondsFormat::Nanos, true);
     ctx.store
         .merge_infos(
