@@ -1102,3 +1102,59 @@ async fn syncremote_wait_ends_when_the_worker_is_killed() {
     );
     assert_fails(&out, 5, "the worker stopped answering");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncremote_wait_behind_a_long_sync_is_not_taken_for_a_dead_worker() {
+    let tag = unique("c7");
+    let cfg = worker_yaml(&tag, "");
+    let mut settings = worker_settings(&tag);
+    settings.workers = 1;
+    settings.imap.in_flight = 1;
+    // The only job slot is held longer than --wait's silence limit.
+    let lda = lda_with_delay(&settings.lda.in_topic, Duration::from_millis(300), |_| {
+        false
+    })
+    .await;
+    let w = start_worker(settings.clone()).await;
+    let st = w.ctx.store.clone();
+    let (user, _, long) = mailbox_account(&st, 60, 300).await;
+    let short = unique("dove");
+    fill(&short, "INBOX", 2, 300);
+    new_identity(&st, user, &short, &imaps_server(), &stack().password).await;
+
+    let b = bus().await;
+    let first = {
+        let order = caliopen_imap::bus::wire::ImapOrder {
+            order: "sync".into(),
+            user_id: user.to_string(),
+            identity_id: long.identity_id.to_string(),
+            ..Default::default()
+        };
+        let subject = settings.nats_topic_sender.clone();
+        tokio::spawn(async move {
+            b.request::<_, caliopen_imap::bus::wire::JobReport>(
+                &subject,
+                &order,
+                Duration::from_secs(120),
+            )
+            .await
+            .unwrap()
+        })
+    };
+    while lda.seen.lock().unwrap().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = sync_wait(&cfg, user, &short).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("fetched 2, handed off 2"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        first.is_finished(),
+        "the second sync waited for the first one's slot"
+    );
+    assert!(first.await.unwrap().ok);
+    w.stop().await;
+}

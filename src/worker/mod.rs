@@ -143,8 +143,6 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
     let slots = Arc::new(Semaphore::new(s.workers));
     let deliver_slots = Arc::new(Semaphore::new(DELIVER_SLOTS));
     let waiting = Arc::new(Semaphore::new(MAX_WAITING));
-    // A free job slot taken ahead, for the next pull or the next order.
-    let mut free_slot: Option<OwnedSemaphorePermit> = None;
     // Room to read one more order.
     let mut room: Option<OwnedSemaphorePermit> = None;
     let mut jobs = JoinSet::new();
@@ -168,9 +166,8 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
         };
         tokio::select! {
             _ = shutdown.wait() => break,
-            p = slots.clone().acquire_owned(), if free_slot.is_none() => {
-                free_slot = Some(p.expect("slots semaphore never closed"));
-            }
+            // A job ended: its slot may serve a pull now.
+            Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
             p = waiting.clone().acquire_owned(), if room.is_none() => {
                 room = Some(p.expect("waiting semaphore never closed"));
             }
@@ -186,30 +183,26 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                 let in_waiting = room.take();
                 let is_deliver = serde_json::from_slice::<OrderName>(&msg.payload)
                     .is_ok_and(|o| o.order == names::DELIVER);
-                let (pool, ready) = if is_deliver {
-                    (deliver_slots.clone(), None)
-                } else {
-                    (slots.clone(), free_slot.take())
-                };
+                let pool = if is_deliver { deliver_slots.clone() } else { slots.clone() };
                 let ctx = ctx.clone();
                 jobs.spawn(async move {
-                    let permit = match ready {
-                        Some(p) => p,
-                        None => match wait_for_slot(&ctx, &msg, is_deliver, pool).await {
-                            Some(p) => p,
-                            None => return,
-                        },
+                    // Orders take slots first come, first served; the loop
+                    // never holds one they wait for.
+                    let Some(permit) = wait_for_slot(&ctx, &msg, is_deliver, pool).await else {
+                        return;
                     };
                     drop(in_waiting);
                     orders::handle(&ctx, msg, received).await;
                     drop(permit);
                 });
             }
-            _ = tokio::time::sleep_until(pull_at), if free_slot.is_some() => {
+            _ = tokio::time::sleep_until(pull_at), if slots.available_permits() > 0 => {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    continue; // taken by an order meanwhile
+                };
                 pulls.push_back(Instant::now());
                 match pull_job(&ctx).await {
                     Some(job) => {
-                        let permit = free_slot.take();
                         let ctx = ctx.clone();
                         jobs.spawn(async move {
                             orders::run_pulled(&ctx, job).await;
