@@ -7,6 +7,8 @@
 //! labels are passed through as the server sent them, as the Go worker did.
 //! Unlike the Go map, the order of the headers is fixed, so the same message
 //! always gives the same bytes (apart from the fetch date).
+//! Unlike the Go worker, a free-text value holding CR or LF is put on one
+//! line, so no value can add a header of its own to the stored message.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
