@@ -83,7 +83,7 @@ impl Ctx {
             .drain()
             .collect();
         for key in keys {
-            match self.release_lock(key).await {
+            match self.release_lock(key, true).await {
                 Ok(()) => tracing::info!(identity = %key.1, "lock of an abandoned sync released"),
                 Err(e) => {
                     tracing::error!(identity = %key.1, error = %e, "cannot release the lock of an abandoned sync")
@@ -92,19 +92,27 @@ impl Ctx {
         }
     }
 
-    /// Release this process's sync lock of (user, identity) and clear
-    /// Caliopen's `syncing` marker; forget the note when both succeed.
-    pub async fn release_lock(&self, key: (Uuid, Uuid)) -> Result<(), crate::store::StoreError> {
+    /// Release this process's sync lock of (user, identity) and, with
+    /// `clear_marker`, Caliopen's `syncing` marker; forget the note when
+    /// both succeed.
+    pub async fn release_lock(
+        &self,
+        key: (Uuid, Uuid),
+        clear_marker: bool,
+    ) -> Result<(), crate::store::StoreError> {
+        use crate::store::identity::infos;
         let (user, identity) = key;
         let released = self
             .store
             .release_sync_lock(user, identity, &self.worker_id)
             .await;
-        use crate::store::identity::infos;
-        let cleared = self
-            .store
-            .remove_infos(user, identity, &[infos::SYNCING, infos::SYNCING_OWNER])
-            .await;
+        let cleared = if clear_marker {
+            self.store
+                .remove_infos(user, identity, &[infos::SYNCING, infos::SYNCING_OWNER])
+                .await
+        } else {
+            Ok(())
+        };
         released.and(cleared)?;
         self.note_lock(key, false);
         Ok(())

@@ -133,12 +133,18 @@ async fn sync_locked(
     rep.mailboxes = id.mailboxes();
     go_marker_check(&id)?;
 
+    // Caliopen's marker goes first, before the lock's Paxos round: a Go
+    // worker that reads it from now on stands down (see `claim_marker`).
     let since = Utc::now();
+    let marker = since.to_rfc3339_opts(SecondsFormat::Nanos, true);
+    write_marker(ctx, req, &marker).await?;
     let ttl = ctx.settings.imap.lock_ttl_secs;
     if !store
         .take_sync_lock(id.user_id, id.identity_id, &ctx.worker_id, since, ttl)
         .await?
     {
+        // The marker stays: the winner owns the identity's marker now and
+        // clears it when its sync ends.
         return Err(JobError::Busy(
             "a sync of this identity is already running on another worker".into(),
         ));
@@ -147,7 +153,7 @@ async fn sync_locked(
     let key = (id.user_id, id.identity_id);
     ctx.note_lock(key, true);
     let result = async {
-        let id = mark_syncing(ctx, req, since).await?;
+        let id = claim_marker(ctx, req, &marker).await?;
         rep.mailboxes = id.mailboxes();
         let r = run_renewing(ctx, &id, since, |stop| {
             sync_identity_inner(ctx, &id, &req.password, counters, stop)
@@ -156,6 +162,9 @@ async fn sync_locked(
         Ok::<_, JobError>((id, r))
     }
     .await;
+    // Only `claim_marker` stands down with Busy: a Go worker took the
+    // marker, which is then its own to clear.
+    let marker_ours = !matches!(result, Err(JobError::Busy(_)));
     let (id, result) = match result {
         Ok((id, r)) => (id, r),
         Err(e) => (id, Err(e)),
@@ -175,7 +184,7 @@ async fn sync_locked(
             }
         }
     }
-    release(ctx, key).await;
+    release(ctx, key, marker_ours).await;
     result
 }
 
@@ -219,37 +228,52 @@ fn go_marker_check(id: &Identity) -> Result<(), JobError> {
     Ok(())
 }
 
-/// Write Caliopen's `syncing` marker with a value unique to this sync, then
-/// read the identity back: a Go worker that wrote its own marker before ours
-/// (during our lock's Paxos round) or in between wins, and this sync stands
-/// down. The identity read back (after the lock)
-/// is the one synced, so its checkpoint is never older than the last sync's.
-async fn mark_syncing(
-    ctx: &Ctx,
-    req: &SyncRequest,
-    since: DateTime<Utc>,
-) -> Result<Identity, JobError> {
-    // A Go worker may have marked the identity while our lock was being
-    // taken (a Paxos round): look again just before writing ours.
-    go_marker_check(&load_identity(ctx, req).await?)?;
-    let marker = since.to_rfc3339_opts(SecondsFormat::Nanos, true);
+/// Write Caliopen's `syncing` marker, a value unique to this sync (RFC 3339
+/// with nanoseconds, which Go's parser accepts), with our worker id beside it.
+async fn write_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<(), JobError> {
     ctx.store
         .merge_infos(
             req.user_id,
             req.identity_id,
             HashMap::from([
-                (infos::SYNCING.to_string(), marker.clone()),
+                (infos::SYNCING.to_string(), marker.to_string()),
                 (infos::SYNCING_OWNER.to_string(), ctx.worker_id.clone()),
             ]),
         )
         .await?;
-    let id = load_identity(ctx, req).await?;
-    if id.info(infos::SYNCING) != marker || id.info(infos::SYNCING_OWNER) != ctx.worker_id {
-        return Err(JobError::Busy(
-            "a Caliopen Go worker started a sync of this identity at the same moment".into(),
-        ));
+    Ok(())
+}
+
+/// With the lock held, read the identity back (so the checkpoint synced
+/// from is never older than the last sync's) and check the marker:
+/// - ours as written: go on;
+/// - `syncing` changed while `syncing_owner` is still ours: a Go worker,
+///   which reads the marker and then writes only `syncing`, read it before
+///   ours landed and is syncing: stand down;
+/// - another of our workers wrote it after us (it lost the lock race): write
+///   ours again and check once more.
+async fn claim_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<Identity, JobError> {
+    for attempt in 0..2 {
+        let id = load_identity(ctx, req).await?;
+        let owner = id.info(infos::SYNCING_OWNER);
+        if owner == ctx.worker_id {
+            if id.info(infos::SYNCING) == marker {
+                return Ok(id);
+            }
+            return Err(JobError::Busy(
+                "a Caliopen Go worker started a sync of this identity at the same moment".into(),
+            ));
+        }
+        if owner.is_empty() {
+            go_marker_check(&id)?;
+        }
+        if attempt == 0 {
+            write_marker(ctx, req, marker).await?;
+        }
     }
-    Ok(id)
+    Err(JobError::Busy(
+        "the identity's syncing marker keeps changing: another sync is starting".into(),
+    ))
 }
 
 /// Run `work` with a stop token of its own, fired by the worker's shutdown,
@@ -344,10 +368,11 @@ where
     }
 }
 
-/// Release the lock and the marker; when Cassandra cannot be reached, keep
-/// trying in the background for a while (the lock row also lapses by itself).
-async fn release(ctx: &Ctx, key: (Uuid, Uuid)) {
-    if let Err(e) = ctx.release_lock(key).await {
+/// Release the lock and, when it is still ours, the marker; when Cassandra
+/// cannot be reached, keep trying in the background for a while (the lock
+/// row also lapses by itself).
+async fn release(ctx: &Ctx, key: (Uuid, Uuid), marker_ours: bool) {
+    if let Err(e) = ctx.release_lock(key, marker_ours).await {
         tracing::warn!(identity = %key.1, error = %e, "cannot release the sync lock yet: retrying in the background");
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -355,7 +380,7 @@ async fn release(ctx: &Ctx, key: (Uuid, Uuid)) {
             let until = tokio::time::Instant::now() + Duration::from_secs(600);
             while tokio::time::Instant::now() < until {
                 tokio::time::sleep(delay).await;
-                match ctx.release_lock(key).await {
+                match ctx.release_lock(key, marker_ours).await {
                     Ok(()) => {
                         tracing::info!(identity = %key.1, "sync lock released");
                         return;
