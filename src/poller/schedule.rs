@@ -102,6 +102,16 @@ impl Interval {
         }
     }
 
+    /// When a leader that (re)builds its schedule now makes an identity
+    /// last checked at `last_check` due: one interval after it, or at once.
+    /// `imapctl status` shows it, since the live schedule is in the
+    /// leader's memory only.
+    pub fn due_after(&self, last_check: DateTime<Utc>, minute: Duration) -> DateTime<Utc> {
+        last_check
+            + chrono::Duration::from_std(self.delay_after(last_check, minute))
+                .unwrap_or(chrono::Duration::zero())
+    }
+
     /// The first due time after `after` (wall clock), as a delay from it.
     fn delay_after(&self, after: DateTime<Utc>, minute: Duration) -> Duration {
         match self {

@@ -1,0 +1,163 @@
+//! Operations: `imapctl status` as a monitoring probe and `imapctl retry`
+//! as the way back after a processor fault, against the real stack with
+//! the processor stand-in (`util::lda`).
+
+use std::path::Path;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use caliopen_imap::bus::wire::JobReport;
+use caliopen_imap::store::raw_message::raw_message_id;
+use caliopen_imap::worker::context::Counters;
+use caliopen_imap::worker::job::{self, SyncRequest};
+use uuid::Uuid;
+
+use crate::util::*;
+
+async fn sync_once(
+    ctx: &caliopen_imap::worker::context::Ctx,
+    user: Uuid,
+    identity: Uuid,
+) -> JobReport {
+    let req = SyncRequest {
+        user_id: user,
+        identity_id: identity,
+        password: String::new(),
+    };
+    job::sync_identity(ctx, req, Counters::new()).await
+}
+
+/// Run `caliopen-imap ctl -c CONFIG args...` without blocking the runtime.
+async fn ctl(config: &Path, args: &[&str]) -> Output {
+    let mut full = vec!["ctl".to_string(), "-c".into(), config.display().to_string()];
+    full.extend(args.iter().map(|s| s.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = full.iter().map(String::as_str).collect();
+        run(&a, &[])
+    })
+    .await
+    .unwrap()
+}
+
+fn status_json(out: &Output) -> Vec<serde_json::Value> {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_exit_codes_and_retry_redelivers_a_stepped_over_message_exactly_once() {
+    let tag = unique("ops1");
+    let cfg = worker_yaml(&tag, "");
+    let mut settings = worker_settings(&tag);
+    settings.imap.max_message_tries = 1;
+    let (ctx, _t) = context(settings.clone()).await;
+    let st = &ctx.store;
+    let (user, login, id) = mailbox_account(st, 3, 600).await;
+    let (_, _, v) = mailbox_status(&login, "INBOX");
+    let bad = raw_message_id(user, id.identity_id, "INBOX", v, 2).to_string();
+    let refuse = Arc::new(AtomicBool::new(true));
+    let (r2, b2) = (refuse.clone(), bad.clone());
+    let lda = lda(&settings.lda.in_topic, move |m| {
+        m == b2 && r2.load(Ordering::SeqCst)
+    })
+    .await;
+    let u = user.to_string();
+
+    // Never synced: healthy (due at once), exit 0.
+    let out = ctl(&cfg, &["status", "--userid", &u, "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let rows = status_json(&out);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["healthy"], true);
+    assert!(rows[0]["next_due"].is_string());
+
+    // The processor refuses uid 2: stepped over at once (max tries 1).
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert_eq!((rep.handed_off, rep.stepped_over), (2, 1), "{rep:?}");
+    let out = ctl(&cfg, &["status", "--userid", &u, "--json"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let rows = status_json(&out);
+    assert_eq!(rows[0]["healthy"], false);
+    assert_eq!(rows[0]["stepped_over"][0]["uid"], 2);
+    assert!(rows[0]["stepped_over"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("chosen failure"));
+    let table = ctl(&cfg, &["status", "--userid", &u]).await;
+    assert_eq!(table.status.code(), Some(1));
+    let t = text(&table.stdout);
+    assert!(
+        t.contains("UNHEALTHY") && t.contains("stepped over INBOX uid 2"),
+        "{t}"
+    );
+
+    // The processor is fixed: retry hands uid 2 off, once.
+    refuse.store(false, Ordering::SeqCst);
+    let out = ctl(&cfg, &["retry", "--userid", &u, "--identifier", &login]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("handed off 1,"),
+        "{}",
+        text(&out.stdout)
+    );
+    let count = |id: &str| lda.seen.lock().unwrap().iter().filter(|s| *s == id).count();
+    assert_eq!(count(&bad), 1);
+    assert_eq!(
+        st.raw_message_delivered(bad.parse().unwrap())
+            .await
+            .unwrap(),
+        Some(true)
+    );
+    assert!(st
+        .message_failures(user, id.identity_id)
+        .await
+        .unwrap()
+        .is_empty());
+    let out = ctl(&cfg, &["status", "--userid", &u]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+
+    // Again: nothing left, nothing handed off twice; a sync neither.
+    let out = ctl(&cfg, &["retry", "--userid", &u, "--identifier", &login]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("handed off 0,"),
+        "{}",
+        text(&out.stdout)
+    );
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert_eq!(rep.handed_off, 0, "{rep:?}");
+    assert_eq!(count(&bad), 1);
+    assert_eq!(lda.seen.lock().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_unhealthy_for_an_inactive_or_failing_identity_and_refuses_bad_flags() {
+    let tag = unique("ops2");
+    let cfg = worker_yaml(&tag, "");
+    let st = store().await;
+    let (user, _) = new_user(&st).await;
+    let u = user.to_string();
+    // No remote identity: nothing unhealthy.
+    let out = ctl(&cfg, &["status", "--userid", &u]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let id = new_identity(&st, user, &unique("dove"), &imaps_server(), "pw").await;
+    st.set_status(user, id.identity_id, "inactive")
+        .await
+        .unwrap();
+    let out = ctl(&cfg, &["status", "--userid", &u, "--json"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let rows = status_json(&out);
+    assert!(rows[0]["next_due"].is_null());
+    assert!(rows[0]["problems"][0]
+        .as_str()
+        .unwrap()
+        .contains("inactive"));
+    // --unhealthy keeps it; an unknown user is 3; --all with a user is 2.
+    let out = ctl(&cfg, &["status", "--userid", &u, "--unhealthy", "--json"]).await;
+    assert_eq!(status_json(&out).len(), 1);
+    let out = ctl(&cfg, &["status", "--userid", &Uuid::new_v4().to_string()]).await;
+    assert_eq!(out.status.code(), Some(3));
+    let out = ctl(&cfg, &["status", "--all", "--userid", &u]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(text(&out.stderr).trim().lines().count(), 1);
+}
