@@ -49,7 +49,7 @@ pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
         println!("{} (caliopen-imap {VERSION})", mode.program());
         return ExitCode::SUCCESS;
     }
-    init_logging(mode, hoisted.verbose);
+    crate::logging::init(mode, hoisted.verbose);
     crate::imap::tls::install_provider();
     let args = &hoisted.args;
     let result = match mode {
@@ -145,16 +145,18 @@ fn with_settings<S, F, Fut>(
     body: F,
 ) -> anyhow::Result<ExitCode>
 where
-    S: Default + Serialize + DeserializeOwned,
+    S: Default + Serialize + DeserializeOwned + crate::logging::LogSettings,
     F: FnOnce(S, Shutdown) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
     // /etc/caliopen/imapworker.yaml for imapctl too, as in Caliopen's images.
     let path = config::config_path(explicit, mode.config_name());
-    if let Some(p) = &path {
-        tracing::debug!(file = %p.display(), "loading configuration");
-    }
     let settings: S = config::load(path.as_deref())?;
+    // From here on, in the format the settings ask for.
+    crate::logging::apply(settings.log_format());
+    if let Some(p) = &path {
+        tracing::debug!(file = %p.display(), "configuration loaded");
+    }
     validate(&settings).map_err(|errs| config::invalid(path.as_deref(), errs))?;
     if show {
         println!("{}", config::redacted_json(&settings));
@@ -174,26 +176,4 @@ where
         let _pid = pid_file.map(PidFile::create).transpose()?;
         body(settings, shutdown).await
     })
-}
-
-/// Logs go to stderr. `CALIOPEN_IMAP_LOG` takes a tracing filter
-/// (`debug`, `caliopen_imap=trace`...); daemons default to `info`, the CLI
-/// to `warn` so its own output stays readable; `-v` (the Go binaries'
-/// `--verbose`) makes the default `debug`.
-fn init_logging(mode: Mode, verbose: bool) {
-    use tracing_subscriber::EnvFilter;
-    let default = match mode {
-        _ if verbose => "debug",
-        Mode::Ctl => "warn",
-        _ => "info",
-    };
-    let filter = std::env::var("CALIOPEN_IMAP_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
 }

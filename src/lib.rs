@@ -10,6 +10,7 @@
 //!
 //! - `main.rs`: picks the mode from argv[0] or the first argument.
 //! - [`app`]: logging, config, runtime, error → exit code, for every mode.
+//! - [`logging`]: text or JSON log lines.
 //! - [`cli`]: raw flags of every mode (argh).
 //! - [`config`]: the one loader (defaults → YAML → environment), validation,
 //!   redacted printing.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod ctl;
 pub mod error;
 pub mod imap;
+pub mod logging;
 pub mod pidfile;
 pub mod poller;
 pub mod shutdown;

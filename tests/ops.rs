@@ -161,3 +161,105 @@ async fn status_is_unhealthy_for_an_inactive_or_failing_identity_and_refuses_bad
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(text(&out.stderr).trim().lines().count(), 1);
 }
+
+/// A worker subprocess with `log_format`/`CALIOPEN_IMAP_LOG_FORMAT` set;
+/// returns it and the file its stderr goes to, once it is ready.
+pub fn spawn_worker(
+    cfg: &Path,
+    env: &[(&str, &str)],
+    ready: &str,
+) -> (std::process::Child, std::path::PathBuf) {
+    let log = std::env::temp_dir().join(format!("{}.log", unique("ops-worker")));
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["worker", "-c", cfg.to_str().unwrap(), "start"]);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CALIOPEN_IMAP_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    // Bounded wait for the daemon to get that far (not a timing assertion).
+    for _ in 0..600 {
+        if std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(ready)
+        {
+            return (child, log);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!(
+        "worker not ready: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+pub fn sigterm(mut child: std::process::Child) {
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_parse_and_carry_the_identity_fields() {
+    let tag = unique("ops3");
+    let cfg = worker_yaml(&tag, "log_format: json\n");
+    let st = store().await;
+    let (user, login, id) = mailbox_account(&st, 3, 400).await;
+    let _lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+    let (child, log) = tokio::task::spawn_blocking(move || {
+        spawn_worker(&cfg, &[("CALIOPEN_IMAP_LOG", "debug")], "imapworker ready")
+    })
+    .await
+    .unwrap();
+    let cfg = worker_yaml(&tag, "");
+    let u = user.to_string();
+    let out = ctl(
+        &cfg,
+        &[
+            "syncremote",
+            "--userid",
+            &u,
+            "--identifier",
+            &login,
+            "--wait",
+        ],
+    )
+    .await;
+    tokio::task::spawn_blocking(move || sigterm(child))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(!logs.contains(&stack().password), "a password in the logs");
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+        .collect();
+    let ours: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["span"]["identity_id"] == id.identity_id.to_string())
+        .collect();
+    let (uid, iid) = (user.to_string(), id.identity_id.to_string());
+    for l in &ours {
+        assert_eq!(l["span"]["user_id"], uid.as_str(), "{l}");
+        assert_eq!(l["span"]["order"], "sync", "{l}");
+        assert!(l["timestamp"].is_string() && l["level"].is_string(), "{l}");
+    }
+    let msg = |m: &str| ours.iter().find(|l| l["message"] == m).copied();
+    for m in ["fetching", "mailbox done"] {
+        let l = msg(m).unwrap_or_else(|| panic!("no {m:?} line in {logs}"));
+        assert_eq!(l["span"]["mailbox"], "INBOX", "{l}");
+        assert_eq!(l["span"]["identity_id"], iid.as_str());
+    }
+    assert!(msg("sync done").is_some(), "{logs}");
+}

@@ -98,6 +98,8 @@ fn conclude(rep: &mut JobReport, counters: &Counters, result: &Result<(), JobErr
 
 /// Sync a stored identity. Never panics on bad data: every problem ends up
 /// in the report (and, when it concerns the account, on the identity).
+#[tracing::instrument(name = "job", skip_all,
+    fields(user_id = %req.user_id, identity_id = %req.identity_id, order = orders::SYNC))]
 pub async fn sync_identity(ctx: &Ctx, req: SyncRequest, counters: Arc<Counters>) -> JobReport {
     let mut rep = report(orders::SYNC, req.user_id, req.identity_id);
     let result = sync_locked(ctx, &req, &counters, &mut rep).await;
@@ -492,6 +494,8 @@ async fn folder_failed(
 }
 
 /// Fetch a whole mailbox into a user's account, keeping no state.
+#[tracing::instrument(name = "job", skip_all, fields(user_id = %req.user_id,
+    identity_id = %fullfetch_identity(&req.server, &req.login), order = orders::FULLFETCH))]
 pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>) -> JobReport {
     let identity_id = fullfetch_identity(&req.server, &req.login);
     let mut rep = report(orders::FULLFETCH, req.user_id, identity_id);

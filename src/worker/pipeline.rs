@@ -86,6 +86,14 @@ impl MailboxJob<'_> {
     fn tracked(&self) -> bool {
         self.from != SyncFrom::FullFetch
     }
+
+    /// The order this mailbox runs for, for the logs.
+    fn order(&self) -> &'static str {
+        match self.from {
+            SyncFrom::FullFetch => orders::FULLFETCH,
+            _ => orders::SYNC,
+        }
+    }
 }
 
 /// One message between the fetch and the end of its hand-off.
@@ -125,6 +133,8 @@ enum Outcome {
 /// Sync one mailbox. Returns when every fetched message has finished its
 /// hand-off (or failed), the stop token fired, an outage stopped it, or the
 /// server failed; in every case the checkpoint reached is saved first.
+#[tracing::instrument(name = "mailbox", skip_all, fields(user_id = %job.user_id,
+    identity_id = %job.identity_id, mailbox = job.mailbox, order = job.order()))]
 pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Result<(), JobError> {
     let ctx = job.ctx;
     let s = &ctx.settings.imap;
