@@ -20,6 +20,7 @@ pub mod schedule;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -30,6 +31,7 @@ use tokio::time::Instant;
 use crate::bus::{Bus, Message, Retry, Subscriber};
 use crate::cli::PollerArgs;
 use crate::config::{self, PollerSettings};
+use crate::metrics::PollerMetrics;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use schedule::{Kind, Schedule};
@@ -39,6 +41,15 @@ pub async fn run(
     settings: PollerSettings,
     shutdown: Shutdown,
 ) -> anyhow::Result<ExitCode> {
+    // Served before the services answer, so /readyz can say they do not.
+    let metrics = PollerMetrics::new();
+    let probe = Arc::new(Probe {
+        metrics: metrics.clone(),
+        parts: OnceLock::new(),
+    });
+    if !settings.metrics_addr.trim().is_empty() {
+        crate::http::start(&settings.metrics_addr, probe.clone(), shutdown.clone()).await?;
+    }
     let store = Store::connect_retrying(&settings.store_settings, shutdown.clone()).await?;
     let bus = Bus::connect(
         &settings.nats_url,
@@ -47,6 +58,7 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
+    let _ = probe.parts.set((store.clone(), bus.clone()));
     let path = config::config_path(args.config.as_deref(), "idpoller");
     let owner = format!(
         "{}-{}-{:04x}",
@@ -61,6 +73,7 @@ pub async fn run(
         bus,
         owner,
         shutdown,
+        metrics,
     };
     poller.run().await?;
     Ok(ExitCode::SUCCESS)
@@ -75,6 +88,45 @@ struct Poller {
     /// Our name in the lease.
     owner: String,
     shutdown: Shutdown,
+    metrics: Arc<PollerMetrics>,
+}
+
+/// What the poller's `/metrics` and `/readyz` answer.
+struct Probe {
+    metrics: Arc<PollerMetrics>,
+    /// Set once Cassandra and NATS were reached.
+    parts: OnceLock<(Store, Bus)>,
+}
+
+impl crate::http::Probe for Probe {
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+
+    /// Ready when NATS is connected and Cassandra answers; says whether
+    /// this poller leads or stands by (both are ready).
+    fn ready(&self) -> futures::future::BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            let Some((store, bus)) = self.parts.get() else {
+                return Err("not ready: connecting to Cassandra and NATS".into());
+            };
+            let nats = bus.client().connection_state();
+            if nats != async_nats::connection::State::Connected {
+                return Err(format!("not ready: NATS is {nats:?}"));
+            }
+            match tokio::time::timeout(Duration::from_secs(3), store.ping()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("not ready: {e}")),
+                Err(_) => return Err("not ready: Cassandra did not answer within 3 s".into()),
+            }
+            let role = if self.metrics.lease_held.get() == 1 {
+                "leading"
+            } else {
+                "standby"
+            };
+            Ok(format!("ready: {role}"))
+        })
+    }
 }
 
 /// The leader's subscriptions.
@@ -113,7 +165,14 @@ impl Poller {
             {
                 Ok(true) => {
                     tracing::info!(owner = %self.owner, "lease taken: this poller is the leader");
-                    match self.lead(&mut hup).await {
+                    self.metrics.lease_held.set(1);
+                    let led = self.lead(&mut hup).await;
+                    self.metrics.lease_held.set(0);
+                    self.metrics.scheduled.set(0);
+                    for k in Kind::ALL {
+                        self.metrics.set_queued(k.name(), 0);
+                    }
+                    match led {
                         Ok(Led::Shutdown) => {
                             let _ = self
                                 .store
@@ -196,6 +255,10 @@ impl Poller {
         let mut last_renewed = Instant::now();
 
         let outcome = loop {
+            self.metrics.scheduled.set(sched.len() as i64);
+            for k in Kind::ALL {
+                self.metrics.set_queued(k.name(), sched.queued_of(k));
+            }
             if !scanning && Instant::now() >= next_scan {
                 scanning = true;
                 let store = self.store.clone();
@@ -246,8 +309,12 @@ impl Poller {
                     scanning = false;
                     next_scan = Instant::now() + scan_every;
                     match res {
-                        Some(Ok(r)) => apply_scan(&mut sched, r),
+                        Some(Ok(r)) => {
+                            self.metrics.scan_seconds.observe(r.elapsed.as_secs_f64());
+                            apply_scan(&mut sched, r);
+                        }
                         Some(Err(e)) => {
+                            self.metrics.scans_failed.inc();
                             tracing::error!(error = %e, "scan failed, retrying in a minute");
                             next_scan = Instant::now() + minute.min(scan_every);
                         }
@@ -291,6 +358,11 @@ impl Poller {
         let job = orders::need_job(sched, kind, &m.payload);
         if job.order.starts_with("error") {
             tracing::warn!(subject = %m.subject, reply = %job.order, "bad job request");
+            self.metrics.served("error");
+        } else if job.order == crate::bus::wire::orders::NO_PENDING_JOB {
+            self.metrics.served("empty");
+        } else {
+            self.metrics.served("served");
         }
         self.bus.reply(&m, &job).await;
     }

@@ -27,6 +27,17 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Imap, Kind::Twitter, Kind::Mastodon];
+
+    /// The label of its queue in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Imap => "imap",
+            Kind::Twitter => "twitter",
+            Kind::Mastodon => "mastodon",
+        }
+    }
+
     /// `email` and legacy `imap` go to the IMAP workers.
     pub fn of_protocol(protocol: &str) -> Option<Kind> {
         match protocol {
@@ -180,6 +191,11 @@ impl Schedule {
     /// Jobs waiting in all queues.
     pub fn queued(&self) -> usize {
         self.queued.len()
+    }
+
+    /// Jobs waiting in the queue of `kind`.
+    pub fn queued_of(&self, kind: Kind) -> usize {
+        self.queues.get(&kind).map_or(0, VecDeque::len)
     }
 
     fn push(&mut self, key: Key, kind: Kind, interval: Interval, due: Instant) {

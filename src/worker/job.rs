@@ -102,14 +102,18 @@ fn conclude(rep: &mut JobReport, counters: &Counters, result: &Result<(), JobErr
     fields(user_id = %req.user_id, identity_id = %req.identity_id, order = orders::SYNC))]
 pub async fn sync_identity(ctx: &Ctx, req: SyncRequest, counters: Arc<Counters>) -> JobReport {
     let mut rep = report(orders::SYNC, req.user_id, req.identity_id);
+    ctx.metrics.syncs_started.inc();
+    let started = std::time::Instant::now();
     let result = sync_locked(ctx, &req, &counters, &mut rep).await;
     conclude(&mut rep, &counters, &result);
+    sync_metrics(ctx, &result, started);
     if rep.ok {
         tracing::info!(user = %req.user_id, identity = %req.identity_id, fetched = rep.fetched,
             handed_off = rep.handed_off, "sync done");
     } else if matches!(result, Err(JobError::Busy(_))) {
         ctx.busy_skips
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ctx.metrics.busy_skips.inc();
         tracing::info!(user = %req.user_id, identity = %req.identity_id, reason = %rep.error,
             "sync skipped: the identity is busy");
     } else {
@@ -119,6 +123,23 @@ pub async fn sync_identity(ctx: &Ctx, req: SyncRequest, counters: Arc<Counters>)
             "sync ended with errors");
     }
     rep
+}
+
+/// Count a sync's end by outcome class (never per identity).
+fn sync_metrics(ctx: &Ctx, result: &Result<(), JobError>, started: std::time::Instant) {
+    let outcome = match result {
+        Ok(()) => "ok",
+        Err(JobError::Busy(_)) => "busy",
+        Err(e) if e.is_interrupted() => "interrupted",
+        Err(e) if e.counts_against_account() => "account",
+        Err(_) => "ours",
+    };
+    ctx.metrics.sync_ended(outcome);
+    if outcome != "busy" {
+        ctx.metrics
+            .sync_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
 }
 
 /// The contract's stale age of a `syncing` marker written by a Go worker.
@@ -380,10 +401,14 @@ async fn sync_identity_inner(
     let id = &id;
     let acc = account::from_identity(ctx, id, password)
         .map_err(|AccountError(e)| JobError::Account(e))?;
+    let connecting = std::time::Instant::now();
     let (mut session, conn) = tokio::select! {
         r = imap::connect(&acc) => r?,
         _ = stop.wait() => return Err(JobError::Interrupted("stopped while connecting".into())),
     };
+    ctx.metrics
+        .connect_seconds
+        .observe(connecting.elapsed().as_secs_f64());
     let display = if id.display_name.is_empty() {
         id.identifier.as_str()
     } else {
@@ -503,7 +528,11 @@ pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>
     let result = async {
         let acc = account::from_order(ctx, &req.server, &req.login, &req.password)
             .map_err(|AccountError(e)| JobError::Account(e))?;
+        let connecting = std::time::Instant::now();
         let (mut session, conn) = imap::connect(&acc).await?;
+        ctx.metrics
+            .connect_seconds
+            .observe(connecting.elapsed().as_secs_f64());
         let job = MailboxJob {
             ctx,
             user_id: req.user_id,
@@ -579,6 +608,7 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
             ctx.store
                 .set_status(id.user_id, id.identity_id, STATUS_INACTIVE)
                 .await?;
+            ctx.metrics.identities_disabled.inc();
             let order = CacheOrder {
                 identity_id: id.identity_id.to_string(),
                 order: orders::CACHE_DELETE.into(),

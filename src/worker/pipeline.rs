@@ -356,6 +356,8 @@ async fn produce(
                     continue;
                 }
                 Counters::add(&job.counters.fetched, 1);
+                job.ctx.metrics.fetched.inc();
+                job.ctx.metrics.fetched_bytes.inc_by(b.data.len() as u64);
                 let item = if b.data.len() as u64 > max {
                     Item::Refused(format!(
                         "message of {} bytes (the server announced less) exceeds \
@@ -561,8 +563,14 @@ impl Consumer<'_, '_> {
         match outcome {
             Outcome::HandedOff | Outcome::AlreadyDelivered | Outcome::Gone => {
                 match outcome {
-                    Outcome::HandedOff => Counters::add(&counters.handed_off, 1),
-                    Outcome::AlreadyDelivered => Counters::add(&counters.already_delivered, 1),
+                    Outcome::HandedOff => {
+                        Counters::add(&counters.handed_off, 1);
+                        self.job.ctx.metrics.handed_off.inc();
+                    }
+                    Outcome::AlreadyDelivered => {
+                        Counters::add(&counters.already_delivered, 1);
+                        self.job.ctx.metrics.already_delivered.inc();
+                    }
                     _ => {
                         tracing::info!(
                             mailbox = self.job.mailbox,
@@ -570,6 +578,7 @@ impl Consumer<'_, '_> {
                             "message expunged during the sync"
                         );
                         Counters::add(&counters.gone, 1);
+                        self.job.ctx.metrics.gone.inc();
                     }
                 }
                 self.done(uid).await?;
@@ -661,9 +670,11 @@ impl Consumer<'_, '_> {
         }
         if f.stepped_over {
             job.counters.step_over(job.mailbox, uid, reason);
+            job.ctx.metrics.stepped_over.inc();
             self.tracker.done(uid);
         } else {
             Counters::add(&job.counters.failed, 1);
+            job.ctx.metrics.failed.inc();
         }
         Ok(())
     }
@@ -723,11 +734,15 @@ async fn store_and_hand_off(
         message_id: id.to_string(),
     };
     let timeout = Duration::from_secs(ctx.settings.imap.lda_timeout_secs);
-    match ctx
+    let sent = std::time::Instant::now();
+    let answer = ctx
         .bus
         .request::<_, ProcessRawReply>(topic, &order, timeout)
-        .await
-    {
+        .await;
+    ctx.metrics
+        .hand_off_seconds
+        .observe(sent.elapsed().as_secs_f64());
+    match answer {
         Ok(reply) if reply.is_success() => {}
         Ok(reply) => return Outcome::Rejected(format!("processor: {}", reply.error)),
         Err(e @ BusError::TimedOut { .. }) => return Outcome::TimedOut(e.to_string()),
