@@ -413,3 +413,179 @@ async fn readyz_is_unready_while_nats_cannot_be_reached() {
     assert!(body.contains("not ready"), "{body}");
     assert_eq!((live, mcode), (200, 200));
 }
+
+/// A TCP relay to the stack's NATS that the test can cut and restore, so
+/// a daemon sees NATS go away and come back without the shared NATS
+/// stopping for everyone else.
+struct Relay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(port: u16) -> Relay {
+        let upstream = stack().nats_url.trim_start_matches("nats://").to_string();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut down, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                conns.spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+        });
+        Relay { port, task }
+    }
+
+    /// Close the listener and every relayed connection.
+    fn cut(self) -> u16 {
+        self.task.abort();
+        self.port
+    }
+}
+
+/// Poll `/readyz` until its status is `want` (bounded; not a timing test).
+async fn readyz_becomes(addr: &str, want: u16) -> String {
+    let mut last = String::new();
+    for _ in 0..300 {
+        let (code, body) = get(addr, "/readyz").await;
+        if code == want {
+            return body;
+        }
+        last = body;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("/readyz never answered {want}: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_goes_unready_when_nats_goes_away_and_ready_when_it_is_back() {
+    let tag = unique("ops6");
+    let relay = Relay::start(0).await;
+    let cfg = worker_yaml(&tag, "log_format: json\nmetrics_addr: 127.0.0.1:0\n");
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap().replace(
+        &stack().nats_url,
+        &format!("nats://127.0.0.1:{}", relay.port),
+    );
+    std::fs::write(&cfg, text_cfg).unwrap();
+    let (child, log) =
+        tokio::task::spawn_blocking(move || spawn_worker(&cfg, &[], "imapworker ready"))
+            .await
+            .unwrap();
+    let addr = served_addr(&log);
+    let ready = readyz_becomes(&addr, 200).await;
+    assert!(ready.contains("ready"), "{ready}");
+
+    let port = relay.cut();
+    let down = readyz_becomes(&addr, 503).await;
+    assert!(down.contains("NATS"), "{down}");
+    assert_eq!(get(&addr, "/healthz").await.0, 200, "alive all the same");
+
+    let _relay = Relay::start(port).await;
+    readyz_becomes(&addr, 200).await;
+    let code = tokio::task::spawn_blocking(move || sigterm(child))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poller_metrics_count_need_job_and_show_the_lease() {
+    use caliopen_imap::bus::wire::{Job, NeedJob, OrderName};
+    let tag = unique("ops7");
+    let s = stack();
+    let cfg = std::env::temp_dir().join(format!("idpoller-{tag}.yaml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "scan_interval: 60\nremote_protocols: [mastodon]\nstore_settings:\n  hosts: [\"{}\"]\n\
+             nats_url: {}\nnats_topics:\n  id_cache: idCache.{tag}\n  imap: imapJobs.{tag}\n  \
+             twitter: twitterJobs.{tag}\n  mastodon: mastodonJobs.{tag}\n\
+             log_format: json\nmetrics_addr: 127.0.0.1:0\n\
+             poller:\n  lease_ttl_secs: 3\n  lease_name: {}\n",
+            s.cassandra,
+            s.nats_url,
+            unique("lease")
+        ),
+    )
+    .unwrap();
+    let log = std::env::temp_dir().join(format!("{tag}.log"));
+    let child = std::process::Command::new(bin())
+        .args(["poller", "-c", cfg.to_str().unwrap(), "start"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Bounded wait until it leads.
+    let mut addr = None;
+    for _ in 0..300 {
+        let t = std::fs::read_to_string(&log).unwrap_or_default();
+        if t.contains("lease taken") {
+            addr = Some(served_addr(&log));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let Some(addr) = addr else {
+        let code = tokio::task::spawn_blocking(move || sigterm(child)).await;
+        panic!(
+            "never led ({code:?}): {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+    };
+    let ready = readyz_becomes(&addr, 200).await;
+    assert!(ready.contains("leading"), "{ready}");
+    let (_, before) = get(&addr, "/metrics").await;
+    assert_eq!(
+        metric(&before, "caliopen_idpoller_lease_held"),
+        1.0,
+        "{before}"
+    );
+
+    let b = bus().await;
+    let req = NeedJob {
+        worker: "test".into(),
+        order: OrderName {
+            order: "need_job".into(),
+        },
+    };
+    let mut asked = 0.0;
+    let mut served = 0.0;
+    for _ in 0..5 {
+        let subject = format!("mastodonJobs.{tag}");
+        if let Ok(j) = b
+            .request::<_, Job>(&subject, &req, std::time::Duration::from_secs(5))
+            .await
+        {
+            asked += 1.0;
+            if j.order == "sync" {
+                served += 1.0;
+            }
+        }
+    }
+    let (_, after) = get(&addr, "/metrics").await;
+    let code = tokio::task::spawn_blocking(move || sigterm(child))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    let delta = |s: &str| metric(&after, s) - metric(&before, s);
+    assert!(asked > 0.0);
+    assert_eq!(
+        delta("caliopen_idpoller_need_job_total{result=\"served\"}"),
+        served,
+        "{after}"
+    );
+    assert_eq!(
+        delta("caliopen_idpoller_need_job_total{result=\"empty\"}"),
+        asked - served,
+        "{after}"
+    );
+    assert!(after.contains("caliopen_idpoller_queue_depth{kind=\"mastodon\"}"));
+}
