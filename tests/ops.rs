@@ -589,3 +589,104 @@ async fn poller_metrics_count_need_job_and_show_the_lease() {
     );
     assert!(after.contains("caliopen_idpoller_queue_depth{kind=\"mastodon\"}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_each_kind_of_problem() {
+    use caliopen_imap::store::state::MailboxError;
+    let tag = unique("ops8");
+    let cfg = worker_yaml(&tag, "");
+    let st = store().await;
+    let (user, _) = new_user(&st).await;
+    let u = user.to_string();
+    let streak = new_identity(&st, user, &unique("a"), &imaps_server(), "pw").await;
+    let folder = new_identity(&st, user, &unique("b"), &imaps_server(), "pw").await;
+    let locked = new_identity(&st, user, &unique("c"), &imaps_server(), "pw").await;
+    st.merge_infos(
+        user,
+        streak.identity_id,
+        std::collections::HashMap::from([
+            ("errorsCount".to_string(), "3".to_string()),
+            ("lastFetchError".to_string(), "login refused".to_string()),
+        ]),
+    )
+    .await
+    .unwrap();
+    let now = chrono::Utc::now();
+    st.save_mailbox_error(
+        user,
+        folder.identity_id,
+        &MailboxError {
+            mailbox: "Archive".into(),
+            last_error: "no such mailbox".into(),
+            first_error: Some(now),
+            last_error_at: Some(now),
+        },
+    )
+    .await
+    .unwrap();
+    // Last renewed 10 minutes ago: its sync stopped.
+    let old = now - chrono::Duration::minutes(10);
+    st.put_sync_lock_at(user, locked.identity_id, "dead-worker", old, old, 3600)
+        .await
+        .unwrap();
+
+    let out = ctl(&cfg, &["status", "--userid", &u, "--json"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let rows = status_json(&out);
+    let problems = |id: &caliopen_imap::store::identity::Identity| -> String {
+        let r = rows
+            .iter()
+            .find(|r| r["identity_id"] == id.identity_id.to_string())
+            .unwrap();
+        assert_eq!(r["healthy"], false);
+        r["problems"].to_string()
+    };
+    assert!(problems(&streak).contains("error streak"));
+    assert!(problems(&folder).contains("folder error"));
+    assert!(problems(&locked).contains("stale sync lock"));
+    st.force_release_sync_lock(user, locked.identity_id, "dead-worker")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_hands_off_what_an_outage_left_undelivered_and_the_next_sync_does_not_again() {
+    let tag = unique("ops9");
+    let cfg = worker_yaml(&tag, "");
+    let settings = worker_settings(&tag);
+    let (ctx, _t) = context(settings.clone()).await;
+    let st = &ctx.store;
+    let (user, login, id) = mailbox_account(st, 5, 400).await;
+    let (_, _, v) = mailbox_status(&login, "INBOX");
+    // No processor: an outage of ours; what was stored stays undelivered.
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.outage, "{rep:?}");
+    let ids: Vec<Uuid> = (1..=5)
+        .map(|uid| raw_message_id(user, id.identity_id, "INBOX", v, uid))
+        .collect();
+    let mut stored = 0;
+    for i in &ids {
+        if st.raw_message_delivered(*i).await.unwrap() == Some(false) {
+            stored += 1;
+        }
+    }
+    assert!(stored >= 1, "the outage left nothing stored");
+
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let u = user.to_string();
+    let out = ctl(&cfg, &["retry", "--userid", &u, "--identifier", &login]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&format!("handed off {stored},")),
+        "{stored}: {}",
+        text(&out.stdout)
+    );
+    // The next sync hands off the rest, and not those again.
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    let seen = lda.seen.lock().unwrap().clone();
+    for i in &ids {
+        let n = seen.iter().filter(|s| **s == i.to_string()).count();
+        assert_eq!(n, 1, "{i} handed off {n} times: {seen:?}");
+    }
+}
