@@ -14,7 +14,9 @@
 //! `worker/pipeline.rs`) carrying `user_id`, `identity_id`, `order` and, per
 //! mailbox, `mailbox`, so every line about a sync says whose it is.
 //! Secrets are never in a field: credentials types hide them in `Debug`,
-//! and async-imap's trace output is capped (see `imap::connect`).
+//! and the crates in [`WIRE_LOGGERS`] are capped at `debug` whatever the
+//! filter asks: at `trace` they print the bytes they send (`LOGIN "user"
+//! "password"`, XOAUTH2 tokens, orders carrying passwords).
 
 use std::sync::OnceLock;
 
@@ -107,9 +109,11 @@ pub fn init(mode: Mode, verbose: bool) {
         .unwrap_or_else(|| EnvFilter::new(default));
     let format = LogFormat::from_env();
     let (fmt, handle) = reload::Layer::new(layer(format));
+    let capped = tracing_subscriber::filter::filter_fn(|m| !secret_bearing(m.target(), *m.level()));
     if tracing_subscriber::registry()
         .with(fmt)
         .with(filter)
+        .with(capped)
         .try_init()
         .is_ok()
     {
@@ -126,5 +130,36 @@ pub fn apply(format: LogFormat) {
     let mut current = state.format.lock().unwrap_or_else(|p| p.into_inner());
     if *current != format && state.handle.reload(layer(format)).is_ok() {
         *current = format;
+    }
+}
+
+/// Crates whose `trace` logs hold wire bytes: IMAP commands (async-imap,
+/// imap-proto) and NATS operations with their payloads and CONNECT
+/// credentials (async-nats).
+pub const WIRE_LOGGERS: [&str; 3] = ["async_imap", "imap_proto", "async_nats"];
+
+/// Would a record of `target` at `level` risk printing a secret?
+pub fn secret_bearing(target: &str, level: tracing::Level) -> bool {
+    level > tracing::Level::DEBUG
+        && WIRE_LOGGERS.iter().any(|c| {
+            target == *c
+                || target
+                    .strip_prefix(c)
+                    .is_some_and(|rest| rest.starts_with("::"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn wire_loggers_are_capped_at_debug() {
+        assert!(secret_bearing("async_imap::imap_stream", Level::TRACE));
+        assert!(secret_bearing("async_nats", Level::TRACE));
+        assert!(!secret_bearing("async_nats::connection", Level::DEBUG));
+        assert!(!secret_bearing("async_imapx", Level::TRACE));
+        assert!(!secret_bearing("caliopen_imap::worker", Level::TRACE));
     }
 }
