@@ -646,6 +646,16 @@ async fn status_names_each_kind_of_problem() {
     assert!(problems(&streak).contains("error streak"));
     assert!(problems(&folder).contains("folder error"));
     assert!(problems(&locked).contains("stale sync lock"));
+
+    // --all pages over every user's identities; --unhealthy keeps ours.
+    let out = ctl(&cfg, &["status", "--all", "--unhealthy", "--json"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let all = status_json(&out);
+    assert!(all.iter().all(|r| r["healthy"] == false));
+    for id in [&streak, &folder, &locked] {
+        let i = id.identity_id.to_string();
+        assert!(all.iter().any(|r| r["identity_id"] == i.as_str()), "{i}");
+    }
     st.force_release_sync_lock(user, locked.identity_id, "dead-worker")
         .await
         .unwrap();
@@ -691,4 +701,27 @@ async fn retry_hands_off_what_an_outage_left_undelivered_and_the_next_sync_does_
         let n = seen.iter().filter(|s| **s == i.to_string()).count();
         assert_eq!(n, 1, "{i} handed off {n} times: {seen:?}");
     }
+}
+
+#[test]
+fn service_units_pass_systemd_analyze_verify() {
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze is not installed: deploy/verify.sh not run");
+        return;
+    }
+    let out = std::process::Command::new("sh")
+        .arg(root().join("deploy/verify.sh"))
+        .arg(bin())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }
