@@ -344,7 +344,7 @@ pub struct UnlockArgs {
     pub force: bool,
 }
 
-/// the health of remote identities (exit 1 when any shown is unhealthy)
+/// the health of remote identities (exit 1 when any shown is unhealthy).
 ///
 /// Unhealthy: inactive; an error streak (errorsCount > 0 or lastFetchError
 /// set); stepped-over messages; folder errors; a stale sync lock. NEXT DUE is
@@ -370,7 +370,8 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-/// hand off again an identity's stepped-over and undelivered raw messages
+/// hand off again an identity's stepped-over and undelivered raw messages,
+/// each once, under its sync lock: the way back after a processor fault.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "retry")]
 pub struct RetryArgs {
