@@ -50,6 +50,7 @@ pub struct WorkerMetrics {
     pub syncs_ended: Family<Outcome, Counter>,
     pub fetched: Counter,
     pub fetched_bytes: Counter,
+    pub stored: Counter,
     pub handed_off: Counter,
     pub already_delivered: Counter,
     pub failed: Counter,
@@ -78,6 +79,7 @@ impl WorkerMetrics {
             syncs_ended: Family::default(),
             fetched: Counter::default(),
             fetched_bytes: Counter::default(),
+            stored: Counter::default(),
             handed_off: Counter::default(),
             already_delivered: Counter::default(),
             failed: Counter::default(),
@@ -112,6 +114,11 @@ impl WorkerMetrics {
             "fetched_bytes",
             "Bytes of messages read from IMAP servers",
             m.fetched_bytes.clone(),
+        );
+        r.register(
+            "messages_stored",
+            "Messages written to raw_message",
+            m.stored.clone(),
         );
         r.register(
             "messages_handed_off",

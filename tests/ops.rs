@@ -363,6 +363,7 @@ async fn metrics_move_by_exactly_the_synced_amounts() {
         ("syncs_started_total", 1.0),
         ("syncs_ended_total{outcome=\"ok\"}", 1.0),
         ("messages_fetched_total", 4.0),
+        ("messages_stored_total", 4.0),
         ("messages_handed_off_total", 4.0),
         ("messages_already_delivered_total", 0.0),
         ("messages_failed_total", 0.0),

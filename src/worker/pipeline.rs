@@ -724,6 +724,7 @@ async fn store_and_hand_off(
     {
         return Outcome::Outage(e.to_string());
     }
+    ctx.metrics.stored.inc();
     if store_only {
         return Outcome::HandedOff;
     }
