@@ -207,7 +207,8 @@ impl WorkerMetrics {
     }
 }
 
-/// Counts a job in flight while it lives.
+/// Counts a sync or fullfetch job in flight while it lives (the jobs the
+/// `workers` slots are for).
 pub struct InFlight(Gauge);
 
 impl InFlight {

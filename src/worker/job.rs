@@ -18,6 +18,7 @@ use super::pipeline::{sync_mailbox, MailboxJob, SyncFrom};
 use super::JobError;
 use crate::bus::wire::{orders, CacheOrder, JobReport};
 use crate::imap::{self, Account, ImapError, ImapSession};
+use crate::metrics::InFlight;
 use crate::shutdown::{self, Shutdown};
 use crate::store::identity::{infos, Identity, PROTOCOL_EMAIL, STATUS_INACTIVE};
 use crate::store::raw_message::fullfetch_identity;
@@ -101,6 +102,7 @@ fn conclude(rep: &mut JobReport, counters: &Counters, result: &Result<(), JobErr
 #[tracing::instrument(name = "job", skip_all,
     fields(user_id = %req.user_id, identity_id = %req.identity_id, order = orders::SYNC))]
 pub async fn sync_identity(ctx: &Ctx, req: SyncRequest, counters: Arc<Counters>) -> JobReport {
+    let _running = InFlight::new(&ctx.metrics.jobs_in_flight);
     let mut rep = report(orders::SYNC, req.user_id, req.identity_id);
     ctx.metrics.syncs_started.inc();
     let started = std::time::Instant::now();
@@ -522,6 +524,7 @@ async fn folder_failed(
 #[tracing::instrument(name = "job", skip_all, fields(user_id = %req.user_id,
     identity_id = %fullfetch_identity(&req.server, &req.login), order = orders::FULLFETCH))]
 pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>) -> JobReport {
+    let _running = InFlight::new(&ctx.metrics.jobs_in_flight);
     let identity_id = fullfetch_identity(&req.server, &req.login);
     let mut rep = report(orders::FULLFETCH, req.user_id, identity_id);
     rep.mailboxes = vec![req.mailbox.clone()];

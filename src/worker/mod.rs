@@ -206,7 +206,6 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                 };
                 let ctx = ctx.clone();
                 jobs.spawn(async move {
-                    let _busy = crate::metrics::InFlight::new(&ctx.metrics.jobs_in_flight);
                     orders::handle(&ctx, msg).await;
                     drop(permit);
                 });
@@ -217,7 +216,6 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                     Some(job) => {
                         let ctx = ctx.clone();
                         jobs.spawn(async move {
-                            let _busy = crate::metrics::InFlight::new(&ctx.metrics.jobs_in_flight);
                             orders::run_pulled(&ctx, job).await;
                             drop(permit);
                         });
