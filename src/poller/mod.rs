@@ -91,6 +91,27 @@ struct Poller {
     metrics: Arc<PollerMetrics>,
 }
 
+/// Shows the lease held in the metrics while it lives; on drop (however
+/// leading ends) the gauges fall back to a standby's.
+struct Leading(Arc<PollerMetrics>);
+
+impl Leading {
+    fn new(m: Arc<PollerMetrics>) -> Leading {
+        m.lease_held.set(1);
+        Leading(m)
+    }
+}
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        self.0.lease_held.set(0);
+        self.0.scheduled.set(0);
+        for k in Kind::ALL {
+            self.0.set_queued(k.name(), 0);
+        }
+    }
+}
+
 /// What the poller's `/metrics` and `/readyz` answer.
 struct Probe {
     metrics: Arc<PollerMetrics>,
@@ -165,14 +186,7 @@ impl Poller {
             {
                 Ok(true) => {
                     tracing::info!(owner = %self.owner, "lease taken: this poller is the leader");
-                    self.metrics.lease_held.set(1);
-                    let led = self.lead(&mut hup).await;
-                    self.metrics.lease_held.set(0);
-                    self.metrics.scheduled.set(0);
-                    for k in Kind::ALL {
-                        self.metrics.set_queued(k.name(), 0);
-                    }
-                    match led {
+                    match self.lead(&mut hup).await {
                         Ok(Led::Shutdown) => {
                             let _ = self
                                 .store
@@ -244,6 +258,7 @@ impl Poller {
     async fn lead(&mut self, hup: &mut tokio::signal::unix::Signal) -> anyhow::Result<Led> {
         let minute = Duration::from_secs(self.settings.poller.minute_secs);
         let mut sched = Schedule::new(minute, self.settings.poller.queue_limit);
+        let _leading = Leading::new(self.metrics.clone());
         let mut subs = self.subscribe().await?;
         let mut shutdown = self.shutdown.clone();
 
