@@ -34,7 +34,9 @@ say "Daemons: processor stand-in and imapworker (logs in $DEMO_DIR)"
 # that component is not part of this project.
 target/release/examples/lda_standin "$STACK_NATS_URL" inboundSMTP >"$DEMO_DIR/lda.log" 2>&1 &
 pids+=($!)
-"$BIN" worker -c "$CONFIG" start >"$DEMO_DIR/worker.log" 2>&1 &
+# metrics_addr from the environment: /metrics, /healthz and /readyz.
+METRICS=127.0.0.1:19464
+CALIOPEN_IMAP_METRICS_ADDR=$METRICS "$BIN" worker -c "$CONFIG" start >"$DEMO_DIR/worker.log" 2>&1 &
 pids+=($!)
 sleep 1
 
@@ -81,3 +83,13 @@ say "imapctl listremotes"
 
 say "What landed in Cassandra"
 target/release/examples/demo_summary "$CONFIG" demo
+
+say "imapctl status (exit 1 if any identity is unhealthy)"
+"$BIN" ctl -c "$CONFIG" status --username demo || true
+
+say "A few lines of the worker's /metrics ($METRICS)"
+# Plain bash HTTP: no client needed.
+exec 3<>"/dev/tcp/${METRICS%:*}/${METRICS#*:}"
+printf 'GET /metrics HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$METRICS" >&3
+grep -E '^caliopen_imap_(syncs_ended_total|messages_(fetched|handed_off|already_delivered)_total|fetched_bytes_total|sync_seconds_(sum|count)|jobs_in_flight|job_slots)( |\{)' <&3 || true
+exec 3<&-

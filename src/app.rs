@@ -49,7 +49,7 @@ pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
         println!("{} (caliopen-imap {VERSION})", mode.program());
         return ExitCode::SUCCESS;
     }
-    init_logging(mode, hoisted.verbose);
+    crate::logging::init(mode, hoisted.verbose);
     crate::imap::tls::install_provider();
     let args = &hoisted.args;
     let result = match mode {
@@ -145,16 +145,18 @@ fn with_settings<S, F, Fut>(
     body: F,
 ) -> anyhow::Result<ExitCode>
 where
-    S: Default + Serialize + DeserializeOwned,
+    S: Default + Serialize + DeserializeOwned + crate::logging::LogSettings,
     F: FnOnce(S, Shutdown) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
     // /etc/caliopen/imapworker.yaml for imapctl too, as in Caliopen's images.
     let path = config::config_path(explicit, mode.config_name());
-    if let Some(p) = &path {
-        tracing::debug!(file = %p.display(), "loading configuration");
-    }
     let settings: S = config::load(path.as_deref())?;
+    // From here on, in the format the settings ask for.
+    crate::logging::apply(settings.log_format());
+    if let Some(p) = &path {
+        tracing::debug!(file = %p.display(), "configuration loaded");
+    }
     validate(&settings).map_err(|errs| config::invalid(path.as_deref(), errs))?;
     if show {
         println!("{}", config::redacted_json(&settings));
@@ -174,66 +176,4 @@ where
         let _pid = pid_file.map(PidFile::create).transpose()?;
         body(settings, shutdown).await
     })
-}
-
-/// Logs go to stderr. `CALIOPEN_IMAP_LOG` takes a tracing filter
-/// (`debug`, `caliopen_imap=trace`...); daemons default to `info`, the CLI
-/// to `warn` so its own output stays readable; `-v` (the Go binaries'
-/// `--verbose`) makes the default `debug`.
-///
-/// Whatever the filter asks, the crates in [`WIRE_LOGGERS`] are capped at
-/// `debug`: at `trace` they print the bytes they send and receive, and so
-/// `LOGIN "user" "password"`, XOAUTH2 tokens, and orders carrying passwords.
-fn init_logging(mode: Mode, verbose: bool) {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{EnvFilter, Layer};
-    let default = match mode {
-        _ if verbose => "debug",
-        Mode::Ctl => "warn",
-        _ => "info",
-    };
-    let filter = std::env::var("CALIOPEN_IMAP_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(default));
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_filter(filter)
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            !secret_bearing(m.target(), *m.level())
-        }));
-    let _ = tracing_subscriber::registry().with(layer).try_init();
-}
-
-/// Crates whose `trace` logs hold wire bytes: IMAP commands (async-imap,
-/// imap-proto) and NATS operations with their payloads and CONNECT
-/// credentials (async-nats).
-pub const WIRE_LOGGERS: [&str; 3] = ["async_imap", "imap_proto", "async_nats"];
-
-/// Would a record of `target` at `level` risk printing a secret?
-pub fn secret_bearing(target: &str, level: tracing::Level) -> bool {
-    level > tracing::Level::DEBUG
-        && WIRE_LOGGERS.iter().any(|c| {
-            target == *c
-                || target
-                    .strip_prefix(c)
-                    .is_some_and(|rest| rest.starts_with("::"))
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tracing::Level;
-
-    #[test]
-    fn wire_loggers_are_capped_at_debug() {
-        assert!(secret_bearing("async_imap::imap_stream", Level::TRACE));
-        assert!(secret_bearing("async_nats", Level::TRACE));
-        assert!(!secret_bearing("async_nats::connection", Level::DEBUG));
-        assert!(!secret_bearing("async_imapx", Level::TRACE));
-        assert!(!secret_bearing("caliopen_imap::worker", Level::TRACE));
-    }
 }

@@ -64,7 +64,7 @@ Caliopen's IMAP importer: fetch users' remote mail into Cassandra.
 
 Modes:
   worker    the imapworker daemon: takes sync/fullfetch orders over NATS
-  ctl       imapctl: addremote, syncremote, fullfetch, listremotes, removeremote, unlock
+  ctl       imapctl: addremote, syncremote, fullfetch, listremotes, removeremote, unlock, status, retry
   poller    the idpoller daemon: schedules periodic syncs of remote identities
 
 Options:
@@ -177,6 +177,8 @@ pub enum CtlCmd {
     ListRemotes(ListRemotesArgs),
     RemoveRemote(RemoveRemoteArgs),
     Unlock(UnlockArgs),
+    Status(StatusArgs),
+    Retry(RetryArgs),
     Config(ShowConfigArgs),
 }
 
@@ -340,6 +342,51 @@ pub struct UnlockArgs {
     /// clear the lock and the marker even if a sync is still renewing them
     #[argh(switch)]
     pub force: bool,
+}
+
+/// the health of remote identities (exit 1 when any shown is unhealthy).
+///
+/// Unhealthy: inactive; an error streak (errorsCount > 0 or lastFetchError
+/// set); stepped-over messages; folder errors; a stale sync lock. NEXT DUE is
+/// computed from last_check + pollinterval, as the leading poller computes
+/// it (the poller's own schedule lives in its memory).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "status")]
+pub struct StatusArgs {
+    /// local Caliopen user id (UUID)
+    #[argh(option)]
+    pub userid: Option<String>,
+    /// local Caliopen user name, instead of --userid
+    #[argh(option, short = 'u')]
+    pub username: Option<String>,
+    /// every remote identity of every user (a paged scan of user_identity)
+    #[argh(switch)]
+    pub all: bool,
+    /// show only the unhealthy identities
+    #[argh(switch)]
+    pub unhealthy: bool,
+    /// print JSON instead of a table
+    #[argh(switch)]
+    pub json: bool,
+}
+
+/// hand off again an identity's stepped-over and undelivered raw messages,
+/// each once, under its sync lock: the way back after a processor fault.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "retry")]
+pub struct RetryArgs {
+    /// local Caliopen user id (UUID)
+    #[argh(option)]
+    pub userid: Option<String>,
+    /// local Caliopen user name, instead of --userid
+    #[argh(option, short = 'u')]
+    pub username: Option<String>,
+    /// the identity's identifier (its login)
+    #[argh(option)]
+    pub identifier: Option<String>,
+    /// the identity's id (UUID), instead of --identifier
+    #[argh(option, short = 'r')]
+    pub remoteid: Option<String>,
 }
 
 // ------------------------------------------------------------------ parsing

@@ -197,6 +197,11 @@ pub struct WorkerSettings {
     pub store_settings: StoreSettings,
     #[serde(rename = "LDAConfig")]
     pub lda: LdaConfig,
+    /// `text` (default) or `json` lines; env `CALIOPEN_IMAP_LOG_FORMAT`.
+    pub log_format: crate::logging::LogFormat,
+    /// `host:port` of the HTTP server for `/metrics`, `/healthz`, `/readyz`;
+    /// empty (the default): no server.
+    pub metrics_addr: String,
     /// caliopen-imap's own settings.
     pub imap: ImapSettings,
 }
@@ -215,6 +220,8 @@ impl Default for WorkerSettings {
             store_name: "cassandra".into(),
             store_settings: StoreSettings::default(),
             lda: LdaConfig::default(),
+            log_format: Default::default(),
+            metrics_addr: String::new(),
             imap: ImapSettings::default(),
         }
     }
@@ -395,11 +402,22 @@ impl WorkerSettings {
         if !i.ca_file.is_empty() && !Path::new(&i.ca_file).is_file() {
             errors.push(format!("imap.ca_file: no such file {:?}", i.ca_file));
         }
+        validate_listen(&self.metrics_addr, &mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
             Err(errors)
         }
+    }
+}
+
+/// `metrics_addr`: empty, or an address to listen on (`127.0.0.1:9464`,
+/// `[::]:9464`).
+fn validate_listen(addr: &str, errors: &mut Vec<String>) {
+    if !addr.trim().is_empty() && addr.trim().parse::<std::net::SocketAddr>().is_err() {
+        errors.push(format!(
+            "metrics_addr: expected ip:port (for example 127.0.0.1:9464), found {addr:?}"
+        ));
     }
 }
 
@@ -419,6 +437,11 @@ pub struct PollerSettings {
     /// Queue group of the pollers.
     pub nats_queue: String,
     pub nats_topics: PollerTopics,
+    /// `text` (default) or `json` lines; env `CALIOPEN_IMAP_LOG_FORMAT`.
+    pub log_format: crate::logging::LogFormat,
+    /// `host:port` of the HTTP server for `/metrics`, `/healthz`, `/readyz`;
+    /// empty (the default): no server.
+    pub metrics_addr: String,
     /// caliopen-imap's own poller settings.
     pub poller: PollerOwn,
 }
@@ -435,6 +458,8 @@ impl Default for PollerSettings {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_queue: "IDpoller".into(),
             nats_topics: PollerTopics::default(),
+            log_format: Default::default(),
+            metrics_addr: String::new(),
             poller: PollerOwn::default(),
         }
     }
@@ -504,6 +529,7 @@ impl PollerSettings {
         if self.poller.minute_secs == 0 {
             errors.push("poller.minute_secs: expected 1 or more".into());
         }
+        validate_listen(&self.metrics_addr, &mut errors);
         if !(3..=600).contains(&self.poller.lease_ttl_secs) {
             errors.push(format!(
                 "poller.lease_ttl_secs: expected 3 to 600, found {}",

@@ -10,6 +10,8 @@
 //!
 //! - `main.rs`: picks the mode from argv[0] or the first argument.
 //! - [`app`]: logging, config, runtime, error → exit code, for every mode.
+//! - [`logging`]: text or JSON log lines.
+//! - [`metrics`], [`http`]: Prometheus metrics, `/healthz`, `/readyz`.
 //! - [`cli`]: raw flags of every mode (argh).
 //! - [`config`]: the one loader (defaults → YAML → environment), validation,
 //!   redacted printing.
@@ -31,7 +33,10 @@ pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod error;
+pub mod http;
 pub mod imap;
+pub mod logging;
+pub mod metrics;
 pub mod pidfile;
 pub mod poller;
 pub mod shutdown;

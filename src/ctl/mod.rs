@@ -11,6 +11,8 @@ mod fullfetch;
 mod listremotes;
 mod locks;
 mod removeremote;
+mod retry;
+mod status;
 mod syncremote;
 mod unlock;
 
@@ -32,6 +34,8 @@ pub async fn run(
         CtlCmd::ListRemotes(a) => listremotes::run(a, &settings).await,
         CtlCmd::RemoveRemote(a) => removeremote::run(a, &settings).await,
         CtlCmd::Unlock(a) => unlock::run(a, &settings).await,
+        CtlCmd::Status(a) => status::run(a, &settings).await,
+        CtlCmd::Retry(a) => retry::run(a, &settings).await,
         // Printed by app before the runtime starts.
         CtlCmd::Config(_) => Ok(ExitCode::SUCCESS),
     }

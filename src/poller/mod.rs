@@ -21,6 +21,7 @@ pub mod schedule;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 use crate::bus::{Bus, Message, Retry, Subscriber};
 use crate::cli::PollerArgs;
 use crate::config::{self, PollerSettings};
+use crate::metrics::PollerMetrics;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 use schedule::{Kind, Schedule};
@@ -40,6 +42,15 @@ pub async fn run(
     settings: PollerSettings,
     shutdown: Shutdown,
 ) -> anyhow::Result<ExitCode> {
+    // Served before the services answer, so /readyz can say they do not.
+    let metrics = PollerMetrics::new();
+    let probe = Arc::new(Probe {
+        metrics: metrics.clone(),
+        parts: OnceLock::new(),
+    });
+    if !settings.metrics_addr.trim().is_empty() {
+        crate::http::start(&settings.metrics_addr, probe.clone(), shutdown.clone()).await?;
+    }
     let store = Store::connect_retrying(&settings.store_settings, shutdown.clone()).await?;
     let bus = Bus::connect(
         &settings.nats_url,
@@ -48,6 +59,7 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
+    let _ = probe.parts.set((store.clone(), bus.clone()));
     let path = config::config_path(args.config.as_deref(), "idpoller");
     let owner = format!(
         "{}-{}-{:04x}",
@@ -62,6 +74,7 @@ pub async fn run(
         bus,
         owner,
         shutdown,
+        metrics,
     };
     poller.run().await?;
     Ok(ExitCode::SUCCESS)
@@ -76,6 +89,66 @@ struct Poller {
     /// Our name in the lease.
     owner: String,
     shutdown: Shutdown,
+    metrics: Arc<PollerMetrics>,
+}
+
+/// Shows the lease held in the metrics while it lives; on drop (however
+/// leading ends) the gauges fall back to a standby's.
+struct Leading(Arc<PollerMetrics>);
+
+impl Leading {
+    fn new(m: Arc<PollerMetrics>) -> Leading {
+        m.lease_held.set(1);
+        Leading(m)
+    }
+}
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        self.0.lease_held.set(0);
+        self.0.scheduled.set(0);
+        for k in Kind::ALL {
+            self.0.set_queued(k.name(), 0);
+        }
+    }
+}
+
+/// What the poller's `/metrics` and `/readyz` answer.
+struct Probe {
+    metrics: Arc<PollerMetrics>,
+    /// Set once Cassandra and NATS were reached.
+    parts: OnceLock<(Store, Bus)>,
+}
+
+impl crate::http::Probe for Probe {
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+
+    /// Ready when NATS is connected and Cassandra answers; says whether
+    /// this poller leads or stands by (both are ready).
+    fn ready(&self) -> futures::future::BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            let Some((store, bus)) = self.parts.get() else {
+                return Err("not ready: connecting to Cassandra and NATS".into());
+            };
+            let nats = bus.client().connection_state();
+            if nats != async_nats::connection::State::Connected {
+                return Err(format!("not ready: NATS is {nats:?}"));
+            }
+            match tokio::time::timeout(Duration::from_secs(3), store.ping()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("not ready: {e}")),
+                Err(_) => return Err("not ready: Cassandra did not answer within 3 s".into()),
+            }
+            let role = if self.metrics.lease_held.get() == 1 {
+                "leading"
+            } else {
+                "standby"
+            };
+            Ok(format!("ready: {role}"))
+        })
+    }
 }
 
 /// The leader's subscriptions.
@@ -192,6 +265,7 @@ impl Poller {
     ) -> anyhow::Result<Led> {
         let minute = Duration::from_secs(self.settings.poller.minute_secs);
         let mut sched = Schedule::new(minute, self.settings.poller.queue_limit);
+        let _leading = Leading::new(self.metrics.clone());
         let mut subs = self.subscribe().await?;
         let mut shutdown = self.shutdown.clone();
 
@@ -216,6 +290,10 @@ impl Poller {
         };
 
         let outcome = loop {
+            self.metrics.scheduled.set(sched.len() as i64);
+            for k in Kind::ALL {
+                self.metrics.set_queued(k.name(), sched.queued_of(k));
+            }
             if !scanning && Instant::now() >= next_scan {
                 scanning = true;
                 let store = self.store.clone();
@@ -256,8 +334,12 @@ impl Poller {
                     scanning = false;
                     next_scan = Instant::now() + scan_every;
                     match res {
-                        Some(Ok(r)) => apply_scan(&mut sched, r),
+                        Some(Ok(r)) => {
+                            self.metrics.scan_seconds.observe(r.elapsed.as_secs_f64());
+                            apply_scan(&mut sched, r);
+                        }
                         Some(Err(e)) => {
+                            self.metrics.scans_failed.inc();
                             tracing::error!(error = %e, "scan failed, retrying in a minute");
                             next_scan = Instant::now() + minute.min(scan_every);
                         }
@@ -301,6 +383,11 @@ impl Poller {
         let job = orders::need_job(sched, kind, &m.payload);
         if job.order.starts_with("error") {
             tracing::warn!(subject = %m.subject, reply = %job.order, "bad job request");
+            self.metrics.served("error");
+        } else if job.order == crate::bus::wire::orders::NO_PENDING_JOB {
+            self.metrics.served("empty");
+        } else {
+            self.metrics.served("served");
         }
         self.bus.reply(&m, &job).await;
     }

@@ -27,6 +27,17 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Imap, Kind::Twitter, Kind::Mastodon];
+
+    /// The label of its queue in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Imap => "imap",
+            Kind::Twitter => "twitter",
+            Kind::Mastodon => "mastodon",
+        }
+    }
+
     /// `email` and legacy `imap` go to the IMAP workers.
     pub fn of_protocol(protocol: &str) -> Option<Kind> {
         match protocol {
@@ -113,6 +124,16 @@ impl Interval {
         }
     }
 
+    /// When a leader that (re)builds its schedule now makes an identity
+    /// last checked at `last_check` due: one interval after it, or at once.
+    /// `imapctl status` shows it, since the live schedule is in the
+    /// leader's memory only.
+    pub fn due_after(&self, last_check: DateTime<Utc>, minute: Duration) -> DateTime<Utc> {
+        last_check
+            + chrono::Duration::from_std(self.delay_after(last_check, minute))
+                .unwrap_or(chrono::Duration::zero())
+    }
+
     /// The first due time after `after` (wall clock), as a delay from it.
     fn delay_after(&self, after: DateTime<Utc>, minute: Duration) -> Duration {
         match self {
@@ -181,6 +202,11 @@ impl Schedule {
     /// Jobs waiting in all queues.
     pub fn queued(&self) -> usize {
         self.queued.len()
+    }
+
+    /// Jobs waiting in the queue of `kind`.
+    pub fn queued_of(&self, kind: Kind) -> usize {
+        self.queues.get(&kind).map_or(0, VecDeque::len)
     }
 
     fn push(&mut self, key: Key, kind: Kind, interval: Interval, due: Instant) {

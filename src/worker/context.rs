@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::bus::wire::{JobReport, ReportedMailbox, ReportedMessage};
 use crate::bus::Bus;
 use crate::config::WorkerSettings;
+use crate::metrics::WorkerMetrics;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 
@@ -34,6 +35,8 @@ pub struct Ctx {
     pub locks: Arc<Mutex<HashSet<(Uuid, Uuid)>>>,
     /// Jobs skipped because their identity was busy (locked elsewhere).
     pub busy_skips: Arc<AtomicU64>,
+    /// What `/metrics` shows.
+    pub metrics: Arc<WorkerMetrics>,
     /// Budget of message bytes in flight, in KiB permits.
     bytes: Arc<Semaphore>,
     bytes_total_kib: u32,
@@ -41,6 +44,18 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(settings: WorkerSettings, store: Store, bus: Bus, shutdown: Shutdown) -> Ctx {
+        Ctx::with_metrics(settings, store, bus, shutdown, WorkerMetrics::new())
+    }
+
+    /// A context counting into `metrics` (made before the services answer,
+    /// so `/metrics` serves from the start).
+    pub fn with_metrics(
+        settings: WorkerSettings,
+        store: Store,
+        bus: Bus,
+        shutdown: Shutdown,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Ctx {
         let worker_id = format!(
             "{}-{}-{:04x}",
             settings.hostname,
@@ -50,6 +65,8 @@ impl Ctx {
         // The budget must hold the largest message we accept.
         let budget = MEMORY_BUDGET.max(settings.imap.max_message_size + 1024 * 1024);
         let kib = (budget / 1024).min(u32::MAX as u64 / 2) as u32;
+        metrics.job_slots.set(settings.workers as i64);
+        metrics.memory_budget_bytes.set(kib as i64 * 1024);
         Ctx {
             settings: Arc::new(settings),
             store,
@@ -58,6 +75,7 @@ impl Ctx {
             shutdown,
             locks: Arc::default(),
             busy_skips: Arc::default(),
+            metrics,
             bytes: Arc::new(Semaphore::new(kib as usize)),
             bytes_total_kib: kib,
         }
@@ -116,6 +134,12 @@ impl Ctx {
         released.and(cleared)?;
         self.note_lock(key, false);
         Ok(())
+    }
+
+    /// Bytes of the memory budget held now.
+    pub fn memory_in_use(&self) -> u64 {
+        let free = self.bytes.available_permits() as u64;
+        (self.bytes_total_kib as u64).saturating_sub(free) * 1024
     }
 
     /// Wait until `len` bytes of message may be held in memory.

@@ -18,6 +18,7 @@ use super::pipeline::{sync_mailbox, MailboxJob, SyncFrom};
 use super::JobError;
 use crate::bus::wire::{orders, CacheOrder, JobReport};
 use crate::imap::{self, Account, ImapError, ImapSession};
+use crate::metrics::InFlight;
 use crate::shutdown::{self, Shutdown};
 use crate::store::identity::{infos, Identity, PROTOCOL_EMAIL, STATUS_INACTIVE};
 use crate::store::raw_message::fullfetch_identity;
@@ -98,16 +99,23 @@ fn conclude(rep: &mut JobReport, counters: &Counters, result: &Result<(), JobErr
 
 /// Sync a stored identity. Never panics on bad data: every problem ends up
 /// in the report (and, when it concerns the account, on the identity).
+#[tracing::instrument(name = "job", skip_all,
+    fields(user_id = %req.user_id, identity_id = %req.identity_id, order = orders::SYNC))]
 pub async fn sync_identity(ctx: &Ctx, req: SyncRequest, counters: Arc<Counters>) -> JobReport {
+    let _running = InFlight::new(&ctx.metrics.jobs_in_flight);
     let mut rep = report(orders::SYNC, req.user_id, req.identity_id);
+    ctx.metrics.syncs_started.inc();
+    let started = std::time::Instant::now();
     let result = sync_locked(ctx, &req, &counters, &mut rep).await;
     conclude(&mut rep, &counters, &result);
+    sync_metrics(ctx, &result, started);
     if rep.ok {
         tracing::info!(user = %req.user_id, identity = %req.identity_id, fetched = rep.fetched,
             handed_off = rep.handed_off, "sync done");
     } else if matches!(result, Err(JobError::Busy(_))) {
         ctx.busy_skips
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ctx.metrics.busy_skips.inc();
         tracing::info!(user = %req.user_id, identity = %req.identity_id, reason = %rep.error,
             "sync skipped: the identity is busy");
     } else {
@@ -117,6 +125,23 @@ pub async fn sync_identity(ctx: &Ctx, req: SyncRequest, counters: Arc<Counters>)
             "sync ended with errors");
     }
     rep
+}
+
+/// Count a sync's end by outcome class (never per identity).
+fn sync_metrics(ctx: &Ctx, result: &Result<(), JobError>, started: std::time::Instant) {
+    let outcome = match result {
+        Ok(()) => "ok",
+        Err(JobError::Busy(_)) => "busy",
+        Err(e) if e.is_interrupted() => "interrupted",
+        Err(e) if e.counts_against_account() => "account",
+        Err(_) => "ours",
+    };
+    ctx.metrics.sync_ended(outcome);
+    if outcome != "busy" {
+        ctx.metrics
+            .sync_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
 }
 
 /// The contract's stale age of a `syncing` marker written by a Go worker.
@@ -407,10 +432,14 @@ async fn sync_identity_inner(
     let id = &id;
     let acc = account::from_identity(ctx, id, password)
         .map_err(|AccountError(e)| JobError::Account(e))?;
+    let connecting = std::time::Instant::now();
     let (mut session, conn) = tokio::select! {
         r = imap::connect(&acc) => r?,
         _ = stop.wait() => return Err(JobError::Interrupted("stopped while connecting".into())),
     };
+    ctx.metrics
+        .connect_seconds
+        .observe(connecting.elapsed().as_secs_f64());
     let display = if id.display_name.is_empty() {
         id.identifier.as_str()
     } else {
@@ -521,14 +550,21 @@ async fn folder_failed(
 }
 
 /// Fetch a whole mailbox into a user's account, keeping no state.
+#[tracing::instrument(name = "job", skip_all, fields(user_id = %req.user_id,
+    identity_id = %fullfetch_identity(&req.server, &req.login), order = orders::FULLFETCH))]
 pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>) -> JobReport {
+    let _running = InFlight::new(&ctx.metrics.jobs_in_flight);
     let identity_id = fullfetch_identity(&req.server, &req.login);
     let mut rep = report(orders::FULLFETCH, req.user_id, identity_id);
     rep.mailboxes = vec![req.mailbox.clone()];
     let result = async {
         let acc = account::from_order(ctx, &req.server, &req.login, &req.password)
             .map_err(|AccountError(e)| JobError::Account(e))?;
+        let connecting = std::time::Instant::now();
         let (mut session, conn) = imap::connect(&acc).await?;
+        ctx.metrics
+            .connect_seconds
+            .observe(connecting.elapsed().as_secs_f64());
         let job = MailboxJob {
             ctx,
             user_id: req.user_id,
@@ -604,6 +640,7 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
             ctx.store
                 .set_status(id.user_id, id.identity_id, STATUS_INACTIVE)
                 .await?;
+            ctx.metrics.identities_disabled.inc();
             let order = CacheOrder {
                 identity_id: id.identity_id.to_string(),
                 order: orders::CACHE_DELETE.into(),

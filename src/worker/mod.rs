@@ -112,6 +112,15 @@ pub async fn run(
         tracing::info!("LDAConfig.in_topic is empty: store-only mode, no hand-off");
     }
     crate::imap::tls::check_trust(&settings.imap.ca_file).map_err(crate::error::Failure::Config)?;
+    // Served before the services answer, so /readyz can say they do not.
+    let metrics = crate::metrics::WorkerMetrics::new();
+    let probe = Arc::new(Probe {
+        metrics: metrics.clone(),
+        ctx: std::sync::OnceLock::new(),
+    });
+    if !settings.metrics_addr.trim().is_empty() {
+        crate::http::start(&settings.metrics_addr, probe.clone(), shutdown.clone()).await?;
+    }
     let store = Store::connect_retrying(&settings.store_settings, shutdown.clone()).await?;
     let bus = Bus::connect(
         &settings.nats_url,
@@ -120,9 +129,46 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
-    let ctx = Ctx::new(settings, store, bus, shutdown);
+    let ctx = Ctx::with_metrics(settings, store, bus, shutdown, metrics);
+    let _ = probe.ctx.set(ctx.clone());
     serve(ctx).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the worker's `/metrics` and `/readyz` answer.
+struct Probe {
+    metrics: Arc<crate::metrics::WorkerMetrics>,
+    /// Set once NATS and Cassandra were reached.
+    ctx: std::sync::OnceLock<Ctx>,
+}
+
+impl crate::http::Probe for Probe {
+    fn metrics(&self) -> String {
+        if let Some(ctx) = self.ctx.get() {
+            self.metrics
+                .memory_in_use_bytes
+                .set(ctx.memory_in_use() as i64);
+        }
+        self.metrics.encode()
+    }
+
+    /// Ready when NATS is connected and Cassandra answers a query.
+    fn ready(&self) -> futures::future::BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            let Some(ctx) = self.ctx.get() else {
+                return Err("not ready: connecting to Cassandra and NATS".into());
+            };
+            let nats = ctx.bus.client().connection_state();
+            if nats != async_nats::connection::State::Connected {
+                return Err(format!("not ready: NATS is {nats:?}"));
+            }
+            match tokio::time::timeout(Duration::from_secs(3), ctx.store.ping()).await {
+                Ok(Ok(())) => Ok("ready: NATS and Cassandra answer".into()),
+                Ok(Err(e)) => Err(format!("not ready: {e}")),
+                Err(_) => Err("not ready: Cassandra did not answer within 3 s".into()),
+            }
+        })
+    }
 }
 
 /// The daemon loop; returns after a shutdown, once jobs have finished.

@@ -86,6 +86,14 @@ impl MailboxJob<'_> {
     fn tracked(&self) -> bool {
         self.from != SyncFrom::FullFetch
     }
+
+    /// The order this mailbox runs for, for the logs.
+    fn order(&self) -> &'static str {
+        match self.from {
+            SyncFrom::FullFetch => orders::FULLFETCH,
+            _ => orders::SYNC,
+        }
+    }
 }
 
 /// One message between the fetch and the end of its hand-off.
@@ -125,6 +133,8 @@ enum Outcome {
 /// Sync one mailbox. Returns when every fetched message has finished its
 /// hand-off (or failed), the stop token fired, an outage stopped it, or the
 /// server failed; in every case the checkpoint reached is saved first.
+#[tracing::instrument(name = "mailbox", skip_all, fields(user_id = %job.user_id,
+    identity_id = %job.identity_id, mailbox = job.mailbox, order = job.order()))]
 pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Result<(), JobError> {
     let ctx = job.ctx;
     let s = &ctx.settings.imap;
@@ -346,6 +356,8 @@ async fn produce(
                     continue;
                 }
                 Counters::add(&job.counters.fetched, 1);
+                job.ctx.metrics.fetched.inc();
+                job.ctx.metrics.fetched_bytes.inc_by(b.data.len() as u64);
                 let item = if b.data.len() as u64 > max {
                     Item::Refused(format!(
                         "message of {} bytes (the server announced less) exceeds \
@@ -551,8 +563,14 @@ impl Consumer<'_, '_> {
         match outcome {
             Outcome::HandedOff | Outcome::AlreadyDelivered | Outcome::Gone => {
                 match outcome {
-                    Outcome::HandedOff => Counters::add(&counters.handed_off, 1),
-                    Outcome::AlreadyDelivered => Counters::add(&counters.already_delivered, 1),
+                    Outcome::HandedOff => {
+                        Counters::add(&counters.handed_off, 1);
+                        self.job.ctx.metrics.handed_off.inc();
+                    }
+                    Outcome::AlreadyDelivered => {
+                        Counters::add(&counters.already_delivered, 1);
+                        self.job.ctx.metrics.already_delivered.inc();
+                    }
                     _ => {
                         tracing::info!(
                             mailbox = self.job.mailbox,
@@ -560,6 +578,7 @@ impl Consumer<'_, '_> {
                             "message expunged during the sync"
                         );
                         Counters::add(&counters.gone, 1);
+                        self.job.ctx.metrics.gone.inc();
                     }
                 }
                 self.done(uid).await?;
@@ -651,9 +670,11 @@ impl Consumer<'_, '_> {
         }
         if f.stepped_over {
             job.counters.step_over(job.mailbox, uid, reason);
+            job.ctx.metrics.stepped_over.inc();
             self.tracker.done(uid);
         } else {
             Counters::add(&job.counters.failed, 1);
+            job.ctx.metrics.failed.inc();
         }
         Ok(())
     }
@@ -703,6 +724,7 @@ async fn store_and_hand_off(
     {
         return Outcome::Outage(e.to_string());
     }
+    ctx.metrics.stored.inc();
     if store_only {
         return Outcome::HandedOff;
     }
@@ -713,11 +735,15 @@ async fn store_and_hand_off(
         message_id: id.to_string(),
     };
     let timeout = Duration::from_secs(ctx.settings.imap.lda_timeout_secs);
-    match ctx
+    let sent = std::time::Instant::now();
+    let answer = ctx
         .bus
         .request::<_, ProcessRawReply>(topic, &order, timeout)
-        .await
-    {
+        .await;
+    ctx.metrics
+        .hand_off_seconds
+        .observe(sent.elapsed().as_secs_f64());
+    match answer {
         Ok(reply) if reply.is_success() => {}
         Ok(reply) => return Outcome::Rejected(format!("processor: {}", reply.error)),
         Err(e @ BusError::TimedOut { .. }) => return Outcome::TimedOut(e.to_string()),

@@ -1,0 +1,406 @@
+//! `status`: the operator's view of remote identities, one user's or (with
+//! `--all`) every user's, and a monitoring probe: it exits 1 when any
+//! identity shown is unhealthy, so a cron job or a Nagios-style check can
+//! alert on it without parsing anything.
+//!
+//! An identity is unhealthy when (each is a `problems` entry):
+//! - it is not `active` (disabled after failing too long, or by hand);
+//! - it has an error streak: `errorsCount` > 0 (the remote account fails)
+//!   or `lastFetchError` set (the last sync failed, an outage of ours
+//!   included: a successful sync clears both);
+//! - messages were stepped over (`imap_message_failure`, `stepped_over`):
+//!   they were never handed off, see `imapctl retry`;
+//! - a folder cannot be synced (`imap_mailbox_error`);
+//! - its sync lock is stale: not renewed for `lock_ttl_secs / 2`, so the
+//!   sync that held it stopped (see `imapctl unlock`).
+//!
+//! Messages that failed but will be retried by the next sync are shown and
+//! are not a problem by themselves.
+//!
+//! The next due time is computed from `last_check` + `pollinterval` the way
+//! a leading poller computes it when it builds its schedule: the live
+//! schedule exists only in the leader's memory, and asking it over NATS for
+//! every identity would cost more than this read.
+//!
+//! `--all` pages through `user_identity` (the poller's scan) and prints each
+//! page as it comes, so memory stays bounded at 100k identities; a table's
+//! column widths are therefore per page.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+
+use super::{common, locks};
+use crate::cli::StatusArgs;
+use crate::config::WorkerSettings;
+use crate::error::{self, Failure};
+use crate::poller::schedule::Interval;
+use crate::store::identity::{infos, Identity, STATUS_ACTIVE};
+use crate::store::Store;
+
+/// Identities per page of `--all`.
+const PAGE: i32 = 500;
+
+#[derive(Debug, Serialize)]
+pub struct Stepped {
+    pub mailbox: String,
+    pub uidvalidity: u32,
+    pub uid: u32,
+    pub tries: u32,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FolderError {
+    pub mailbox: String,
+    pub error: String,
+    pub since: Option<String>,
+    pub last: Option<String>,
+}
+
+/// One identity's line of the report.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub user_id: String,
+    pub identity_id: String,
+    pub identifier: String,
+    /// `user_identity.status`: active or inactive.
+    pub state: String,
+    pub healthy: bool,
+    /// Why it is unhealthy (empty when healthy).
+    pub problems: Vec<String>,
+    pub last_sync: String,
+    pub last_check: Option<String>,
+    /// Computed from `last_check` + `pollinterval`; null when inactive.
+    pub next_due: Option<String>,
+    pub errors_count: u64,
+    pub first_error_date: String,
+    pub last_fetch_error: String,
+    /// Failed, to be retried by the next sync.
+    pub failing_messages: u32,
+    pub stepped_over: Vec<Stepped>,
+    pub folder_errors: Vec<FolderError>,
+    pub sync_lock: Option<locks::LockView>,
+    /// `running` or `stale` while a lock row exists.
+    pub lock_state: Option<String>,
+    pub syncing_marker: Option<locks::Marker>,
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Read everything `status` shows about one identity.
+pub async fn row(
+    store: &Store,
+    s: &WorkerSettings,
+    id: &Identity,
+    now: DateTime<Utc>,
+) -> Result<Row, Failure> {
+    let (failures, mailbox_errors, sync) = tokio::join!(
+        store.message_failures(id.user_id, id.identity_id),
+        store.mailbox_errors(id.user_id, id.identity_id),
+        locks::read(store, id, now),
+    );
+    let failures = failures.map_err(Failure::from)?;
+    let mailbox_errors = mailbox_errors.map_err(Failure::from)?;
+    let sync = sync?;
+    let stale_after = s.imap.lock_ttl_secs / 2;
+    let lock_state = sync.lock.as_ref().map(|l| {
+        if l.renewed_secs_ago >= stale_after {
+            "stale".to_string()
+        } else {
+            "running".to_string()
+        }
+    });
+    let errors_count: u64 = id.info(infos::ERRORS_COUNT).trim().parse().unwrap_or(0);
+    let last_fetch_error = id.info(infos::LAST_FETCH_ERROR).to_string();
+    let stepped: Vec<Stepped> = failures
+        .iter()
+        .filter(|f| f.stepped_over)
+        .map(|f| Stepped {
+            mailbox: f.mailbox.clone(),
+            uidvalidity: f.uidvalidity,
+            uid: f.uid,
+            tries: f.tries,
+            reason: f.last_error.clone(),
+        })
+        .collect();
+    let folder_errors: Vec<FolderError> = mailbox_errors
+        .into_iter()
+        .map(|e| FolderError {
+            mailbox: e.mailbox,
+            error: e.last_error,
+            since: e.first_error.map(rfc3339),
+            last: e.last_error_at.map(rfc3339),
+        })
+        .collect();
+
+    let mut problems = Vec::new();
+    if id.status != STATUS_ACTIVE {
+        problems.push(format!("state {:?}", id.status));
+    }
+    if errors_count > 0 || !last_fetch_error.is_empty() {
+        problems.push(format!("error streak ({errors_count} account errors)"));
+    }
+    if !stepped.is_empty() {
+        problems.push(format!("{} message(s) stepped over", stepped.len()));
+    }
+    if !folder_errors.is_empty() {
+        problems.push(format!("{} folder error(s)", folder_errors.len()));
+    }
+    if lock_state.as_deref() == Some("stale") {
+        problems.push("stale sync lock".into());
+    }
+
+    // As a leader building its schedule: never checked is due at once.
+    let minute = Duration::from_secs(60);
+    let next_due = (id.status == STATUS_ACTIVE).then(|| {
+        let (interval, _) = Interval::parse(id.info(infos::POLLINTERVAL));
+        match id.last_check {
+            Some(lc) => rfc3339(interval.due_after(lc, minute).max(now)),
+            None => rfc3339(now),
+        }
+    });
+
+    Ok(Row {
+        user_id: id.user_id.to_string(),
+        identity_id: id.identity_id.to_string(),
+        identifier: id.identifier.clone(),
+        state: id.status.clone(),
+        healthy: problems.is_empty(),
+        problems,
+        last_sync: id.info(infos::LASTSYNC).to_string(),
+        last_check: id.last_check.map(rfc3339),
+        next_due,
+        errors_count,
+        first_error_date: id.info(infos::FIRST_ERROR_DATE).to_string(),
+        last_fetch_error,
+        failing_messages: failures.iter().filter(|f| !f.stepped_over).count() as u32,
+        stepped_over: stepped,
+        folder_errors,
+        sync_lock: sync.lock,
+        lock_state,
+        syncing_marker: sync.marker,
+    })
+}
+
+/// Prints rows as they come: a JSON array written piece by piece, or a
+/// table per page.
+struct Printer {
+    json: bool,
+    unhealthy_only: bool,
+    first: bool,
+    shown: usize,
+    unhealthy: usize,
+}
+
+impl Printer {
+    fn page(&mut self, rows: Vec<Row>) -> anyhow::Result<()> {
+        let rows: Vec<Row> = rows
+            .into_iter()
+            .filter(|r| !self.unhealthy_only || !r.healthy)
+            .collect();
+        self.shown += rows.len();
+        self.unhealthy += rows.iter().filter(|r| !r.healthy).count();
+        let mut out = std::io::stdout().lock();
+        if self.json {
+            for r in &rows {
+                let sep = if self.first { "[\n" } else { ",\n" };
+                self.first = false;
+                write!(out, "{sep}{}", serde_json::to_string_pretty(r)?)?;
+            }
+            return Ok(());
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        print_table(&mut out, &rows, self.first)?;
+        self.first = false;
+        Ok(())
+    }
+
+    fn end(&mut self) -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        if self.json {
+            writeln!(out, "{}", if self.first { "[]" } else { "\n]" })?;
+        } else if self.shown == 0 {
+            writeln!(out, "no remote identity to show")?;
+        } else {
+            writeln!(
+                out,
+                "{} identit{} shown, {} unhealthy",
+                self.shown,
+                if self.shown == 1 { "y" } else { "ies" },
+                self.unhealthy
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn print_table(out: &mut impl Write, rows: &[Row], header_too: bool) -> anyhow::Result<()> {
+    const HEADER: [&str; 9] = [
+        "IDENTIFIER",
+        "USER",
+        "STATE",
+        "HEALTH",
+        "LASTSYNC",
+        "NEXT DUE",
+        "ERRORS",
+        "STEPPED",
+        "LOCK",
+    ];
+    let table: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.identifier.clone(),
+                r.user_id.clone(),
+                r.state.clone(),
+                if r.healthy { "ok" } else { "UNHEALTHY" }.into(),
+                or_dash(&r.last_sync),
+                r.next_due.clone().unwrap_or_else(|| "-".into()),
+                r.errors_count.to_string(),
+                r.stepped_over.len().to_string(),
+                r.lock_state.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut widths = HEADER.map(str::len);
+    for row in &table {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    if header_too {
+        writeln!(out, "{}", line(&HEADER.map(String::from)))?;
+    }
+    for row in &table {
+        writeln!(out, "{}", line(row))?;
+    }
+    for r in rows {
+        let who = &r.identifier;
+        for p in &r.problems {
+            writeln!(out, "{who}: {p}")?;
+        }
+        if !r.last_fetch_error.is_empty() {
+            let since = match r.first_error_date.as_str() {
+                "" => String::new(),
+                d => format!(" (failing since {d})"),
+            };
+            writeln!(out, "{who}: last error{since}: {}", r.last_fetch_error)?;
+        }
+        for m in &r.stepped_over {
+            writeln!(
+                out,
+                "{who}: stepped over {} uid {} ({} tries): {}",
+                m.mailbox, m.uid, m.tries, m.reason
+            )?;
+        }
+        for f in &r.folder_errors {
+            writeln!(out, "{who}: folder {:?}: {}", f.mailbox, f.error)?;
+        }
+        if r.failing_messages > 0 {
+            writeln!(
+                out,
+                "{who}: {} message(s) failed and will be retried at the next sync",
+                r.failing_messages
+            )?;
+        }
+        if let Some(l) = &r.sync_lock {
+            writeln!(out, "{who}: sync lock {}", l.describe())?;
+        }
+    }
+    Ok(())
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+pub async fn run(a: StatusArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> {
+    let user = match (a.all, &a.userid, &a.username) {
+        (true, None, None) => None,
+        (true, _, _) => return Err(error::usage("give --all or a user, not both")),
+        (false, id, name) => Some(common::UserRef::parse(id, name)?),
+    };
+    let store = common::store(s).await?;
+    let mut printer = Printer {
+        json: a.json,
+        unhealthy_only: a.unhealthy,
+        first: true,
+        shown: 0,
+        unhealthy: 0,
+    };
+    let now = Utc::now();
+    match user {
+        Some(u) => {
+            let user_id = u.resolve(&store).await?;
+            let mut ids: Vec<Identity> = store
+                .identities_of(user_id)
+                .await
+                .map_err(Failure::from)?
+                .into_iter()
+                .filter(Identity::is_remote_email)
+                .collect();
+            ids.sort_by(|a, b| a.identifier.cmp(&b.identifier));
+            let mut rows = Vec::with_capacity(ids.len());
+            for id in &ids {
+                rows.push(row(&store, s, id, now).await?);
+            }
+            printer.page(rows)?;
+        }
+        None => {
+            let mut state = None;
+            loop {
+                let (page, next) = store
+                    .scan_identities(PAGE, state)
+                    .await
+                    .map_err(Failure::from)?;
+                let mut rows = Vec::new();
+                for r in page {
+                    // The scan row has no identifier: read the identity.
+                    let Some(id) = store
+                        .identity(r.user_id, r.identity_id)
+                        .await
+                        .map_err(Failure::from)?
+                    else {
+                        continue; // removed since the page was read
+                    };
+                    if id.is_remote_email() {
+                        rows.push(row(&store, s, &id, now).await?);
+                    }
+                }
+                printer.page(rows)?;
+                match next {
+                    Some(n) => state = Some(n),
+                    None => break,
+                }
+            }
+        }
+    }
+    printer.end()?;
+    Ok(if printer.unhealthy > 0 {
+        ExitCode::from(error::code::FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
