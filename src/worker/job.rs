@@ -181,7 +181,7 @@ async fn sync_locked(
         let id = claim_marker(ctx, req, &marker).await?;
         rep.mailboxes = id.mailboxes();
         let r = run_renewing(ctx, &id, since, |stop| {
-            sync_identity_inner(ctx, &id, &req.password, counters, stop)
+            sync_identity_inner(ctx, &id, &req.password, &marker, counters, stop)
         })
         .await;
         Ok::<_, JobError>((id, r))
@@ -298,6 +298,27 @@ async fn claim_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<Iden
     }
     Err(JobError::Busy(
         "the identity's syncing marker keeps changing: another sync is starting".into(),
+    ))
+}
+
+/// Look at the marker once more, logged in and before the first hand-off:
+/// a Go worker that read the identity before our marker landed writes its
+/// own only later, and replaces the whole `infos` map when it does (so our
+/// `syncing_owner` disappears). Another of our workers that lost the lock
+/// race may have written its own marker: that one is harmless.
+async fn marker_still_ours(ctx: &Ctx, id: &Identity, marker: &str) -> Result<(), JobError> {
+    let now = ctx
+        .store
+        .identity(id.user_id, id.identity_id)
+        .await?
+        .ok_or_else(|| JobError::NotFound(format!("identity {} was removed", id.identity_id)))?;
+    let owner = now.info(infos::SYNCING_OWNER);
+    let ours = owner == ctx.worker_id && now.info(infos::SYNCING) == marker;
+    if ours || (!owner.is_empty() && owner != ctx.worker_id) {
+        return Ok(());
+    }
+    Err(JobError::Busy(
+        "a Caliopen Go worker started a sync of this identity at the same moment".into(),
     ))
 }
 
@@ -422,6 +443,7 @@ async fn sync_identity_inner(
     ctx: &Ctx,
     id: &Identity,
     password: &str,
+    marker: &str,
     counters: &Arc<Counters>,
     mut stop: Shutdown,
 ) -> Result<(), JobError> {
@@ -446,6 +468,7 @@ async fn sync_identity_inner(
         id.display_name.as_str()
     };
     let result = async {
+        marker_still_ours(ctx, id, marker).await?;
         let mailboxes = mailboxes_of(id, &mut session, &acc, &stop).await?;
         let known = ctx.store.mailbox_errors(id.user_id, id.identity_id).await?;
         for gone in known.iter().filter(|k| !mailboxes.contains(&k.mailbox)) {
