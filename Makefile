@@ -2,14 +2,15 @@
 #   make demo    the main job end to end on the local stack
 #   make test    every test (brings the local stack up itself)
 #   make bench   benchmarks against mbsync and the fetch/store ceilings
+#   make faults  the fault suite (kill -9, restarts, ...); faults-quick: small
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build release test unit lint demo bench bench-large install uninstall \
-        stack-up stack-down stack-status clean
+.PHONY: all build release test unit lint demo bench bench-large faults faults-quick \
+        install uninstall stack-up stack-down stack-status clean
 
 all: build
 
@@ -38,6 +39,15 @@ bench:
 
 bench-large:
 	bash scripts/bench.sh --large
+
+# Crash safety on the real stack; one table, exit 1 when a required zero is
+# not zero. The full suite restarts the stack's services (NATS, Dovecot,
+# Cassandra) mid-sync: do not run it while others use the same stack.
+faults: stack-up
+	bash scripts/faults.sh
+
+faults-quick: stack-up
+	bash scripts/faults.sh --quick
 
 # The binary and its three program names.
 install: release
