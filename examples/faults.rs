@@ -1621,7 +1621,7 @@ impl Suite {
         if let Some(r) = case.reports.iter().rev().find(|r| r["ok"] != true) {
             row.notes.push(format!("{name}: last failed report: {r}"));
         }
-        if service == "cassandra" {
+        {
             let id = store.identity(case.user, case.identity).await?;
             if let Some(id) = id {
                 row.notes.push(format!(
