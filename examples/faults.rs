@@ -1100,6 +1100,13 @@ impl Case {
     }
 }
 
+/// The mailbox goes with the case, on error paths too.
+impl Drop for Case {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
 fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
@@ -1212,7 +1219,6 @@ impl Suite {
         }
         row.crashes = worker.stop().await?;
         case.count(&self.store, &self.standin, &mut row).await?;
-        case.cleanup();
         Ok(row)
     }
 
@@ -1360,7 +1366,6 @@ impl Suite {
         }
         row.crashes = worker.stop().await?;
         case.count(&self.store, &self.standin, &mut row).await?;
-        case.cleanup();
         Ok(row)
     }
 
@@ -1407,7 +1412,6 @@ impl Suite {
         }
         row.crashes = worker.stop().await?;
         case.count(&self.store, &self.standin, &mut row).await?;
-        case.cleanup();
         Ok(row)
     }
 
@@ -1444,7 +1448,6 @@ impl Suite {
             self.settings.imap.lda_timeout_secs,
             row.late
         ));
-        case.cleanup();
         Ok(row)
     }
 
@@ -1533,7 +1536,6 @@ impl Suite {
         }
         row.crashes = worker.stop().await?;
         case.count(&self.store, &self.standin, &mut row).await?;
-        case.cleanup();
         Ok(row)
     }
 
@@ -1633,7 +1635,6 @@ impl Suite {
         }
         row.crashes = worker.stop().await?;
         case.count(&store, &self.standin, &mut row).await?;
-        case.cleanup();
         Ok(row)
     }
 
