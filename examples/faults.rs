@@ -1177,7 +1177,7 @@ impl Suite {
             }
             // Spread the kill points so every round lands inside the sync.
             let share = (left / (self.env.kill_rounds - r) as u64).max(1);
-            let target = case.rng.u64(1..=share * 2);
+            let target = case.rng.u64(1..=(share * 2).min(left - 1));
             let since = Instant::now();
             loop {
                 let fired = self.standin.trigger_after(case.user, target);
