@@ -1595,6 +1595,7 @@ impl Suite {
         let rest = pause.saturating_sub(t_fault.elapsed());
         tokio::time::sleep(rest).await;
         stack(&self.env, "start", service).await?;
+        let t_back = Instant::now();
         eprintln!(
             "[faults] {service} back after {:.1} s",
             t_fault.elapsed().as_secs_f64()
@@ -1627,7 +1628,16 @@ impl Suite {
             case.snapshot(&store).await?;
         }
         worker.check(&self.env).await?;
-        let rec = self.recover(&mut case, &mut worker, t_fault).await?;
+        // Recovered: the first hand-off once the service is back (not one
+        // already in flight while it was going down).
+        let rec = self
+            .recover(&mut case, &mut worker, t_fault)
+            .await?
+            .map(|d| {
+                self.standin
+                    .first_after(case.user, t_back)
+                    .map_or(d, |t| t - t_fault)
+            });
         row.recover.push(rec);
         row.blocked = rec.is_none()
             || !case
