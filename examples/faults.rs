@@ -1091,6 +1091,11 @@ impl Case {
                 .map(|r| r["stepped_over"].as_u64().unwrap_or(0))
                 .sum(),
         );
+        // Counted: retired, so the poller of a later run does not schedule
+        // it (and make Dovecot recreate the removed mailbox).
+        store
+            .set_status(self.user, self.identity, "inactive")
+            .await?;
         row.notes.push(format!(
             "{}: {} hand-offs for {} messages; {} syncs ordered",
             self.name,
