@@ -3,14 +3,15 @@
 #   make test    every test (brings the local stack up itself)
 #   make bench   benchmarks against mbsync and the fetch/store ceilings
 #   make fuzz    cargo-fuzz targets, FUZZ_SECS each (default 300), on demand
+#   make faults  the fault suite (kill -9, restarts, ...); faults-quick: small
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build release test unit lint demo bench bench-large install uninstall \
-        stack-up stack-down stack-status clean fuzz
+.PHONY: all build release test unit lint demo bench bench-large faults faults-quick \
+        install uninstall stack-up stack-down stack-status clean fuzz
 
 all: build
 
@@ -44,6 +45,15 @@ bench-large:
 FUZZ_SECS ?= 300
 fuzz:
 	FUZZ_SECS=$(FUZZ_SECS) bash scripts/fuzz.sh
+
+# Crash safety on the real stack; one table, exit 1 when a required zero is
+# not zero. The full suite restarts the stack's services (NATS, Dovecot,
+# Cassandra) mid-sync: do not run it while others use the same stack.
+faults: stack-up
+	bash scripts/faults.sh
+
+faults-quick: stack-up
+	bash scripts/faults.sh --quick
 
 # The binary and its three program names.
 install: release

@@ -6,6 +6,9 @@
 #   scripts/stack.sh down    stop what `up` started
 #   scripts/stack.sh status  one line per service; exit 0 if all run, 3 if not
 #   scripts/stack.sh env     print the sourceable env file written by `up`
+#   scripts/stack.sh stop SERVICE    stop one service (nats, cassandra, dovecot)
+#   scripts/stack.sh start SERVICE   start it again and wait until it answers
+#                                    (used by the fault suite, scripts/faults.sh)
 #
 # State (configs, data, logs, pid files, TLS material) lives in
 # $CALIOPEN_IMAP_STACK_DIR (default: <repo>/.stack). Downloaded Cassandra jars
@@ -695,6 +698,39 @@ cmd_status() {
     return $rc
 }
 
+# One service at a time, for the fault suite: it stops a service in the
+# middle of a sync and starts it again. Nothing is installed here: `up` did.
+cmd_stop() {
+    exec 8>"$STATE/.lock"
+    flock -w 600 8 || die "another stack.sh holds $STATE/.lock"
+    local pid
+    case ${1:-} in
+        nats)
+            pid=$(nats_pid); pid_matches "$pid" nats-server && terminate "$pid" 10
+            rm -f "$NATS_DIR/nats.pid" ;;
+        cassandra)
+            pid=$(cass_pid); pid_matches "$pid" CassandraDaemon && terminate "$pid" 60
+            rm -f "$CASS_DIR/cassandra.pid" ;;
+        dovecot) dove_stop ;;
+        *) die "stop: expected nats, cassandra or dovecot, found '${1:-}'" ;;
+    esac
+    log "${1} stopped"
+}
+
+cmd_start() {
+    exec 8>"$STATE/.lock"
+    flock -w 600 8 || die "another stack.sh holds $STATE/.lock"
+    case ${1:-} in
+        nats) nats_running && nats_ready || nats_start ;;
+        cassandra)
+            cass_running || cass_start
+            cass_wait_ready ;;
+        dovecot) dove_running && dove_ready || dove_start ;;
+        *) die "start: expected nats, cassandra or dovecot, found '${1:-}'" ;;
+    esac
+    log "${1} running"
+}
+
 cmd_env() {
     [ -f "$ENV_FILE" ] || die "$ENV_FILE does not exist yet: run scripts/stack.sh up"
     cat "$ENV_FILE"
@@ -705,5 +741,7 @@ case ${1:-} in
     down)   cmd_down ;;
     status) cmd_status ;;
     env)    cmd_env ;;
-    *)      echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+    stop)   cmd_stop "${2:-}" ;;
+    start)  cmd_start "${2:-}" ;;
+    *)      echo "usage: $0 up|down|status|env|stop SERVICE|start SERVICE" >&2; exit 2 ;;
 esac
