@@ -21,8 +21,10 @@ build:
 release:
 	$(CARGO) build --release --bins --examples
 
-# Style first (cheap), then unit and integration tests on the real stack.
+# Style first (cheap), then the quick fault scenarios, then unit and
+# integration tests on the real stack (last, so the run closes on their summary).
 test: lint stack-up
+	bash scripts/faults.sh --quick
 	$(CARGO) test --lib --test tests
 
 unit:
