@@ -12,6 +12,7 @@ mod config;
 mod ctl;
 mod dispatch;
 mod folders;
+mod objects;
 mod poller;
 mod store;
 mod sync_faults;

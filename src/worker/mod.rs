@@ -112,6 +112,8 @@ pub async fn run(
         tracing::info!("LDAConfig.in_topic is empty: store-only mode, no hand-off");
     }
     crate::imap::tls::check_trust(&settings.imap.ca_file).map_err(crate::error::Failure::Config)?;
+    let objects = crate::store::objects::from_worker_settings(&settings)
+        .map_err(|e| crate::error::Failure::Config(e.to_string()))?;
     let store = Store::connect_retrying(&settings.store_settings, shutdown.clone()).await?;
     let bus = Bus::connect(
         &settings.nats_url,
@@ -120,7 +122,14 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
-    let ctx = Ctx::new(settings, store, bus, shutdown);
+    if let Some(o) = &objects {
+        // Caliopen creates the bucket at start-up when missing; if the store
+        // cannot be reached, say so now rather than at the first large message.
+        o.ensure_bucket()
+            .await
+            .map_err(|e| crate::error::Failure::Unavailable(e.to_string()))?;
+    }
+    let ctx = Ctx::new(settings, store, bus, shutdown).with_objects(objects);
     serve(ctx).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,311 @@
+//! Messages over `raw_size_limit` in the stack's real S3 server (versitygw),
+//! laid out as Caliopen lays them out, and read back the way its Python
+//! reader does: the row's `uri` split into bucket (host) and key (path),
+//! then a plain signed GET (curl's SigV4, no code of ours).
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use caliopen_imap::bus::wire::JobReport;
+use caliopen_imap::store::objects::{self, Objects};
+use caliopen_imap::store::raw_message::{raw_message_id, Placement};
+use caliopen_imap::worker::context::{Counters, Ctx};
+use caliopen_imap::worker::job::{self, SyncRequest};
+use uuid::Uuid;
+
+use crate::util::*;
+
+const MB: usize = 1_000_000;
+
+async fn sync_once(ctx: &Ctx, user: Uuid, identity: Uuid) -> JobReport {
+    job::sync_identity(
+        ctx,
+        SyncRequest {
+            user_id: user,
+            identity_id: identity,
+            password: String::new(),
+        },
+        Counters::new(),
+    )
+    .await
+}
+
+/// GET `uri` (`s3://bucket/key`) from `s3` with curl, as an outside client.
+fn curl_get(s3: &S3, uri: &str) -> Vec<u8> {
+    let (bucket, key) = objects::parse_uri(uri).unwrap_or_else(|| panic!("not an s3 uri: {uri}"));
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-f",
+            "-m",
+            "60",
+            "--aws-sigv4",
+            "aws:amz:us-east-1:s3",
+            "--user",
+        ])
+        .arg(format!("{}:{}", s3.access_key, s3.secret_key))
+        // The SHA-256 of the empty body, which S3 wants signed.
+        .args(["-H", "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"])
+        .arg(format!("http://{}/{bucket}/{key}", s3.endpoint))
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl GET {uri}: exit {:?} {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The fetched raw message minus the `X-Fetched-*` headers the worker
+/// prepends is exactly `body`, what Dovecot holds.
+fn assert_is_fetched(raw: &[u8], body: &[u8], what: &str) {
+    assert!(raw.len() > body.len(), "{what}: too short");
+    assert!(
+        raw.ends_with(body),
+        "{what}: not byte-identical to Dovecot's"
+    );
+    let head = String::from_utf8_lossy(&raw[..raw.len() - body.len()]);
+    assert!(head.starts_with("X-Fetched-Imap: "), "{what}: {head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_land_in_the_bucket_and_read_back_through_the_uri() {
+    let tag = unique("s3a");
+    let settings = worker_settings(&tag);
+    let limit = settings.store_settings.raw_size_limit as usize;
+    // The processor refuses every message once: the next sync fetches them
+    // again and must overwrite, not add.
+    let refuse = Arc::new(AtomicBool::new(true));
+    let r2 = refuse.clone();
+    let lda = lda(&settings.lda.in_topic, move |_| r2.load(Ordering::SeqCst)).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let s3 = &stack().s3;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    let mut bodies = fill(&login, "INBOX", 1, 2000);
+    bodies.extend(fill(&login, "INBOX", 1, 5 * MB));
+    bodies.extend(fill(&login, "INBOX", 1, 40 * MB));
+    // Exactly at the limit (with our headers): stays in the row.
+    bodies.extend(fill(&login, "INBOX", 1, limit - 600));
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let (_, _, uidvalidity) = mailbox_status(&login, "INBOX");
+    let ids: Vec<Uuid> = (1..=4)
+        .map(|uid| raw_message_id(user, id.identity_id, "INBOX", uidvalidity, uid))
+        .collect();
+
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert_eq!((rep.fetched, rep.handed_off), (4, 0), "{rep:?}");
+    refuse.store(false, Ordering::SeqCst);
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(
+        (rep.fetched, rep.handed_off, rep.stepped_over),
+        (4, 4, 0),
+        "{rep:?}"
+    );
+    assert_eq!(lda.seen.lock().unwrap().len(), 4);
+
+    let reader = Objects::new(&ctx.settings.store_settings).unwrap();
+    for (i, raw_id) in ids.iter().enumerate() {
+        let (data_len, size, uri) = st.raw_message_layout(*raw_id).await.unwrap().unwrap();
+        let body = &bodies[i];
+        if body.len() > limit {
+            // Caliopen's layout: empty raw_data, full raw_size, s3://bucket/id.
+            assert_eq!(uri, format!("s3://{}/{raw_id}", s3.bucket), "uid {}", i + 1);
+            assert_eq!(data_len, 0, "uid {}", i + 1);
+            let object = curl_get(s3, &uri);
+            assert_eq!(object.len(), size as usize, "uid {}: raw_size", i + 1);
+            assert_is_fetched(&object, body, &format!("uid {}", i + 1));
+            // One object per id: the refetch overwrote it.
+            let keys = reader.keys(&raw_id.to_string()).await.unwrap();
+            assert_eq!(keys, vec![raw_id.to_string()], "uid {}", i + 1);
+        } else {
+            assert_eq!(uri, "", "uid {}", i + 1);
+            assert_eq!(data_len, size as usize, "uid {}", i + 1);
+            let raw = st.raw_message_data(*raw_id).await.unwrap().unwrap();
+            assert_is_fetched(&raw, body, &format!("uid {}", i + 1));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limit_is_strictly_greater_as_in_caliopen() {
+    let tag = unique("s3d");
+    let (ctx, _t) = context(worker_settings(&tag)).await;
+    let limit = ctx.settings.store_settings.raw_size_limit as usize;
+    let (user, _) = new_user(&ctx.store).await;
+    let at = Uuid::new_v4();
+    let over = Uuid::new_v4();
+    let p = ctx
+        .save_raw_message(user, at, vec![b'a'; limit], false)
+        .await
+        .unwrap();
+    assert_eq!(p, Placement::Inline);
+    let p = ctx
+        .save_raw_message(user, over, vec![b'b'; limit + 1], false)
+        .await
+        .unwrap();
+    let uri = format!("s3://{}/{over}", stack().s3.bucket);
+    assert_eq!(p, Placement::Object(uri.clone()));
+    assert_eq!(
+        ctx.store.raw_message_layout(at).await.unwrap(),
+        Some((limit, limit as i32, String::new()))
+    );
+    assert_eq!(
+        ctx.store.raw_message_layout(over).await.unwrap(),
+        Some((0, limit as i32 + 1, uri.clone()))
+    );
+    assert_eq!(curl_get(&stack().s3, &uri), vec![b'b'; limit + 1]);
+}
+
+/// A private S3 server, started and stopped by `scripts/stack.sh s3-*` in
+/// a folder of its own, so stopping it disturbs no other test.
+struct PrivateS3 {
+    dir: std::path::PathBuf,
+    port: u16,
+    s3: S3,
+}
+
+impl PrivateS3 {
+    fn new() -> PrivateS3 {
+        let dir = std::env::temp_dir().join(unique("caliopen-imap-s3-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let s3 = S3 {
+            endpoint: format!("127.0.0.1:{port}"),
+            access_key: "private-access".into(),
+            secret_key: "private-secret-key".into(),
+            bucket: "private-raw".into(),
+        };
+        PrivateS3 { dir, port, s3 }
+    }
+
+    fn stack_sh(&self, cmd: &str) {
+        let out = Command::new(root().join("scripts/stack.sh"))
+            .arg(cmd)
+            .env("CALIOPEN_IMAP_STACK_DIR", &self.dir)
+            .env("STACK_S3_PORT", self.port.to_string())
+            .env("STACK_S3_ACCESS_KEY", &self.s3.access_key)
+            .env("STACK_S3_SECRET_KEY", &self.s3.secret_key)
+            .env("STACK_S3_BUCKET", &self.s3.bucket)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "stack.sh {cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PrivateS3 {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join("scripts/stack.sh"))
+            .arg("s3-down")
+            .env("CALIOPEN_IMAP_STACK_DIR", &self.dir)
+            .env("STACK_S3_PORT", self.port.to_string())
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_down_mid_sync_is_our_outage_and_loses_nothing() {
+    let private = PrivateS3::new();
+    private.stack_sh("s3-up");
+    let tag = unique("s3b");
+    let mut settings = worker_settings(&tag);
+    set_s3(&mut settings, &private.s3);
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    let mut bodies = fill(&login, "INBOX", 1, 1000);
+    bodies.extend(fill(&login, "INBOX", 1, 3 * MB));
+    bodies.extend(fill(&login, "INBOX", 1, 1000));
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let (_, _, uidvalidity) = mailbox_status(&login, "INBOX");
+
+    // S3 goes away after start-up: the small first message lands, the large
+    // one stops the mailbox as our outage.
+    private.stack_sh("s3-down");
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(!rep.ok, "{rep:?}");
+    assert_eq!(rep.stepped_over, 0, "{rep:?}");
+    assert!(
+        st.message_failures(user, id.identity_id)
+            .await
+            .unwrap()
+            .is_empty(),
+        "an outage of ours is not the message's failure"
+    );
+    let large = raw_message_id(user, id.identity_id, "INBOX", uidvalidity, 2);
+    assert_eq!(
+        st.raw_message_delivered(large).await.unwrap(),
+        None,
+        "no row without its object"
+    );
+    let ident = st.identity(user, id.identity_id).await.unwrap().unwrap();
+    assert!(
+        ident
+            .info(caliopen_imap::store::identity::infos::LASTSEENUID)
+            .parse::<u32>()
+            .unwrap_or(0)
+            < 2,
+        "the checkpoint did not step over the large message"
+    );
+
+    // Back: everything arrives, once.
+    private.stack_sh("s3-up");
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.stepped_over, 0, "{rep:?}");
+    let seen: std::collections::HashSet<String> =
+        lda.seen.lock().unwrap().iter().cloned().collect();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(
+        lda.seen.lock().unwrap().len(),
+        3,
+        "nothing handed off twice"
+    );
+    let (data_len, _, uri) = st.raw_message_layout(large).await.unwrap().unwrap();
+    assert_eq!(
+        (data_len, uri.as_str()),
+        (0, format!("s3://private-raw/{large}").as_str())
+    );
+    assert_is_fetched(&curl_get(&private.s3, &uri), &bodies[1], "uid 2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_refuses_to_start_when_large_mail_has_nowhere_to_go() {
+    let tag = unique("s3c");
+    // No object store, but messages may exceed raw_size_limit.
+    let yaml = worker_yaml(&tag, "");
+    let text = std::fs::read_to_string(&yaml).unwrap();
+    let text = text.replace(
+        &format!("endpoint: \"{}\"", stack().s3.endpoint),
+        "endpoint: \"\"",
+    );
+    std::fs::write(&yaml, text).unwrap();
+    let out = run(&["worker", "-c", yaml.to_str().unwrap(), "start"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text_of(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no object store is configured"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+fn text_of(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
