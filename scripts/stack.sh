@@ -51,6 +51,11 @@ CQLSH=$CQLSH_VENV/bin/cqlsh
 S3_VERSION=v1.8.0
 S3_CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/caliopen-imap/versitygw-$S3_VERSION
 S3_BIN=$S3_CACHE_DIR/bin/versitygw
+# Python's `minio` client, the one Caliopen's reader uses: tests read objects
+# back through it.
+S3_PY_VENV=$S3_CACHE_DIR/minio-venv
+S3_PYTHON=$S3_PY_VENV/bin/python
+S3_PY_MINIO_VERSION=7.2.20
 # Loopback-only development credentials (the shipped config/imapworker.yaml
 # uses them); override with STACK_S3_ACCESS_KEY / STACK_S3_SECRET_KEY.
 S3_ACCESS_KEY=${STACK_S3_ACCESS_KEY:-caliopen-imap}
@@ -258,11 +263,25 @@ install_all() {
     s3_install_locked
 }
 
+install_s3_python() {
+    [ -x "$S3_PYTHON" ] && [ -f "$S3_CACHE_DIR/.minio-py-complete" ] && return 0
+    mkdir -p "$LOG_DIR"
+    log "installing Python's minio client into $S3_PY_VENV (log: $LOG_DIR/pip.log)"
+    rm -rf "$S3_PY_VENV"
+    {
+        /usr/bin/python3 -m venv "$S3_PY_VENV" &&
+        "$S3_PY_VENV/bin/pip" install -q --disable-pip-version-check "minio==$S3_PY_MINIO_VERSION" &&
+        "$S3_PYTHON" -c 'import minio'
+    } >>"$LOG_DIR/pip.log" 2>&1 || die "minio (Python) install failed, see $LOG_DIR/pip.log"
+    touch "$S3_CACHE_DIR/.minio-py-complete"
+}
+
 s3_install_locked() {
     mkdir -p "$S3_CACHE_DIR"
     (
         flock -w 1800 9 || die "timed out waiting for the cache lock $S3_CACHE_DIR/.lock"
         install_s3
+        install_s3_python
     ) 9>"$S3_CACHE_DIR/.lock"
 }
 
@@ -707,7 +726,8 @@ s3_env() {
         STACK_S3_ACCESS_KEY "$S3_ACCESS_KEY" \
         STACK_S3_SECRET_KEY "$S3_SECRET_KEY" \
         STACK_S3_BUCKET "$S3_BUCKET" \
-        STACK_S3_REGION "$S3_REGION"
+        STACK_S3_REGION "$S3_REGION" \
+        STACK_S3_PYTHON "$S3_PYTHON"
 }
 
 # s3-up / s3-down / s3-status: the S3 server alone, in $STATE/s3.

@@ -59,6 +59,36 @@ fn curl_get(s3: &S3, uri: &str) -> Vec<u8> {
     out.stdout
 }
 
+/// Read `uri` back exactly as Caliopen's Python reader does
+/// (`caliopen_main/message/core/raw.py`): split it, bucket = netloc and key =
+/// path without slashes, then `Minio(...).get_object(bucket, key).data`.
+fn caliopen_python_get(s3: &S3, uri: &str) -> Vec<u8> {
+    const READER: &str = r#"
+import os, sys
+from urllib.parse import urlsplit
+from minio import Minio
+url = urlsplit(sys.argv[1])
+assert url.scheme == "s3", url.scheme
+client = Minio(os.environ["S3_ENDPOINT"], access_key=os.environ["S3_ACCESS_KEY"],
+               secret_key=os.environ["S3_SECRET_KEY"], secure=False, region="us-east-1")
+resp = client.get_object(url.netloc, url.path.strip("/"))
+sys.stdout.buffer.write(resp.data)
+"#;
+    let out = Command::new(&s3.python)
+        .args(["-c", READER, uri])
+        .env("S3_ENDPOINT", &s3.endpoint)
+        .env("S3_ACCESS_KEY", &s3.access_key)
+        .env("S3_SECRET_KEY", &s3.secret_key)
+        .output()
+        .expect("python with minio");
+    assert!(
+        out.status.success(),
+        "python minio get {uri}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// The fetched raw message minus the `X-Fetched-*` headers the worker
 /// prepends is exactly `body`, what Dovecot holds.
 fn assert_is_fetched(raw: &[u8], body: &[u8], what: &str) {
@@ -117,9 +147,14 @@ async fn large_messages_land_in_the_bucket_and_read_back_through_the_uri() {
             // Caliopen's layout: empty raw_data, full raw_size, s3://bucket/id.
             assert_eq!(uri, format!("s3://{}/{raw_id}", s3.bucket), "uid {}", i + 1);
             assert_eq!(data_len, 0, "uid {}", i + 1);
-            let object = curl_get(s3, &uri);
+            let object = caliopen_python_get(s3, &uri);
             assert_eq!(object.len(), size as usize, "uid {}: raw_size", i + 1);
             assert_is_fetched(&object, body, &format!("uid {}", i + 1));
+            assert!(
+                curl_get(s3, &uri) == object,
+                "uid {}: curl reads the same",
+                i + 1
+            );
             // One object per id: the refetch overwrote it.
             let keys = reader.keys(&raw_id.to_string()).await.unwrap();
             assert_eq!(keys, vec![raw_id.to_string()], "uid {}", i + 1);
@@ -183,6 +218,7 @@ impl PrivateS3 {
             access_key: "private-access".into(),
             secret_key: "private-secret-key".into(),
             bucket: "private-raw".into(),
+            python: stack().s3.python.clone(),
         };
         PrivateS3 { dir, port, s3 }
     }

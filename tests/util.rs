@@ -46,6 +46,9 @@ pub struct S3 {
     pub access_key: String,
     pub secret_key: String,
     pub bucket: String,
+    /// A Python with Caliopen's S3 client (`minio`), to read objects back
+    /// the way Caliopen's reader does.
+    pub python: String,
 }
 
 pub fn root() -> PathBuf {
@@ -110,6 +113,7 @@ pub fn stack() -> &'static Stack {
                 access_key: get("STACK_S3_ACCESS_KEY"),
                 secret_key: get("STACK_S3_SECRET_KEY"),
                 bucket: get("STACK_S3_BUCKET"),
+                python: get("STACK_S3_PYTHON"),
             },
         }
     })
