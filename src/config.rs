@@ -818,6 +818,18 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_raw_size_limit_is_refused_not_read_as_everything_to_s3() {
+        let mut s = WorkerSettings::default();
+        s.store_settings.raw_size_limit = 0;
+        let e = s.validate().unwrap_err().join("\n");
+        assert!(e.contains("store_settings.raw_size_limit: expected 1 to"), "{e}");
+        let mut s = WorkerSettings::default();
+        s.imap.max_message_size = 0;
+        assert!(s.validate().is_err());
+        assert_eq!(WorkerSettings::default().imap.max_message_size, 64 << 20);
+    }
+
+    #[test]
     fn defaults_are_valid() {
         WorkerSettings::default().validate().unwrap();
         PollerSettings::default().validate().unwrap();
