@@ -822,7 +822,10 @@ mod tests {
         let mut s = WorkerSettings::default();
         s.store_settings.raw_size_limit = 0;
         let e = s.validate().unwrap_err().join("\n");
-        assert!(e.contains("store_settings.raw_size_limit: expected 1 to"), "{e}");
+        assert!(
+            e.contains("store_settings.raw_size_limit: expected 1 to"),
+            "{e}"
+        );
         let mut s = WorkerSettings::default();
         s.imap.max_message_size = 0;
         assert!(s.validate().is_err());

@@ -10,11 +10,15 @@
 //! missing object; ids are deterministic, so a refetch overwrites the same
 //! object instead of adding one.
 //!
-//! Uploads read the fetched buffer in parts of [`PART_SIZE`], one part copy
-//! at a time (multipart above one part), so an upload holds at most one part
-//! on top of the message the worker's byte budget already accounts for.
+//! Uploads read the fetched buffer in parts of [`PART_SIZE`], one part at a
+//! time (multipart above one part), at most [`UPLOADS_AT_ONCE`] per process,
+//! so uploads hold at most a few part copies on top of the messages the
+//! worker's byte budget already accounts for.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use s3::creds::Credentials;
 use s3::{Bucket, BucketConfiguration, Region};
@@ -24,8 +28,13 @@ use crate::config::{StoreSettings, WorkerSettings};
 /// Caliopen's content type for raw message objects.
 pub const CONTENT_TYPE: &str = "application/octet-stream";
 
-/// Size of one multipart part (S3's minimum is 5 MiB, except the last).
-pub const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Size of one multipart part: S3's minimum (except the last), since the
+/// client copies each part twice (into its `Vec`, then into the request).
+pub const PART_SIZE: usize = 5 * 1024 * 1024;
+
+/// Uploads at once per process: each holds up to two part copies besides the
+/// message (already in the byte budget), so this bounds the extra memory.
+const UPLOADS_AT_ONCE: usize = 2;
 
 /// Name of the raw-message bucket in `object_store_settings.buckets`.
 pub const RAW_MESSAGES: &str = "raw_messages";
@@ -62,6 +71,7 @@ fn s3_err(op: &'static str, key: &str, e: impl std::fmt::Display) -> ObjectError
 #[derive(Clone)]
 pub struct Objects {
     bucket: Box<Bucket>,
+    uploads: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Objects {
@@ -139,7 +149,10 @@ impl Objects {
             .with_path_style()
             .with_request_timeout(REQUEST_TIMEOUT)
             .map_err(|e| ObjectError::Config(format!("object store client: {e}")))?;
-        Ok(Objects { bucket })
+        Ok(Objects {
+            bucket,
+            uploads: Arc::new(Semaphore::new(UPLOADS_AT_ONCE)),
+        })
     }
 
     pub fn bucket_name(&self) -> &str {
@@ -191,6 +204,11 @@ impl Objects {
     /// Store `data` under `key`, replacing any object of that key. Above one
     /// part, a multipart upload reading `data` part by part.
     pub async fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError> {
+        let _slot = self
+            .uploads
+            .acquire()
+            .await
+            .expect("the upload semaphore is never closed");
         if data.len() <= PART_SIZE {
             let r = self
                 .bucket
