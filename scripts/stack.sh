@@ -228,7 +228,7 @@ install_cqlsh() {
     touch "$CACHE_DIR/.cqlsh-complete"
 }
 
-# versitygw from the Go module proxy, built once per user (about N CPU-minutes,
+# versitygw from the Go module proxy, built once per user (about 4.3 CPU-minutes,
 # see README); only the binary is kept, the module and build caches are
 # thrown away.
 install_s3() {
