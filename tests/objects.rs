@@ -442,3 +442,28 @@ async fn worker_memory_stays_bounded_with_large_messages() {
     );
     assert!(peak < bound, "peak RSS {peak} over {bound}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_bucket_is_created_at_start_up() {
+    let tag = unique("s3f");
+    let mut settings = worker_settings(&tag);
+    let mut s3 = stack().s3.clone();
+    s3.bucket = unique("raw-");
+    set_s3(&mut settings, &s3);
+    let reader = Objects::new(&settings.store_settings).unwrap();
+    assert!(reader.keys("").await.is_err(), "the bucket exists already");
+    // context() does what `imapworker start` does: create it when missing.
+    let (ctx, _t) = context(settings).await;
+    let (user, _) = new_user(&ctx.store).await;
+    let id = Uuid::new_v4();
+    let limit = ctx.settings.store_settings.raw_size_limit as usize;
+    let p = ctx
+        .save_raw_message(user, id, vec![b'c'; limit + 1], false)
+        .await
+        .unwrap();
+    let uri = format!("s3://{}/{id}", s3.bucket);
+    assert_eq!(p, Placement::Object(uri.clone()));
+    assert_eq!(caliopen_python_get(&s3, &uri).len(), limit + 1);
+    // Created twice (another worker, a restart): still fine.
+    reader.ensure_bucket().await.unwrap();
+}

@@ -20,7 +20,11 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use s3::command::Command;
 use s3::creds::Credentials;
+use s3::error::S3Error;
+use s3::request::tokio_backend::ReqwestRequest;
+use s3::request::Request;
 use s3::{Bucket, BucketConfiguration, Region};
 
 use crate::config::{StoreSettings, WorkerSettings};
@@ -175,28 +179,35 @@ impl Objects {
         {
             return Ok(());
         }
-        let creds = self
-            .bucket
-            .credentials()
+        // As S3 (and minio-go, Caliopen's client) want it: no location
+        // constraint for us-east-1, the location otherwise. (rust-s3's own
+        // create call always sends one, which servers refuse for us-east-1.)
+        let mut config = BucketConfiguration::default();
+        if self.bucket.region.to_string() != DEFAULT_REGION {
+            config.set_region(self.bucket.region.clone());
+        }
+        let request = ReqwestRequest::new(&self.bucket, "", Command::CreateBucket { config })
             .await
             .map_err(|e| s3_err("create bucket", &name, e))?;
-        let r = Bucket::create_with_path_style(
-            &name,
-            self.bucket.region.clone(),
-            creds,
-            BucketConfiguration::default(),
-        )
-        .await
-        .map_err(|e| s3_err("create bucket", &name, e))?;
+        let r = match request.response_data(false).await {
+            Ok(r) => r,
+            // Created meanwhile by another worker: fine.
+            Err(S3Error::HttpFailWithBody(409, _)) => return Ok(()),
+            Err(e) => return Err(s3_err("create bucket", &name, e)),
+        };
         // Another worker may have created it meanwhile.
-        if r.success() || r.response_code == 409 {
+        if (200..300).contains(&r.status_code()) || r.status_code() == 409 {
             tracing::info!(bucket = %name, "object store bucket created");
             Ok(())
         } else {
             Err(s3_err(
                 "create bucket",
                 &name,
-                format!("HTTP {}: {}", r.response_code, first_line(&r.response_text)),
+                format!(
+                    "HTTP {}: {}",
+                    r.status_code(),
+                    first_line(&String::from_utf8_lossy(r.as_slice()))
+                ),
             ))
         }
     }
