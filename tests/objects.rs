@@ -467,3 +467,67 @@ async fn a_missing_bucket_is_created_at_start_up() {
     // Created twice (another worker, a restart): still fine.
     reader.ensure_bucket().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliver_files_a_sent_message_whose_raw_is_in_s3() {
+    use futures::StreamExt;
+    let tag = unique("s3g");
+    let settings = worker_settings(&tag);
+    let w = start_worker(settings.clone()).await;
+    let st = &w.ctx.store;
+    let (user, login, id) = mailbox_account(st, 0, 0).await;
+    // A stand-in for Caliopen's SMTP sender (outside this project).
+    let smtp = async_nats::connect(&stack().nats_url).await.unwrap();
+    let mut sub = smtp
+        .subscribe(settings.lda.out_topic.clone())
+        .await
+        .unwrap();
+    smtp.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if let Some(r) = m.reply {
+                let ok = br#"{"error":false,"message":"sent by stand-in"}"#.to_vec();
+                let _ = smtp.publish(r, ok.into()).await;
+            }
+        }
+    });
+    // Caliopen stored the outgoing raw message in S3 (over the limit).
+    let raw_id = Uuid::new_v4();
+    let message_id = Uuid::new_v4();
+    let draft = message(1, 2 * MB);
+    let p = w
+        .ctx
+        .save_raw_message(user, raw_id, draft.clone(), false)
+        .await
+        .unwrap();
+    assert!(matches!(p, Placement::Object(_)), "{p:?}");
+    st.insert_message(user, message_id, raw_id, chrono::Utc::now())
+        .await
+        .unwrap();
+
+    let order = serde_json::json!({"order": "deliver", "user_id": user.to_string(), "identity_id": id.identity_id.to_string(), "message_id": message_id.to_string()});
+    let reply: serde_json::Value = bus()
+        .await
+        .request(
+            &settings.nats_topic_sender,
+            &order,
+            std::time::Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply["error"], false, "{reply}");
+    let filed = doveadm(&["fetch", "-u", &login, "text", "mailbox", "Sent"], None).stdout;
+    let filed = String::from_utf8_lossy(&filed).replace("\r\n", "\n");
+    let want = String::from_utf8_lossy(&draft).replace("\r\n", "\n");
+    assert!(
+        filed.len() >= want.len(),
+        "filed {} bytes of {}",
+        filed.len(),
+        want.len()
+    );
+    assert!(
+        filed.contains(want.trim_end()),
+        "the full message filed in Sent"
+    );
+    w.stop().await;
+}

@@ -284,6 +284,27 @@ impl Objects {
         Ok(r.to_vec())
     }
 
+    /// The object a row's `uri` names, read as Caliopen's reader does
+    /// (bucket = host, key = path), in whatever bucket it names.
+    pub async fn get_uri(&self, uri: &str) -> Result<Vec<u8>, ObjectError> {
+        let (bucket, key) = parse_uri(uri).ok_or_else(|| ObjectError::S3 {
+            op: "parse uri",
+            key: uri.to_string(),
+            detail: "expected s3://<bucket>/<key>".into(),
+        })?;
+        if bucket == self.bucket.name {
+            return self.get(key).await;
+        }
+        let mut other = self.bucket.clone();
+        other.name = bucket.to_string();
+        let r = other
+            .get_object(key)
+            .await
+            .map_err(|e| s3_err("get", key, e))?;
+        status_ok("get", key, r.status_code(), r.as_slice())?;
+        Ok(r.to_vec())
+    }
+
     /// Keys of the bucket starting with `prefix` (tests, tools).
     pub async fn keys(&self, prefix: &str) -> Result<Vec<String>, ObjectError> {
         let pages = self

@@ -113,6 +113,22 @@ impl Store {
         Ok(())
     }
 
+    /// `(raw_data, raw_size, uri)` of a stored raw message.
+    pub async fn raw_message_full(
+        &self,
+        raw_msg_id: Uuid,
+    ) -> Result<Option<(Vec<u8>, i32, String)>, StoreError> {
+        let rows = self.rows(LAYOUT, query_values!(raw_msg_id)).await?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        let data =
+            col::<Blob>(r, "raw_data", "raw_message row")?.map_or(Vec::new(), Blob::into_vec);
+        let size = col::<i32>(r, "raw_size", "raw_message row")?.unwrap_or(0);
+        let uri = col::<String>(r, "uri", "raw_message row")?.unwrap_or_default();
+        Ok(Some((data, size, uri)))
+    }
+
     /// `(raw_data length, raw_size, uri)` of a stored raw message.
     pub async fn raw_message_layout(
         &self,
@@ -175,6 +191,9 @@ pub enum SaveError {
     /// Cannot happen once the start-up check passed (see [`super::objects::needed`]).
     #[error("message of {size} bytes exceeds store_settings.raw_size_limit ({limit}) and no object store is configured")]
     NoObjectStore { size: usize, limit: u64 },
+    /// A row points at the object store, but none is configured.
+    #[error("raw message {0} is in the object store ({1}) and no object store is configured")]
+    NoObjectStoreToRead(Uuid, String),
 }
 
 /// Where a saved raw message's bytes went.
@@ -219,6 +238,25 @@ pub async fn save_raw_message(
         .insert_raw_message_ref(user_id, raw_msg_id, size, &uri, delivered)
         .await?;
     Ok(Placement::Object(uri))
+}
+
+/// A raw message's bytes, from its row or, when the row holds only a `uri`
+/// (Caliopen put it in the object store), from the object.
+pub async fn load_raw_message(
+    store: &Store,
+    objects: Option<&Objects>,
+    raw_msg_id: Uuid,
+) -> Result<Option<Vec<u8>>, SaveError> {
+    let Some((data, _size, uri)) = store.raw_message_full(raw_msg_id).await? else {
+        return Ok(None);
+    };
+    if !data.is_empty() || uri.is_empty() {
+        return Ok(Some(data));
+    }
+    let Some(objects) = objects else {
+        return Err(SaveError::NoObjectStoreToRead(raw_msg_id, uri));
+    };
+    Ok(Some(objects.get_uri(&uri).await?))
 }
 
 #[cfg(test)]

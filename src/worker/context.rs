@@ -14,7 +14,7 @@ use crate::bus::Bus;
 use crate::config::WorkerSettings;
 use crate::shutdown::Shutdown;
 use crate::store::objects::Objects;
-use crate::store::raw_message::{save_raw_message, Placement, SaveError};
+use crate::store::raw_message::{load_raw_message, save_raw_message, Placement, SaveError};
 use crate::store::Store;
 
 /// Message bytes (all jobs of the process together) held between the IMAP
@@ -95,6 +95,11 @@ impl Ctx {
             delivered,
         )
         .await
+    }
+
+    /// A stored raw message's bytes, from its row or its object.
+    pub async fn load_raw_message(&self, raw_msg_id: Uuid) -> Result<Option<Vec<u8>>, SaveError> {
+        load_raw_message(&self.store, self.objects.as_ref(), raw_msg_id).await
     }
 
     /// Note that this process holds (`true`) or released (`false`) the
