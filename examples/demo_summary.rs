@@ -81,7 +81,7 @@ async fn run(cfg: &str, username: &str) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "Raw messages (raw_message + user_raw_lookup): {} stored, {} delivered to the processor, {}",
+        "Raw messages (raw_message + user_raw_lookup): {} stored, {} delivered to the processor, {} in Cassandra rows",
         ids.len(),
         delivered,
         human(bytes)
