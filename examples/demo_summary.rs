@@ -56,9 +56,23 @@ async fn run(cfg: &str, username: &str) -> anyhow::Result<()> {
     let mut delivered = 0;
     let mut bytes = 0usize;
     let mut samples = Vec::new();
+    // Messages over raw_size_limit: in the object store, the row keeps the uri.
+    let mut in_s3 = Vec::new();
+    let mut s3_bytes = 0usize;
     for id in &ids {
         if store.raw_message_delivered(*id).await? == Some(true) {
             delivered += 1;
+        }
+        if let Some((_, size, uri)) = store.raw_message_layout(*id).await? {
+            if !uri.is_empty() {
+                s3_bytes += size.max(0) as usize;
+                in_s3.push(format!(
+                    "{uri}  raw_size {} ({}), raw_data empty",
+                    size,
+                    human(size.max(0) as usize)
+                ));
+                continue;
+            }
         }
         if let Some(data) = store.raw_message_data(*id).await? {
             bytes += data.len();
@@ -67,7 +81,7 @@ async fn run(cfg: &str, username: &str) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "Raw messages (raw_message + user_raw_lookup): {} stored, {} delivered to the processor, {}",
+        "Raw messages (raw_message + user_raw_lookup): {} stored, {} delivered to the processor, {} in Cassandra rows",
         ids.len(),
         delivered,
         human(bytes)
@@ -75,6 +89,15 @@ async fn run(cfg: &str, username: &str) -> anyhow::Result<()> {
     // In UID order, the first few.
     samples.sort_by_key(|(uid, _)| *uid);
     for (_, s) in samples.into_iter().take(5) {
+        println!("  {s}");
+    }
+    println!();
+    println!(
+        "Over store_settings.raw_size_limit, in the object store (S3): {} messages, {}",
+        in_s3.len(),
+        human(s3_bytes)
+    );
+    for s in &in_s3 {
         println!("  {s}");
     }
     Ok(())

@@ -194,6 +194,12 @@ store_settings:
   hosts: ["$STACK_CASSANDRA_HOSTS"]
   keyspace: $KS
   consistency_level: 1
+  object_store: s3               # messages over raw_size_limit (1 MiB) go to S3
+  object_store_settings:
+    endpoint: "$STACK_S3_ENDPOINT"
+    access_key: "$STACK_S3_ACCESS_KEY"
+    secret_key: "$STACK_S3_SECRET_KEY"
+    buckets: {raw_messages: "$STACK_S3_BUCKET"}
 LDAConfig:
   in_topic: "$3"
 imap:

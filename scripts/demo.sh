@@ -10,7 +10,7 @@ export PATH="$HOME/.cargo/bin:/root/.cargo/bin:$PATH"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "Local stack (NATS, Cassandra, Dovecot)"
+say "Local stack (NATS, Cassandra, Dovecot, S3)"
 bash scripts/stack.sh up
 # shellcheck disable=SC1091
 source .stack/env
@@ -54,6 +54,17 @@ if [ "${count:-0}" -lt 40 ]; then
             "$MAILBOX_USER" "$i" "$(date -R)" "$i" "$i" |
             doveadm -c "$STACK_DOVECOT_CONF" save -u "$MAILBOX_USER" -m INBOX
     done
+    count=40
+fi
+if [ "${count:-0}" -lt 41 ]; then
+    # One message with a 3 MB attachment: over raw_size_limit (1 MiB), so it
+    # goes to the S3 bucket and its row keeps only the uri.
+    {
+        printf 'From: Zoé Exemple <zoe@example.test>\r\nTo: %s\r\nSubject: Demo large message, 3 MB attachment\r\nDate: %s\r\nMessage-ID: <demo-large@example.test>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b1"\r\n\r\n--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nThe attachment is too large for a Cassandra row.\r\n--b1\r\nContent-Type: application/octet-stream; name="data.bin"\r\nContent-Transfer-Encoding: base64\r\n\r\n' \
+            "$MAILBOX_USER" "$(date -R)"
+        head -c 2300000 /dev/urandom | base64 -w 76 | sed 's/$/\r/'
+        printf -- '--b1--\r\n'
+    } | doveadm -c "$STACK_DOVECOT_CONF" save -u "$MAILBOX_USER" -m INBOX
 fi
 doveadm -c "$STACK_DOVECOT_CONF" mailbox status -u "$MAILBOX_USER" "messages uidnext uidvalidity" INBOX
 
@@ -81,7 +92,7 @@ grep -E "leader|scan applied" "$DEMO_DIR/poller.log" | sed 's/\x1b\[[0-9;]*m//g'
 say "imapctl listremotes"
 "$BIN" ctl -c "$CONFIG" listremotes --username demo
 
-say "What landed in Cassandra"
+say "What landed in Cassandra and S3"
 target/release/examples/demo_summary "$CONFIG" demo
 
 say "imapctl status (exit 1 if any identity is unhealthy)"

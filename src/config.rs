@@ -42,9 +42,11 @@ pub struct StoreSettings {
     pub keyspace: String,
     /// gocql numbering: 1 = ONE, 4 = QUORUM, 6 = LOCAL_QUORUM...
     pub consistency_level: u16,
-    /// Caliopen sends larger messages to the object store; accepted, see README.
+    /// Raw messages strictly larger than this (bytes) go to the object store,
+    /// the row keeping only their `uri` (Caliopen's rule). At least 1.
     pub raw_size_limit: u64,
-    /// Object store kind (`s3`); accepted for compatibility, not used.
+    /// Object store kind: only `s3` is supported. Needed (with an endpoint)
+    /// when `imap.max_message_size` exceeds `raw_size_limit`.
     pub object_store: String,
     pub object_store_settings: ObjectStoreSettings,
     /// Secrets from Vault: not implemented, so `true` is refused.
@@ -304,7 +306,9 @@ pub struct ImapSettings {
     pub checkpoint_every: u32,
     /// Tries of one message's hand-off before it is stepped over (and listed).
     pub max_message_tries: u32,
-    /// Largest message stored; larger ones are recorded as failures.
+    /// Largest message stored (64 MiB); larger ones are recorded as failures.
+    /// Above `store_settings.raw_size_limit` a message goes to the object
+    /// store, so this bounds what we accept into it.
     pub max_message_size: u64,
     /// TCP + TLS + greeting timeout, seconds.
     pub connect_timeout_secs: u64,
@@ -337,7 +341,7 @@ impl Default for ImapSettings {
             in_flight: 64,
             checkpoint_every: 200,
             max_message_tries: 5,
-            max_message_size: 15 * 1024 * 1024,
+            max_message_size: 64 * 1024 * 1024,
             connect_timeout_secs: 30,
             io_timeout_secs: 120,
             lda_timeout_secs: 10,
@@ -394,6 +398,19 @@ impl WorkerSettings {
             ("imap.lda_timeout_secs", i.lda_timeout_secs, 1, 3600),
             ("imap.lock_ttl_secs", i.lock_ttl_secs, 30, 3600),
             ("imap.job_deadline_secs", i.job_deadline_secs, 5, 7 * 86400),
+            // `raw_size` is a CQL int; 0 would send every message to S3.
+            (
+                "imap.max_message_size",
+                i.max_message_size,
+                1,
+                i32::MAX as u64,
+            ),
+            (
+                "store_settings.raw_size_limit",
+                self.store_settings.raw_size_limit,
+                1,
+                i32::MAX as u64,
+            ),
         ] {
             if v < lo || v > hi {
                 errors.push(format!("{key}: expected {lo} to {hi}, found {v}"));
@@ -828,11 +845,28 @@ mod tests {
         };
         s.store_settings.vault_settings.password = "hunter2".into();
         s.store_settings.object_store_settings.secret_key = "k3y".into();
+        s.store_settings.object_store_settings.access_key = "AKID0".into();
         let out = redacted_json(&s);
         assert!(!out.contains("hunter2"));
         assert!(!out.contains("k3y"));
+        assert!(!out.contains("AKID0"));
         assert!(!out.contains("u:p"));
         assert!(out.contains("nats://<redacted>@h:4222"));
+    }
+
+    #[test]
+    fn a_zero_raw_size_limit_is_refused_not_read_as_everything_to_s3() {
+        let mut s = WorkerSettings::default();
+        s.store_settings.raw_size_limit = 0;
+        let e = s.validate().unwrap_err().join("\n");
+        assert!(
+            e.contains("store_settings.raw_size_limit: expected 1 to"),
+            "{e}"
+        );
+        let mut s = WorkerSettings::default();
+        s.imap.max_message_size = 0;
+        assert!(s.validate().is_err());
+        assert_eq!(WorkerSettings::default().imap.max_message_size, 64 << 20);
     }
 
     #[test]

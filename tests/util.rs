@@ -35,6 +35,20 @@ pub struct Stack {
     pub ca_file: String,
     pub password: String,
     pub dovecot_conf: String,
+    /// The S3 server (`STACK_S3_*`); required: large messages go there.
+    pub s3: S3,
+}
+
+/// Where the stack's S3 server listens, with its keys and bucket.
+#[derive(Debug, Clone)]
+pub struct S3 {
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub bucket: String,
+    /// A Python with Caliopen's S3 client (`minio`), to read objects back
+    /// the way Caliopen's reader does.
+    pub python: String,
 }
 
 pub fn root() -> PathBuf {
@@ -88,6 +102,19 @@ pub fn stack() -> &'static Stack {
             ca_file: get("STACK_IMAP_CA_FILE"),
             password: get("STACK_IMAP_PASSWORD"),
             dovecot_conf: get("STACK_DOVECOT_CONF"),
+            s3: S3 {
+                endpoint: env.get("STACK_S3_ENDPOINT").cloned().unwrap_or_else(|| {
+                    panic!(
+                        "STACK_S3_ENDPOINT missing from {}: this stack has no S3 server yet; \
+                         run scripts/stack.sh up again (it adds one)",
+                        path.display()
+                    )
+                }),
+                access_key: get("STACK_S3_ACCESS_KEY"),
+                secret_key: get("STACK_S3_SECRET_KEY"),
+                bucket: get("STACK_S3_BUCKET"),
+                python: get("STACK_S3_PYTHON"),
+            },
         }
     })
 }
@@ -120,7 +147,17 @@ pub fn worker_settings(tag: &str) -> WorkerSettings {
     w.lda.out_topic = format!("outboundSMTP.{tag}");
     w.imap.poll_throttle_secs = 3600; // no poller in worker tests
     w.workers = 4;
+    set_s3(&mut w, &s.s3);
     w
+}
+
+/// Point the settings at an S3 server (messages over `raw_size_limit`).
+pub fn set_s3(w: &mut WorkerSettings, s3: &S3) {
+    let o = &mut w.store_settings.object_store_settings;
+    o.endpoint = s3.endpoint.clone();
+    o.access_key = s3.access_key.clone();
+    o.secret_key = s3.secret_key.clone();
+    o.buckets.insert("raw_messages".into(), s3.bucket.clone());
 }
 
 /// The YAML of `worker_settings(tag)`, for subprocesses.
@@ -128,9 +165,11 @@ pub fn worker_yaml(tag: &str, extra: &str) -> PathBuf {
     let s = stack();
     let text = format!(
         "workers: 4\nnats_url: {}\nnats_topic_sender: outboundIMAP.{tag}\nnats_topic_poller: imapJobs.{tag}\n\
-         nats_topic_poller_cache: idCache.{tag}\nstore_settings:\n  hosts: [\"{}\"]\n\
+         nats_topic_poller_cache: idCache.{tag}\nstore_settings:\n  hosts: [\"{}\"]\n  \
+         object_store_settings: {{endpoint: \"{}\", access_key: \"{}\", secret_key: \"{}\", \
+         buckets: {{raw_messages: \"{}\"}}}}\n\
          LDAConfig:\n  in_topic: inboundSMTP.{tag}\nimap:\n  ca_file: {}\n  poll_throttle_secs: 3600\n{extra}",
-        s.nats_url, s.cassandra, s.ca_file
+        s.nats_url, s.cassandra, s.s3.endpoint, s.s3.access_key, s.s3.secret_key, s.s3.bucket, s.ca_file
     );
     let path = std::env::temp_dir().join(format!("caliopen-imap-{tag}.yaml"));
     std::fs::write(&path, text).unwrap();
@@ -343,7 +382,14 @@ pub async fn context(settings: WorkerSettings) -> (Ctx, Trigger) {
     )
     .await
     .unwrap();
-    (Ctx::new(settings, store, bus, shutdown), trigger)
+    let objects = caliopen_imap::store::objects::from_worker_settings(&settings).unwrap();
+    if let Some(o) = &objects {
+        o.ensure_bucket().await.unwrap();
+    }
+    (
+        Ctx::new(settings, store, bus, shutdown).with_objects(objects),
+        trigger,
+    )
 }
 
 pub async fn start_worker(settings: WorkerSettings) -> WorkerHandle {

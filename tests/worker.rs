@@ -399,6 +399,8 @@ async fn oversized_message_is_neither_fatal_nor_silently_lost() {
     let tag = unique("w10");
     let mut settings = worker_settings(&tag);
     settings.imap.max_message_tries = 1;
+    // Below the 30 MiB message (the default, 64 MiB, would accept it).
+    settings.imap.max_message_size = 20 * 1024 * 1024;
     let lda = lda(&settings.lda.in_topic, |_| false).await;
     let (ctx, _t) = context(settings).await;
     let st = &ctx.store;

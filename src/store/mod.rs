@@ -14,6 +14,7 @@ pub mod identity;
 pub mod lease;
 pub mod lock;
 pub mod message;
+pub mod objects;
 pub mod raw_message;
 pub mod state;
 pub mod user;

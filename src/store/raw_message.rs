@@ -9,6 +9,7 @@ use cdrs_tokio::query_values;
 use cdrs_tokio::types::blob::Blob;
 use uuid::Uuid;
 
+use super::objects::{ObjectError, Objects};
 use super::{col, Store, StoreError};
 
 /// Namespace of raw message ids (a fixed random UUID, never to change: it
@@ -53,6 +54,7 @@ const INSERT_LOOKUP: &str = "INSERT INTO {ks}.user_raw_lookup (user_id, raw_msg_
 const SET_DELIVERED: &str = "UPDATE {ks}.raw_message SET delivered = true WHERE raw_msg_id = ?";
 const DELIVERED: &str = "SELECT delivered FROM {ks}.raw_message WHERE raw_msg_id = ?";
 const SELECT: &str = "SELECT raw_data FROM {ks}.raw_message WHERE raw_msg_id = ?";
+const LAYOUT: &str = "SELECT raw_data, raw_size, uri FROM {ks}.raw_message WHERE raw_msg_id = ?";
 const IDS_OF_USER: &str = "SELECT raw_msg_id FROM {ks}.user_raw_lookup WHERE user_id = ?";
 
 impl Store {
@@ -85,6 +87,61 @@ impl Store {
         a?;
         b?;
         Ok(())
+    }
+
+    /// Store the row of a raw message kept in the object store: empty
+    /// `raw_data`, the full `raw_size` and the object's `uri` (Caliopen's
+    /// layout). The object must be written first.
+    pub async fn insert_raw_message_ref(
+        &self,
+        user_id: Uuid,
+        raw_msg_id: Uuid,
+        size: usize,
+        uri: &str,
+        delivered: bool,
+    ) -> Result<(), StoreError> {
+        let size = size.min(i32::MAX as usize) as i32;
+        let (a, b) = tokio::join!(
+            self.exec(
+                INSERT,
+                query_values!(raw_msg_id, Blob::from(Vec::new()), size, uri, delivered)
+            ),
+            self.exec(INSERT_LOOKUP, query_values!(user_id, raw_msg_id)),
+        );
+        a?;
+        b?;
+        Ok(())
+    }
+
+    /// `(raw_data, raw_size, uri)` of a stored raw message.
+    pub async fn raw_message_full(
+        &self,
+        raw_msg_id: Uuid,
+    ) -> Result<Option<(Vec<u8>, i32, String)>, StoreError> {
+        let rows = self.rows(LAYOUT, query_values!(raw_msg_id)).await?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        let data =
+            col::<Blob>(r, "raw_data", "raw_message row")?.map_or(Vec::new(), Blob::into_vec);
+        let size = col::<i32>(r, "raw_size", "raw_message row")?.unwrap_or(0);
+        let uri = col::<String>(r, "uri", "raw_message row")?.unwrap_or_default();
+        Ok(Some((data, size, uri)))
+    }
+
+    /// `(raw_data length, raw_size, uri)` of a stored raw message.
+    pub async fn raw_message_layout(
+        &self,
+        raw_msg_id: Uuid,
+    ) -> Result<Option<(usize, i32, String)>, StoreError> {
+        let rows = self.rows(LAYOUT, query_values!(raw_msg_id)).await?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        let data = col::<Blob>(r, "raw_data", "raw_message row")?.map_or(0, |b| b.into_vec().len());
+        let size = col::<i32>(r, "raw_size", "raw_message row")?.unwrap_or(0);
+        let uri = col::<String>(r, "uri", "raw_message row")?.unwrap_or_default();
+        Ok(Some((data, size, uri)))
     }
 
     pub async fn mark_delivered(&self, raw_msg_id: Uuid) -> Result<(), StoreError> {
@@ -122,6 +179,84 @@ impl Store {
             None => Ok(None),
         }
     }
+}
+
+/// Why a raw message could not be saved. Every case is an outage of ours.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    /// Cannot happen once the start-up check passed (see [`super::objects::needed`]).
+    #[error("message of {size} bytes exceeds store_settings.raw_size_limit ({limit}) and no object store is configured")]
+    NoObjectStore { size: usize, limit: u64 },
+    /// A row points at the object store, but none is configured.
+    #[error("raw message {0} is in the object store ({1}) and no object store is configured")]
+    NoObjectStoreToRead(Uuid, String),
+}
+
+/// Where a saved raw message's bytes went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// In `raw_message.raw_data`.
+    Inline,
+    /// In the object store, at this `uri`.
+    Object(String),
+}
+
+/// Save a fetched raw message as Caliopen does: up to `raw_size_limit` bytes
+/// in the row; strictly larger, the object first (key: the bare id), then a
+/// row pointing at it, so a row never points at a missing object.
+pub async fn save_raw_message(
+    store: &Store,
+    objects: Option<&Objects>,
+    raw_size_limit: u64,
+    user_id: Uuid,
+    raw_msg_id: Uuid,
+    data: Vec<u8>,
+    delivered: bool,
+) -> Result<Placement, SaveError> {
+    if data.len() as u64 <= raw_size_limit {
+        store
+            .insert_raw_message_as(user_id, raw_msg_id, data, delivered)
+            .await?;
+        return Ok(Placement::Inline);
+    }
+    let Some(objects) = objects else {
+        return Err(SaveError::NoObjectStore {
+            size: data.len(),
+            limit: raw_size_limit,
+        });
+    };
+    let key = raw_msg_id.to_string();
+    objects.put(&key, &data).await?;
+    let uri = objects.uri(&key);
+    let size = data.len();
+    drop(data);
+    store
+        .insert_raw_message_ref(user_id, raw_msg_id, size, &uri, delivered)
+        .await?;
+    Ok(Placement::Object(uri))
+}
+
+/// A raw message's bytes, from its row or, when the row holds only a `uri`
+/// (Caliopen put it in the object store), from the object.
+pub async fn load_raw_message(
+    store: &Store,
+    objects: Option<&Objects>,
+    raw_msg_id: Uuid,
+) -> Result<Option<Vec<u8>>, SaveError> {
+    let Some((data, _size, uri)) = store.raw_message_full(raw_msg_id).await? else {
+        return Ok(None);
+    };
+    if !data.is_empty() || uri.is_empty() {
+        return Ok(Some(data));
+    }
+    let Some(objects) = objects else {
+        return Err(SaveError::NoObjectStoreToRead(raw_msg_id, uri));
+    };
+    Ok(Some(objects.get_uri(&uri).await?))
 }
 
 #[cfg(test)]

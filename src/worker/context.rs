@@ -14,6 +14,8 @@ use crate::bus::Bus;
 use crate::config::WorkerSettings;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::Shutdown;
+use crate::store::objects::Objects;
+use crate::store::raw_message::{load_raw_message, save_raw_message, Placement, SaveError};
 use crate::store::Store;
 
 /// Message bytes (all jobs of the process together) held between the IMAP
@@ -37,6 +39,8 @@ pub struct Ctx {
     pub busy_skips: Arc<AtomicU64>,
     /// What `/metrics` shows.
     pub metrics: Arc<WorkerMetrics>,
+    /// Where messages over `raw_size_limit` go (see [`Ctx::with_objects`]).
+    pub objects: Option<Objects>,
     /// Budget of message bytes in flight, in KiB permits.
     bytes: Arc<Semaphore>,
     bytes_total_kib: u32,
@@ -76,9 +80,44 @@ impl Ctx {
             locks: Arc::default(),
             busy_skips: Arc::default(),
             metrics,
+            objects: None,
             bytes: Arc::new(Semaphore::new(kib as usize)),
             bytes_total_kib: kib,
         }
+    }
+
+    /// Use this object store for messages over `raw_size_limit`.
+    pub fn with_objects(mut self, objects: Option<Objects>) -> Ctx {
+        self.objects = objects;
+        self
+    }
+
+    /// Store a fetched raw message, in its row or in the object store
+    /// (then its row), as its size asks.
+    pub async fn save_raw_message(
+        &self,
+        user_id: Uuid,
+        raw_msg_id: Uuid,
+        data: Vec<u8>,
+        delivered: bool,
+    ) -> Result<Placement, SaveError> {
+        let limit = self.settings.store_settings.raw_size_limit;
+        let objects = self.objects.as_ref();
+        save_raw_message(
+            &self.store,
+            objects,
+            limit,
+            user_id,
+            raw_msg_id,
+            data,
+            delivered,
+        )
+        .await
+    }
+
+    /// A stored raw message's bytes, from its row or its object.
+    pub async fn load_raw_message(&self, raw_msg_id: Uuid) -> Result<Option<Vec<u8>>, SaveError> {
+        load_raw_message(&self.store, self.objects.as_ref(), raw_msg_id).await
     }
 
     /// Note that this process holds (`true`) or released (`false`) the

@@ -121,6 +121,8 @@ pub async fn run(
     if !settings.metrics_addr.trim().is_empty() {
         crate::http::start(&settings.metrics_addr, probe.clone(), shutdown.clone()).await?;
     }
+    let objects = crate::store::objects::from_worker_settings(&settings)
+        .map_err(|e| crate::error::Failure::Config(e.to_string()))?;
     let store = Store::connect_retrying(&settings.store_settings, shutdown.clone()).await?;
     let bus = Bus::connect(
         &settings.nats_url,
@@ -129,7 +131,14 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
-    let ctx = Ctx::with_metrics(settings, store, bus, shutdown, metrics);
+    if let Some(o) = &objects {
+        // Caliopen creates the bucket at start-up when missing; if the store
+        // cannot be reached, say so now rather than at the first large message.
+        o.ensure_bucket()
+            .await
+            .map_err(|e| crate::error::Failure::Unavailable(e.to_string()))?;
+    }
+    let ctx = Ctx::with_metrics(settings, store, bus, shutdown, metrics).with_objects(objects);
     let _ = probe.ctx.set(ctx.clone());
     serve(ctx).await?;
     Ok(ExitCode::SUCCESS)

@@ -717,11 +717,7 @@ async fn store_and_hand_off(
     }
     let topic = &ctx.settings.lda.in_topic;
     let store_only = topic.is_empty();
-    if let Err(e) = ctx
-        .store
-        .insert_raw_message_as(job.user_id, id, raw, store_only)
-        .await
-    {
+    if let Err(e) = ctx.save_raw_message(job.user_id, id, raw, store_only).await {
         return Outcome::Outage(e.to_string());
     }
     ctx.metrics.stored.inc();

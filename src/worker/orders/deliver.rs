@@ -106,9 +106,9 @@ async fn deliver(ctx: &Ctx, msg: &Message, order: &ImapOrder) -> Result<Delivery
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("no message {message} for user {user}"))?;
     let raw_id = raw_id.ok_or_else(|| format!("message {message} has no raw message"))?;
+    // Caliopen keeps a large one in the object store, the row holding its uri.
     let raw = ctx
-        .store
-        .raw_message_data(raw_id)
+        .load_raw_message(raw_id)
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("raw message {raw_id} not found"))?;
