@@ -352,6 +352,32 @@ pub fn summary(what: &str, r: &JobReport) -> String {
     s
 }
 
+/// Columns padded to their widest cell, two spaces apart: the header line
+/// first, then one line per row.
+pub fn table_lines<R: AsRef<[String]>>(header: &[&str], rows: &[R]) -> Vec<String> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row.as_ref()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        cells
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(&mut header.iter().copied())];
+    out.extend(
+        rows.iter()
+            .map(|r| line(&mut r.as_ref().iter().map(String::as_str))),
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

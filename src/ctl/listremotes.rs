@@ -123,25 +123,8 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &table {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    println!("{}", line(&header.map(String::from)));
-    for row in &table {
-        println!("{}", line(row));
+    for l in super::common::table_lines(&header, &table) {
+        println!("{l}");
     }
     for r in &rows {
         if let Some(l) = &r.sync_lock {

@@ -270,27 +270,10 @@ fn print_table(out: &mut impl Write, rows: &[Row], header_too: bool) -> anyhow::
             ]
         })
         .collect();
-    let mut widths = HEADER.map(str::len);
-    for row in &table {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    if header_too {
-        writeln!(out, "{}", line(&HEADER.map(String::from)))?;
-    }
-    for row in &table {
-        writeln!(out, "{}", line(row))?;
+    let lines = super::common::table_lines(&HEADER, &table);
+    let skip = usize::from(!header_too);
+    for l in &lines[skip..] {
+        writeln!(out, "{l}")?;
     }
     for r in rows {
         let who = &r.identifier;
