@@ -502,7 +502,10 @@ enum Script {
 /// A small scripted IMAP server on loopback (plaintext, allowed for
 /// loopback only), standing in for remote servers whose misbehaviour
 /// Dovecot cannot be made to show. Mailbox: UIDs 1 and 2, UIDVALIDITY 7.
-async fn scripted_server(script: Script) -> u16 {
+/// Run at the scripted server's LOGIN, before it answers.
+type OnLogin = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+async fn scripted_server_with(script: Script, on_login: Option<OnLogin>) -> u16 {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -511,6 +514,7 @@ async fn scripted_server(script: Script) -> u16 {
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             let (small, big) = (small.clone(), big.clone());
+            let on_login = on_login.clone();
             tokio::spawn(async move {
                 let (r, mut w) = s.into_split();
                 let mut lines = BufReader::new(r).lines();
@@ -532,6 +536,11 @@ async fn scripted_server(script: Script) -> u16 {
                         out.extend_from_slice(data);
                         out.extend_from_slice(b")\r\n");
                     };
+                    if cmd.starts_with("LOGIN") {
+                        if let Some(hook) = &on_login {
+                            hook().await;
+                        }
+                    }
                     let done = if cmd.starts_with("CAPABILITY") {
                         out.extend_from_slice(b"* CAPABILITY IMAP4rev1\r\n");
                         "OK done"
@@ -592,6 +601,17 @@ async fn scripted_server(script: Script) -> u16 {
 
 /// An identity on the scripted server, and a context allowed to reach it.
 async fn scripted_account(tag: &str, script: Script) -> (Ctx, Trigger, Uuid, Uuid, Lda) {
+    scripted_account_with(tag, script, |_, _, _| None).await
+}
+
+async fn scripted_account_with<H>(
+    tag: &str,
+    script: Script,
+    hook: H,
+) -> (Ctx, Trigger, Uuid, Uuid, Lda)
+where
+    H: FnOnce(caliopen_imap::store::Store, Uuid, Uuid) -> Option<OnLogin>,
+{
     let mut settings = worker_settings(tag);
     settings.imap.allow_plaintext_loopback = true;
     settings.imap.max_message_size = 100_000;
@@ -599,10 +619,12 @@ async fn scripted_account(tag: &str, script: Script) -> (Ctx, Trigger, Uuid, Uui
     let lda = lda(&settings.lda.in_topic, |_| false).await;
     let (ctx, t) = context(settings).await;
     let (user, _) = new_user(&ctx.store).await;
-    let port = scripted_server(script).await;
-    let id = new_identity(
+    let identity = Uuid::new_v4();
+    let port = scripted_server_with(script, hook(ctx.store.clone(), user, identity)).await;
+    let id = new_identity_with_id(
         &ctx.store,
         user,
+        identity,
         &unique("s"),
         &format!("127.0.0.1:{port}"),
         "pw",
@@ -766,4 +788,47 @@ async fn a_job_past_its_deadline_stops_at_a_message_boundary_and_resumes() {
     assert_eq!(total, 40);
     assert_eq!(counts(&lda.seen).len(), 40);
     assert!(counts(&lda.seen).values().all(|n| *n == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_worker_taking_the_marker_after_our_lock_makes_ours_stand_down() {
+    // A Go worker that read the identity before our marker landed writes
+    // its own marker later, replacing the whole infos map: here while we log in.
+    let go_marker = "2026-11-26T10:00:00Z";
+    let (ctx, _t, user, identity, lda) = scripted_account_with(
+        &unique("f17"),
+        Script::UnderReportedSize,
+        |st, user, identity| {
+            let hook: OnLogin = Arc::new(move || {
+                let st = st.clone();
+                Box::pin(async move {
+                    st.remove_infos(user, identity, &[infos::SYNCING_OWNER])
+                        .await
+                        .unwrap();
+                    st.merge_infos(
+                        user,
+                        identity,
+                        [(infos::SYNCING.to_string(), go_marker.to_string())].into(),
+                    )
+                    .await
+                    .unwrap();
+                })
+            });
+            Some(hook)
+        },
+    )
+    .await;
+    let rep = sync(&ctx, user, identity).await;
+    assert!(rep.error.contains("Go worker started a sync"), "{rep:?}");
+    assert_eq!(lda.seen.lock().unwrap().len(), 0, "nothing handed off");
+    let after = ctx.store.identity(user, identity).await.unwrap().unwrap();
+    assert_eq!(
+        after.info(infos::SYNCING),
+        go_marker,
+        "the Go worker's marker is left to it"
+    );
+    assert!(
+        ctx.store.sync_lock(user, identity).await.unwrap().is_none(),
+        "our lock released"
+    );
 }

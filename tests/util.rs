@@ -211,9 +211,21 @@ pub async fn new_identity(
     server: &str,
     password: &str,
 ) -> Identity {
+    new_identity_with_id(store, user, Uuid::new_v4(), login, server, password).await
+}
+
+/// The same, with the identity id chosen by the caller.
+pub async fn new_identity_with_id(
+    store: &Store,
+    user: Uuid,
+    identity_id: Uuid,
+    login: &str,
+    server: &str,
+    password: &str,
+) -> Identity {
     let id = Identity {
         user_id: user,
-        identity_id: Uuid::new_v4(),
+        identity_id,
         credentials: HashMap::from([
             (creds::USERNAME_IN.to_string(), login.to_string()),
             (creds::PASSWORD_IN.to_string(), password.to_string()),

@@ -187,13 +187,14 @@ async fn sync_locked(
         Ok::<_, JobError>((id, r))
     }
     .await;
-    // Only `claim_marker` stands down with Busy: a Go worker took the
-    // marker, which is then its own to clear.
-    let marker_ours = !matches!(result, Err(JobError::Busy(_)));
     let (id, result) = match result {
         Ok((id, r)) => (id, r),
         Err(e) => (id, Err(e)),
     };
+    // Only the marker checks (`claim_marker`, `marker_still_ours`) stand
+    // down with Busy once the lock is ours: a Go worker took the marker,
+    // which is then its own to clear.
+    let marker_ours = !matches!(result, Err(JobError::Busy(_)));
 
     // Whatever happened: the time of this attempt, the error if any, the lock.
     let _ = store
