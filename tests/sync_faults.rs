@@ -128,6 +128,14 @@ async fn a_silent_processor_is_an_outage_and_a_poison_message_is_a_try() {
     assert_eq!((f[0].uid, f[0].tries), (2, 1));
     let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
     assert_eq!(after.info(infos::LASTSEENUID), "1");
+    assert!(
+        after
+            .info(infos::LAST_FETCH_ERROR)
+            .contains("1 message(s) not handed off"),
+        "a message left to retry is visible on the identity: {:?}",
+        after.info(infos::LAST_FETCH_ERROR)
+    );
+    assert_eq!(after.info(infos::ERRORS_COUNT), "", "not the account's");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,7 +200,19 @@ async fn sync_locked(
     let _ = store
         .set_last_check(id.user_id, id.identity_id, Utc::now())
         .await;
+    let left = counters.failed.load(std::sync::atomic::Ordering::Relaxed);
     match &result {
+        // Messages left to retry are a failure to see too (our side or
+        // theirs is in each message's failure row): not the account's.
+        Ok(()) if left > 0 => {
+            let e = JobError::Outage(format!(
+                "{left} message(s) not handed off, retried at the next sync \
+                 (imapctl listremotes shows why)"
+            ));
+            if let Err(e2) = record_error(ctx, &id, &e).await {
+                tracing::error!(error = %e2, "cannot record the sync error on the identity");
+            }
+        }
         Ok(()) => {
             let _ = clear_errors(ctx, &id).await;
         }
