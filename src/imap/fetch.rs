@@ -10,15 +10,14 @@
 //! reported to the caller with the server's text, so it can tell a message
 //! that is gone from one that cannot be fetched.
 //!
-//! Every wait goes through [`Reader::step`]: bounded by the I/O timeout and
-//! ended early by the job's stop token, so a slow or silent server never
-//! holds a job past a shutdown.
+//! Every wait goes through one bounded step ([`step`]): limited by the I/O
+//! timeout and ended early by the job's stop token, so a slow or silent
+//! server never holds a job past a shutdown.
 //!
 //! Mailbox names are UTF-8 everywhere in this project and encoded to
 //! modified UTF-7 (RFC 3501 §5.1.3) only here, on the wire.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
@@ -70,14 +69,6 @@ impl<'a> Reader<'a> {
             io,
             stop,
         }
-    }
-
-    /// One IMAP wait, bounded by the I/O timeout and ended by the stop token.
-    pub async fn step<T, F>(&mut self, during: &str, fut: F) -> Result<T, ImapError>
-    where
-        F: Future<Output = Result<T, async_imap::error::Error>>,
-    {
-        step(self.server, self.io, &mut self.stop, during, fut).await
     }
 
     /// EXAMINE `mailbox` (UTF-8). A `NO` (no such mailbox, not selectable)
@@ -445,15 +436,6 @@ pub fn uid_set(uids: &[u32]) -> String {
     out
 }
 
-/// UIDs of `wanted` missing from `got`.
-pub fn missing(wanted: &[u32], got: &HashSet<u32>) -> Vec<u32> {
-    wanted
-        .iter()
-        .copied()
-        .filter(|u| !got.contains(u))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,11 +445,5 @@ mod tests {
         assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8, 9]), "1:3,5,7:9");
         assert_eq!(uid_set(&[9, 4, 4]), "4,9");
         assert_eq!(uid_set(&[]), "");
-    }
-
-    #[test]
-    fn missing_uids() {
-        let got: HashSet<u32> = [1, 3].into_iter().collect();
-        assert_eq!(missing(&[1, 2, 3, 4], &got), vec![2, 4]);
     }
 }
