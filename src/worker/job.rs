@@ -154,7 +154,7 @@ async fn sync_locked(
     rep: &mut JobReport,
 ) -> Result<(), JobError> {
     let store = &ctx.store;
-    let id = load_identity(ctx, req).await?;
+    let id = load_identity(ctx, req.user_id, req.identity_id).await?;
     rep.mailboxes = id.mailboxes();
     go_marker_check(&id)?;
 
@@ -226,16 +226,13 @@ async fn sync_locked(
     result
 }
 
-async fn load_identity(ctx: &Ctx, req: &SyncRequest) -> Result<Identity, JobError> {
+async fn load_identity(ctx: &Ctx, user_id: Uuid, identity_id: Uuid) -> Result<Identity, JobError> {
     let id = ctx
         .store
-        .identity(req.user_id, req.identity_id)
+        .identity(user_id, identity_id)
         .await?
         .ok_or_else(|| {
-            JobError::NotFound(format!(
-                "no identity {} for user {}",
-                req.identity_id, req.user_id
-            ))
+            JobError::NotFound(format!("no identity {identity_id} for user {user_id}"))
         })?;
     if !id.is_remote_email() {
         return Err(JobError::NotFound(format!(
@@ -282,28 +279,51 @@ async fn write_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<(), 
     Ok(())
 }
 
+/// Who holds Caliopen's `syncing` marker, as read back by a sync that
+/// wrote `marker` as worker `me`.
+enum Marker {
+    /// As we wrote it.
+    Ours,
+    /// `syncing` changed under our `syncing_owner`, or our owner is gone
+    /// with a marker in its place: a Go worker (it writes `syncing`, or the
+    /// whole `infos` map) read the identity before ours landed.
+    TakenByGo,
+    /// Another of our workers wrote after us (it lost the lock race).
+    OtherOfOurs,
+    /// Only a `syncing` without owner: a Go worker's, of any age.
+    GoWorkers,
+    /// None at all (cleared, for example by `imapctl unlock`).
+    Absent,
+}
+
+fn marker_of(id: &Identity, me: &str, marker: &str) -> Marker {
+    let owner = id.info(infos::SYNCING_OWNER);
+    let syncing = id.info(infos::SYNCING);
+    match (owner, syncing) {
+        (o, s) if o == me && s == marker => Marker::Ours,
+        (o, _) if o == me => Marker::TakenByGo,
+        ("", "") => Marker::Absent,
+        ("", _) => Marker::GoWorkers,
+        _ => Marker::OtherOfOurs,
+    }
+}
+
+fn go_took_it() -> JobError {
+    JobError::Busy("a Caliopen Go worker started a sync of this identity at the same moment".into())
+}
+
 /// With the lock held, read the identity back (so the checkpoint synced
-/// from is never older than the last sync's) and check the marker:
-/// - ours as written: go on;
-/// - `syncing` changed while `syncing_owner` is still ours: a Go worker,
-///   which reads the marker and then writes only `syncing`, read it before
-///   ours landed and is syncing: stand down;
-/// - another of our workers wrote it after us (it lost the lock race): write
-///   ours again and check once more.
+/// from is never older than the last sync's) and check the marker: ours,
+/// go on; taken by a Go worker, or a fresh Go marker, stand down; written
+/// over by another of ours or cleared, write ours again and check once more.
 async fn claim_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<Identity, JobError> {
     for attempt in 0..2 {
-        let id = load_identity(ctx, req).await?;
-        let owner = id.info(infos::SYNCING_OWNER);
-        if owner == ctx.worker_id {
-            if id.info(infos::SYNCING) == marker {
-                return Ok(id);
-            }
-            return Err(JobError::Busy(
-                "a Caliopen Go worker started a sync of this identity at the same moment".into(),
-            ));
-        }
-        if owner.is_empty() {
-            go_marker_check(&id)?;
+        let id = load_identity(ctx, req.user_id, req.identity_id).await?;
+        match marker_of(&id, &ctx.worker_id, marker) {
+            Marker::Ours => return Ok(id),
+            Marker::TakenByGo => return Err(go_took_it()),
+            Marker::GoWorkers => go_marker_check(&id)?,
+            Marker::OtherOfOurs | Marker::Absent => {}
         }
         if attempt == 0 {
             write_marker(ctx, req, marker).await?;
@@ -320,19 +340,11 @@ async fn claim_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<Iden
 /// `syncing_owner` disappears). Another of our workers that lost the lock
 /// race may have written its own marker: that one is harmless.
 async fn marker_still_ours(ctx: &Ctx, id: &Identity, marker: &str) -> Result<(), JobError> {
-    let now = ctx
-        .store
-        .identity(id.user_id, id.identity_id)
-        .await?
-        .ok_or_else(|| JobError::NotFound(format!("identity {} was removed", id.identity_id)))?;
-    let owner = now.info(infos::SYNCING_OWNER);
-    let ours = owner == ctx.worker_id && now.info(infos::SYNCING) == marker;
-    if ours || (!owner.is_empty() && owner != ctx.worker_id) {
-        return Ok(());
+    let now = load_identity(ctx, id.user_id, id.identity_id).await?;
+    match marker_of(&now, &ctx.worker_id, marker) {
+        Marker::Ours | Marker::OtherOfOurs => Ok(()),
+        Marker::TakenByGo | Marker::GoWorkers | Marker::Absent => Err(go_took_it()),
     }
-    Err(JobError::Busy(
-        "a Caliopen Go worker started a sync of this identity at the same moment".into(),
-    ))
 }
 
 /// Run `work` with a stop token of its own, fired by the worker's shutdown,
