@@ -1059,30 +1059,7 @@ async fn syncremote_wait_ends_when_the_worker_is_killed() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Until the worker listens, --wait would say at once that none does.
-    let b = bus().await;
-    let started = std::time::Instant::now();
-    loop {
-        let test = caliopen_imap::bus::wire::ImapOrder {
-            order: "test".into(),
-            ..Default::default()
-        };
-        let asked = b
-            .request::<_, caliopen_imap::bus::wire::JobReport>(
-                &settings.nats_topic_sender,
-                &test,
-                Duration::from_secs(1),
-            )
-            .await;
-        if asked.is_ok() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "worker never came up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_worker_answers(&settings.nats_topic_sender, &mut worker).await;
 
     let waiting = {
         let cfg = cfg.clone();

@@ -388,26 +388,7 @@ async fn worker_memory_stays_bounded_with_large_messages() {
         .spawn()
         .unwrap();
     let pid = worker.id();
-    // Until the worker listens, --wait would say at once that none does.
-    let b = bus().await;
-    loop {
-        let test = caliopen_imap::bus::wire::ImapOrder {
-            order: "test".into(),
-            ..Default::default()
-        };
-        let asked = b
-            .request::<_, JobReport>(
-                &settings.nats_topic_sender,
-                &test,
-                std::time::Duration::from_secs(1),
-            )
-            .await;
-        if asked.is_ok() {
-            break;
-        }
-        assert!(worker.try_wait().unwrap().is_none(), "the worker exited");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until_worker_answers(&settings.nats_topic_sender, &mut worker).await;
     let out = {
         let cfg = cfg.clone();
         tokio::task::spawn_blocking(move || {

@@ -550,6 +550,30 @@ pub fn cql_value(query: &str) -> Option<String> {
     }
 }
 
+/// Wait until a worker process answers a `test` order on `subject`: it has
+/// subscribed. Fails if the process exits, or after 30 s.
+pub async fn wait_until_worker_answers(subject: &str, worker: &mut std::process::Child) {
+    use caliopen_imap::bus::wire::{ImapOrder, JobReport};
+    let b = bus().await;
+    let started = std::time::Instant::now();
+    let test = ImapOrder {
+        order: "test".into(),
+        ..Default::default()
+    };
+    while b
+        .request::<_, JobReport>(subject, &test, Duration::from_secs(1))
+        .await
+        .is_err()
+    {
+        assert!(worker.try_wait().unwrap().is_none(), "the worker exited");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "worker never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 // ------------------------------------------------------------------ binary
 
 pub fn bin() -> PathBuf {

@@ -585,32 +585,14 @@ async fn sigterm_mid_sync_then_restart_resumes_from_the_checkpoint() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let b = bus().await;
     let order = ImapOrder {
         order: "sync".into(),
         user_id: user.to_string(),
         identity_id: id.identity_id.to_string(),
         ..Default::default()
     };
-    // Until the worker listens, a request has no responder.
+    wait_until_worker_answers(&settings.nats_topic_sender, &mut worker).await;
     let started = std::time::Instant::now();
-    loop {
-        let test = ImapOrder {
-            order: "test".into(),
-            ..Default::default()
-        };
-        if b.request::<_, JobReport>(&settings.nats_topic_sender, &test, Duration::from_secs(1))
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "worker never came up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     // As a request: the worker's report must say the sync was cut short.
     let pending = {
         let (b, subject, order) = (
@@ -991,24 +973,7 @@ async fn trace_logs_never_show_a_password_or_a_token() {
         .spawn()
         .unwrap();
     let b = bus().await;
-    let started = std::time::Instant::now();
-    loop {
-        let test = ImapOrder {
-            order: "test".into(),
-            ..Default::default()
-        };
-        if b.request::<_, JobReport>(&settings.nats_topic_sender, &test, Duration::from_secs(1))
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "worker never came up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_worker_answers(&settings.nats_topic_sender, &mut worker).await;
     for (identity, password) in [
         (id.identity_id, stack().password.clone()),
         (oauth.identity_id, String::new()),
