@@ -9,28 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use caliopen_imap::bus::wire::JobReport;
 use caliopen_imap::shutdown::Trigger;
 use caliopen_imap::store::identity::infos;
 use caliopen_imap::store::raw_message::raw_message_id;
-use caliopen_imap::worker::context::{Counters, Ctx};
-use caliopen_imap::worker::job::{self, SyncRequest};
+use caliopen_imap::worker::context::Ctx;
 use uuid::Uuid;
 
 use crate::util::*;
-
-async fn sync(ctx: &Ctx, user: Uuid, identity: Uuid) -> JobReport {
-    job::sync_identity(
-        ctx,
-        SyncRequest {
-            user_id: user,
-            identity_id: identity,
-            password: String::new(),
-        },
-        Counters::new(),
-    )
-    .await
-}
 
 /// How many times the processor stand-in saw each message id.
 fn counts(seen: &Arc<Mutex<Vec<String>>>) -> HashMap<String, usize> {
@@ -52,7 +37,7 @@ async fn processor_outage_never_steps_a_message_over() {
 
     // Nobody serves the hand-off subject: max_message_tries + 2 syncs.
     for round in 0..4 {
-        let rep = sync(&ctx, user, id.identity_id).await;
+        let rep = sync_once(&ctx, user, id.identity_id).await;
         assert!(!rep.ok, "round {round}: {rep:?}");
         assert!(rep.outage, "round {round}: {rep:?}");
         assert_eq!(rep.stepped_over, 0, "round {round}: {rep:?}");
@@ -77,7 +62,7 @@ async fn processor_outage_never_steps_a_message_over() {
 
     // The processor is back: everything is delivered, once.
     let lda = lda(&settings.lda.in_topic, |_| false).await;
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.ok, "{rep:?}");
     assert_eq!((rep.handed_off, rep.stepped_over), (6, 0), "{rep:?}");
     assert_eq!(lda.seen.lock().unwrap().len(), 6);
@@ -105,7 +90,7 @@ async fn a_silent_processor_is_an_outage_and_a_poison_message_is_a_try() {
         .await
         .unwrap();
     client.flush().await.unwrap();
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.outage && !rep.ok, "{rep:?}");
     assert!(st
         .message_failures(user, id.identity_id)
@@ -120,7 +105,7 @@ async fn a_silent_processor_is_an_outage_and_a_poison_message_is_a_try() {
     let poison = raw_message_id(user, id.identity_id, "INBOX", v, 2).to_string();
     let p = poison.clone();
     let _lda = lda_answering_except(&settings.lda.in_topic, move |m| m == p).await;
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(!rep.outage, "{rep:?}");
     assert_eq!(rep.failed, 1, "{rep:?}");
     let f = st.message_failures(user, id.identity_id).await.unwrap();
@@ -162,13 +147,13 @@ async fn a_message_expunged_mid_sync_is_done_and_the_next_sync_fetches_nothing()
         false
     })
     .await;
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.ok, "{rep:?}");
     assert_eq!(rep.handed_off, 17, "{rep:?}");
     let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
     assert_eq!(after.info(infos::LASTSEENUID), "20");
 
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.ok, "{rep:?}");
     assert_eq!((rep.fetched, rep.handed_off), (0, 0), "{rep:?}");
     assert_eq!(lda.seen.lock().unwrap().len(), 17);
@@ -183,7 +168,7 @@ async fn storing_again_never_undoes_a_delivery() {
     let st = &ctx.store;
     let (user, login, id) = mailbox_account(st, 5, 300).await;
     let (_, _, v) = mailbox_status(&login, "INBOX");
-    assert!(sync(&ctx, user, id.identity_id).await.ok);
+    assert!(sync_once(&ctx, user, id.identity_id).await.ok);
 
     // As after a crash before the checkpoint was saved: the checkpoint is
     // behind messages that were delivered.
@@ -194,7 +179,7 @@ async fn storing_again_never_undoes_a_delivery() {
     )
     .await
     .unwrap();
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.ok, "{rep:?}");
     assert_eq!((rep.handed_off, rep.already_delivered), (0, 5), "{rep:?}");
     assert_eq!(lda.seen.lock().unwrap().len(), 5, "no second hand-off");
@@ -217,7 +202,7 @@ async fn utf8_folders_sync_and_a_missing_folder_fails_alone() {
         "INBOX,Entwürfe,DoesNotExist,日本語,Archive",
     )
     .await;
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert_eq!(rep.handed_off, 7, "{rep:?}");
     assert!(!rep.ok, "a folder failed: {rep:?}");
     assert_eq!(rep.mailbox_errors.len(), 1, "{rep:?}");
@@ -253,7 +238,7 @@ async fn utf8_folders_sync_and_a_missing_folder_fails_alone() {
 
     // The folder appears: its error goes away, nothing else is fetched again.
     fill(&login, "DoesNotExist", 1, 300);
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.ok, "{rep:?}");
     assert_eq!(rep.handed_off, 1, "{rep:?}");
     assert!(st
@@ -277,7 +262,7 @@ async fn an_oversize_message_is_stepped_over_at_once_and_listed() {
     fill(&login, "INBOX", 1, 300_000);
     fill(&login, "INBOX", 3, 300);
     let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(!rep.ok, "a message was stepped over: {rep:?}");
     assert_eq!((rep.handed_off, rep.stepped_over), (3, 1), "{rep:?}");
     assert_eq!(rep.stepped.len(), 1);
@@ -295,7 +280,7 @@ async fn an_oversize_message_is_stepped_over_at_once_and_listed() {
     assert_eq!(after.info(infos::LASTSEENUID), "4");
 
     // The next sync is a true no-op.
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.ok, "{rep:?}");
     assert_eq!((rep.fetched, rep.handed_off, rep.stepped_over), (0, 0, 0));
     assert_eq!(lda.seen.lock().unwrap().len(), 3);
@@ -316,9 +301,9 @@ async fn the_same_order_to_two_workers_never_hands_a_message_off_twice() {
         // late enough to lose the lock race, early enough to have read the
         // identity before the first sync saved its checkpoint.
         let lag = Duration::from_millis(rng.u64(0..4));
-        let (ra, rb) = tokio::join!(sync(&a, user, id.identity_id), async {
+        let (ra, rb) = tokio::join!(sync_once(&a, user, id.identity_id), async {
             tokio::time::sleep(lag).await;
-            sync(&b, user, id.identity_id).await
+            sync_once(&b, user, id.identity_id).await
         });
         assert!(!ra.outage && !rb.outage, "{ra:?} {rb:?}");
     }
@@ -361,7 +346,7 @@ async fn a_dead_workers_lock_lapses_and_its_marker_does_not_block() {
     )
     .await
     .unwrap();
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.error.starts_with("skipped"), "locked: {rep:?}");
     let ttl = lock_ttl_left(user, id.identity_id);
     assert!(
@@ -375,7 +360,7 @@ async fn a_dead_workers_lock_lapses_and_its_marker_does_not_block() {
         "DELETE FROM caliopen.imap_sync_lock WHERE user_id = {user} AND identity_id = {}",
         id.identity_id
     ));
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.ok, "{rep:?}");
     assert_eq!(rep.handed_off, 2);
     let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
@@ -394,7 +379,7 @@ async fn a_dead_workers_lock_lapses_and_its_marker_does_not_block() {
     )
     .await
     .unwrap();
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.error.contains("Go worker"), "{rep:?}");
 }
 
@@ -411,7 +396,7 @@ async fn a_long_sync_renews_its_lock() {
     let (user, _, id) = mailbox_account(&st, 14, 300).await;
     let identity = id.identity_id;
     let c = ctx.clone();
-    let run = tokio::spawn(async move { sync(&c, user, identity).await });
+    let run = tokio::spawn(async move { sync_once(&c, user, identity).await });
     // Watch the lock row while the sync runs: its write time moves on.
     let mut first = None;
     let mut renewed = false;
@@ -653,7 +638,7 @@ where
 async fn a_body_longer_than_announced_is_refused_on_arrival() {
     let (ctx, _t, user, identity, lda) =
         scripted_account(&unique("f11"), Script::UnderReportedSize).await;
-    let rep = sync(&ctx, user, identity).await;
+    let rep = sync_once(&ctx, user, identity).await;
     assert_eq!((rep.handed_off, rep.stepped_over), (1, 1), "{rep:?}");
     assert!(rep.stepped[0].reason.contains("announced less"), "{rep:?}");
     let rid = raw_message_id(user, identity, "INBOX", 7, 1);
@@ -669,7 +654,7 @@ async fn a_body_longer_than_announced_is_refused_on_arrival() {
 async fn a_search_answered_no_is_an_error_not_an_empty_mailbox() {
     let (ctx, _t, user, identity, _lda) =
         scripted_account(&unique("f12"), Script::SearchRefused).await;
-    let rep = sync(&ctx, user, identity).await;
+    let rep = sync_once(&ctx, user, identity).await;
     assert!(!rep.ok && rep.error.contains("UID SEARCH"), "{rep:?}");
     let after = ctx.store.identity(user, identity).await.unwrap().unwrap();
     assert_eq!(after.info(infos::LASTSEENUID), "", "no checkpoint moved");
@@ -679,7 +664,7 @@ async fn a_search_answered_no_is_an_error_not_an_empty_mailbox() {
 async fn a_message_the_server_keeps_refusing_is_a_failure_with_its_reason() {
     let (ctx, _t, user, identity, lda) =
         scripted_account(&unique("f13"), Script::OneMessageRefused).await;
-    let rep = sync(&ctx, user, identity).await;
+    let rep = sync_once(&ctx, user, identity).await;
     assert_eq!((rep.handed_off, rep.failed), (1, 1), "{rep:?}");
     let f = ctx.store.message_failures(user, identity).await.unwrap();
     assert_eq!((f.len(), f[0].uid, f[0].tries), (1, 1, 1), "{f:?}");
@@ -687,8 +672,8 @@ async fn a_message_the_server_keeps_refusing_is_a_failure_with_its_reason() {
     let after = ctx.store.identity(user, identity).await.unwrap().unwrap();
     assert_eq!(after.info(infos::LASTSEENUID), "0", "pinned before it");
     // After max_message_tries it is stepped over, and the checkpoint moves.
-    sync(&ctx, user, identity).await;
-    let rep = sync(&ctx, user, identity).await;
+    sync_once(&ctx, user, identity).await;
+    let rep = sync_once(&ctx, user, identity).await;
     assert_eq!(rep.stepped_over, 1, "{rep:?}");
     let after = ctx.store.identity(user, identity).await.unwrap().unwrap();
     assert_eq!(after.info(infos::LASTSEENUID), "2");
@@ -708,7 +693,7 @@ async fn star_syncs_every_folder_but_junk_and_trash_and_picks_up_new_ones() {
         "*",
     )
     .await;
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.ok, "{rep:?}");
     assert_eq!(
         rep.handed_off, 3,
@@ -722,7 +707,7 @@ async fn star_syncs_every_folder_but_junk_and_trash_and_picks_up_new_ones() {
 
     // A folder created later is picked up by the next sync.
     fill(&login, "Été", 2, 300);
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.ok, "{rep:?}");
     assert_eq!(rep.handed_off, 2, "{rep:?}");
 }
@@ -742,7 +727,7 @@ async fn a_sync_whose_lock_is_taken_away_stops_and_says_why() {
     let (user, _, id) = mailbox_account(&st, 60, 300).await;
     let identity = id.identity_id;
     let c = ctx.clone();
-    let run = tokio::spawn(async move { sync(&c, user, identity).await });
+    let run = tokio::spawn(async move { sync_once(&c, user, identity).await });
     while lda.seen.lock().unwrap().is_empty() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -777,7 +762,7 @@ async fn a_job_past_its_deadline_stops_at_a_message_boundary_and_resumes() {
     let (ctx, _t) = context(settings).await;
     let st = &ctx.store;
     let (user, _, id) = mailbox_account(st, 40, 300).await;
-    let rep = sync(&ctx, user, id.identity_id).await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
     assert!(rep.interrupted && !rep.ok, "{rep:?}");
     assert!(rep.error.contains("job_deadline_secs"), "{rep:?}");
     let after = st.identity(user, id.identity_id).await.unwrap().unwrap();
@@ -787,7 +772,7 @@ async fn a_job_past_its_deadline_stops_at_a_message_boundary_and_resumes() {
     // The next syncs go on from there; nothing is handed off twice.
     let mut total = cp;
     for _ in 0..10 {
-        let rep = sync(&ctx, user, id.identity_id).await;
+        let rep = sync_once(&ctx, user, id.identity_id).await;
         total += rep.handed_off;
         if rep.ok {
             break;
@@ -826,7 +811,7 @@ async fn a_go_worker_taking_the_marker_after_our_lock_makes_ours_stand_down() {
         },
     )
     .await;
-    let rep = sync(&ctx, user, identity).await;
+    let rep = sync_once(&ctx, user, identity).await;
     assert!(rep.error.contains("Go worker started a sync"), "{rep:?}");
     assert_eq!(lda.seen.lock().unwrap().len(), 0, "nothing handed off");
     let after = ctx.store.identity(user, identity).await.unwrap().unwrap();

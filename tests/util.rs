@@ -404,6 +404,24 @@ pub async fn context(settings: WorkerSettings) -> (Ctx, Trigger) {
     )
 }
 
+/// Sync `identity` once, in-process.
+pub async fn sync_once(
+    ctx: &caliopen_imap::worker::context::Ctx,
+    user: Uuid,
+    identity: Uuid,
+) -> caliopen_imap::bus::wire::JobReport {
+    caliopen_imap::worker::job::sync_identity(
+        ctx,
+        caliopen_imap::worker::job::SyncRequest {
+            user_id: user,
+            identity_id: identity,
+            password: String::new(),
+        },
+        caliopen_imap::worker::context::Counters::new(),
+    )
+    .await
+}
+
 pub async fn start_worker(settings: WorkerSettings) -> WorkerHandle {
     let (ctx, trigger) = context(settings).await;
     let c = ctx.clone();

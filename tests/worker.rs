@@ -9,29 +9,9 @@ use base64::Engine;
 use caliopen_imap::bus::wire::{ImapOrder, JobReport};
 use caliopen_imap::store::identity::infos;
 use caliopen_imap::store::raw_message::raw_message_id;
-use caliopen_imap::worker::context::Counters;
-use caliopen_imap::worker::job::{self, SyncRequest};
 use uuid::Uuid;
 
 use crate::util::*;
-
-/// Sync `identity` once, in-process.
-async fn sync_once(
-    ctx: &caliopen_imap::worker::context::Ctx,
-    user: Uuid,
-    identity: Uuid,
-) -> JobReport {
-    job::sync_identity(
-        ctx,
-        SyncRequest {
-            user_id: user,
-            identity_id: identity,
-            password: String::new(),
-        },
-        Counters::new(),
-    )
-    .await
-}
 
 /// Raw message ids stored for `user` (via user_raw_lookup).
 async fn stored_ids(
