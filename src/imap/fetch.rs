@@ -19,7 +19,10 @@
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::ops::Range;
 use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
 
 use async_imap::imap_proto::{AttributeValue, MailboxDatum, RequestId, Response, Status};
 
@@ -38,7 +41,12 @@ pub struct MailboxInfo {
 #[derive(Debug)]
 pub struct Body {
     pub uid: u32,
-    pub data: Vec<u8>,
+    /// The server's bytes, not copied: a view into the buffer the response
+    /// was read into (see [`Body::held`]).
+    pub data: Bytes,
+    /// Bytes of memory this body keeps alive: the whole read buffer it is a
+    /// view of (its size, rounded up to the reader's blocks).
+    pub held: usize,
     /// Flags as the server spelled them (`\Seen`, `$Forwarded`...).
     pub flags: Vec<String>,
     pub gmail_msgid: Option<u64>,
@@ -181,18 +189,20 @@ impl<'a> Reader<'a> {
         .await
     }
 
-    /// The next response of the command tagged `tag`, passed to `f`:
-    /// `Ok(Some(f(..)))` for an untagged one, `Ok(None)` once the tagged
-    /// reply came (its status then in `status`).
+    /// The next response of the command tagged `tag`, passed to `f` with
+    /// the bytes it was parsed from: `Ok(Some((f(..), bytes)))` for an
+    /// untagged one, `Ok(None)` once the tagged reply came (its status then
+    /// in `status`). The bytes are handed back so a body can be kept without
+    /// copying it.
     async fn next_with<T, F>(
         &mut self,
         during: &str,
         tag: &RequestId,
         status: &mut Option<Tagged>,
         f: F,
-    ) -> Result<Option<T>, ImapError>
+    ) -> Result<Option<(T, BytesMut)>, ImapError>
     where
-        F: FnOnce(&Response<'_>) -> T,
+        F: FnOnce(&Response<'_>, &[u8]) -> T,
     {
         if status.is_some() {
             return Ok(None);
@@ -235,7 +245,10 @@ impl<'a> Reader<'a> {
                         .unwrap_or("(no reason given)")
                 ),
             )),
-            parsed => Ok(Some(f(parsed))),
+            parsed => {
+                let out = f(parsed, resp.borrow_owner());
+                Ok(Some((out, resp.into_owner())))
+            }
         }
     }
 
@@ -247,7 +260,7 @@ impl<'a> Reader<'a> {
         let tag = self.send(cmd, cmd).await?;
         let mut status = None;
         while self
-            .next_with(cmd, &tag, &mut status, &mut on)
+            .next_with(cmd, &tag, &mut status, |r, _| on(r))
             .await?
             .is_some()
         {}
@@ -286,17 +299,17 @@ impl Bodies<'_, '_> {
                     "UID FETCH",
                     &self.tag,
                     &mut self.status,
-                    |resp| match resp {
-                        Response::Fetch(_, attrs) => body_of(attrs),
+                    |resp, raw| match resp {
+                        Response::Fetch(_, attrs) => body_of(attrs, raw),
                         _ => None,
                     },
                 )
                 .await?;
             match next {
                 None => return Ok(None),
-                Some(Some(body)) => return Ok(Some(body)),
+                Some((Some((meta, data)), raw)) => return Ok(Some(meta.with_data(data, raw))),
                 // Not a message with its body (a flag update, EXISTS...).
-                Some(None) => {}
+                Some((None, _)) => {}
             }
         }
     }
@@ -307,7 +320,42 @@ impl Bodies<'_, '_> {
     }
 }
 
-fn body_of(attrs: &[AttributeValue<'_>]) -> Option<Body> {
+/// A body FETCH response, read but not yet detached from its buffer.
+struct Meta {
+    uid: u32,
+    flags: Vec<String>,
+    gmail_msgid: Option<u64>,
+    gmail_labels: Vec<String>,
+}
+
+/// Where the message bytes of a response are.
+enum Data {
+    /// At this range of the response's buffer (the usual case: a literal).
+    At(Range<usize>),
+    /// Elsewhere (a quoted string the parser had to unescape): a copy.
+    Copied(Vec<u8>),
+}
+
+impl Meta {
+    fn with_data(self, data: Data, raw: BytesMut) -> Body {
+        let held = raw.capacity();
+        let data = match data {
+            Data::At(range) => raw.freeze().slice(range),
+            Data::Copied(v) => Bytes::from(v),
+        };
+        Body {
+            uid: self.uid,
+            held: held.max(data.len()),
+            data,
+            flags: self.flags,
+            gmail_msgid: self.gmail_msgid,
+            gmail_labels: self.gmail_labels,
+        }
+    }
+}
+
+/// The message of a FETCH response parsed from `raw`, when it has one.
+fn body_of(attrs: &[AttributeValue<'_>], raw: &[u8]) -> Option<(Meta, Data)> {
     let mut uid = None;
     let mut data: Option<&Cow<'_, [u8]>> = None;
     let mut flags = Vec::new();
@@ -330,13 +378,25 @@ fn body_of(attrs: &[AttributeValue<'_>]) -> Option<Body> {
             _ => {}
         }
     }
-    Some(Body {
+    let data = data?;
+    let meta = Meta {
         uid: uid?,
-        data: data?.to_vec(),
         flags,
         gmail_msgid,
         gmail_labels,
-    })
+    };
+    let data = match within(raw, data) {
+        Some(range) => Data::At(range),
+        None => Data::Copied(data.to_vec()),
+    };
+    Some((meta, data))
+}
+
+/// The range of `part` inside `whole`, when it is a slice of it.
+fn within(whole: &[u8], part: &[u8]) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= whole.len()).then_some(start..end)
 }
 
 /// How one bounded wait ended.
@@ -445,5 +505,41 @@ mod tests {
         assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8, 9]), "1:3,5,7:9");
         assert_eq!(uid_set(&[9, 4, 4]), "4,9");
         assert_eq!(uid_set(&[]), "");
+    }
+
+    #[test]
+    fn a_literal_body_stays_in_its_buffer() {
+        let raw = BytesMut::from(&b"* 1 FETCH (UID 7 FLAGS (\\Seen) BODY[] {5}\r\nhello)\r\n"[..]);
+        let (_, resp) = Response::parse(&raw).unwrap();
+        let Response::Fetch(_, attrs) = resp else {
+            panic!("not a FETCH: {resp:?}")
+        };
+        let (meta, data) = body_of(&attrs, &raw).unwrap();
+        assert!(matches!(data, Data::At(_)), "the body was copied");
+        let body = meta.with_data(data, raw.clone());
+        assert_eq!((body.uid, &body.data[..]), (7, &b"hello"[..]));
+        assert_eq!(body.flags, ["\\Seen"]);
+        assert!(body.held >= raw.len());
+    }
+
+    #[test]
+    fn a_quoted_body_is_copied() {
+        let raw = BytesMut::from(&b"* 1 FETCH (UID 8 BODY[] \"hi\")\r\n"[..]);
+        let (_, resp) = Response::parse(&raw).unwrap();
+        let Response::Fetch(_, attrs) = resp else {
+            panic!("not a FETCH: {resp:?}")
+        };
+        let (meta, data) = body_of(&attrs, &raw).unwrap();
+        let body = meta.with_data(data, raw.clone());
+        assert_eq!((body.uid, &body.data[..]), (8, &b"hi"[..]));
+    }
+
+    #[test]
+    fn within_finds_only_slices_of_the_whole() {
+        let whole = b"abcdef".to_vec();
+        assert_eq!(within(&whole, &whole[2..4]), Some(2..4));
+        assert_eq!(within(&whole, &whole[..0]), Some(0..0));
+        let other = b"cd".to_vec();
+        assert_eq!(within(&whole, &other), None);
     }
 }

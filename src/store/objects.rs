@@ -212,18 +212,20 @@ impl Objects {
         }
     }
 
-    /// Store `data` under `key`, replacing any object of that key. Above one
-    /// part, a multipart upload reading `data` part by part.
-    pub async fn put(&self, key: &str, data: &[u8]) -> Result<(), ObjectError> {
+    /// Store the bytes of `pieces`, in order, under `key`, replacing any
+    /// object of that key. Above one part, a multipart upload copying one
+    /// part at a time out of the pieces.
+    pub async fn put(&self, key: &str, pieces: &[&[u8]]) -> Result<(), ObjectError> {
         let _slot = self
             .uploads
             .acquire()
             .await
             .expect("the upload semaphore is never closed");
-        if data.len() <= PART_SIZE {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        if len <= PART_SIZE {
             let r = self
                 .bucket
-                .put_object_with_content_type(key, data, CONTENT_TYPE)
+                .put_object_with_content_type(key, &pieces.concat(), CONTENT_TYPE)
                 .await
                 .map_err(|e| s3_err("put", key, e))?;
             return status_ok("put", key, r.status_code(), r.as_slice());
@@ -233,17 +235,11 @@ impl Objects {
             .initiate_multipart_upload(key, CONTENT_TYPE)
             .await
             .map_err(|e| s3_err("start multipart upload", key, e))?;
-        let mut parts = Vec::with_capacity(data.len().div_ceil(PART_SIZE));
-        for (i, chunk) in data.chunks(PART_SIZE).enumerate() {
+        let mut parts = Vec::with_capacity(len.div_ceil(PART_SIZE));
+        for (i, chunk) in Parts::new(pieces, PART_SIZE).enumerate() {
             let part = self
                 .bucket
-                .put_multipart_chunk(
-                    chunk.to_vec(),
-                    key,
-                    i as u32 + 1,
-                    &up.upload_id,
-                    CONTENT_TYPE,
-                )
+                .put_multipart_chunk(chunk, key, i as u32 + 1, &up.upload_id, CONTENT_TYPE)
                 .await;
             match part {
                 Ok(p) => parts.push(p),
@@ -319,6 +315,53 @@ impl Objects {
     }
 }
 
+/// Consecutive parts of `size` bytes (the last one shorter) of the bytes of
+/// several pieces, each copied into a buffer of its own as it is asked for.
+struct Parts<'p> {
+    pieces: &'p [&'p [u8]],
+    /// Position in `pieces[0]`.
+    at: usize,
+    size: usize,
+}
+
+impl<'p> Parts<'p> {
+    fn new(pieces: &'p [&'p [u8]], size: usize) -> Self {
+        Self {
+            pieces,
+            at: 0,
+            size,
+        }
+    }
+}
+
+impl Iterator for Parts<'_> {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        let mut part = Vec::new();
+        while part.len() < self.size {
+            let (first, rest) = self.pieces.split_first()?;
+            let take = (first.len() - self.at).min(self.size - part.len());
+            if part.is_empty() {
+                part.reserve_exact(
+                    self.size
+                        .min(take + rest.iter().map(|p| p.len()).sum::<usize>()),
+                );
+            }
+            part.extend_from_slice(&first[self.at..self.at + take]);
+            self.at += take;
+            if self.at == first.len() {
+                self.pieces = rest;
+                self.at = 0;
+            }
+            if self.pieces.is_empty() {
+                break;
+            }
+        }
+        (!part.is_empty()).then_some(part)
+    }
+}
+
 fn status_ok(op: &'static str, key: &str, status: u16, body: &[u8]) -> Result<(), ObjectError> {
     if (200..300).contains(&status) {
         Ok(())
@@ -383,6 +426,21 @@ mod tests {
         o.endpoint = endpoint.into();
         o.buckets.insert(RAW_MESSAGES.into(), "raw".into());
         s
+    }
+
+    #[test]
+    fn parts_cut_across_pieces_in_order() {
+        let cut = |pieces: &[&[u8]], size| Parts::new(pieces, size).collect::<Vec<_>>();
+        assert_eq!(
+            cut(&[b"ab", b"cdefg"], 3),
+            [b"abc".to_vec(), b"def".to_vec(), b"g".to_vec()]
+        );
+        assert_eq!(cut(&[b"", b"abcd"], 2), [b"ab".to_vec(), b"cd".to_vec()]);
+        assert_eq!(cut(&[b"abc", b""], 5), [b"abc".to_vec()]);
+        assert!(cut(&[b"", b""], 4).is_empty());
+        let big: Vec<u8> = (0..=255).cycle().take(1000).collect();
+        let joined: Vec<u8> = cut(&[&big[..7], &big[7..]], 64).concat();
+        assert_eq!(joined, big);
     }
 
     #[test]

@@ -15,7 +15,9 @@ use crate::config::WorkerSettings;
 use crate::metrics::WorkerMetrics;
 use crate::shutdown::Shutdown;
 use crate::store::objects::Objects;
-use crate::store::raw_message::{load_raw_message, save_raw_message, Placement, SaveError};
+use crate::store::raw_message::{
+    load_raw_message, save_raw_message, Placement, RawMessage, SaveError,
+};
 use crate::store::Store;
 
 /// Message bytes (all jobs of the process together) held between the IMAP
@@ -98,7 +100,7 @@ impl Ctx {
         &self,
         user_id: Uuid,
         raw_msg_id: Uuid,
-        data: Vec<u8>,
+        data: impl Into<RawMessage>,
         delivered: bool,
     ) -> Result<Placement, SaveError> {
         let limit = self.settings.store_settings.raw_size_limit;
@@ -109,7 +111,7 @@ impl Ctx {
             limit,
             user_id,
             raw_msg_id,
-            data,
+            data.into(),
             delivered,
         )
         .await
@@ -183,7 +185,25 @@ impl Ctx {
 
     /// Wait until `len` bytes of message may be held in memory.
     pub async fn reserve_bytes(&self, len: usize) -> OwnedSemaphorePermit {
-        let kib = ((len / 1024) as u32 + 1).min(self.bytes_total_kib);
+        self.acquire_kib(self.kib_of(len)).await
+    }
+
+    /// Wait until `permit` holds `len` bytes (or the whole budget, which a
+    /// message never needs more of), growing it if it holds less.
+    pub async fn top_up_bytes(&self, permit: &mut OwnedSemaphorePermit, len: usize) {
+        let held = permit.num_permits() as u32;
+        let want = self.kib_of(len);
+        if want > held {
+            permit.merge(self.acquire_kib(want - held).await);
+        }
+    }
+
+    /// `len` bytes in budget units (KiB, rounded up, at most the budget).
+    fn kib_of(&self, len: usize) -> u32 {
+        (len.div_ceil(1024) as u64).min(self.bytes_total_kib as u64) as u32
+    }
+
+    async fn acquire_kib(&self, kib: u32) -> OwnedSemaphorePermit {
         self.bytes
             .clone()
             .acquire_many_owned(kib)

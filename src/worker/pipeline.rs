@@ -30,8 +30,7 @@
 //! further down), so their `delivered` flag is read before a hand-off; a
 //! clean sync leaves the mark at or below its checkpoint and pays nothing.
 
-use std::collections::HashMap;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -50,7 +49,7 @@ use crate::imap::fetch::{uid_set, Reader};
 use crate::imap::headers::{self, FetchedMeta};
 use crate::imap::{ConnInfo, ImapError, ImapSession};
 use crate::shutdown::Shutdown;
-use crate::store::raw_message::raw_message_id;
+use crate::store::raw_message::{raw_message_id, RawMessage};
 use crate::store::state::{Checkpoint, MessageFailure};
 
 /// Where a mailbox's fetch starts.
@@ -105,7 +104,7 @@ struct Fetched {
 enum Item {
     /// Its bytes (headers prepended) and its share of the memory budget,
     /// released when the hand-off ends.
-    Message(Vec<u8>, OwnedSemaphorePermit),
+    Message(RawMessage, OwnedSemaphorePermit),
     /// Can never be stored (too large).
     Refused(String),
     /// Still on the server, which would not send it.
@@ -319,95 +318,160 @@ async fn produce(
     uids: Vec<u32>,
     tx: mpsc::Sender<Fetched>,
 ) -> Result<(), ImapError> {
-    let s = &job.ctx.settings.imap;
-    let max = s.max_message_size;
-    for batch in uids.chunks(s.fetch_batch as usize) {
+    for batch in uids.chunks(job.ctx.settings.imap.fetch_batch as usize) {
         if job.stop.is_triggered() {
             return Ok(());
         }
-        // Sizes first, so a huge message is refused without downloading it.
-        let (sizes, _) = reader.sizes(batch).await?;
-        let in_batch: HashSet<u32> = batch.iter().copied().collect();
-        let mut seen = HashSet::new();
-        let mut refused = HashSet::new();
-        let mut wanted = Vec::with_capacity(batch.len());
-        for (uid, size) in sizes {
-            if !in_batch.contains(&uid) || !seen.insert(uid) {
-                continue;
-            }
-            if size as u64 > max {
-                refused.insert(uid);
-                let reason =
-                    format!("message of {size} bytes exceeds imap.max_message_size ({max} bytes)");
-                if !send(job, &tx, uid, Item::Refused(reason)).await {
-                    return Ok(());
-                }
-            } else {
-                wanted.push(uid);
-            }
-        }
-        let mut received = HashSet::new();
-        let mut no_text = None;
-        if !wanted.is_empty() {
-            let mut bodies = reader.bodies(&wanted, job.conn.gmail).await?;
-            while let Some(b) = bodies.next().await? {
-                if !in_batch.contains(&b.uid) || refused.contains(&b.uid) || !received.insert(b.uid)
-                {
-                    continue;
-                }
-                Counters::add(&job.counters.fetched, 1);
-                job.ctx.metrics.fetched.inc();
-                job.ctx.metrics.fetched_bytes.inc_by(b.data.len() as u64);
-                let item = if b.data.len() as u64 > max {
-                    Item::Refused(format!(
-                        "message of {} bytes (the server announced less) exceeds \
-                         imap.max_message_size ({max} bytes)",
-                        b.data.len()
-                    ))
-                } else {
-                    // Backpressure: ends when hand-offs finish, or when the
-                    // consumer stopped taking messages.
-                    let permit = tokio::select! {
-                        p = job.ctx.reserve_bytes(b.data.len() + 1024) => p,
-                        _ = tx.closed() => return Ok(()),
-                    };
-                    Item::Message(with_headers(job, &b), permit)
-                };
-                if !send(job, &tx, b.uid, item).await {
-                    return Ok(());
-                }
-            }
-            no_text = bodies.status().err();
-        }
+        let Some((wanted, refused)) = sizes_and_refusals(job, reader, batch, &tx).await? else {
+            return Ok(());
+        };
+        let Some((received, no_text)) = bodies(job, reader, &wanted, &tx).await? else {
+            return Ok(());
+        };
         // What the server did not send at all: gone, or there but refused.
         let unanswered: Vec<u32> = batch
             .iter()
             .copied()
             .filter(|u| !received.contains(u) && !refused.contains(u))
             .collect();
-        if unanswered.is_empty() {
-            continue;
-        }
-        let still: HashSet<u32> = reader
-            .search(&uid_set(&unanswered))
-            .await?
-            .into_iter()
-            .collect();
-        for uid in unanswered {
-            let item = if still.contains(&uid) {
-                Item::Unfetchable(match &no_text {
-                    Some(t) => format!("the server refused to send it: NO {t}"),
-                    None => "the server did not send it".to_string(),
-                })
-            } else {
-                Item::Gone
-            };
-            if !send(job, &tx, uid, item).await {
-                return Ok(());
-            }
+        if !unanswered.is_empty() && !unanswered_ones(job, reader, unanswered, no_text, &tx).await?
+        {
+            return Ok(());
         }
     }
     Ok(())
+}
+
+/// The sizes of `batch` (so a huge message is refused without downloading
+/// it): those to fetch, with their sizes, in UID order, and those refused;
+/// `None` when the job stops.
+async fn sizes_and_refusals(
+    job: &MailboxJob<'_>,
+    reader: &mut Reader<'_>,
+    batch: &[u32],
+    tx: &mpsc::Sender<Fetched>,
+) -> Result<Option<(BTreeMap<u32, u32>, HashSet<u32>)>, ImapError> {
+    let max = job.ctx.settings.imap.max_message_size;
+    let (sizes, _) = reader.sizes(batch).await?;
+    let in_batch: HashSet<u32> = batch.iter().copied().collect();
+    let mut seen = HashSet::new();
+    let mut refused = HashSet::new();
+    let mut wanted = BTreeMap::new();
+    for (uid, size) in sizes {
+        if !in_batch.contains(&uid) || !seen.insert(uid) {
+            continue;
+        }
+        if size as u64 > max {
+            refused.insert(uid);
+            let reason =
+                format!("message of {size} bytes exceeds imap.max_message_size ({max} bytes)");
+            if !send(job, tx, uid, Item::Refused(reason)).await {
+                return Ok(None);
+            }
+        } else {
+            wanted.insert(uid, size);
+        }
+    }
+    Ok(Some((wanted, refused)))
+}
+
+/// Fetch the bodies of `wanted` (UID → announced size) and send each down
+/// the channel: the UIDs received, and the server's `NO` text if it ended
+/// the FETCH so; `None` when the job stops.
+///
+/// The memory of each message is reserved from the process's byte budget
+/// before it is read (from its announced size, topped up if it is bigger),
+/// so every message byte the worker holds is counted.
+async fn bodies(
+    job: &MailboxJob<'_>,
+    reader: &mut Reader<'_>,
+    wanted: &BTreeMap<u32, u32>,
+    tx: &mpsc::Sender<Fetched>,
+) -> Result<Option<(HashSet<u32>, Option<String>)>, ImapError> {
+    let mut received = HashSet::new();
+    let to_fetch: Vec<u32> = wanted.keys().copied().collect();
+    if to_fetch.is_empty() {
+        return Ok(Some((received, None)));
+    }
+    let max = job.ctx.settings.imap.max_message_size;
+    let mut bodies = reader.bodies(&to_fetch, job.conn.gmail).await?;
+    // Servers send in UID order as a rule; the next expected is the
+    // smallest not received yet.
+    let mut pending: BTreeSet<u32> = wanted.keys().copied().collect();
+    loop {
+        let expected = pending.first().map_or(0, |u| wanted[u] as usize);
+        // Backpressure: ends when hand-offs finish, or when the consumer
+        // stopped taking messages.
+        let mut permit = tokio::select! {
+            p = job.ctx.reserve_bytes(expected + BLOCK + HEADERS) => p,
+            _ = tx.closed() => return Ok(None),
+        };
+        let Some(b) = bodies.next().await? else {
+            break;
+        };
+        let uid = b.uid;
+        if !pending.remove(&uid) || !received.insert(uid) {
+            continue;
+        }
+        Counters::add(&job.counters.fetched, 1);
+        job.ctx.metrics.fetched.inc();
+        job.ctx.metrics.fetched_bytes.inc_by(b.data.len() as u64);
+        let item = if b.data.len() as u64 > max {
+            Item::Refused(format!(
+                "message of {} bytes (the server announced less) exceeds \
+                 imap.max_message_size ({max} bytes)",
+                b.data.len()
+            ))
+        } else {
+            tokio::select! {
+                _ = job.ctx.top_up_bytes(&mut permit, b.held + HEADERS) => {}
+                _ = tx.closed() => return Ok(None),
+            }
+            Item::Message(with_headers(job, b), permit)
+        };
+        if !send(job, tx, uid, item).await {
+            return Ok(None);
+        }
+    }
+    Ok(Some((received, bodies.status().err())))
+}
+
+/// Over a message's size, what reading it may hold: the reader's buffer
+/// grows in blocks of 4 KiB.
+const BLOCK: usize = 4 * 1024;
+
+/// Room for the headers we add.
+const HEADERS: usize = 1024;
+
+/// Messages asked for and not sent: still there (the server would not
+/// send them: `no_text` is its reason, if it gave one) or gone. `false`
+/// when the job stops.
+async fn unanswered_ones(
+    job: &MailboxJob<'_>,
+    reader: &mut Reader<'_>,
+    unanswered: Vec<u32>,
+    no_text: Option<String>,
+    tx: &mpsc::Sender<Fetched>,
+) -> Result<bool, ImapError> {
+    let still: HashSet<u32> = reader
+        .search(&uid_set(&unanswered))
+        .await?
+        .into_iter()
+        .collect();
+    for uid in unanswered {
+        let item = if still.contains(&uid) {
+            Item::Unfetchable(match &no_text {
+                Some(t) => format!("the server refused to send it: NO {t}"),
+                None => "the server did not send it".to_string(),
+            })
+        } else {
+            Item::Gone
+        };
+        if !send(job, tx, uid, item).await {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Send one item down the channel; `false` when the consumer is gone or
@@ -420,8 +484,9 @@ async fn send(job: &MailboxJob<'_>, tx: &mpsc::Sender<Fetched>, uid: u32, item: 
     }
 }
 
-/// The raw message as stored: X-Fetched headers, then the server's bytes.
-fn with_headers(job: &MailboxJob<'_>, b: &crate::imap::fetch::Body) -> Vec<u8> {
+/// The raw message as stored: X-Fetched headers, then the server's bytes
+/// (not copied).
+fn with_headers(job: &MailboxJob<'_>, b: crate::imap::fetch::Body) -> RawMessage {
     let user = job.user_id.to_string();
     let flags: Vec<String> = b
         .flags
@@ -440,10 +505,9 @@ fn with_headers(job: &MailboxJob<'_>, b: &crate::imap::fetch::Body) -> Vec<u8> {
         gmail_labels: &b.gmail_labels,
         date: Utc::now().fixed_offset(),
     };
-    let mut raw = Vec::with_capacity(b.data.len() + 512);
-    headers::write(&meta, &mut raw);
-    raw.extend_from_slice(&b.data);
-    raw
+    let mut head = Vec::with_capacity(512);
+    headers::write(&meta, &mut head);
+    RawMessage::new(head, b.data)
 }
 
 /// The consuming half of a mailbox sync: hand-offs in flight and the
@@ -700,7 +764,7 @@ async fn hand_off(
 async fn store_and_hand_off(
     job: &MailboxJob<'_>,
     uid: u32,
-    raw: Vec<u8>,
+    raw: RawMessage,
     uidvalidity: u32,
     check: bool,
 ) -> Outcome {
