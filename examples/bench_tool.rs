@@ -7,9 +7,9 @@
 //! diagnostics on stderr.
 //!
 //! ```text
-//! bench_tool corpus   --dir MAILDIR --count N --seed S [--first K] [--profile mixed|small]
+//! bench_tool corpus   --dir MAILDIR --count N --seed S [--first K] [--profile mixed|small|large]
 //! bench_tool fetch    --server H:P --login U --password-env VAR --ca FILE
-//! bench_tool store    --dir MAILDIR --hosts H:P --keyspace KS --concurrency C
+//! bench_tool store    --dir MAILDIR --hosts H:P --keyspace KS --concurrency C [--mark yes|no]
 //! bench_tool users    --hosts H:P --keyspace KS --logins PREFIX --count N --server H:P --password-env VAR
 //! bench_tool sync     --nats URL --subject SUBJ --user UUID --identity UUID
 //! bench_tool sync-many --nats URL --subject SUBJ --hosts H:P --keyspace KS --list FILE
@@ -237,10 +237,28 @@ fn text_body(rng: &mut fastrand::Rng, len: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The size of message `idx`: 80 % 1–20 KB, 18 % 20–200 KB, 2 % 0.2–2 MB
-/// (about 50 KB on average), or only the first bucket for `small`.
-fn pick_size(rng: &mut fastrand::Rng, small: bool) -> usize {
-    let bucket = if small { 0 } else { rng.u32(0..100) };
+/// Message sizes of a corpus.
+#[derive(Clone, Copy, PartialEq)]
+enum Profile {
+    /// 80 % 1–20 KB, 18 % 20–200 KB, 2 % 0.2–2 MB (about 50 KB on average).
+    Mixed,
+    /// Only the first bucket of `Mixed`.
+    Small,
+    /// Every tenth message 1–20 MB (over Caliopen's 1 MiB `raw_size_limit`:
+    /// object storage), the others as `Mixed`.
+    Large,
+}
+
+/// The size of message `idx`.
+fn pick_size(rng: &mut fastrand::Rng, profile: Profile, idx: u64) -> usize {
+    if profile == Profile::Large && idx % 10 == 0 {
+        return rng.usize(1_000_000..20_000_000);
+    }
+    let bucket = if profile == Profile::Small {
+        0
+    } else {
+        rng.u32(0..100)
+    };
     match bucket {
         0..=79 => rng.usize(1_000..20_000),
         80..=97 => rng.usize(20_000..200_000),
@@ -371,10 +389,11 @@ fn corpus(f: &Flags) -> Result<serde_json::Value> {
     let count: u64 = f.num("count", 0)?;
     let seed: u64 = f.num("seed", 1)?;
     let first: u64 = f.num("first", 0)?;
-    let small = match f.or("profile", "mixed") {
-        "mixed" => false,
-        "small" => true,
-        p => bail!("--profile: mixed or small, found {p:?}"),
+    let profile = match f.or("profile", "mixed") {
+        "mixed" => Profile::Mixed,
+        "small" => Profile::Small,
+        "large" => Profile::Large,
+        p => bail!("--profile: mixed, small or large, found {p:?}"),
     };
     for sub in ["cur", "new", "tmp"] {
         std::fs::create_dir_all(dir.join(sub))?;
@@ -383,7 +402,7 @@ fn corpus(f: &Flags) -> Result<serde_json::Value> {
     let mut bytes = 0u64;
     for idx in first..first + count {
         let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ idx);
-        let size = pick_size(&mut rng, small);
+        let size = pick_size(&mut rng, profile, idx);
         let m = message(&mut rng, seed, idx, size);
         // Some read, some flagged: FLAGS come back in X-Fetched-Imap-Flags.
         let flags = match rng.u8(..10) {
@@ -453,6 +472,14 @@ async fn fetch(f: &Flags) -> Result<serde_json::Value> {
 async fn store_ceiling(f: &Flags) -> Result<serde_json::Value> {
     let dir = PathBuf::from(f.get("dir")?).join("cur");
     let concurrency: usize = f.num("concurrency", 64)?;
+    // `--mark`: every row is then also marked delivered by an UPDATE of its
+    // own, as after a hand-off (the second write a sync has and this
+    // ceiling has not).
+    let mark = match f.or("mark", "no") {
+        "no" => false,
+        "yes" => true,
+        m => bail!("--mark: yes or no, found {m:?}"),
+    };
     let store = f.store().await?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
         .map(|e| e.map(|e| e.path()))
@@ -464,6 +491,7 @@ async fn store_ceiling(f: &Flags) -> Result<serde_json::Value> {
     store
         .insert_raw_message(user, Uuid::new_v4(), b"warm-up".to_vec())
         .await?;
+    store.mark_delivered(Uuid::new_v4()).await?;
     let started = Instant::now();
     let bytes: u64 = futures::stream::iter(files.iter().enumerate())
         .map(|(i, p)| {
@@ -473,6 +501,9 @@ async fn store_ceiling(f: &Flags) -> Result<serde_json::Value> {
                 let len = data.len() as u64;
                 let id = raw_message_id(user, identity, "INBOX", 1, i as u32 + 1);
                 store.insert_raw_message(user, id, data).await?;
+                if mark {
+                    store.mark_delivered(id).await?;
+                }
                 Ok::<u64, anyhow::Error>(len)
             }
         })
@@ -484,6 +515,7 @@ async fn store_ceiling(f: &Flags) -> Result<serde_json::Value> {
         "bytes": bytes,
         "secs": started.elapsed().as_secs_f64(),
         "concurrency": concurrency,
+        "mark": mark,
     }))
 }
 

@@ -2,7 +2,8 @@
 # Benchmarks of caliopen-imap against its ceilings and against mbsync, on the
 # local stack (NATS, Cassandra, Dovecot on loopback; scripts/stack.sh).
 #
-#   scripts/bench.sh            1k and 10k mailboxes, 200 identities, poller
+#   scripts/bench.sh            1k and 10k mailboxes, a large-message mailbox
+#                               (10 % of 1-20 MB), 200 identities, poller
 #   scripts/bench.sh --large    the same plus a 50k mailbox (one round)
 #   scripts/bench.sh --rounds N rounds of every measurement (default 3)
 #
@@ -88,6 +89,10 @@ NEED_JOB_CLIENTS=10
 NEED_JOB_SECS=10
 # 200 identities of 100 to 200 small messages each.
 MULTI_USERS=200
+# The large-message mailbox: every tenth message 1-20 MB (object storage).
+LARGE_MSGS=200
+# Its objects go to a bucket of this run, removed at the end.
+BENCH_BUCKET=caliopen-bench-$TAG
 
 cqlsh() {
     "$STACK_CQLSH" --connect-timeout=20 --request-timeout=120 "$CASS_HOST" "$CASS_PORT" "$@"
@@ -107,13 +112,29 @@ truncate_raw() {
     cqlsh -e "TRUNCATE $KS.raw_message; TRUNCATE $KS.user_raw_lookup;" >/dev/null
 }
 
+# Bytes of the raw messages stored now, as JSON: in their Cassandra rows
+# (`raw_data`) and in the object store (rows with a `uri`).
+stored_split() {
+    cqlsh -e "PAGING OFF; SELECT raw_size, uri FROM $KS.raw_message;" |
+        awk -F'|' 'NF == 2 && $1 ~ /^ *[0-9]+ *$/ {
+                if ($2 ~ /s3:/) { o += $1; no++ } else { c += $1; nc++ } }
+            END { printf "{\"cass_bytes\": %d, \"cass_msgs\": %d, \"s3_bytes\": %d, \"s3_msgs\": %d}\n",
+                  c, nc, o, no }'
+}
+
 # ------------------------------------------------------------------ processes
+
+# Set by `pin on` (a taskset prefix) and for the pinned runs (a scenario
+# suffix): empty otherwise.
+PIN=
+SUFFIX=
 
 # Our background processes, stopped on exit whatever happens.
 PIDS=()
 cleanup() {
     local p
     for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    [ -z "$PIN" ] || pin off
 }
 trap cleanup EXIT
 
@@ -163,6 +184,33 @@ measure_end() {
         '. + {cass_cpu_s: $c, busy_pct: $b}' <<<"$1"
 }
 
+# Wait until Cassandra runs no compaction and has none pending (left
+# behind by earlier rounds or tests, it would bill its CPU to whoever runs
+# next), and until the kernel has written back dirty pages. Records the
+# wait as scenario `settle`. usage: settle LABEL ROUND
+settle() {
+    local label=$1 round=$2 t0=$SECONDS running pending dirty i
+    for i in $(seq 600); do
+        read -r running pending < <(cqlsh -e "SELECT count(*) FROM system_views.sstable_tasks;
+                SELECT pending_tasks, active_tasks FROM system_views.thread_pools
+                WHERE name = 'CompactionExecutor';" |
+            awk -F'|' 'NF == 1 && $1 ~ /^ *[0-9]+ *$/ && r == "" {r = $1 + 0}
+                       NF == 2 && $1 ~ /^ *[0-9]+ *$/ && p == "" {p = $1 + $2}
+                       END {print (r == "" ? 1 : r), (p == "" ? 1 : p)}')
+        [ "${running:-1}" = 0 ] && [ "${pending:-1}" = 0 ] && break
+        sleep 1
+    done
+    sync
+    for i in $(seq 100); do
+        dirty=$(awk '/^Dirty:/ {print $2}' /proc/meminfo)
+        [ "$dirty" -lt 10240 ] && break
+        sleep 0.1
+    done
+    record settle "$label" "$round" "$(jq -nc --argjson s $((SECONDS - t0)) \
+        --argjson r "${running:-0}" --argjson p "${pending:-0}" \
+        '{secs: $s, running_at_end: $r, pending_at_end: $p}')"
+}
+
 # usage: record SCENARIO MAILBOX ROUND JSON [jq-expression adding fields]
 record() {
     local scenario=$1 mailbox=$2 round=$3 json=$4
@@ -199,7 +247,7 @@ store_settings:
     endpoint: "$STACK_S3_ENDPOINT"
     access_key: "$STACK_S3_ACCESS_KEY"
     secret_key: "$STACK_S3_SECRET_KEY"
-    buckets: {raw_messages: "$STACK_S3_BUCKET"}
+    buckets: {raw_messages: "$BENCH_BUCKET"}
 LDAConfig:
   in_topic: "$3"
 imap:
@@ -212,7 +260,7 @@ EOF
 # usage: start_worker YAML NAME; sets WORKER_PID
 start_worker() {
     local log=$WORK/worker-$2.log
-    CALIOPEN_IMAP_LOG=info "$BIN" worker -c "$1" start >"$log" 2>&1 &
+    CALIOPEN_IMAP_LOG=info $PIN "$BIN" worker -c "$1" start >"$log" 2>&1 &
     WORKER_PID=$!
     PIDS+=("$WORKER_PID")
     wait_log "$log" "imapworker ready" 60
@@ -288,12 +336,14 @@ run_fetch() {
 }
 
 # Store ceiling: the same bytes into raw_message + user_raw_lookup, no IMAP.
+# With MARK=yes every row is then marked delivered by an UPDATE of its own,
+# the second write a hand-off makes (scenario store_ceiling_marked).
 run_store() {
-    local user=$1 label=$2 round=$3 conc=$4 scenario=${5:-store_ceiling} out
+    local user=$1 label=$2 round=$3 conc=$4 scenario=${5:-store_ceiling} mark=${6:-no} out
     truncate_raw
     measure_begin
     out=$("$TOOL" store --dir "$(maildir_of "$user")" --hosts "$STACK_CASSANDRA_HOSTS" \
-        --keyspace "$KS" --concurrency "$conc")
+        --keyspace "$KS" --concurrency "$conc" --mark "$mark")
     record "$scenario" "$label" "$round" "$(measure_end "$out")"
 }
 
@@ -335,11 +385,11 @@ SyncState *
 EOF
     measure_begin
     t0=$(date +%s.%N)
-    /usr/bin/time -f '%M %U %S' -o "$WORK/mbsync.time" mbsync -q -c "$conf" pull
+    /usr/bin/time -f '%M %U %S' -o "$WORK/mbsync.time" $PIN mbsync -q -c "$conf" pull
     t1=$(date +%s.%N)
     n=$(find "$near/INBOX/cur" "$near/INBOX/new" -type f | wc -l)
     read -r rss u s <"$WORK/mbsync.time"
-    record mbsync "$label" "$round" "$(measure_end "$(jq -nc --argjson n "$n" \
+    record "mbsync$SUFFIX" "$label" "$round" "$(measure_end "$(jq -nc --argjson n "$n" \
         --argjson b "$(mailbox_field "$user" vsize)" --argjson t "$(echo "$t1 - $t0" | bc)" \
         --argjson rss "$rss" --argjson cpu "$(echo "$u + $s" | bc)" \
         '{messages: $n, bytes: $b, secs: $t, rss_kb: $rss, proc_cpu_s: $cpu}')")"
@@ -359,12 +409,16 @@ run_caliopen() {
     cpu0=$(cpu_s "$WORKER_PID")
     measure_begin
     out=$(tool_sync)
-    hung caliopen_initial "$label" "$round" "$out" && return 0
+    hung "caliopen_initial$SUFFIX" "$label" "$round" "$out" && return 0
     out=$(measure_end "$out")
     hwm=$(hwm_kb "$WORKER_PID")
-    record caliopen_initial "$label" "$round" "$(jq -c --argjson rss "$hwm" \
+    record "caliopen_initial$SUFFIX" "$label" "$round" "$(jq -c --argjson rss "$hwm" \
         --argjson cpu "$(echo "$(cpu_s "$WORKER_PID") - $cpu0" | bc)" \
         '. + {messages: .fetched, bytes: null, rss_kb: $rss, proc_cpu_s: $cpu}' <<<"$out")"
+    if [ -n "$SUFFIX" ]; then
+        stop_pid "$WORKER_PID"
+        return 0
+    fi
 
     out=$(tool_sync)
     hung caliopen_nochange "$label" "$round" "$out" && return 0
@@ -412,6 +466,39 @@ run_caliopen_store_only() {
         --argjson cpu "$(echo "$(cpu_s "$WORKER_PID") - $cpu0" | bc)" \
         '. + {messages: .fetched, rss_kb: $rss, proc_cpu_s: $cpu}' <<<"$out")"
     stop_pid "$WORKER_PID"
+}
+
+# caliopen-imap on the large-message mailbox: initial sync with hand-off,
+# and where the bytes went (Cassandra rows or the S3 bucket).
+run_caliopen_large() {
+    local user=$1 label=$2 round=$3 yaml=$WORK/worker-large.yaml out cpu0
+    worker_yaml "$yaml" 10 "inboundSMTP.$TAG"
+    truncate_raw
+    start_worker "$yaml" "large-$round"
+    new_identity "$yaml" "$user"
+    cpu0=$(cpu_s "$WORKER_PID")
+    measure_begin
+    out=$(tool_sync)
+    hung caliopen_large "$label" "$round" "$out" && return 0
+    out=$(measure_end "$out")
+    record caliopen_large "$label" "$round" "$(jq -c --argjson rss "$(hwm_kb "$WORKER_PID")" \
+        --argjson cpu "$(echo "$(cpu_s "$WORKER_PID") - $cpu0" | bc)" \
+        --argjson split "$(stored_split)" \
+        '. + {messages: .fetched, rss_kb: $rss, proc_cpu_s: $cpu} + $split' <<<"$out")"
+    stop_pid "$WORKER_PID"
+}
+
+# The production shape: Cassandra alone on core 0 (as on machines of its
+# own), the worker, Dovecot, NATS, the stand-in and mbsync on core 1.
+# usage: pin on|off
+pin() {
+    local cass=0 rest=1 p
+    [ "$1" = off ] && cass=0-$(($(nproc) - 1)) rest=$cass
+    taskset -a -p -c "$cass" "$CASS_PID" >/dev/null
+    for p in $(pgrep -x dovecot) $(pgrep -f '^dovecot/') $(tr -dc '0-9' <"$STATE/nats/nats.pid") "$LDA_PID"; do
+        taskset -a -p -c "$rest" "$p" >/dev/null 2>&1 || true
+    done
+    PIN=$([ "$1" = on ] && echo "taskset -c $rest" || true)
 }
 
 # 200 identities ordered at once to one worker with WORKERS job slots.
@@ -514,6 +601,7 @@ apply_schema "$KS_POLLER"
 log "preparing mailboxes (cached between runs)"
 ensure_corpus bench1k 1000
 ensure_corpus bench10k 10000
+ensure_corpus bench200L "$LARGE_MSGS" large
 [ $LARGE = 1 ] && ensure_corpus bench50k 50000
 # 200 small mailboxes: quick to make, the test is about concurrency.
 log "preparing $MULTI_USERS small mailboxes bench200u1..$MULTI_USERS"
@@ -547,22 +635,39 @@ log "store ceiling concurrency: $STORE_CONCURRENCY"
 
 # Rounds interleave every scenario, each round in a rotated order, so a
 # drift of the machine (compaction, page cache, JIT) spreads over all.
-SCENARIOS=(fetch store mbsync caliopen storeonly)
+SCENARIOS=(fetch store storemark mbsync caliopen storeonly)
 for round in $(seq "$ROUNDS"); do
     log "round $round of $ROUNDS"
     for k in $(seq 0 $((${#SCENARIOS[@]} - 1))); do
         s=${SCENARIOS[$(((k + round - 1) % ${#SCENARIOS[@]}))]}
         for mb in "bench1k 1k" "bench10k 10k"; do
             set -- $mb
+            settle "$2" "$round"
             case $s in
                 fetch) run_fetch "$1" "$2" "$round" ;;
                 store) run_store "$1" "$2" "$round" "$STORE_CONCURRENCY" ;;
+                storemark) run_store "$1" "$2" "$round" "$STORE_CONCURRENCY" store_ceiling_marked yes ;;
                 mbsync) run_mbsync "$1" "$2" "$round" ;;
                 caliopen) run_caliopen "$1" "$2" "$round" ;;
                 storeonly) run_caliopen_store_only "$1" "$2" "$round" ;;
             esac
         done
     done
+    log "production shape (Cassandra on core 0, the rest on core 1), round $round"
+    pin on
+    SUFFIX=_pinned
+    settle 10k "$round"
+    run_mbsync bench10k 10k "$round"
+    settle 10k "$round"
+    run_caliopen bench10k 10k "$round"
+    SUFFIX=
+    pin off
+    log "large messages, round $round"
+    settle 200L "$round"
+    run_fetch bench200L 200L "$round"
+    run_mbsync bench200L 200L "$round"
+    settle 200L "$round"
+    run_caliopen_large bench200L 200L "$round"
     run_multi 10 "$round"
     run_multi 50 "$round"
     run_poller "$round"
@@ -577,6 +682,8 @@ if [ $LARGE = 1 ]; then
     run_caliopen_store_only bench50k 50k 1
 fi
 truncate_raw
+# The run's bucket (versitygw's posix backend keeps a bucket as a directory).
+rm -rf "${STATE:?}/s3/data/$BENCH_BUCKET"
 
 stop_pid "$LDA_PID"
 machine_json >"$WORK/machine.json"
