@@ -251,7 +251,7 @@ enum Profile {
 
 /// The size of message `idx`.
 fn pick_size(rng: &mut fastrand::Rng, profile: Profile, idx: u64) -> usize {
-    if profile == Profile::Large && idx % 10 == 0 {
+    if profile == Profile::Large && idx.is_multiple_of(10) {
         return rng.usize(1_000_000..20_000_000);
     }
     let bucket = if profile == Profile::Small {
