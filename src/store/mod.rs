@@ -207,12 +207,20 @@ impl Store {
         template: &'static str,
         values: QueryValues,
     ) -> Result<Envelope, StoreError> {
+        self.exec_as(template, values, false).await
+    }
+
+    /// [`Store::exec`]; `lwt` adds the serial consistency of a lightweight
+    /// transaction ([`statement_params`]).
+    async fn exec_as(
+        &self,
+        template: &'static str,
+        values: QueryValues,
+        lwt: bool,
+    ) -> Result<Envelope, StoreError> {
         let conn = self.conn();
         let prepared = self.prepared(&conn, template).await?;
-        let params = StatementParamsBuilder::new()
-            .with_values(values)
-            .with_consistency(self.inner.consistency)
-            .build();
+        let params = statement_params(values, self.inner.consistency, lwt);
         self.send(&conn, &prepared, &params, template).await
     }
 
@@ -260,7 +268,8 @@ impl Store {
         template: &'static str,
         values: QueryValues,
     ) -> Result<bool, StoreError> {
-        let rows = self.rows(template, values).await?;
+        let env = self.exec_as(template, values, true).await?;
+        let rows = body_rows(env, template)?;
         match rows.first() {
             None => Ok(false),
             Some(r) => Ok(col::<bool>(r, "[applied]", template)?.unwrap_or(false)),
@@ -308,6 +317,31 @@ impl Store {
                 reason: e.to_string(),
             })
     }
+}
+
+/// The parameters of one statement. Every statement runs at the configured
+/// `consistency_level` (for a lightweight transaction, that is the level of
+/// its commit). A lightweight transaction (`lwt`: our `IF ...` statements,
+/// the sync lock and the poller lease) also names its serial consistency,
+/// the level of its Paxos round, rather than leave it to the server's
+/// default: SERIAL (a majority of all replicas), or LOCAL_SERIAL when the
+/// configured level is a LOCAL_ one, so a deployment that keeps its
+/// requests inside one data centre keeps its Paxos rounds there too. On a
+/// cluster, with writes at QUORUM or LOCAL_QUORUM, two workers then can
+/// never both win a lock, whichever node each of them reaches (README,
+/// "Running on a cluster").
+fn statement_params(values: QueryValues, consistency: Consistency, lwt: bool) -> StatementParams {
+    let b = StatementParamsBuilder::new()
+        .with_values(values)
+        .with_consistency(consistency);
+    if !lwt {
+        return b.build();
+    }
+    let serial = match consistency {
+        Consistency::LocalQuorum | Consistency::LocalOne => Consistency::LocalSerial,
+        _ => Consistency::Serial,
+    };
+    b.with_serial_consistency(serial).build()
 }
 
 /// Open a driver session: (session, "host:port,..." for messages, consistency).
@@ -458,6 +492,33 @@ impl Store {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Our `IF ...` statements (the sync lock, the poller lease) must run
+    /// their Paxos round at SERIAL, or LOCAL_SERIAL when the configured level
+    /// keeps to the local data centre; the commit and every other statement
+    /// use the configured `consistency_level`.
+    #[test]
+    fn lightweight_transactions_carry_an_explicit_serial_consistency() {
+        for (level, serial) in [
+            (Consistency::One, Consistency::Serial),
+            (Consistency::Quorum, Consistency::Serial),
+            (Consistency::All, Consistency::Serial),
+            (Consistency::LocalQuorum, Consistency::LocalSerial),
+            (Consistency::LocalOne, Consistency::LocalSerial),
+        ] {
+            let p = statement_params(QueryValues::SimpleValues(vec![]), level, true);
+            assert_eq!(p.query_params.consistency, level);
+            assert_eq!(p.query_params.serial_consistency, Some(serial), "{level:?}");
+            let p = statement_params(QueryValues::SimpleValues(vec![]), level, false);
+            assert_eq!(p.query_params.consistency, level);
+            assert_eq!(p.query_params.serial_consistency, None);
         }
     }
 }
