@@ -635,35 +635,37 @@ fn spawn_daemon(
 }
 
 async fn start_worker(env: &Env) -> Result<Daemon> {
-    let yaml = env.repo.join("config/imapworker.yaml");
-    Daemon::spawn(
-        env,
-        "worker",
-        vec![
-            "worker".into(),
-            "-c".into(),
-            yaml.display().to_string(),
-            "start".into(),
-        ],
-        env.daemon_env(),
-        "imapworker ready",
-    )
-    .await
+    start_daemon(env, "worker", env.daemon_env(), "imapworker ready").await
 }
 
 async fn start_poller(env: &Env) -> Result<Daemon> {
-    let yaml = env.repo.join("config/idpoller.yaml");
+    start_daemon(env, "poller", env.poller_env(), "this poller is the leader").await
+}
+
+/// `caliopen-imap <mode> -c config/<shipped file> start` with `denv`.
+async fn start_daemon(
+    env: &Env,
+    mode: &'static str,
+    denv: Vec<(String, String)>,
+    ready: &'static str,
+) -> Result<Daemon> {
+    let file = if mode == "worker" {
+        "imapworker.yaml"
+    } else {
+        "idpoller.yaml"
+    };
+    let yaml = env.repo.join("config").join(file);
     Daemon::spawn(
         env,
-        "poller",
+        mode,
         vec![
-            "poller".into(),
+            mode.into(),
             "-c".into(),
             yaml.display().to_string(),
             "start".into(),
         ],
-        env.poller_env(),
-        "this poller is the leader",
+        denv,
+        ready,
     )
     .await
 }

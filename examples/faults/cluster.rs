@@ -80,20 +80,39 @@ async fn start_cluster_poller(env: &Env, metrics: &str, ready: &'static str) -> 
     let mut denv = env.poller_env();
     denv.push((format!("{p}POLLER__MINUTE_SECS"), "1".into()));
     denv.push((format!("{p}METRICS_ADDR"), metrics.into()));
-    let yaml = env.repo.join("config/idpoller.yaml");
-    Daemon::spawn(
-        env,
-        "poller",
-        vec![
-            "poller".into(),
-            "-c".into(),
-            yaml.display().to_string(),
-            "start".into(),
-        ],
-        denv,
-        ready,
-    )
-    .await
+    start_daemon(env, "poller", denv, ready).await
+}
+
+/// A worker on the cluster, with `in_flight` hand-offs per sync.
+async fn start_cluster_worker(env: &Env, in_flight: u32) -> Result<Daemon> {
+    let mut denv = env.daemon_env();
+    denv.push((
+        format!("{}IMAP__IN_FLIGHT", config::ENV_PREFIX),
+        in_flight.to_string(),
+    ));
+    start_daemon(env, "worker", denv, "imapworker ready").await
+}
+
+/// Retry a read of the harness a few times: a request that was in flight
+/// to the node just killed fails, and the driver needs a moment to route
+/// around it (the daemons' own failures are what the run measures).
+async fn retried<T, F, Fut>(what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tries < 10 => {
+                tries += 1;
+                eprintln!("[faults] cluster: {what} failed ({e:#}), again in 2 s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Snapshot the delivered ids of every account, stamped when the read
@@ -102,7 +121,7 @@ async fn start_cluster_poller(env: &Env, metrics: &str, ready: &'static str) -> 
 /// flight as extra.)
 async fn snapshot_all(cases: &mut [Case], store: &Store) -> Result<()> {
     for c in cases.iter_mut() {
-        let set = c.delivered(store).await?;
+        let set = retried("a snapshot", || c.delivered(store)).await?;
         c.snapshots.push((Instant::now(), set));
     }
     Ok(())
@@ -119,7 +138,8 @@ struct Kill {
 pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
     let env = &suite.env;
     let accounts: u32 = var_or("FAULTS_CLUSTER_ACCOUNTS", 3)?;
-    let delay = Duration::from_millis(var_or("FAULTS_CLUSTER_DELAY_MS", 100)?);
+    let delay = Duration::from_millis(var_or("FAULTS_CLUSTER_DELAY_MS", 500)?);
+    let in_flight: u32 = var_or("FAULTS_CLUSTER_IN_FLIGHT", 8)?;
     let limit = Duration::from_secs(var_or("FAULTS_CLUSTER_MAX_SECS", 600)?);
     let cass = pid_files("FAULTS_CLUSTER_CASS_PIDS")?;
     let nats = pid_files("FAULTS_CLUSTER_NATS_PIDS")?;
@@ -133,10 +153,14 @@ pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
         cases.push(Case::new(env, &suite.store, &format!("cluster{i}"), env.messages).await?);
     }
     let total = cases.len() * env.messages as usize;
-    // Answers a little late (64 in flight per sync), so the syncs last
-    // long enough for three faults.
+    // Answers 500 ms late, 8 in flight per sync: 16 messages/s per account
+    // at most, so the syncs last about a minute, long enough for three
+    // faults and a poller fail-over (unthrottled, 3 × 1,000 took 12 s).
     suite.standin.set_delay(delay);
-    let mut workers = vec![start_worker(env).await?, start_worker(env).await?];
+    let mut workers = vec![
+        start_cluster_worker(env, in_flight).await?,
+        start_cluster_worker(env, in_flight).await?,
+    ];
     let addrs = [free_addr()?, free_addr()?];
     // The first takes the lease and schedules the accounts at once.
     let mut pollers = vec![
@@ -169,7 +193,6 @@ pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
         }
         let next = kills.len();
         if next < points.len() && progress >= points[next] {
-            snapshot_all(&mut cases, &suite.store).await?;
             let unfinished = cases
                 .iter()
                 .filter(|c| suite.standin.distinct_of(c.user) < env.messages as usize)
@@ -246,6 +269,7 @@ pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
     }
     let synced_in = t0.elapsed();
     suite.standin.set_delay(Duration::ZERO);
+    snapshot_all(&mut cases, &suite.store).await?;
     // Whatever the pollers left: order syncs until each account is complete.
     for c in cases.iter_mut() {
         if !c
@@ -285,15 +309,20 @@ pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
         served_after.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64())),
     ));
     row.notes.push(format!(
-        "{accounts} accounts × {} messages handed off in {:.0} s by the pollers' jobs; consistency_level {} (4 = QUORUM), LWTs at SERIAL; Cassandra heap {} per node",
+        "{accounts} accounts × {} messages handed off in {:.0} s by the pollers' jobs ({in_flight} in flight per sync, answers {} ms late); consistency_level {} (4 = QUORUM), LWTs at SERIAL; Cassandra heap {} per node",
         env.messages,
         synced_in.as_secs_f64(),
+        delay.as_millis(),
         env.consistency,
         std::env::var("FAULTS_CLUSTER_HEAP").unwrap_or_else(|_| "?".into())
     ));
     for c in &cases {
-        let mut r = Row::default();
-        c.count(&suite.store, &suite.standin, &mut r).await?;
+        let r = retried("counting", || async {
+            let mut r = Row::default();
+            c.count(&suite.store, &suite.standin, &mut r).await?;
+            Ok(r)
+        })
+        .await?;
         row.messages += r.messages;
         row.missing += r.missing;
         row.duplicates += r.duplicates;
