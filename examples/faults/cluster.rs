@@ -281,6 +281,8 @@ pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
     }
     // Recovery: for the nodes, until every account that still had work
     // handed off again; for the poller, until the standby served a job.
+    // "Again" is the (in_flight + 1)-th hand-off after the kill: the first
+    // `in_flight` may have been stored before it and sent just after.
     let mut shown = Vec::new();
     for (k, kill) in kills.iter().enumerate() {
         let rec = if k == 2 {
@@ -288,7 +290,16 @@ pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
         } else {
             kill.unfinished
                 .iter()
-                .map(|u| suite.standin.first_after(*u, kill.at).map(|t| t - kill.at))
+                .map(|u| {
+                    let after: Vec<Instant> = suite
+                        .standin
+                        .records_of(*u)
+                        .iter()
+                        .map(|r| r.at)
+                        .filter(|t| *t > kill.at)
+                        .collect();
+                    after.get(in_flight as usize).map(|t| *t - kill.at)
+                })
                 .try_fold(Duration::ZERO, |m, d| d.map(|d| m.max(d)))
         };
         row.recover.push(rec);
@@ -333,6 +344,24 @@ pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
         row.stepped += r.stepped;
         row.notes.extend(r.notes);
     }
+    // What the daemons went through, from their logs.
+    let mut logs: Vec<PathBuf> = workers.iter().map(|w| w.log.clone()).collect();
+    logs.extend(pollers.iter().flatten().map(|p| p.log.clone()));
+    let text: String = logs
+        .iter()
+        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+        .collect();
+    let outages = text
+        .lines()
+        .filter(|l| l.contains("sync ended with errors") && l.contains("outage=true"))
+        .count();
+    let renewals = text
+        .lines()
+        .filter(|l| l.contains("no node left to send to: opening a new one"))
+        .count();
+    row.notes.push(format!(
+        "syncs ended by an outage on our side (then resumed by a later job): {outages}; Cassandra sessions replaced because the driver had no node left: {renewals} (the killed poller's log not counted)"
+    ));
     for w in workers {
         row.crashes += w.stop().await?;
     }
