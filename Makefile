@@ -60,8 +60,8 @@ faults-quick: stack-up
 	bash scripts/faults.sh --quick
 
 # Opt-in, not part of `make test`: starts its own 3-node Cassandra on
-# 127.0.0.2-4 and 3-node NATS (about 2.5 GB of heap), uses the stack's Dovecot,
-# stops everything it started on exit. About 10 minutes on 2 cores.
+# 127.0.0.2-4 and 3-node NATS (3 x 768 MB of heap), uses the stack's Dovecot,
+# stops everything it started on exit. About 5 minutes on 2 cores.
 faults-cluster: stack-up
 	bash scripts/faults-cluster.sh
 
