@@ -4,13 +4,15 @@
 #   make bench   benchmarks against mbsync and the fetch/store ceilings
 #   make fuzz    cargo-fuzz targets, FUZZ_SECS each (default 300), on demand
 #   make faults  the fault suite (kill -9, restarts, ...); faults-quick: small
+#   make faults-cluster  3-node Cassandra (RF 3) + 3-node NATS, 2 workers and
+#                2 pollers; kills a node of each and the leading poller (opt-in)
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build release test unit lint demo bench bench-large faults faults-quick \
+.PHONY: all build release test unit lint demo bench bench-large faults faults-quick faults-cluster \
         install uninstall stack-up stack-down stack-status clean fuzz
 
 all: build
@@ -56,6 +58,12 @@ faults: stack-up
 
 faults-quick: stack-up
 	bash scripts/faults.sh --quick
+
+# Opt-in, not part of `make test`: starts its own 3-node Cassandra on
+# 127.0.0.2-4 and 3-node NATS (3 x 768 MB of heap), uses the stack's Dovecot,
+# stops everything it started on exit. About 5 minutes on 2 cores.
+faults-cluster: stack-up
+	bash scripts/faults-cluster.sh
 
 # The binary and its three program names.
 install: release

@@ -36,6 +36,10 @@ use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
+/// The cluster scenario (`make faults-cluster`, `FAULTS_CLUSTER=1`).
+#[path = "faults/cluster.rs"]
+mod cluster;
+
 // ------------------------------------------------------------------ settings
 
 /// Everything the run needs to know, read once from the environment.
@@ -45,9 +49,15 @@ struct Env {
     bin: PathBuf,
     work: PathBuf,
     tag: String,
+    /// One NATS server, or a cluster's, comma-separated.
     nats: String,
+    /// One Cassandra host, or a cluster's, comma-separated.
     cass_hosts: String,
     keyspace: String,
+    /// `store_settings.consistency_level` of the daemons and the harness.
+    consistency: u16,
+    /// The cluster run (scripts/faults-cluster.sh): only its scenario.
+    cluster: bool,
     imaps: String,
     ca_file: String,
     password: String,
@@ -81,6 +91,7 @@ impl Env {
     fn load() -> Result<Env> {
         let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let quick = var_or("FAULTS_QUICK", 0u8)? == 1;
+        let cluster = var_or("FAULTS_CLUSTER", 0u8)? == 1;
         let seed = match std::env::var("FAULTS_SEED") {
             Ok(s) if !s.is_empty() => s.parse().context("FAULTS_SEED: not a number")?,
             _ => fastrand::u64(..1_000_000),
@@ -98,13 +109,22 @@ impl Env {
             nats: var("STACK_NATS_URL")?,
             cass_hosts: var("STACK_CASSANDRA_HOSTS")?,
             keyspace: var_or("FAULTS_KEYSPACE", "caliopen_faults".to_string())?,
+            consistency: var_or("FAULTS_CONSISTENCY", 1u16)?,
+            cluster,
             imaps: format!("{}:{}", var("STACK_IMAP_HOST")?, var("STACK_IMAPS_PORT")?),
             ca_file: var("STACK_IMAP_CA_FILE")?,
             password: var("STACK_IMAP_PASSWORD")?,
             dovecot_conf: var("STACK_DOVECOT_CONF")?,
             quick,
             restarts: var_or("FAULTS_RESTARTS", if quick { 0u8 } else { 1 })? == 1,
-            messages: var_or("FAULTS_MESSAGES", if quick { 300 } else { 3000 })?,
+            messages: var_or(
+                "FAULTS_MESSAGES",
+                match (cluster, quick) {
+                    (true, _) => 1000,
+                    (_, true) => 300,
+                    _ => 3000,
+                },
+            )?,
             kill_rounds: var_or("FAULTS_KILL_ROUNDS", if quick { 2 } else { 10 })?,
             payloads: var_or("FAULTS_PAYLOADS", if quick { 1000 } else { 10_000 })?,
             // Set from the worker's lock_ttl_secs in main() unless given.
@@ -119,6 +139,38 @@ impl Env {
         })
     }
 
+    fn mode(&self) -> &'static str {
+        match (self.cluster, self.quick) {
+            (true, _) => "cluster",
+            (_, true) => "quick",
+            _ => "full",
+        }
+    }
+
+    fn nats_servers(&self) -> Vec<String> {
+        self.nats.split(',').map(str::to_string).collect()
+    }
+
+    fn cass_host_list(&self) -> Vec<String> {
+        self.cass_hosts.split(',').map(str::to_string).collect()
+    }
+
+    /// The settings every daemon shares: addresses, keyspace, consistency.
+    fn store_env(&self) -> [(&'static str, String); 4] {
+        [
+            ("NATS_URL", self.nats.clone()),
+            (
+                "STORE_SETTINGS__HOSTS",
+                serde_json::to_string(&self.cass_host_list()).unwrap_or_default(),
+            ),
+            ("STORE_SETTINGS__KEYSPACE", self.keyspace.clone()),
+            (
+                "STORE_SETTINGS__CONSISTENCY_LEVEL",
+                self.consistency.to_string(),
+            ),
+        ]
+    }
+
     /// Subjects of this run only, so no other worker, poller or test sees them.
     fn subject(&self, base: &str) -> String {
         format!("{base}.{}", self.tag)
@@ -129,51 +181,42 @@ impl Env {
     /// own override mechanism), so every other value is the shipped one.
     fn daemon_env(&self) -> Vec<(String, String)> {
         let p = config::ENV_PREFIX;
-        [
-            ("NATS_URL", self.nats.clone()),
-            (
-                "STORE_SETTINGS__HOSTS",
-                format!("[\"{}\"]", self.cass_hosts),
-            ),
-            ("STORE_SETTINGS__KEYSPACE", self.keyspace.clone()),
-            ("NATS_QUEUE", self.subject("IMAPworkers")),
-            ("NATS_TOPIC_SENDER", self.subject("outboundIMAP")),
-            ("NATS_TOPIC_POLLER", self.subject("imapJobs")),
-            ("NATS_TOPIC_POLLER_CACHE", self.subject("idCache")),
-            ("LDACONFIG__IN_TOPIC", self.subject("inboundSMTP")),
-            ("LDACONFIG__OUT_TOPIC", self.subject("outboundSMTP")),
-            ("IMAP__CA_FILE", self.ca_file.clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("{p}{k}"), v))
-        .collect()
+        self.store_env()
+            .into_iter()
+            .chain([
+                ("NATS_QUEUE", self.subject("IMAPworkers")),
+                ("NATS_TOPIC_SENDER", self.subject("outboundIMAP")),
+                ("NATS_TOPIC_POLLER", self.subject("imapJobs")),
+                ("NATS_TOPIC_POLLER_CACHE", self.subject("idCache")),
+                ("LDACONFIG__IN_TOPIC", self.subject("inboundSMTP")),
+                ("LDACONFIG__OUT_TOPIC", self.subject("outboundSMTP")),
+                ("IMAP__CA_FILE", self.ca_file.clone()),
+            ])
+            .map(|(k, v)| (format!("{p}{k}"), v))
+            .collect()
     }
 
     fn poller_env(&self) -> Vec<(String, String)> {
         let p = config::ENV_PREFIX;
-        [
-            ("NATS_URL", self.nats.clone()),
-            (
-                "STORE_SETTINGS__HOSTS",
-                format!("[\"{}\"]", self.cass_hosts),
-            ),
-            ("STORE_SETTINGS__KEYSPACE", self.keyspace.clone()),
-            ("NATS_QUEUE", self.subject("IDpoller")),
-            ("NATS_TOPICS__IMAP", self.subject("imapJobs")),
-            ("NATS_TOPICS__TWITTER", self.subject("twitterJobs")),
-            ("NATS_TOPICS__MASTODON", self.subject("mastodonJobs")),
-            ("NATS_TOPICS__ID_CACHE", self.subject("idCache")),
-            ("POLLER__LEASE_NAME", self.tag.clone()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("{p}{k}"), v))
-        .collect()
+        self.store_env()
+            .into_iter()
+            .chain([
+                ("NATS_QUEUE", self.subject("IDpoller")),
+                ("NATS_TOPICS__IMAP", self.subject("imapJobs")),
+                ("NATS_TOPICS__TWITTER", self.subject("twitterJobs")),
+                ("NATS_TOPICS__MASTODON", self.subject("mastodonJobs")),
+                ("NATS_TOPICS__ID_CACHE", self.subject("idCache")),
+                ("POLLER__LEASE_NAME", self.tag.clone()),
+            ])
+            .map(|(k, v)| (format!("{p}{k}"), v))
+            .collect()
     }
 
     async fn store(&self) -> Result<Store> {
         let settings = StoreSettings {
-            hosts: vec![self.cass_hosts.clone()],
+            hosts: self.cass_host_list(),
             keyspace: self.keyspace.clone(),
+            consistency_level: self.consistency,
             ..Default::default()
         };
         Ok(Store::connect(&settings, Duration::from_secs(30)).await?)
@@ -239,7 +282,7 @@ struct Standin {
 
 impl Standin {
     async fn start(env: &Env) -> Result<Standin> {
-        let client = async_nats::connect(&env.nats).await?;
+        let client = async_nats::connect(env.nats_servers()).await?;
         let s = Standin {
             state: Arc::new(Mutex::new(StandinState {
                 records: Vec::new(),
@@ -592,35 +635,37 @@ fn spawn_daemon(
 }
 
 async fn start_worker(env: &Env) -> Result<Daemon> {
-    let yaml = env.repo.join("config/imapworker.yaml");
-    Daemon::spawn(
-        env,
-        "worker",
-        vec![
-            "worker".into(),
-            "-c".into(),
-            yaml.display().to_string(),
-            "start".into(),
-        ],
-        env.daemon_env(),
-        "imapworker ready",
-    )
-    .await
+    start_daemon(env, "worker", env.daemon_env(), "imapworker ready").await
 }
 
 async fn start_poller(env: &Env) -> Result<Daemon> {
-    let yaml = env.repo.join("config/idpoller.yaml");
+    start_daemon(env, "poller", env.poller_env(), "this poller is the leader").await
+}
+
+/// `caliopen-imap <mode> -c config/<shipped file> start` with `denv`.
+async fn start_daemon(
+    env: &Env,
+    mode: &'static str,
+    denv: Vec<(String, String)>,
+    ready: &'static str,
+) -> Result<Daemon> {
+    let file = if mode == "worker" {
+        "imapworker.yaml"
+    } else {
+        "idpoller.yaml"
+    };
+    let yaml = env.repo.join("config").join(file);
     Daemon::spawn(
         env,
-        "poller",
+        mode,
         vec![
-            "poller".into(),
+            mode.into(),
             "-c".into(),
             yaml.display().to_string(),
             "start".into(),
         ],
-        env.poller_env(),
-        "this poller is the leader",
+        denv,
+        ready,
     )
     .await
 }
@@ -876,6 +921,8 @@ struct Row {
     stepped: u64,
     crashes: u32,
     recover: Vec<Option<Duration>>,
+    /// Shown instead of [`fmt_recover`] of `recover` (one time per fault).
+    recover_text: Option<String>,
     blocked: bool,
     notes: Vec<String>,
     /// Required zeros that were not zero, in words.
@@ -1900,7 +1947,7 @@ async fn run(env: Env, settings: WorkerSettings) -> Result<()> {
     eprintln!(
         "[faults] seed {} ({} mode), tag {}, {} messages, lock_ttl_secs {} (a refused identity is waited for {} s), max_message_tries {}, logs in {}",
         env.seed,
-        if env.quick { "quick" } else { "full" },
+        env.mode(),
         env.tag,
         env.messages,
         settings.imap.lock_ttl_secs,
@@ -1912,7 +1959,7 @@ async fn run(env: Env, settings: WorkerSettings) -> Result<()> {
         bail!("{} not found: run `cargo build` first", env.bin.display());
     }
     let store = env.store().await?;
-    let client = async_nats::connect(&env.nats).await?;
+    let client = async_nats::connect(env.nats_servers()).await?;
     let standin = Standin::start(&env).await?;
     let suite = Suite {
         env: env.clone(),
@@ -1922,7 +1969,9 @@ async fn run(env: Env, settings: WorkerSettings) -> Result<()> {
         standin,
     };
     let mut names: Vec<&str> = vec!["kill9", "sigterm", "absent", "slow", "expunge", "malformed"];
-    if env.restarts {
+    if env.cluster {
+        names = vec!["cluster"];
+    } else if env.restarts {
         names.extend(["nats", "dovecot", "cassandra"]);
     }
     if let Some(only) = &env.only {
@@ -1941,6 +1990,7 @@ async fn run(env: Env, settings: WorkerSettings) -> Result<()> {
             "slow" => suite.processor_slow().await,
             "expunge" => suite.expunge().await,
             "malformed" => suite.malformed().await,
+            "cluster" => cluster::scenario(&suite).await,
             s => suite.service_restart(s).await,
         };
         // Whatever happened, leave every service running...
@@ -1998,7 +2048,9 @@ async fn run(env: Env, settings: WorkerSettings) -> Result<()> {
             r.duplicates,
             r.extra,
             r.crashes,
-            fmt_recover(&r.recover)
+            r.recover_text
+                .clone()
+                .unwrap_or_else(|| fmt_recover(&r.recover))
         );
     }
     let _ = writeln!(out);
@@ -2006,7 +2058,7 @@ async fn run(env: Env, settings: WorkerSettings) -> Result<()> {
         out,
         "seed {} · {} mode · {:.0} s · worker {}",
         env.seed,
-        if env.quick { "quick" } else { "full" },
+        env.mode(),
         started.elapsed().as_secs_f64(),
         env.bin.display()
     );

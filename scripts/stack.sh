@@ -41,6 +41,12 @@ IMAP_PORT=${STACK_IMAP_STARTTLS_PORT:-10143}
 KEYSPACE=${STACK_CASSANDRA_KEYSPACE:-caliopen}
 S3_PORT=${STACK_S3_PORT:-19000}
 CASS_START_TIMEOUT=${STACK_CASSANDRA_START_TIMEOUT:-180}
+# Heap, seeds and replication factor of the node(s) started here; the cluster
+# fault run (scripts/faults-cluster.sh, which sources this file) sets its own.
+CASS_HEAP=${STACK_CASSANDRA_HEAP:-1G}
+CASS_SEEDS=
+CASS_EXTRA_YAML=
+CASS_REPLICATION=1
 
 CASS_VERSION=5.0.8
 HOME=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
@@ -331,7 +337,7 @@ endpoint_snitch: SimpleSnitch
 seed_provider:
   - class_name: org.apache.cassandra.locator.SimpleSeedProvider
     parameters:
-      - seeds: "$HOST:$CASS_STORAGE_PORT"
+      - seeds: "${CASS_SEEDS:-$HOST:$CASS_STORAGE_PORT}"
 listen_address: $HOST
 rpc_address: $HOST
 storage_port: $CASS_STORAGE_PORT
@@ -366,6 +372,7 @@ counter_write_request_timeout: 10000ms
 cas_contention_timeout: 5000ms
 truncate_request_timeout: 60000ms
 request_timeout: 20000ms
+${CASS_EXTRA_YAML:-}
 EOF
     cat >"$CASS_DIR/conf/logback.xml" <<EOF
 <configuration scan="false">
@@ -391,7 +398,7 @@ cass_start() {
     local jamm=("$CASS_LIB"/jamm-*.jar)
     [ -f "${jamm[0]}" ] || die "jamm jar missing in $CASS_LIB"
     local opts=(
-        -Xms1G -Xmx1G -Xss256k
+        "-Xms$CASS_HEAP" "-Xmx$CASS_HEAP" -Xss256k
         -XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxTenuringThreshold=1
         -XX:G1HeapRegionSize=16m -XX:MaxGCPauseMillis=300
         -XX:+UseThreadPriorities -XX:+PerfDisableSharedMem -XX:+ExitOnOutOfMemoryError
@@ -475,12 +482,14 @@ cass_apply_schema() {
     [ -f "$SCHEMA" ] || { log "no $SCHEMA: schema not applied"; return 0; }
     local sum stamp=$CASS_DIR/schema.applied
     sum="$KEYSPACE $(sha256sum <"$SCHEMA")"
+    [ "$CASS_REPLICATION" = 1 ] || sum="rf$CASS_REPLICATION $sum"
     [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sum" ] && return 0
     local cql=$CASS_DIR/schema.cql
-    if [ "$KEYSPACE" = caliopen ]; then
+    if [ "$KEYSPACE" = caliopen ] && [ "$CASS_REPLICATION" = 1 ]; then
         cp "$SCHEMA" "$cql"
     else
-        sed -E "s/\bcaliopen\./$KEYSPACE./g; s/(KEYSPACE IF NOT EXISTS) caliopen\b/\1 $KEYSPACE/" \
+        sed -E "s/\bcaliopen\./$KEYSPACE./g; s/(KEYSPACE IF NOT EXISTS) caliopen\b/\1 $KEYSPACE/;
+                s/('replication_factor': )1\b/\1$CASS_REPLICATION/" \
             "$SCHEMA" >"$cql"
     fi
     log "applying $SCHEMA (keyspace $KEYSPACE)"
@@ -906,6 +915,9 @@ cmd_env() {
     [ -f "$ENV_FILE" ] || die "$ENV_FILE does not exist yet: run scripts/stack.sh up"
     cat "$ENV_FILE"
 }
+
+# Sourced (by scripts/faults-cluster.sh): the functions only.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 case ${1:-} in
     up)     cmd_up ;;

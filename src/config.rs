@@ -375,6 +375,11 @@ impl WorkerSettings {
                 errors.push(format!("{key}: must not be empty"));
             }
         }
+        if !self.nats_url.trim().is_empty() {
+            if let Err(e) = nats_servers(&self.nats_url) {
+                errors.push(e);
+            }
+        }
         validate_store_name(&self.store_name, &mut errors);
         self.store_settings.validate(&mut errors);
         let i = &self.imap;
@@ -426,6 +431,29 @@ impl WorkerSettings {
             Err(errors)
         }
     }
+}
+
+/// The servers of `nats_url`. It may list several servers of one NATS
+/// cluster, comma-separated (the NATS convention, which Caliopen's Go client
+/// follows too): the client connects to any of them and, when that server
+/// goes, reconnects to another, so a worker or poller restarted while one
+/// node is down still finds the cluster. Each entry must parse as a NATS
+/// server address; the error names the key.
+pub fn nats_servers(url: &str) -> Result<Vec<String>, String> {
+    url.split(',')
+        .map(|part| {
+            let part = part.trim();
+            if part.is_empty() {
+                return Err(format!(
+                    "nats_url: empty server in {:?} (expected nats://host:port, several separated by commas)",
+                    redact_url(url)
+                ));
+            }
+            part.parse::<async_nats::ServerAddr>()
+                .map(|_| part.to_string())
+                .map_err(|e| format!("nats_url: {:?} is not a NATS server address: {e}", redact_url(part)))
+        })
+        .collect()
 }
 
 /// `metrics_addr`: empty, or an address to listen on (`127.0.0.1:9464`,
@@ -540,6 +568,9 @@ impl PollerSettings {
         }
         if self.remote_protocols.is_empty() {
             errors.push("remote_protocols: expected at least one protocol".into());
+        }
+        if let Err(e) = nats_servers(&self.nats_url) {
+            errors.push(e);
         }
         validate_store_name(&self.store_name, &mut errors);
         self.store_settings.validate(&mut errors);
@@ -774,10 +805,14 @@ fn redact(v: &mut serde_json::Value, key: &str) {
     }
 }
 
-/// `nats://user:pass@host` → `nats://<redacted>@host`.
+/// `nats://user:pass@host` → `nats://<redacted>@host`; each server of a
+/// comma-separated list (`nats_url`) on its own.
 pub fn redact_url(s: &str) -> String {
+    if s.contains(',') && s.contains("://") {
+        return s.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
     if let Some((scheme, rest)) = s.split_once("://") {
-        if let Some((_, host)) = rest.split_once('@') {
+        if let Some((_, host)) = rest.rsplit_once('@') {
             return format!("{scheme}://<redacted>@{host}");
         }
     }
@@ -867,6 +902,48 @@ mod tests {
         s.imap.max_message_size = 0;
         assert!(s.validate().is_err());
         assert_eq!(WorkerSettings::default().imap.max_message_size, 64 << 20);
+    }
+
+    #[test]
+    fn nats_url_may_list_several_servers_of_a_cluster() {
+        // One server, as Caliopen's files have it.
+        assert_eq!(
+            nats_servers("nats://127.0.0.1:4222").unwrap(),
+            vec!["nats://127.0.0.1:4222"]
+        );
+        // The NATS convention: comma-separated, spaces allowed.
+        assert_eq!(
+            nats_servers("nats://a:4222, nats://b:4223 ,c:4224").unwrap(),
+            vec!["nats://a:4222", "nats://b:4223", "c:4224"]
+        );
+        // An empty entry or one that is not an address is refused, by name.
+        for bad in [
+            "",
+            "nats://a:4222,",
+            "nats://a:4222,,nats://b:4222",
+            "nats://a:notaport",
+        ] {
+            let e = nats_servers(bad).unwrap_err();
+            assert!(e.starts_with("nats_url: "), "{bad:?}: {e}");
+        }
+        let s = WorkerSettings {
+            nats_url: "nats://a:4222,nats://b:4222".into(),
+            ..Default::default()
+        };
+        s.validate().unwrap();
+        let s = PollerSettings {
+            nats_url: "nats://a:4222,,".into(),
+            ..Default::default()
+        };
+        let e = s.validate().unwrap_err().join("\n");
+        assert!(e.contains("nats_url: "), "{e}");
+    }
+
+    #[test]
+    fn every_credential_of_a_server_list_is_redacted() {
+        let out = redact_url("nats://u:p1@a:4222,nats://u:p2@b:4222");
+        assert!(!out.contains("p1") && !out.contains("p2"), "{out}");
+        assert_eq!(out, "nats://<redacted>@a:4222,nats://<redacted>@b:4222");
     }
 
     #[test]

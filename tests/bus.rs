@@ -71,3 +71,22 @@ async fn unreachable_nats_is_one_clear_line() {
     );
     let _ = stack();
 }
+
+/// `nats_url` may list the servers of a cluster: a daemon started while one
+/// of them is down still connects, through another.
+#[tokio::test]
+async fn a_server_list_connects_through_a_live_server_when_one_is_down() {
+    let url = format!("nats://127.0.0.1:1,{}", stack().nats_url);
+    let b = Bus::connect(&url, "t", Retry::Attempts(1), Shutdown::never())
+        .await
+        .unwrap();
+    let err = b
+        .request::<_, Job>(
+            &unique("nobody."),
+            &OrderName::default(),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BusError::NoResponders(_)), "{err}");
+}

@@ -63,6 +63,10 @@ pub struct Bus {
 
 impl Bus {
     /// Connect to `url`, retrying with exponential backoff and jitter.
+    /// `url` may list several servers of one cluster, comma-separated
+    /// ([`crate::config::nats_servers`]): each attempt tries them all, and
+    /// the client later fails over between them (and the servers the cluster
+    /// announces).
     pub async fn connect(
         url: &str,
         name: &str,
@@ -70,6 +74,10 @@ impl Bus {
         mut shutdown: Shutdown,
     ) -> Result<Bus, BusError> {
         let shown = redact_url(url);
+        let servers = crate::config::nats_servers(url).map_err(|reason| BusError::Unavailable {
+            url: shown.clone(),
+            reason,
+        })?;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut attempt = 0u32;
         loop {
@@ -78,7 +86,7 @@ impl Bus {
                 .name(name)
                 .connection_timeout(Duration::from_secs(5))
                 .max_reconnects(None::<usize>);
-            match opts.connect(url).await {
+            match opts.connect(servers.as_slice()).await {
                 Ok(client) => {
                     tracing::debug!(url = %shown, "connected to NATS");
                     return Ok(Bus { client });

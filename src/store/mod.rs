@@ -90,6 +90,8 @@ struct Inner {
     stalls: AtomicU32,
     /// One renewal at a time.
     renewing: tokio::sync::Mutex<()>,
+    /// When the last renewal was tried.
+    last_renewal: Mutex<Option<std::time::Instant>>,
 }
 
 /// A session and the statements prepared on it.
@@ -101,6 +103,16 @@ struct Conn {
 
 /// Unanswered requests in a row after which the session is rebuilt.
 const STALLS_BEFORE_RENEWAL: u32 = 3;
+
+/// At most one new session per this interval.
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+
+/// The driver's "no node to send to" (see the test
+/// `a_session_left_with_no_node_is_replaced` for how cdrs-tokio 9.0.2 gets
+/// there with the whole cluster up but one node).
+fn lost_every_node(e: &cdrs_tokio::error::Error) -> bool {
+    matches!(e, cdrs_tokio::error::Error::General(m) if m.contains("No nodes available"))
+}
 
 impl Store {
     /// Connect to the cluster in `settings`. Fails with
@@ -120,6 +132,7 @@ impl Store {
                 hosts,
                 stalls: AtomicU32::new(0),
                 renewing: tokio::sync::Mutex::new(()),
+                last_renewal: Mutex::new(None),
             }),
         })
     }
@@ -140,10 +153,38 @@ impl Store {
         if n < STALLS_BEFORE_RENEWAL {
             return;
         }
+        self.renew("Cassandra session stopped answering").await;
+    }
+
+    /// A request failed because the driver knows no node to send it to
+    /// ([`lost_every_node`]): the session will not heal by itself, so a new
+    /// one, built from the contact points, replaces it at once.
+    async fn check_lost(&self, e: &cdrs_tokio::error::Error) {
+        if lost_every_node(e) {
+            self.renew("Cassandra session has no node left to send to")
+                .await;
+        }
+    }
+
+    /// Replace the session by a new one (one caller at a time, at most one
+    /// attempt every [`RENEW_EVERY`], so a cluster that is really down is not
+    /// hammered).
+    async fn renew(&self, why: &str) {
         let Ok(_guard) = self.inner.renewing.try_lock() else {
             return; // another caller renews it
         };
-        tracing::warn!(hosts = %self.inner.hosts, unanswered = n, "Cassandra session stopped answering: opening a new one");
+        {
+            let mut last = self
+                .inner
+                .last_renewal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < RENEW_EVERY) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        tracing::warn!(hosts = %self.inner.hosts, "{why}: opening a new one");
         match build_session(&self.inner.settings, Duration::from_secs(20)).await {
             Ok((session, _, _)) => {
                 let fresh = Arc::new(Conn {
@@ -184,8 +225,10 @@ impl Store {
         let what = || format!("prepare `{}`", first_words(&cql));
         let prepared =
             tokio::time::timeout(REQUEST_TIMEOUT, conn.session.prepare(cql.as_str())).await;
-        if prepared.is_err() {
-            self.stalled().await;
+        match &prepared {
+            Err(_) => self.stalled().await,
+            Ok(Err(e)) => self.check_lost(e).await,
+            Ok(Ok(_)) => {}
         }
         let p = prepared
             .map_err(|_| StoreError::Query {
@@ -207,12 +250,20 @@ impl Store {
         template: &'static str,
         values: QueryValues,
     ) -> Result<Envelope, StoreError> {
+        self.exec_as(template, values, false).await
+    }
+
+    /// [`Store::exec`]; `lwt` adds the serial consistency of a lightweight
+    /// transaction ([`statement_params`]).
+    async fn exec_as(
+        &self,
+        template: &'static str,
+        values: QueryValues,
+        lwt: bool,
+    ) -> Result<Envelope, StoreError> {
         let conn = self.conn();
         let prepared = self.prepared(&conn, template).await?;
-        let params = StatementParamsBuilder::new()
-            .with_values(values)
-            .with_consistency(self.inner.consistency)
-            .build();
+        let params = statement_params(values, self.inner.consistency, lwt);
         self.send(&conn, &prepared, &params, template).await
     }
 
@@ -229,6 +280,9 @@ impl Store {
         match tokio::time::timeout(REQUEST_TIMEOUT, run).await {
             Ok(r) => {
                 self.answered();
+                if let Err(e) = &r {
+                    self.check_lost(e).await;
+                }
                 r.map_err(|e| StoreError::Query {
                     what: first_words(template),
                     reason: e.to_string(),
@@ -260,7 +314,8 @@ impl Store {
         template: &'static str,
         values: QueryValues,
     ) -> Result<bool, StoreError> {
-        let rows = self.rows(template, values).await?;
+        let env = self.exec_as(template, values, true).await?;
+        let rows = body_rows(env, template)?;
         match rows.first() {
             None => Ok(false),
             Some(r) => Ok(col::<bool>(r, "[applied]", template)?.unwrap_or(false)),
@@ -298,16 +353,44 @@ impl Store {
 
     /// A cheap query proving the session works (used by readiness checks).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.conn()
+        let r = self
+            .conn()
             .session
             .query("SELECT release_version FROM system.local")
-            .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Unavailable {
-                hosts: self.inner.hosts.clone(),
-                reason: e.to_string(),
-            })
+            .await;
+        if let Err(e) = &r {
+            self.check_lost(e).await;
+        }
+        r.map(|_| ()).map_err(|e| StoreError::Unavailable {
+            hosts: self.inner.hosts.clone(),
+            reason: e.to_string(),
+        })
     }
+}
+
+/// The parameters of one statement. Every statement runs at the configured
+/// `consistency_level` (for a lightweight transaction, that is the level of
+/// its commit). A lightweight transaction (`lwt`: our `IF ...` statements,
+/// the sync lock and the poller lease) also names its serial consistency,
+/// the level of its Paxos round, rather than leave it to the server's
+/// default: SERIAL (a majority of all replicas), or LOCAL_SERIAL when the
+/// configured level is a LOCAL_ one, so a deployment that keeps its
+/// requests inside one data centre keeps its Paxos rounds there too. On a
+/// cluster, with writes at QUORUM or LOCAL_QUORUM, two workers then can
+/// never both win a lock, whichever node each of them reaches (README,
+/// "Running on a cluster").
+fn statement_params(values: QueryValues, consistency: Consistency, lwt: bool) -> StatementParams {
+    let b = StatementParamsBuilder::new()
+        .with_values(values)
+        .with_consistency(consistency);
+    if !lwt {
+        return b.build();
+    }
+    let serial = match consistency {
+        Consistency::LocalQuorum | Consistency::LocalOne => Consistency::LocalSerial,
+        _ => Consistency::Serial,
+    };
+    b.with_serial_consistency(serial).build()
 }
 
 /// Open a driver session: (session, "host:port,..." for messages, consistency).
@@ -458,6 +541,53 @@ impl Store {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cdrs-tokio 9.0.2 can be left with no node to send to while the
+    /// cluster is up: on a metadata refresh (after its control node died)
+    /// it compares each node's gossip address (storage port) with its
+    /// native address, finds them "changed", and sets every node to
+    /// Unknown, which its load balancer skips for good. Measured with
+    /// `make faults-cluster`: one Cassandra node of 3 killed, and every
+    /// daemon answered "No nodes available in query plan!" until restarted.
+    /// That error must replace the session at once, like a wedged one.
+    #[test]
+    fn a_session_left_with_no_node_is_replaced() {
+        use cdrs_tokio::error::Error;
+        assert!(lost_every_node(&Error::General(
+            "No nodes available in query plan!".into()
+        )));
+        assert!(!lost_every_node(&Error::General("Unavailable".into())));
+        assert!(!lost_every_node(&Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset
+        ))));
+    }
+
+    /// Our `IF ...` statements (the sync lock, the poller lease) must run
+    /// their Paxos round at SERIAL, or LOCAL_SERIAL when the configured level
+    /// keeps to the local data centre; the commit and every other statement
+    /// use the configured `consistency_level`.
+    #[test]
+    fn lightweight_transactions_carry_an_explicit_serial_consistency() {
+        for (level, serial) in [
+            (Consistency::One, Consistency::Serial),
+            (Consistency::Quorum, Consistency::Serial),
+            (Consistency::All, Consistency::Serial),
+            (Consistency::LocalQuorum, Consistency::LocalSerial),
+            (Consistency::LocalOne, Consistency::LocalSerial),
+        ] {
+            let p = statement_params(QueryValues::SimpleValues(vec![]), level, true);
+            assert_eq!(p.query_params.consistency, level);
+            assert_eq!(p.query_params.serial_consistency, Some(serial), "{level:?}");
+            let p = statement_params(QueryValues::SimpleValues(vec![]), level, false);
+            assert_eq!(p.query_params.consistency, level);
+            assert_eq!(p.query_params.serial_consistency, None);
         }
     }
 }

@@ -1,0 +1,372 @@
+//! The cluster scenario of the fault suite (`make faults-cluster`, driven by
+//! `scripts/faults-cluster.sh`, which starts a 3-node Cassandra at
+//! replication factor 3 and a 3-node NATS cluster first). It exists because
+//! the claims "nothing lost, nothing doubled" and "a standby poller takes
+//! over" depend on consistency levels and client fail-over that a single
+//! node never exercises.
+//!
+//! Two workers and two pollers run on the cluster with the shipped configs,
+//! `consistency_level: 4` (QUORUM) and every server listed. The accounts
+//! are synced by the pollers' jobs (`pollinterval` 15 with `minute_secs: 1`,
+//! so every 15 s), as in production; while they sync, the harness kills
+//! (SIGKILL) one Cassandra node, one NATS node and the leading poller, at
+//! seeded points of the hand-offs. At the end it orders syncs until each
+//! account has nothing left, then counts as every scenario does
+//! ([`Case::count`]).
+
+use super::*;
+
+/// What the leader logs once it holds the lease, and what a standby logs.
+const LEADER_READY: &str = "this poller is the leader";
+const STANDBY_READY: &str = "waiting for the lease";
+const SERVED: &str = "caliopen_idpoller_need_job_total{result=\"served\"}";
+const LEASE_HELD: &str = "caliopen_idpoller_lease_held";
+
+/// Pid files of the cluster's servers, from the driver script.
+fn pid_files(var_name: &str) -> Result<Vec<PathBuf>> {
+    let v = var(var_name)?;
+    Ok(v.split(',').map(PathBuf::from).collect())
+}
+
+fn kill9_from(pid_file: &Path) -> Result<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_file)
+        .with_context(|| format!("cannot read {}", pid_file.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("no pid in {}", pid_file.display()))?;
+    let st = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    if !st.success() {
+        bail!("kill -9 {pid} ({}) failed", pid_file.display());
+    }
+    Ok(pid)
+}
+
+/// A loopback address nothing listens on now, for a poller's metrics.
+fn free_addr() -> Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
+/// One value of a daemon's `/metrics` (`name` with its labels), if it answers.
+async fn metric(addr: &str, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.ok()?;
+        text.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(3), get)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A poller on the cluster: jobs every 15 s (`pollinterval` 15 with a
+/// 1-second "minute"), its metrics on `metrics`.
+async fn start_cluster_poller(env: &Env, metrics: &str, ready: &'static str) -> Result<Daemon> {
+    let p = config::ENV_PREFIX;
+    let mut denv = env.poller_env();
+    denv.push((format!("{p}POLLER__MINUTE_SECS"), "1".into()));
+    denv.push((format!("{p}METRICS_ADDR"), metrics.into()));
+    start_daemon(env, "poller", denv, ready).await
+}
+
+/// A worker on the cluster, with `in_flight` hand-offs per sync.
+async fn start_cluster_worker(env: &Env, in_flight: u32) -> Result<Daemon> {
+    let mut denv = env.daemon_env();
+    denv.push((
+        format!("{}IMAP__IN_FLIGHT", config::ENV_PREFIX),
+        in_flight.to_string(),
+    ));
+    start_daemon(env, "worker", denv, "imapworker ready").await
+}
+
+/// Retry a read of the harness a few times: a request that was in flight
+/// to the node just killed fails, and the driver needs a moment to route
+/// around it (the daemons' own failures are what the run measures).
+async fn retried<T, F, Fut>(what: &str, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tries < 10 => {
+                tries += 1;
+                eprintln!("[faults] cluster: {what} failed ({e:#}), again in 2 s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Snapshot the delivered ids of every account, stamped when the read
+/// ended: a later hand-off of one of them is an extra hand-off. (Syncs go
+/// on during the read; stamping its start could count a repeat that was in
+/// flight as extra.)
+async fn snapshot_all(cases: &mut [Case], store: &Store) -> Result<()> {
+    for c in cases.iter_mut() {
+        let set = retried("a snapshot", || c.delivered(store)).await?;
+        c.snapshots.push((Instant::now(), set));
+    }
+    Ok(())
+}
+
+/// One fault of the run.
+struct Kill {
+    what: String,
+    at: Instant,
+    /// Accounts with hand-offs still to come when it struck.
+    unfinished: Vec<Uuid>,
+}
+
+pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
+    let env = &suite.env;
+    let accounts: u32 = var_or("FAULTS_CLUSTER_ACCOUNTS", 3)?;
+    let delay = Duration::from_millis(var_or("FAULTS_CLUSTER_DELAY_MS", 500)?);
+    let in_flight: u32 = var_or("FAULTS_CLUSTER_IN_FLIGHT", 8)?;
+    let limit = Duration::from_secs(var_or("FAULTS_CLUSTER_MAX_SECS", 600)?);
+    let cass = pid_files("FAULTS_CLUSTER_CASS_PIDS")?;
+    let nats = pid_files("FAULTS_CLUSTER_NATS_PIDS")?;
+    let mut row = Row {
+        name: "Cassandra node, NATS node, leading poller killed".into(),
+        ..Default::default()
+    };
+    let mut rng = fastrand::Rng::with_seed(env.seed ^ fnv("cluster"));
+    let mut cases = Vec::new();
+    for i in 0..accounts {
+        cases.push(Case::new(env, &suite.store, &format!("cluster{i}"), env.messages).await?);
+    }
+    let total = cases.len() * env.messages as usize;
+    // Answers 500 ms late, 8 in flight per sync: 16 messages/s per account
+    // at most, so the syncs last about a minute, long enough for three
+    // faults and a poller fail-over (unthrottled, 3 × 1,000 took 12 s).
+    suite.standin.set_delay(delay);
+    let mut workers = vec![
+        start_cluster_worker(env, in_flight).await?,
+        start_cluster_worker(env, in_flight).await?,
+    ];
+    let addrs = [free_addr()?, free_addr()?];
+    // The first takes the lease and schedules the accounts at once.
+    let mut pollers = vec![
+        Some(start_cluster_poller(env, &addrs[0], LEADER_READY).await?),
+        Some(start_cluster_poller(env, &addrs[1], STANDBY_READY).await?),
+    ];
+    let t0 = Instant::now();
+    let frac = |rng: &mut fastrand::Rng, lo: f64| (total as f64 * (lo + rng.f64() * 0.1)) as usize;
+    let points = [
+        frac(&mut rng, 0.10),
+        frac(&mut rng, 0.35),
+        frac(&mut rng, 0.55),
+    ];
+    let mut kills: Vec<Kill> = Vec::new();
+    // (kill time, the survivor's index): waiting for the standby to serve.
+    let mut poller_watch: Option<(Instant, usize)> = None;
+    let mut lease_after: Option<Duration> = None;
+    let mut served_after: Option<Duration> = None;
+    let poller_limit = Duration::from_secs(120);
+    loop {
+        let progress: usize = cases
+            .iter()
+            .map(|c| suite.standin.distinct_of(c.user))
+            .sum();
+        for w in workers.iter_mut() {
+            w.check(env).await?;
+        }
+        for p in pollers.iter_mut().flatten() {
+            p.check(env).await?;
+        }
+        let next = kills.len();
+        if next < points.len() && progress >= points[next] {
+            let unfinished = cases
+                .iter()
+                .filter(|c| suite.standin.distinct_of(c.user) < env.messages as usize)
+                .map(|c| c.user)
+                .collect();
+            let what = match next {
+                0 => {
+                    let i = rng.usize(..cass.len());
+                    let pid = kill9_from(&cass[i])?;
+                    format!("Cassandra node {} (pid {pid})", i + 1)
+                }
+                1 => {
+                    let i = rng.usize(..nats.len());
+                    let pid = kill9_from(&nats[i])?;
+                    format!("NATS node {} (pid {pid})", i + 1)
+                }
+                _ => {
+                    let mut leader = None;
+                    for (i, a) in addrs.iter().enumerate() {
+                        if pollers[i].is_some() && metric(a, LEASE_HELD).await == Some(1.0) {
+                            leader = Some(i);
+                        }
+                    }
+                    let i = leader.ok_or_else(|| anyhow!("no poller says it holds the lease"))?;
+                    let mut p = pollers[i].take().expect("checked above");
+                    let pid = p.pid().unwrap_or(0);
+                    p.kill9().await?;
+                    poller_watch = Some((Instant::now(), 1 - i));
+                    format!("leading poller {} (pid {pid})", i + 1)
+                }
+            };
+            let at = Instant::now();
+            eprintln!(
+                "[faults] cluster: killed {what} at {progress}/{total} hand-offs ({:.1} s)",
+                (at - t0).as_secs_f64()
+            );
+            row.notes.push(format!(
+                "killed {what} at {progress}/{total} hand-offs, {:.1} s into the run",
+                (at - t0).as_secs_f64()
+            ));
+            kills.push(Kill {
+                what,
+                at,
+                unfinished,
+            });
+            row.rounds += 1;
+            // Delivered by now and handed off again later: extra.
+            snapshot_all(&mut cases, &suite.store).await?;
+        }
+        if let Some((t, j)) = poller_watch {
+            if lease_after.is_none() && metric(&addrs[j], LEASE_HELD).await == Some(1.0) {
+                lease_after = Some(t.elapsed());
+            }
+            if metric(&addrs[j], SERVED).await.unwrap_or(0.0) > 0.0 {
+                served_after = Some(t.elapsed());
+                poller_watch = None;
+            } else if t.elapsed() > poller_limit {
+                poller_watch = None;
+            }
+        }
+        let poller_settled = kills.len() == points.len() && poller_watch.is_none();
+        if progress >= total && poller_settled {
+            break;
+        }
+        if t0.elapsed() > limit {
+            row.notes.push(format!(
+                "stopped waiting after {} s: {progress}/{total} handed off, {} faults",
+                limit.as_secs(),
+                kills.len()
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let synced_in = t0.elapsed();
+    suite.standin.set_delay(Duration::ZERO);
+    snapshot_all(&mut cases, &suite.store).await?;
+    // Whatever the pollers left: order syncs until each account is complete.
+    for c in cases.iter_mut() {
+        if !c
+            .sync_until_complete(&suite.client, &mut workers[0], Instant::now())
+            .await?
+        {
+            row.blocked = true;
+        }
+    }
+    // Recovery: for the nodes, until every account that still had work
+    // handed off again; for the poller, until the standby served a job.
+    // "Again" is the (in_flight + 1)-th hand-off after the kill: the first
+    // `in_flight` may have been stored before it and sent just after.
+    let mut shown = Vec::new();
+    for (k, kill) in kills.iter().enumerate() {
+        let rec = if k == 2 {
+            served_after
+        } else {
+            kill.unfinished
+                .iter()
+                .map(|u| {
+                    let after: Vec<Instant> = suite
+                        .standin
+                        .records_of(*u)
+                        .iter()
+                        .map(|r| r.at)
+                        .filter(|t| *t > kill.at)
+                        .collect();
+                    after.get(in_flight as usize).map(|t| *t - kill.at)
+                })
+                .try_fold(Duration::ZERO, |m, d| d.map(|d| m.max(d)))
+        };
+        row.recover.push(rec);
+        let label = ["Cassandra", "NATS", "poller"][k];
+        shown.push(match rec {
+            Some(d) => format!("{label} {:.1} s", d.as_secs_f64()),
+            None => format!("{label} not recovered"),
+        });
+        if rec.is_none() {
+            row.failures
+                .push(format!("no recovery after the kill of the {}", kill.what));
+        }
+    }
+    row.recover_text = Some(shown.join(" · "));
+    row.notes.push(format!(
+        "the standby poller held the lease {} and served its first job {} after the leader's kill (lease_ttl_secs 15)",
+        lease_after.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+        served_after.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+    ));
+    row.notes.push(format!(
+        "{accounts} accounts × {} messages handed off in {:.0} s by the pollers' jobs ({in_flight} in flight per sync, answers {} ms late); consistency_level {} (4 = QUORUM), LWTs at SERIAL; Cassandra heap {} per node",
+        env.messages,
+        synced_in.as_secs_f64(),
+        delay.as_millis(),
+        env.consistency,
+        std::env::var("FAULTS_CLUSTER_HEAP").unwrap_or_else(|_| "?".into())
+    ));
+    for c in &cases {
+        let r = retried("counting", || async {
+            let mut r = Row::default();
+            c.count(&suite.store, &suite.standin, &mut r).await?;
+            Ok(r)
+        })
+        .await?;
+        row.messages += r.messages;
+        row.missing += r.missing;
+        row.duplicates += r.duplicates;
+        row.undelivered += r.undelivered;
+        row.extra += r.extra;
+        row.inflight += r.inflight;
+        row.late += r.late;
+        row.stepped += r.stepped;
+        row.notes.extend(r.notes);
+    }
+    // What the daemons went through, from their logs.
+    let mut logs: Vec<PathBuf> = workers.iter().map(|w| w.log.clone()).collect();
+    logs.extend(pollers.iter().flatten().map(|p| p.log.clone()));
+    let text: String = logs
+        .iter()
+        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+        .collect();
+    let outages = text
+        .lines()
+        .filter(|l| l.contains("sync ended with errors") && l.contains("outage=true"))
+        .count();
+    let renewals = text
+        .lines()
+        .filter(|l| l.contains("no node left to send to: opening a new one"))
+        .count();
+    row.notes.push(format!(
+        "syncs ended by an outage on our side (then resumed by a later job): {outages}; Cassandra sessions replaced because the driver had no node left: {renewals} (the killed poller's log not counted)"
+    ));
+    for w in workers {
+        row.crashes += w.stop().await?;
+    }
+    for p in pollers.into_iter().flatten() {
+        row.crashes += p.stop().await?;
+    }
+    Ok(row)
+}
