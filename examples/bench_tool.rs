@@ -8,6 +8,7 @@
 //!
 //! ```text
 //! bench_tool corpus   --dir MAILDIR --count N --seed S [--first K] [--profile mixed|small|large]
+//! bench_tool worker-yaml --tag T --workers N --in-topic SUBJ --keyspace KS --bucket B   (YAML, not JSON)
 //! bench_tool fetch    --server H:P --login U --password-env VAR --ca FILE
 //! bench_tool store    --dir MAILDIR --hosts H:P --keyspace KS --concurrency C [--mark yes|no]
 //! bench_tool users    --hosts H:P --keyspace KS --logins PREFIX --count N --server H:P --password-env VAR
@@ -33,6 +34,9 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 use uuid::Uuid;
 
+#[path = "../tests/support/worker_yaml.rs"]
+mod worker_yaml;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -40,6 +44,10 @@ async fn main() -> Result<()> {
     let flags = Flags::parse(args)?;
     let out = match cmd.as_str() {
         "corpus" => corpus(&flags)?,
+        "worker-yaml" => {
+            print!("{}", worker_yaml_of(&flags)?);
+            return Ok(());
+        }
         "fetch" => fetch(&flags).await?,
         "store" => store_ceiling(&flags).await?,
         "users" => users(&flags).await?,
@@ -423,6 +431,23 @@ fn corpus(f: &Flags) -> Result<serde_json::Value> {
         "bytes": bytes,
         "secs": started.elapsed().as_secs_f64(),
     }))
+}
+
+/// A worker's YAML on the stack named by the `STACK_*` environment (the
+/// benchmark sources `.stack/env`), with subjects ending in `.TAG`.
+fn worker_yaml_of(f: &Flags) -> Result<String> {
+    let stack =
+        worker_yaml::StackAddrs::from_vars(|k| std::env::var(k).ok()).map_err(|e| anyhow!(e))?;
+    Ok(worker_yaml::WorkerYaml {
+        stack: &stack,
+        tag: f.get("tag")?,
+        workers: f.num("workers", 10)?,
+        in_topic: f.or("in-topic", ""),
+        keyspace: f.get("keyspace")?,
+        bucket: f.or("bucket", ""),
+        imap_extra: "",
+    }
+    .render())
 }
 
 // ------------------------------------------------------------------ ceilings

@@ -39,6 +39,10 @@ use uuid::Uuid;
 /// The cluster scenario (`make faults-cluster`, `FAULTS_CLUSTER=1`).
 #[path = "faults/cluster.rs"]
 mod cluster;
+#[path = "../tests/support/processor.rs"]
+mod processor;
+
+use processor::{Answer, Pace};
 
 // ------------------------------------------------------------------ settings
 
@@ -310,45 +314,16 @@ impl Standin {
             self.client.flush().await?;
             return Ok(());
         }
-        let mut sub = self
+        let sub = self
             .client
             .queue_subscribe(self.subject.clone(), "SMTPqueue".into())
             .await?;
         self.client.flush().await?;
         let me = self.clone();
-        let task = tokio::spawn(async move {
-            while let Some(msg) = sub.next().await {
-                let Some(reply) = msg.reply.clone() else {
-                    continue;
-                };
-                let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
-                let (user, id) = (
-                    v["user_id"].as_str().and_then(|s| s.parse().ok()),
-                    v["message_id"].as_str().and_then(|s| s.parse().ok()),
-                );
-                let body = if v["order"] == "process_raw" && user.is_some() && id.is_some() {
-                    json!({"message": "OK : raw message processed",
-                           "message_id": Uuid::new_v4().to_string(),
-                           "discussion_id": Uuid::new_v4().to_string()})
-                } else {
-                    json!({"error": "stand-in: unknown order"})
-                };
-                let delay = match (user, id) {
-                    (Some(user), Some(msg_id)) => me.record(user, msg_id),
-                    _ => Duration::ZERO,
-                };
-                let client = me.client.clone();
-                let payload = serde_json::to_vec(&body).unwrap_or_default();
-                if delay.is_zero() {
-                    let _ = client.publish(reply, payload.into()).await;
-                } else {
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = client.publish(reply, payload.into()).await;
-                    });
-                }
-            }
-        });
+        let task = tokio::spawn(processor::serve(self.client.clone(), sub, move |order| {
+            let delay = me.record(order.user_id, order.message_id);
+            (Answer::Ok, Pace::Each(delay))
+        }));
         *self.task.lock().unwrap() = Some(task);
         Ok(())
     }

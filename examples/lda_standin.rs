@@ -7,7 +7,12 @@
 //! (defaults: nats://127.0.0.1:14222, inboundSMTP). Set `LDA_FAIL_EVERY=n`
 //! to fail every n-th request (fault testing).
 
-use futures::StreamExt;
+#[path = "../tests/support/processor.rs"]
+mod processor;
+
+use std::time::Duration;
+
+use processor::{Answer, Pace};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,31 +26,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let client = async_nats::connect(&url).await?;
-    let mut sub = client
+    let sub = client
         .queue_subscribe(subject.clone(), "SMTPqueue".into())
         .await?;
+    client.flush().await?;
     eprintln!("lda stand-in: answering process_raw on {subject} ({url})");
     let mut n = 0u64;
-    while let Some(msg) = sub.next().await {
+    processor::serve(client, sub, move |_| {
         n += 1;
-        let Some(reply) = msg.reply else { continue };
-        let body = match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
-            Ok(v) if v["order"] == "process_raw" => {
-                if fail_every > 0 && n.is_multiple_of(fail_every) {
-                    serde_json::json!({"error": "stand-in: chosen failure"})
-                } else {
-                    serde_json::json!({
-                        "message": "OK : raw message processed",
-                        "message_id": uuid::Uuid::new_v4().to_string(),
-                        "discussion_id": uuid::Uuid::new_v4().to_string(),
-                    })
-                }
-            }
-            _ => serde_json::json!({"error": "unknown order"}),
+        let answer = if fail_every > 0 && n.is_multiple_of(fail_every) {
+            Answer::Fail
+        } else {
+            Answer::Ok
         };
-        client
-            .publish(reply, serde_json::to_vec(&body)?.into())
-            .await?;
-    }
+        (answer, Pace::Serial(Duration::ZERO))
+    })
+    .await;
     Ok(())
 }

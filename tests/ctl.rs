@@ -1061,14 +1061,14 @@ async fn syncremote_wait_ends_when_the_worker_is_killed() {
         .unwrap();
     wait_until_worker_answers(&settings.nats_topic_sender, &mut worker).await;
 
-    let waiting = {
+    let mut waiting = {
         let cfg = cfg.clone();
         let user = user.to_string();
         tokio::spawn(async move { sync_wait(&cfg, user.parse().unwrap(), &login).await })
     };
-    while lda.seen.lock().unwrap().len() < 3 {
-        assert!(!waiting.is_finished(), "--wait ended before the kill");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::select! {
+        _ = lda.wait_seen(3) => {}
+        r = &mut waiting => panic!("--wait ended before the kill: {r:?}"),
     }
     worker.kill().unwrap(); // SIGKILL
     let _ = worker.wait();
@@ -1118,9 +1118,7 @@ async fn syncremote_wait_behind_a_long_sync_is_not_taken_for_a_dead_worker() {
             .unwrap()
         })
     };
-    while lda.seen.lock().unwrap().len() < 2 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    lda.wait_seen(2).await;
     let out = sync_wait(&cfg, user, &short).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(

@@ -728,9 +728,7 @@ async fn a_sync_whose_lock_is_taken_away_stops_and_says_why() {
     let identity = id.identity_id;
     let c = ctx.clone();
     let run = tokio::spawn(async move { sync_once(&c, user, identity).await });
-    while lda.seen.lock().unwrap().is_empty() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    lda.wait_seen(1).await;
     // As `imapctl unlock --force` does.
     let lock = st.sync_lock(user, identity).await.unwrap().expect("held");
     assert!(st

@@ -21,8 +21,14 @@ use caliopen_imap::shutdown::{self, Shutdown, Trigger};
 use caliopen_imap::store::identity::{creds, infos, Identity};
 use caliopen_imap::store::Store;
 use caliopen_imap::worker::context::Ctx;
-use futures::StreamExt;
 use uuid::Uuid;
+
+#[path = "support/processor.rs"]
+pub mod processor;
+#[path = "support/worker_yaml.rs"]
+pub mod worker_yaml;
+pub use processor::{Answer, Pace};
+use worker_yaml::{StackAddrs, WorkerYaml};
 
 /// Where the stack listens (from `.stack/env`).
 #[derive(Debug, Clone)]
@@ -37,6 +43,8 @@ pub struct Stack {
     pub dovecot_conf: String,
     /// The S3 server (`STACK_S3_*`); required: large messages go there.
     pub s3: S3,
+    /// The addresses a worker's YAML needs.
+    pub addrs: StackAddrs,
 }
 
 /// Where the stack's S3 server listens, with its keys and bucket.
@@ -115,6 +123,8 @@ pub fn stack() -> &'static Stack {
                 bucket: get("STACK_S3_BUCKET"),
                 python: get("STACK_S3_PYTHON"),
             },
+            addrs: StackAddrs::from_vars(|k| env.get(k).cloned())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display())),
         }
     })
 }
@@ -160,17 +170,19 @@ pub fn set_s3(w: &mut WorkerSettings, s3: &S3) {
     o.buckets.insert("raw_messages".into(), s3.bucket.clone());
 }
 
-/// The YAML of `worker_settings(tag)`, for subprocesses.
-pub fn worker_yaml(tag: &str, extra: &str) -> PathBuf {
-    let s = stack();
-    let text = format!(
-        "workers: 4\nnats_url: {}\nnats_topic_sender: outboundIMAP.{tag}\nnats_topic_poller: imapJobs.{tag}\n\
-         nats_topic_poller_cache: idCache.{tag}\nstore_settings:\n  hosts: [\"{}\"]\n  \
-         object_store_settings: {{endpoint: \"{}\", access_key: \"{}\", secret_key: \"{}\", \
-         buckets: {{raw_messages: \"{}\"}}}}\n\
-         LDAConfig:\n  in_topic: inboundSMTP.{tag}\nimap:\n  ca_file: {}\n  poll_throttle_secs: 3600\n{extra}",
-        s.nats_url, s.cassandra, s.s3.endpoint, s.s3.access_key, s.s3.secret_key, s.s3.bucket, s.ca_file
-    );
+/// The YAML of `worker_settings(tag)`, for subprocesses; `imap_extra`
+/// lines go inside its `imap:` block.
+pub fn worker_yaml(tag: &str, imap_extra: &str) -> PathBuf {
+    let text = WorkerYaml {
+        stack: &stack().addrs,
+        tag,
+        workers: 4,
+        in_topic: &format!("inboundSMTP.{tag}"),
+        keyspace: "caliopen",
+        bucket: "",
+        imap_extra,
+    }
+    .render();
     let path = std::env::temp_dir().join(format!("caliopen-imap-{tag}.yaml"));
     std::fs::write(&path, text).unwrap();
     path
@@ -428,9 +440,8 @@ pub async fn start_worker(settings: WorkerSettings) -> WorkerHandle {
     let join = tokio::spawn(async move {
         caliopen_imap::worker::serve(c).await.unwrap();
     });
-    // Let the subscription reach the server.
-    ctx.bus.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Ready once it answers on its subject: it has subscribed.
+    wait_for_worker(&ctx.settings.nats_topic_sender, || !join.is_finished()).await;
     WorkerHandle { ctx, trigger, join }
 }
 
@@ -440,7 +451,20 @@ pub async fn start_worker(settings: WorkerSettings) -> WorkerHandle {
 /// answers `process_raw` like it does, failing the requests `fail` picks.
 pub struct Lda {
     pub seen: Arc<std::sync::Mutex<Vec<String>>>,
+    /// How many are in `seen`, to wait on.
+    count: tokio::sync::watch::Receiver<usize>,
     join: tokio::task::JoinHandle<()>,
+}
+
+impl Lda {
+    /// Wait until `n` messages were answered with success.
+    pub async fn wait_seen(&self, n: usize) {
+        let mut count = self.count.clone();
+        count
+            .wait_for(|c| *c >= n)
+            .await
+            .expect("the stand-in is running");
+    }
 }
 
 impl Drop for Lda {
@@ -486,54 +510,31 @@ where
     .await
 }
 
-/// How the processor stand-in answers one `process_raw`.
-pub enum Answer {
-    /// Success; the id is recorded in `seen`.
-    Ok,
-    /// `{"error": ...}`, as the processor rejects a message.
-    Fail,
-    /// No answer at all.
-    Silent,
-}
-
 /// The processor stand-in: answers each `process_raw` as `answer` picks,
-/// after `delay`.
+/// after `delay` (which holds the next answers too, as one busy processor
+/// would); the messages answered with success are recorded in `seen`.
 pub async fn lda_answering<F>(subject: &str, delay: Duration, answer: F) -> Lda
 where
     F: Fn(&str) -> Answer + Send + 'static,
 {
     let client = async_nats::connect(&stack().nats_url).await.unwrap();
-    let mut sub = client.subscribe(subject.to_string()).await.unwrap();
+    let sub = client.subscribe(subject.to_string()).await.unwrap();
+    // The subscription has reached the server when this returns.
     client.flush().await.unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (counted, count) = tokio::sync::watch::channel(0);
     let s2 = seen.clone();
-    let join = tokio::spawn(async move {
-        while let Some(msg) = sub.next().await {
-            let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
-            let id = v["message_id"].as_str().unwrap_or("").to_string();
-            let reply = if v["order"] != "process_raw" {
-                serde_json::json!({"error": "unknown order"})
-            } else {
-                match answer(&id) {
-                    Answer::Silent => continue,
-                    Answer::Fail => serde_json::json!({"error": "stand-in: chosen failure"}),
-                    Answer::Ok => {
-                        s2.lock().unwrap().push(id);
-                        serde_json::json!({"message": "OK", "message_id": Uuid::new_v4().to_string(), "discussion_id": "d"})
-                    }
-                }
-            };
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            if let Some(r) = msg.reply {
-                let _ = client
-                    .publish(r, serde_json::to_vec(&reply).unwrap().into())
-                    .await;
-            }
+    let join = tokio::spawn(processor::serve(client, sub, move |order| {
+        let id = order.message_id.to_string();
+        let a = answer(&id);
+        if a == Answer::Ok {
+            let mut seen = s2.lock().unwrap();
+            seen.push(id);
+            counted.send_replace(seen.len());
         }
-    });
-    Lda { seen, join }
+        (a, Pace::Serial(delay))
+    }));
+    Lda { seen, count, join }
 }
 
 // ------------------------------------------------------------------ cqlsh
@@ -571,6 +572,12 @@ pub fn cql_value(query: &str) -> Option<String> {
 /// Wait until a worker process answers a `test` order on `subject`: it has
 /// subscribed. Fails if the process exits, or after 30 s.
 pub async fn wait_until_worker_answers(subject: &str, worker: &mut std::process::Child) {
+    wait_for_worker(subject, || worker.try_wait().unwrap().is_none()).await
+}
+
+/// Wait until a worker answers a `test` order on `subject`, asking `alive`
+/// between tries; fails when it says no, or after 30 s.
+async fn wait_for_worker(subject: &str, mut alive: impl FnMut() -> bool) {
     use caliopen_imap::bus::wire::{ImapOrder, JobReport};
     let b = bus().await;
     let started = std::time::Instant::now();
@@ -583,7 +590,7 @@ pub async fn wait_until_worker_answers(subject: &str, worker: &mut std::process:
         .await
         .is_err()
     {
-        assert!(worker.try_wait().unwrap().is_none(), "the worker exited");
+        assert!(alive(), "the worker exited");
         assert!(
             started.elapsed() < Duration::from_secs(30),
             "worker never came up"

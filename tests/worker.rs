@@ -572,7 +572,6 @@ async fn sigterm_mid_sync_then_restart_resumes_from_the_checkpoint() {
         ..Default::default()
     };
     wait_until_worker_answers(&settings.nats_topic_sender, &mut worker).await;
-    let started = std::time::Instant::now();
     // As a request: the worker's report must say the sync was cut short.
     let pending = {
         let (b, subject, order) = (
@@ -585,13 +584,9 @@ async fn sigterm_mid_sync_then_restart_resumes_from_the_checkpoint() {
                 .await
         })
     };
-    while lda.seen.lock().unwrap().len() < 30 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "sync did not progress"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(60), lda.wait_seen(30))
+        .await
+        .expect("sync did not progress");
     Command::new("kill")
         .args(["-TERM", &worker.id().to_string()])
         .status()
@@ -1058,9 +1053,7 @@ async fn deliver_goes_through_while_a_slow_sync_holds_every_slot() {
             rep
         })
     };
-    while lda.seen.lock().unwrap().len() < 2 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    lda.wait_seen(2).await;
     let order = serde_json::json!({"order": "deliver", "user_id": user.to_string(), "identity_id": id.identity_id.to_string(), "message_id": message_id.to_string()});
     let reply: serde_json::Value = b
         .request(&settings.nats_topic_sender, &order, Duration::from_secs(30))
