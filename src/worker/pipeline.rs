@@ -45,7 +45,7 @@ use super::tracker::Tracker;
 use super::JobError;
 use crate::bus::wire::{orders, ProcessRaw, ProcessRawReply};
 use crate::bus::BusError;
-use crate::imap::fetch::{uid_set, Reader};
+use crate::imap::fetch::{uid_set, MailboxInfo, Reader};
 use crate::imap::headers::{self, FetchedMeta};
 use crate::imap::{ConnInfo, ImapError, ImapSession};
 use crate::shutdown::Shutdown;
@@ -136,26 +136,11 @@ enum Outcome {
     identity_id = %job.identity_id, mailbox = job.mailbox, order = job.order()))]
 pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Result<(), JobError> {
     let ctx = job.ctx;
-    let s = &ctx.settings.imap;
-    let io = Duration::from_secs(s.io_timeout_secs);
+    let io = Duration::from_secs(ctx.settings.imap.io_timeout_secs);
     let mut reader = Reader::new(session, job.server, io, job.stop.clone());
     let mb = reader.examine(job.mailbox).await.map_err(imap_err)?;
     let uidvalidity = mb.uidvalidity;
-    let base = match job.from {
-        SyncFrom::Resume(cp) if cp.uidvalidity == uidvalidity && uidvalidity != 0 => cp.lastseenuid,
-        SyncFrom::Resume(cp) => {
-            tracing::warn!(
-                mailbox = job.mailbox,
-                old = cp.uidvalidity,
-                new = uidvalidity,
-                "UIDVALIDITY changed: fetching the whole mailbox again"
-            );
-            0
-        }
-        SyncFrom::First | SyncFrom::FullFetch => 0,
-    };
-    let known_generation =
-        matches!(job.from, SyncFrom::Resume(cp) if cp.uidvalidity == uidvalidity);
+    let base = start_after(job, uidvalidity);
     let save = |cp: u32| async move {
         if !job.tracked() {
             return Ok(());
@@ -168,30 +153,20 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
             .await
     };
 
-    // Nothing new: no FETCH at all (the cheap path of a no-change resync).
-    let nothing_new = mb.exists == 0 || mb.uid_next.is_some_and(|next| next <= base + 1);
-    let found = if nothing_new {
-        Vec::new()
-    } else {
-        reader
-            .search(&format!("{}:*", base + 1))
-            .await
-            .map_err(imap_err)?
-    };
-    let mut tracker = Tracker::new(base, found);
+    let mut tracker = Tracker::new(base, new_uids(&mut reader, mb, base).await?);
     if tracker.is_empty() {
-        if job.tracked() && !known_generation {
+        // A new generation of the mailbox starts with a checkpoint.
+        let known = matches!(job.from, SyncFrom::Resume(cp) if cp.uidvalidity == uidvalidity);
+        if job.tracked() && !known {
             save(base).await?;
         }
         return Ok(());
     }
-
     let mut failures = earlier_failures(job, uidvalidity).await?;
     for f in failures.values().filter(|f| f.stepped_over) {
         tracker.done(f.uid);
     }
     let check_upto = high_water(job, uidvalidity, tracker.uids()).await?;
-
     tracing::info!(
         mailbox = job.mailbox,
         uidvalidity,
@@ -199,15 +174,7 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
         messages = tracker.len(),
         "fetching"
     );
-    let (tx, rx) = mpsc::channel::<Fetched>(s.in_flight);
-    let uids: Vec<u32> = tracker
-        .uids()
-        .iter()
-        .copied()
-        .filter(|u| !failures.get(u).is_some_and(|f| f.stepped_over))
-        .collect();
-    let producer = produce(job, &mut reader, uids, tx);
-    let mut run = Consumer {
+    let run = Consumer {
         job,
         uidvalidity,
         check_upto,
@@ -215,14 +182,13 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
         failures: &mut failures,
         answered_upto: 0,
     };
-    let (produced, consumed) = tokio::join!(producer, run.consume(rx, &save));
+    let ended = run.run(&mut reader, &save).await;
 
     // Whatever happened, keep what was reached.
     let reached = tracker.checkpoint();
     let saved = save(reached).await;
     tracing::info!(mailbox = job.mailbox, checkpoint = reached, "mailbox done");
-    consumed?;
-    produced.map_err(imap_err)?;
+    ended?;
     saved?;
     if job.stop.is_triggered() && !tracker.complete() {
         return Err(JobError::Interrupted(
@@ -230,6 +196,41 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
         ));
     }
     Ok(())
+}
+
+/// The UID after which this sync starts: the checkpoint, unless the
+/// mailbox was recreated (another UIDVALIDITY) or this is a first sync.
+fn start_after(job: &MailboxJob<'_>, uidvalidity: u32) -> u32 {
+    match job.from {
+        SyncFrom::Resume(cp) if cp.uidvalidity == uidvalidity && uidvalidity != 0 => cp.lastseenuid,
+        SyncFrom::Resume(cp) => {
+            tracing::warn!(
+                mailbox = job.mailbox,
+                old = cp.uidvalidity,
+                new = uidvalidity,
+                "UIDVALIDITY changed: fetching the whole mailbox again"
+            );
+            0
+        }
+        SyncFrom::First | SyncFrom::FullFetch => 0,
+    }
+}
+
+/// The UIDs above `base`. When UIDNEXT shows nothing new, none, and not a
+/// single command sent (the cheap path of a no-change resync).
+async fn new_uids(
+    reader: &mut Reader<'_>,
+    mb: MailboxInfo,
+    base: u32,
+) -> Result<Vec<u32>, JobError> {
+    let nothing_new = mb.exists == 0 || mb.uid_next.is_some_and(|next| next <= base + 1);
+    if nothing_new {
+        return Ok(Vec::new());
+    }
+    reader
+        .search(&format!("{}:*", base + 1))
+        .await
+        .map_err(imap_err)
 }
 
 fn imap_err(e: ImapError) -> JobError {
@@ -527,6 +528,28 @@ struct Consumer<'j, 'a> {
 type Pending = Vec<(u64, u32, String)>;
 
 impl Consumer<'_, '_> {
+    /// Fetch the tracker's UIDs (but those stepped over) and hand them off,
+    /// the two halves running side by side.
+    async fn run<F, Fut>(mut self, reader: &mut Reader<'_>, save: &F) -> Result<(), JobError>
+    where
+        F: Fn(u32) -> Fut,
+        Fut: std::future::Future<Output = Result<(), JobError>>,
+    {
+        let (tx, rx) = mpsc::channel::<Fetched>(self.job.ctx.settings.imap.in_flight);
+        let uids: Vec<u32> = self
+            .tracker
+            .uids()
+            .iter()
+            .copied()
+            .filter(|u| !self.failures.get(u).is_some_and(|f| f.stepped_over))
+            .collect();
+        let job = self.job;
+        let (produced, consumed) =
+            tokio::join!(produce(job, reader, uids, tx), self.consume(rx, save));
+        consumed?;
+        produced.map_err(imap_err)
+    }
+
     /// Keep up to `in_flight` hand-offs going; account for each result.
     async fn consume<F, Fut>(
         &mut self,
