@@ -117,10 +117,7 @@ pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            error::report(mode.program(), &e);
-            error::exit_code(&e)
-        }
+        Err(e) => error::exit(mode.program(), &e),
     }
 }
 

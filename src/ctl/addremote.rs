@@ -11,7 +11,7 @@ use super::common;
 use crate::bus::wire::{orders, CacheOrder};
 use crate::cli::AddRemoteArgs;
 use crate::config::WorkerSettings;
-use crate::error::{self, Failure};
+use crate::error;
 use crate::store::identity::{creds, infos, Identity, PROTOCOL_EMAIL, STATUS_ACTIVE, TYPE_REMOTE};
 
 /// `--pollinterval`: minutes (1 to 4319, the poller's bounds) or a cron
@@ -60,11 +60,7 @@ pub async fn run(a: AddRemoteArgs, s: &WorkerSettings) -> anyhow::Result<ExitCod
 
     let store = common::store(s).await?;
     let user_id = user.resolve(&store).await?;
-    if let Some(existing) = store
-        .lookup_identity(user_id, &login)
-        .await
-        .map_err(Failure::from)?
-    {
+    if let Some(existing) = store.lookup_identity(user_id, &login).await? {
         return Err(error::conflict(format!(
             "user {user_id} already has a remote identity for {login:?} ({existing})"
         )));
@@ -104,10 +100,7 @@ pub async fn run(a: AddRemoteArgs, s: &WorkerSettings) -> anyhow::Result<ExitCod
         status: STATUS_ACTIVE.into(),
         kind: TYPE_REMOTE.into(),
     };
-    store
-        .insert_identity(&identity)
-        .await
-        .map_err(Failure::from)?;
+    store.insert_identity(&identity).await?;
 
     let order = CacheOrder {
         identity_id: identity.identity_id.to_string(),
@@ -120,10 +113,8 @@ pub async fn run(a: AddRemoteArgs, s: &WorkerSettings) -> anyhow::Result<ExitCod
         protocol: PROTOCOL_EMAIL.into(),
         user_id: user_id.to_string(),
     };
-    bus.publish(&s.nats_topic_poller_cache, &order)
-        .await
-        .map_err(Failure::from)?;
-    bus.flush().await.map_err(Failure::from)?;
+    bus.publish(&s.nats_topic_poller_cache, &order).await?;
+    bus.flush().await?;
     println!("{}", identity.identity_id);
     Ok(ExitCode::SUCCESS)
 }
@@ -143,7 +134,7 @@ mod tests {
         // One login a second is refused, with the reason.
         for fast in ["* * * * * *", "*/5 * * * * *"] {
             let e = poll_interval(fast).unwrap_err();
-            assert_eq!(crate::error::exit_code(&e), std::process::ExitCode::from(2));
+            assert_eq!(crate::error::exit_code(&e), crate::error::code::USAGE);
             assert!(e.to_string().contains("more than once a minute"), "{e}");
         }
     }

@@ -15,16 +15,14 @@ use uuid::Uuid;
 use crate::bus::wire::{ImapOrder, JobReport};
 use crate::bus::{Bus, Retry};
 use crate::config::WorkerSettings;
-use crate::error::{self, Failure};
+use crate::error;
 use crate::shutdown::Shutdown;
 use crate::store::identity::Identity;
 use crate::store::Store;
 use crate::worker::orders::PROGRESS_HEADER;
 
 pub async fn store(s: &WorkerSettings) -> anyhow::Result<Store> {
-    Ok(Store::connect(&s.store_settings, Duration::from_secs(15))
-        .await
-        .map_err(Failure::from)?)
+    Ok(Store::connect(&s.store_settings, Duration::from_secs(15)).await?)
 }
 
 pub async fn bus(s: &WorkerSettings) -> anyhow::Result<Bus> {
@@ -34,8 +32,7 @@ pub async fn bus(s: &WorkerSettings) -> anyhow::Result<Bus> {
         Retry::Attempts(3),
         Shutdown::never(),
     )
-    .await
-    .map_err(Failure::from)?)
+    .await?)
 }
 
 pub fn parse_uuid(flag: &str, value: &str) -> anyhow::Result<Uuid> {
@@ -67,15 +64,14 @@ impl UserRef {
     pub async fn resolve(&self, store: &Store) -> anyhow::Result<Uuid> {
         match self {
             UserRef::Id(id) => {
-                if store.user_name(*id).await.map_err(Failure::from)?.is_none() {
+                if store.user_name(*id).await?.is_none() {
                     return Err(error::not_found(format!("no Caliopen user with id {id}")));
                 }
                 Ok(*id)
             }
             UserRef::Name(name) => store
                 .user_id_by_name(name)
-                .await
-                .map_err(Failure::from)?
+                .await?
                 .ok_or_else(|| error::not_found(format!("no Caliopen user named {name:?}"))),
         }
     }
@@ -109,16 +105,14 @@ impl IdentityRef {
             IdentityRef::Id(id) => *id,
             IdentityRef::Identifier(login) => store
                 .lookup_identity(user_id, login)
-                .await
-                .map_err(Failure::from)?
+                .await?
                 .ok_or_else(|| {
                     error::not_found(format!("user {user_id} has no remote identity {login:?}"))
                 })?,
         };
         store
             .identity(user_id, id)
-            .await
-            .map_err(Failure::from)?
+            .await?
             .ok_or_else(|| error::not_found(format!("user {user_id} has no identity {id}")))
     }
 }
@@ -212,13 +206,13 @@ pub async fn send_order(
 ) -> anyhow::Result<ExitCode> {
     let subject = &s.nats_topic_sender;
     if !wait {
-        bus.publish(subject, order).await.map_err(Failure::from)?;
-        bus.flush().await.map_err(Failure::from)?;
+        bus.publish(subject, order).await?;
+        bus.flush().await?;
         println!("{what}: order sent on {subject}");
         return Ok(ExitCode::SUCCESS);
     }
     let inbox = bus.new_inbox();
-    let mut replies = bus.subscribe(&inbox).await.map_err(Failure::from)?;
+    let mut replies = bus.subscribe(&inbox).await?;
     let mut headers = HeaderMap::new();
     headers.insert(PROGRESS_HEADER, "1");
     let payload = serde_json::to_vec(order)?;
@@ -226,7 +220,7 @@ pub async fn send_order(
         .publish_with_reply_and_headers(subject.clone(), inbox.clone(), headers, payload.into())
         .await
         .map_err(|e| error::unavailable(format!("cannot publish on {subject}: {e}")))?;
-    bus.flush().await.map_err(Failure::from)?;
+    bus.flush().await?;
 
     let tty = std::io::stderr().is_terminal();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);

@@ -13,7 +13,6 @@ use chrono::Utc;
 use super::{common, locks};
 use crate::cli::ListRemotesArgs;
 use crate::config::WorkerSettings;
-use crate::error::Failure;
 use crate::store::identity::infos;
 
 #[derive(Debug, Serialize)]
@@ -41,14 +40,11 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
     let user_id = user.resolve(&store).await?;
     let mut rows = Vec::new();
     let now = Utc::now();
-    for id in store.identities_of(user_id).await.map_err(Failure::from)? {
+    for id in store.identities_of(user_id).await? {
         if !id.is_remote_email() {
             continue;
         }
-        let failures = store
-            .message_failures(id.user_id, id.identity_id)
-            .await
-            .map_err(Failure::from)?;
+        let failures = store.message_failures(id.user_id, id.identity_id).await?;
         let stepped = failures
             .iter()
             .filter(|f| f.stepped_over)

@@ -10,10 +10,10 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
-use crate::error::Failure;
 use crate::store::identity::{infos, Identity};
 use crate::store::lock::LockInfo;
 use crate::store::Store;
+use crate::store::StoreError;
 
 /// How long a Go worker honours its `syncing` marker.
 pub const GO_MARKER_HONOURED_SECS: u64 = 24 * 3600;
@@ -65,11 +65,14 @@ fn rfc3339(t: Option<DateTime<Utc>>) -> String {
 }
 
 /// Read the lock row and the marker of `id`.
-pub async fn read(store: &Store, id: &Identity, now: DateTime<Utc>) -> Result<SyncState, Failure> {
+pub async fn read(
+    store: &Store,
+    id: &Identity,
+    now: DateTime<Utc>,
+) -> Result<SyncState, StoreError> {
     let lock = store
         .sync_lock(id.user_id, id.identity_id)
-        .await
-        .map_err(Failure::from)?
+        .await?
         .map(|l| view(&l, now));
     let marker = match id.info(infos::SYNCING) {
         "" => None,

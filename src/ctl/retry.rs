@@ -40,7 +40,7 @@ use crate::bus::wire::{orders, ProcessRaw, ProcessRawReply};
 use crate::bus::{Bus, BusError};
 use crate::cli::RetryArgs;
 use crate::config::WorkerSettings;
-use crate::error::{self, Failure};
+use crate::error;
 use crate::store::identity::{infos, Identity};
 use crate::store::raw_message::raw_message_id;
 use crate::store::state::MessageFailure;
@@ -79,8 +79,7 @@ pub async fn run(a: RetryArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> {
     let since = Utc::now();
     if !store
         .take_sync_lock(id.user_id, id.identity_id, &owner, since, ttl)
-        .await
-        .map_err(Failure::from)?
+        .await?
     {
         return Err(error::conflict(format!(
             "{who}: a sync holds the lock: retry when it ends (see status)"
@@ -140,10 +139,7 @@ async fn retry_locked(
     since: chrono::DateTime<Utc>,
 ) -> anyhow::Result<Summary> {
     let (user, identity) = (id.user_id, id.identity_id);
-    let failures = store
-        .message_failures(user, identity)
-        .await
-        .map_err(Failure::from)?;
+    let failures = store.message_failures(user, identity).await?;
     let generations = generations(store, id, &failures).await?;
     let mut sum = Summary::default();
     let mut todo: HashMap<Uuid, Candidate> = HashMap::new();
@@ -163,10 +159,7 @@ async fn retry_locked(
         );
     }
     // Undelivered rows of the user that recompute to this identity.
-    let ids = store
-        .raw_message_ids_of(user)
-        .await
-        .map_err(Failure::from)?;
+    let ids = store.raw_message_ids_of(user).await?;
     let undelivered: Vec<Uuid> = stream::iter(ids)
         .map(|rid| async move { (rid, store.raw_message_delivered(rid).await) })
         .buffer_unordered(READS)
@@ -180,13 +173,12 @@ async fn retry_locked(
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<_, _>>()
-        .map_err(Failure::from)?;
+        .collect::<Result<_, _>>()?;
     for rid in undelivered {
         if todo.contains_key(&rid) {
             continue;
         }
-        let Some(data) = store.raw_message_data(rid).await.map_err(Failure::from)? else {
+        let Some(data) = store.raw_message_data(rid).await? else {
             continue;
         };
         let Some((mailbox, uid)) = fetched_place(&data) else {
@@ -226,8 +218,7 @@ async fn retry_locked(
         if renewed.elapsed() >= renew_every {
             let ok = store
                 .renew_sync_lock(user, identity, owner, since, s.imap.lock_ttl_secs)
-                .await
-                .map_err(Failure::from)?;
+                .await?;
             if !ok {
                 return Err(error::conflict(
                     "the sync lock was taken away (imapctl unlock --force?): stopped",
@@ -236,11 +227,7 @@ async fn retry_locked(
             renewed = Instant::now();
         }
         let place = format!("{} uid {}", c.mailbox, c.uid);
-        match store
-            .raw_message_delivered(c.id)
-            .await
-            .map_err(Failure::from)?
-        {
+        match store.raw_message_delivered(c.id).await? {
             None => {
                 sum.not_stored.push(place);
                 continue;
@@ -248,7 +235,7 @@ async fn retry_locked(
             Some(true) => sum.already_delivered += 1,
             Some(false) => match hand_off(bus, topic, user, identity, c.id, timeout).await {
                 Ok(()) => {
-                    store.mark_delivered(c.id).await.map_err(Failure::from)?;
+                    store.mark_delivered(c.id).await?;
                     sum.handed_off += 1;
                 }
                 Err(HandOff::Unavailable(e)) => return Err(error::unavailable(e)),
@@ -264,8 +251,7 @@ async fn retry_locked(
         if c.failure {
             store
                 .clear_message_failure(user, identity, &c.mailbox, c.uidvalidity, c.uid)
-                .await
-                .map_err(Failure::from)?;
+                .await?;
         }
     }
     Ok(sum)
@@ -295,8 +281,7 @@ async fn generations(
             }
         } else if let Some(cp) = store
             .mailbox_checkpoint(id.user_id, id.identity_id, &mb)
-            .await
-            .map_err(Failure::from)?
+            .await?
         {
             gens.insert(cp.uidvalidity);
         }
@@ -304,11 +289,7 @@ async fn generations(
     // `*` and folders dropped from the list: their high-water marks.
     let known: Vec<String> = out.keys().cloned().collect();
     for mb in known {
-        if let Some((v, _)) = store
-            .high_water(id.user_id, id.identity_id, &mb)
-            .await
-            .map_err(Failure::from)?
-        {
+        if let Some((v, _)) = store.high_water(id.user_id, id.identity_id, &mb).await? {
             out.entry(mb).or_default().insert(v);
         }
     }

@@ -36,10 +36,10 @@ use serde::Serialize;
 use super::{common, locks};
 use crate::cli::StatusArgs;
 use crate::config::WorkerSettings;
-use crate::error::{self, Failure};
+use crate::error;
 use crate::poller::schedule::Interval;
 use crate::store::identity::{infos, Identity, STATUS_ACTIVE};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Identities per page of `--all`.
 const PAGE: i32 = 500;
@@ -99,14 +99,14 @@ pub async fn row(
     s: &WorkerSettings,
     id: &Identity,
     now: DateTime<Utc>,
-) -> Result<Row, Failure> {
+) -> Result<Row, StoreError> {
     let (failures, mailbox_errors, sync) = tokio::join!(
         store.message_failures(id.user_id, id.identity_id),
         store.mailbox_errors(id.user_id, id.identity_id),
         locks::read(store, id, now),
     );
-    let failures = failures.map_err(Failure::from)?;
-    let mailbox_errors = mailbox_errors.map_err(Failure::from)?;
+    let failures = failures?;
+    let mailbox_errors = mailbox_errors?;
     let sync = sync?;
     let stale_after = s.imap.lock_ttl_secs / 2;
     let lock_state = sync.lock.as_ref().map(|l| {
@@ -339,8 +339,7 @@ pub async fn run(a: StatusArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> 
             let user_id = u.resolve(&store).await?;
             let mut ids: Vec<Identity> = store
                 .identities_of(user_id)
-                .await
-                .map_err(Failure::from)?
+                .await?
                 .into_iter()
                 .filter(Identity::is_remote_email)
                 .collect();
@@ -354,18 +353,11 @@ pub async fn run(a: StatusArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> 
         None => {
             let mut state = None;
             loop {
-                let (page, next) = store
-                    .scan_identities(PAGE, state)
-                    .await
-                    .map_err(Failure::from)?;
+                let (page, next) = store.scan_identities(PAGE, state).await?;
                 let mut rows = Vec::new();
                 for r in page {
                     // The scan row has no identifier: read the identity.
-                    let Some(id) = store
-                        .identity(r.user_id, r.identity_id)
-                        .await
-                        .map_err(Failure::from)?
-                    else {
+                    let Some(id) = store.identity(r.user_id, r.identity_id).await? else {
                         continue; // removed since the page was read
                     };
                     if id.is_remote_email() {

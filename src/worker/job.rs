@@ -11,11 +11,11 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use uuid::Uuid;
 
-use super::account::{self, AccountError};
+use super::account;
 use super::checkpoint;
 use super::context::{Counters, Ctx};
 use super::pipeline::{sync_mailbox, MailboxJob, SyncFrom};
-use super::JobError;
+use super::{Busy, JobError, Missing};
 use crate::bus::wire::{orders, CacheOrder, JobReport};
 use crate::imap::{self, Account, ImapError, ImapSession};
 use crate::metrics::InFlight;
@@ -170,9 +170,7 @@ async fn sync_locked(
     {
         // The marker stays: the winner owns the identity's marker now and
         // clears it when its sync ends.
-        return Err(JobError::Busy(
-            "a sync of this identity is already running on another worker".into(),
-        ));
+        return Err(Busy::LockHeld.into());
     }
     // From here on, every path releases the lock.
     let key = (id.user_id, id.identity_id);
@@ -231,14 +229,17 @@ async fn load_identity(ctx: &Ctx, user_id: Uuid, identity_id: Uuid) -> Result<Id
         .store
         .identity(user_id, identity_id)
         .await?
-        .ok_or_else(|| {
-            JobError::NotFound(format!("no identity {identity_id} for user {user_id}"))
+        .ok_or(Missing::Identity {
+            user_id,
+            identity_id,
         })?;
     if !id.is_remote_email() {
-        return Err(JobError::NotFound(format!(
-            "identity {} is not a remote email identity (type {:?}, protocol {:?})",
-            id.identity_id, id.kind, id.protocol
-        )));
+        return Err(Missing::NotRemoteEmail {
+            identity_id: id.identity_id,
+            kind: id.kind.clone(),
+            protocol: id.protocol.clone(),
+        }
+        .into());
     }
     Ok(id)
 }
@@ -253,11 +254,7 @@ fn go_marker_check(id: &Identity) -> Result<(), JobError> {
     if let Some(since) = parse_time(id.info(infos::SYNCING)) {
         let age = Utc::now().signed_duration_since(since);
         if age >= chrono::Duration::zero() && age < GO_MARKER_STALE {
-            return Err(JobError::Busy(format!(
-                "a Caliopen Go worker marked this identity as syncing at {} \
-                 (imapctl unlock clears a marker it left behind)",
-                time_text(since)
-            )));
+            return Err(Busy::GoMarker { since }.into());
         }
     }
     Ok(())
@@ -309,7 +306,7 @@ fn marker_of(id: &Identity, me: &str, marker: &str) -> Marker {
 }
 
 fn go_took_it() -> JobError {
-    JobError::Busy("a Caliopen Go worker started a sync of this identity at the same moment".into())
+    Busy::GoStarted.into()
 }
 
 /// With the lock held, read the identity back (so the checkpoint synced
@@ -329,9 +326,7 @@ async fn claim_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<Iden
             write_marker(ctx, req, marker).await?;
         }
     }
-    Err(JobError::Busy(
-        "the identity's syncing marker keeps changing: another sync is starting".into(),
-    ))
+    Err(Busy::MarkerKeepsChanging.into())
 }
 
 /// Look at the marker once more, logged in and before the first hand-off:
@@ -473,12 +468,9 @@ async fn sync_identity_inner(
     mut stop: Shutdown,
 ) -> Result<(), JobError> {
     let mut id = id.clone();
-    account::ensure_fresh_token(ctx, &mut id)
-        .await
-        .map_err(|AccountError(e)| JobError::Account(e))?;
+    account::ensure_fresh_token(ctx, &mut id).await?;
     let id = &id;
-    let acc = account::from_identity(ctx, id, password)
-        .map_err(|AccountError(e)| JobError::Account(e))?;
+    let acc = account::from_identity(ctx, id, password)?;
     let connecting = std::time::Instant::now();
     let (mut session, conn) = tokio::select! {
         r = imap::connect(&acc) => r?,
@@ -606,8 +598,7 @@ pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>
     let mut rep = report(orders::FULLFETCH, req.user_id, identity_id);
     rep.mailboxes = vec![req.mailbox.clone()];
     let result = async {
-        let acc = account::from_order(ctx, &req.server, &req.login, &req.password)
-            .map_err(|AccountError(e)| JobError::Account(e))?;
+        let acc = account::from_order(ctx, &req.server, &req.login, &req.password)?;
         let connecting = std::time::Instant::now();
         let (mut session, conn) = imap::connect(&acc).await?;
         ctx.metrics
@@ -646,7 +637,7 @@ pub(crate) async fn logout(session: &mut ImapSession, acc: &Account) {
 }
 
 /// Dates in infos as Go's `time.RFC3339` writes them: seconds, `Z`.
-fn time_text(t: DateTime<Utc>) -> String {
+pub(crate) fn time_text(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 

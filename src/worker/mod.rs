@@ -40,6 +40,7 @@ use crate::config::WorkerSettings;
 use crate::imap::ImapError;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
+use account::AccountError;
 use context::Ctx;
 
 /// `deliver` orders carried out at once, apart from the sync slots.
@@ -62,13 +63,13 @@ pub enum JobError {
     #[error(transparent)]
     Bus(BusError),
     /// The stored account cannot be used as it is (no password, bad server...).
-    #[error("{0}")]
-    Account(String),
-    #[error("{0}")]
-    NotFound(String),
-    /// Another sync of the identity holds the lock.
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    #[error(transparent)]
+    NotFound(#[from] Missing),
+    /// Another sync of the identity holds the lock or the marker.
     #[error("skipped: {0}")]
-    Busy(String),
+    Busy(#[from] Busy),
     /// An outage of ours (processor absent or silent, NATS, Cassandra): the
     /// mailbox stopped at the first message it touched, nothing was counted
     /// against the messages or the account.
@@ -77,6 +78,45 @@ pub enum JobError {
     /// Cut short (shutdown, lost lock, job deadline); what was reached is saved.
     #[error("interrupted: {0}")]
     Interrupted(String),
+}
+
+/// What a sync order names that is not there to sync.
+#[derive(Debug, thiserror::Error)]
+pub enum Missing {
+    #[error("no identity {identity_id} for user {user_id}")]
+    Identity {
+        user_id: uuid::Uuid,
+        identity_id: uuid::Uuid,
+    },
+    #[error(
+        "identity {identity_id} is not a remote email identity (type {kind:?}, protocol {protocol:?})"
+    )]
+    NotRemoteEmail {
+        identity_id: uuid::Uuid,
+        kind: String,
+        protocol: String,
+    },
+}
+
+/// Why a sync stood down: someone else holds the identity.
+#[derive(Debug, thiserror::Error)]
+pub enum Busy {
+    #[error("a sync of this identity is already running on another worker")]
+    LockHeld,
+    /// A Go worker's `syncing` marker younger than the contract's 24 h.
+    #[error(
+        "a Caliopen Go worker marked this identity as syncing at {} \
+         (imapctl unlock clears a marker it left behind)",
+        job::time_text(*.since)
+    )]
+    GoMarker {
+        since: chrono::DateTime<chrono::Utc>,
+    },
+    /// A Go worker wrote its marker over ours once we held the lock.
+    #[error("a Caliopen Go worker started a sync of this identity at the same moment")]
+    GoStarted,
+    #[error("the identity's syncing marker keeps changing: another sync is starting")]
+    MarkerKeepsChanging,
 }
 
 impl JobError {
