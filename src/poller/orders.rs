@@ -47,49 +47,97 @@ pub fn interval_param(p: &str) -> Interval {
     }
 }
 
+/// An `idCache` order, read once into what it asks of the schedule.
+#[derive(Debug, PartialEq)]
+pub enum CacheCommand {
+    /// `add`: schedule the identity now, then every `interval`.
+    Add {
+        key: (Uuid, Uuid),
+        kind: Kind,
+        interval: Interval,
+    },
+    /// `delete`: unschedule it.
+    Delete { key: (Uuid, Uuid) },
+    /// `update_interval`: reschedule a scheduled identity.
+    UpdateInterval {
+        key: (Uuid, Uuid),
+        interval: Interval,
+    },
+}
+
+impl CacheCommand {
+    /// Read an `idCache` payload; `Err` names what was wrong, for the log.
+    pub fn parse(protocols: &[String], payload: &[u8]) -> Result<CacheCommand, String> {
+        let o: CacheOrder = serde_json::from_slice(payload)
+            .map_err(|e| format!("unable to unmarshal order: {e}"))?;
+        let user = Uuid::parse_str(o.user_id.trim())
+            .map_err(|_| format!("user_id is not a UUID: {:?}", o.user_id))?;
+        let identity = Uuid::parse_str(o.identity_id.trim())
+            .map_err(|_| format!("identity_id is not a UUID: {:?}", o.identity_id))?;
+        let key = (user, identity);
+        match o.order.as_str() {
+            orders::CACHE_ADD => {
+                let protocol = if o.protocol.is_empty() {
+                    "email"
+                } else {
+                    o.protocol.as_str()
+                };
+                if !protocols.iter().any(|p| p == protocol) {
+                    return Err(format!("protocol {protocol:?} is not in remote_protocols"));
+                }
+                let kind = Kind::of_protocol(protocol)
+                    .ok_or_else(|| format!("unknown protocol {protocol:?}"))?;
+                Ok(CacheCommand::Add {
+                    key,
+                    kind,
+                    interval: interval_param(&o.order_param),
+                })
+            }
+            orders::CACHE_DELETE => Ok(CacheCommand::Delete { key }),
+            orders::CACHE_UPDATE_INTERVAL => Ok(CacheCommand::UpdateInterval {
+                key,
+                interval: interval_param(&o.order_param),
+            }),
+            other => Err(format!("unknown order {other:?}")),
+        }
+    }
+
+    /// Apply it; `Ok` says what was done, `Err` why nothing was.
+    pub fn apply(self, schedule: &mut Schedule) -> Result<String, String> {
+        match self {
+            CacheCommand::Add {
+                key,
+                kind,
+                interval,
+            } => {
+                schedule.add_now(key, kind, interval);
+                Ok(format!("scheduled {}", key.1))
+            }
+            CacheCommand::Delete { key } => {
+                schedule.remove(&key);
+                Ok(format!("unscheduled {}", key.1))
+            }
+            CacheCommand::UpdateInterval { key, interval } => {
+                if schedule.reschedule(key, interval) {
+                    Ok(format!("rescheduled {}", key.1))
+                } else {
+                    Err(format!(
+                        "update_interval for unscheduled identity {}",
+                        key.1
+                    ))
+                }
+            }
+        }
+    }
+}
+
 /// Apply an `idCache` order. `Err` names what was wrong, for the log.
 pub fn cache_order(
     schedule: &mut Schedule,
     protocols: &[String],
     payload: &[u8],
 ) -> Result<String, String> {
-    let o: CacheOrder =
-        serde_json::from_slice(payload).map_err(|e| format!("unable to unmarshal order: {e}"))?;
-    let user = Uuid::parse_str(o.user_id.trim())
-        .map_err(|_| format!("user_id is not a UUID: {:?}", o.user_id))?;
-    let identity = Uuid::parse_str(o.identity_id.trim())
-        .map_err(|_| format!("identity_id is not a UUID: {:?}", o.identity_id))?;
-    let key = (user, identity);
-    match o.order.as_str() {
-        orders::CACHE_ADD => {
-            let protocol = if o.protocol.is_empty() {
-                "email"
-            } else {
-                o.protocol.as_str()
-            };
-            if !protocols.iter().any(|p| p == protocol) {
-                return Err(format!("protocol {protocol:?} is not in remote_protocols"));
-            }
-            let kind = Kind::of_protocol(protocol)
-                .ok_or_else(|| format!("unknown protocol {protocol:?}"))?;
-            schedule.add_now(key, kind, interval_param(&o.order_param));
-            Ok(format!("scheduled {identity}"))
-        }
-        orders::CACHE_DELETE => {
-            schedule.remove(&key);
-            Ok(format!("unscheduled {identity}"))
-        }
-        orders::CACHE_UPDATE_INTERVAL => {
-            if schedule.reschedule(key, interval_param(&o.order_param)) {
-                Ok(format!("rescheduled {identity}"))
-            } else {
-                Err(format!(
-                    "update_interval for unscheduled identity {identity}"
-                ))
-            }
-        }
-        other => Err(format!("unknown order {other:?}")),
-    }
+    CacheCommand::parse(protocols, payload)?.apply(schedule)
 }
 
 #[cfg(test)]
@@ -150,5 +198,18 @@ mod tests {
             cache_order(&mut s, &p, tw).is_err(),
             "twitter not in protocols"
         );
+        let unknown = br#"{"identity_id":"00000000-0000-0000-0000-000000000002","order":"dance","user_id":"00000000-0000-0000-0000-000000000001"}"#;
+        assert_eq!(
+            CacheCommand::parse(&p, unknown).unwrap_err(),
+            r#"unknown order "dance""#
+        );
+        let upd = br#"{"identity_id":"00000000-0000-0000-0000-000000000002","order":"update_interval","order_param":"30","user_id":"00000000-0000-0000-0000-000000000001"}"#;
+        assert!(matches!(
+            CacheCommand::parse(&p, upd),
+            Ok(CacheCommand::UpdateInterval {
+                interval: Interval::Minutes(30),
+                ..
+            })
+        ));
     }
 }

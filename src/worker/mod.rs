@@ -276,8 +276,8 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                 };
                 let received = Instant::now();
                 let in_waiting = room.take();
-                let is_deliver = serde_json::from_slice::<OrderName>(&msg.payload)
-                    .is_ok_and(|o| o.order == names::DELIVER);
+                let order = orders::Order::from_json(&msg.payload);
+                let is_deliver = orders::Order::is_deliver(&order);
                 let pool = if is_deliver { deliver_slots.clone() } else { slots.clone() };
                 let ctx = ctx.clone();
                 jobs.spawn(async move {
@@ -287,7 +287,7 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                         return;
                     };
                     drop(in_waiting);
-                    orders::handle(&ctx, msg, received).await;
+                    orders::handle(&ctx, &msg, order, received).await;
                     drop(permit);
                 });
             }
