@@ -11,25 +11,69 @@ use crate::bus::wire::{orders, CacheOrder, Job, NeedJob};
 pub const ERR_UNMARSHAL: &str = "error : unable to unmarshal request";
 pub const ERR_UNKNOWN: &str = "error : unknown order";
 
+/// The poller's answer to a `need_job`, before it goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobReply {
+    /// The oldest due sync of that kind.
+    Job {
+        user: Uuid,
+        identity: Uuid,
+    },
+    NoPendingJob,
+    /// The request was not JSON of a `need_job`.
+    Unparsable,
+    /// The request asked for something other than `need_job`.
+    UnknownOrder,
+}
+
+impl JobReply {
+    /// The JSON shape of the reply (CONTRACT §2).
+    pub fn wire(&self) -> Job {
+        match self {
+            JobReply::Job { user, identity } => Job {
+                message_id: String::new(),
+                order: orders::SYNC.into(),
+                identity_id: identity.to_string(),
+                user_id: user.to_string(),
+            },
+            JobReply::NoPendingJob => only(orders::NO_PENDING_JOB),
+            JobReply::Unparsable => only(ERR_UNMARSHAL),
+            JobReply::UnknownOrder => only(ERR_UNKNOWN),
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        matches!(self, JobReply::Unparsable | JobReply::UnknownOrder)
+    }
+
+    /// The `result` label of `need_job_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            JobReply::Job { .. } => "served",
+            JobReply::NoPendingJob => "empty",
+            JobReply::Unparsable | JobReply::UnknownOrder => "error",
+        }
+    }
+}
+
 /// Answer a `need_job` request for `kind` with the oldest job, or
 /// `no pending job`, or the contract's error.
-pub fn need_job(schedule: &mut Schedule, kind: Kind, payload: &[u8]) -> Job {
-    let req: NeedJob = match serde_json::from_slice(payload) {
-        Ok(r) => r,
-        Err(_) => return only(ERR_UNMARSHAL),
+pub fn answer_need_job(schedule: &mut Schedule, kind: Kind, payload: &[u8]) -> JobReply {
+    let Ok(req) = serde_json::from_slice::<NeedJob>(payload) else {
+        return JobReply::Unparsable;
     };
     if req.order.order != orders::NEED_JOB {
-        return only(ERR_UNKNOWN);
+        return JobReply::UnknownOrder;
     }
     match schedule.pop_job(kind) {
-        Some((user, identity)) => Job {
-            message_id: String::new(),
-            order: orders::SYNC.into(),
-            identity_id: identity.to_string(),
-            user_id: user.to_string(),
-        },
-        None => only(orders::NO_PENDING_JOB),
+        Some((user, identity)) => JobReply::Job { user, identity },
+        None => JobReply::NoPendingJob,
     }
+}
+
+/// [`answer_need_job`] as it goes on the wire.
+pub fn need_job(schedule: &mut Schedule, kind: Kind, payload: &[u8]) -> Job {
+    answer_need_job(schedule, kind, payload).wire()
 }
 
 fn only(order: &str) -> Job {
@@ -160,6 +204,10 @@ mod tests {
         assert_eq!(need_job(&mut s, Kind::Imap, b"{").order, ERR_UNMARSHAL);
         let bad = br#"{"worker":"w","order":{"order":"dance"}}"#;
         assert_eq!(need_job(&mut s, Kind::Imap, bad).order, ERR_UNKNOWN);
+        let typed = answer_need_job(&mut s, Kind::Imap, bad);
+        assert!(typed.is_error() && typed.outcome() == "error");
+        assert!(answer_need_job(&mut s, Kind::Imap, b"{").is_error());
+        assert_eq!(answer_need_job(&mut s, Kind::Imap, ok).outcome(), "empty");
 
         let add = br#"{"identity_id":"00000000-0000-0000-0000-000000000002","order":"add","order_param":"5","protocol":"email","user_id":"00000000-0000-0000-0000-000000000001"}"#;
         let protos = vec!["email".to_string()];
