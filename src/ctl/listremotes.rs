@@ -60,7 +60,7 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
             identity_id: id.identity_id.to_string(),
             identifier: id.identifier.clone(),
             server: id.info(infos::INSERVER).to_string(),
-            status: id.status.clone(),
+            status: id.status.to_string(),
             pollinterval: id.info(infos::POLLINTERVAL).to_string(),
             lastsync: id.info(infos::LASTSYNC).to_string(),
             lastseenuid: id.info(infos::LASTSEENUID).to_string(),

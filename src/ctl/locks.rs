@@ -7,10 +7,10 @@
 //! by a worker of ours too old to write the owner). Go workers never renew it
 //! and honour it for 24 h (CONTRACT §5), so only its age says anything.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::store::identity::{infos, Identity};
+use crate::store::identity::{time_text, Identity};
 use crate::store::lock::LockInfo;
 use crate::store::Store;
 use crate::store::StoreError;
@@ -60,8 +60,7 @@ impl Marker {
 }
 
 fn rfc3339(t: Option<DateTime<Utc>>) -> String {
-    t.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
-        .unwrap_or_default()
+    t.map(time_text).unwrap_or_default()
 }
 
 /// Read the lock row and the marker of `id`.
@@ -74,18 +73,13 @@ pub async fn read(
         .sync_lock(id.user_id, id.identity_id)
         .await?
         .map(|l| view(&l, now));
-    let marker = match id.info(infos::SYNCING) {
-        "" => None,
-        since => Some(Marker {
-            since: since.to_string(),
-            owner: Some(id.info(infos::SYNCING_OWNER))
-                .filter(|o| !o.is_empty())
-                .map(str::to_string),
-            age_secs: DateTime::parse_from_rfc3339(since)
-                .ok()
-                .map(|t| now.signed_duration_since(t).num_seconds().max(0) as u64),
-        }),
-    };
+    let marker = id.syncing().filter(|m| !m.text.is_empty()).map(|m| Marker {
+        since: m.text.to_string(),
+        owner: Some(m.owner).filter(|o| !o.is_empty()).map(str::to_string),
+        age_secs: m
+            .since
+            .map(|t| now.signed_duration_since(t).num_seconds().max(0) as u64),
+    });
     Ok(SyncState { lock, marker })
 }
 

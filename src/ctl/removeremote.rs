@@ -63,7 +63,7 @@ pub async fn run(a: RemoveRemoteArgs, s: &WorkerSettings) -> anyhow::Result<Exit
         identity_id: id.identity_id.to_string(),
         order: orders::CACHE_DELETE.into(),
         order_param: String::new(),
-        protocol: id.protocol.clone(),
+        protocol: id.protocol.to_string(),
         user_id: user_id.to_string(),
     };
     bus.publish(&s.nats_topic_poller_cache, &order).await?;

@@ -41,7 +41,7 @@ use crate::bus::{Bus, BusError};
 use crate::cli::RetryArgs;
 use crate::config::WorkerSettings;
 use crate::error;
-use crate::store::identity::{infos, Identity};
+use crate::store::identity::Identity;
 use crate::store::raw_message::raw_message_id;
 use crate::store::state::MessageFailure;
 use crate::store::Store;
@@ -276,7 +276,7 @@ async fn generations(
         }
         let gens = out.entry(mb.clone()).or_default();
         if mb.eq_ignore_ascii_case("INBOX") {
-            if let Ok(v) = id.info(infos::UIDVALIDITY).trim().parse::<u32>() {
+            if let Some(v) = id.uidvalidity() {
                 gens.insert(v);
             }
         } else if let Some(cp) = store

@@ -30,7 +30,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{common, locks};
@@ -38,7 +38,7 @@ use crate::cli::StatusArgs;
 use crate::config::WorkerSettings;
 use crate::error;
 use crate::poller::schedule::Interval;
-use crate::store::identity::{infos, Identity, STATUS_ACTIVE};
+use crate::store::identity::{infos, time_text, Identity, Status};
 use crate::store::{Store, StoreError};
 
 /// Identities per page of `--all`.
@@ -90,7 +90,7 @@ pub struct Row {
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+    time_text(t)
 }
 
 /// Read everything `status` shows about one identity.
@@ -116,8 +116,8 @@ pub async fn row(
             "running".to_string()
         }
     });
-    let errors_count: u64 = id.info(infos::ERRORS_COUNT).trim().parse().unwrap_or(0);
-    let last_fetch_error = id.info(infos::LAST_FETCH_ERROR).to_string();
+    let streak = id.error_streak();
+    let (errors_count, last_fetch_error) = (streak.count, streak.last_error);
     let stepped: Vec<Stepped> = failures
         .iter()
         .filter(|f| f.stepped_over)
@@ -140,8 +140,8 @@ pub async fn row(
         .collect();
 
     let mut problems = Vec::new();
-    if id.status != STATUS_ACTIVE {
-        problems.push(format!("state {:?}", id.status));
+    if id.status != Status::Active {
+        problems.push(format!("state {:?}", id.status.as_str()));
     }
     if errors_count > 0 || !last_fetch_error.is_empty() {
         problems.push(format!("error streak ({errors_count} account errors)"));
@@ -158,7 +158,7 @@ pub async fn row(
 
     // As a leader building its schedule: never checked is due at once.
     let minute = Duration::from_secs(60);
-    let next_due = (id.status == STATUS_ACTIVE).then(|| {
+    let next_due = (id.status == Status::Active).then(|| {
         let (interval, _) = Interval::parse(id.info(infos::POLLINTERVAL));
         match id.last_check {
             Some(lc) => rfc3339(interval.due_after(lc, minute).max(now)),
@@ -170,7 +170,7 @@ pub async fn row(
         user_id: id.user_id.to_string(),
         identity_id: id.identity_id.to_string(),
         identifier: id.identifier.clone(),
-        state: id.status.clone(),
+        state: id.status.to_string(),
         healthy: problems.is_empty(),
         problems,
         last_sync: id.info(infos::LASTSYNC).to_string(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::context::Ctx;
 use crate::imap::{tls, Account, Auth, Security};
-use crate::store::identity::{creds, infos, Identity};
+use crate::store::identity::{creds, infos, time_text, Identity};
 
 /// Why an account cannot even be tried (bad stored data, missing password):
 /// reported, but not counted as a login failure of the remote server.
@@ -134,7 +134,7 @@ fn build(
 /// minute), get a new one from the provider and store it (CONTRACT §3 keys),
 /// so the login that follows uses it.
 pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), AccountError> {
-    use chrono::{DateTime, SecondsFormat, Utc};
+    use chrono::{DateTime, Utc};
     use std::collections::HashMap;
 
     if id.info(infos::AUTHTYPE) != infos::AUTH_OAUTH2 {
@@ -204,10 +204,7 @@ pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), Acco
         Utc::now() + chrono::Duration::seconds(i64::from(token.expires_in.unwrap_or(3600)));
     let mut entries = HashMap::from([
         (creds::ACCESS_TOKEN.to_string(), token.access_token.clone()),
-        (
-            creds::TOKEN_EXPIRY.to_string(),
-            expires.to_rfc3339_opts(SecondsFormat::Secs, true),
-        ),
+        (creds::TOKEN_EXPIRY.to_string(), time_text(expires)),
     ]);
     if !token.token_type.is_empty() {
         entries.insert(creds::TOKEN_TYPE.to_string(), token.token_type.clone());

@@ -3,12 +3,11 @@
 //! same pipeline, no state). Failures are recorded on the identity as
 //! CONTRACT §4 says, and every path releases the lock it took.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 // Dates in infos are written as Go's time.RFC3339 does: seconds, `Z`.
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::account;
@@ -20,7 +19,9 @@ use crate::bus::wire::{orders, CacheOrder, JobReport};
 use crate::imap::{self, Account, ImapError, ImapSession};
 use crate::metrics::InFlight;
 use crate::shutdown::{self, Shutdown};
-use crate::store::identity::{infos, Identity, PROTOCOL_EMAIL, STATUS_INACTIVE};
+use crate::store::identity::{
+    time_text, ErrorStreak, Identity, Status, SyncingMarker, PROTOCOL_EMAIL,
+};
 use crate::store::raw_message::fullfetch_identity;
 
 /// A `sync` order, validated.
@@ -161,7 +162,7 @@ async fn sync_locked(
     // Caliopen's marker goes first, before the lock's Paxos round: a Go
     // worker that reads it from now on stands down (see `claim_marker`).
     let since = Utc::now();
-    let marker = since.to_rfc3339_opts(SecondsFormat::Nanos, true);
+    let marker = SyncingMarker::text_of(since);
     write_marker(ctx, req, &marker).await?;
     let ttl = ctx.settings.imap.lock_ttl_secs;
     if !store
@@ -236,8 +237,8 @@ async fn load_identity(ctx: &Ctx, user_id: Uuid, identity_id: Uuid) -> Result<Id
     if !id.is_remote_email() {
         return Err(Missing::NotRemoteEmail {
             identity_id: id.identity_id,
-            kind: id.kind.clone(),
-            protocol: id.protocol.clone(),
+            kind: id.kind.to_string(),
+            protocol: id.protocol.to_string(),
         }
         .into());
     }
@@ -248,10 +249,13 @@ async fn load_identity(ctx: &Ctx, user_id: Uuid, identity_id: Uuid) -> Result<Id
 /// worker, which knows no other lock: honour it for the contract's 24 h.
 /// Ours carry their owner and count only while our lock row lives.
 fn go_marker_check(id: &Identity) -> Result<(), JobError> {
-    if !id.info(infos::SYNCING_OWNER).is_empty() {
+    let Some(marker) = id.syncing() else {
+        return Ok(());
+    };
+    if !marker.owner.is_empty() {
         return Ok(());
     }
-    if let Some(since) = parse_time(id.info(infos::SYNCING)) {
+    if let Some(since) = marker.since {
         let age = Utc::now().signed_duration_since(since);
         if age >= chrono::Duration::zero() && age < GO_MARKER_STALE {
             return Err(Busy::GoMarker { since }.into());
@@ -267,10 +271,7 @@ async fn write_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<(), 
         .merge_infos(
             req.user_id,
             req.identity_id,
-            HashMap::from([
-                (infos::SYNCING.to_string(), marker.to_string()),
-                (infos::SYNCING_OWNER.to_string(), ctx.worker_id.clone()),
-            ]),
+            SyncingMarker::entries(marker, &ctx.worker_id),
         )
         .await?;
     Ok(())
@@ -294,8 +295,7 @@ enum Marker {
 }
 
 fn marker_of(id: &Identity, me: &str, marker: &str) -> Marker {
-    let owner = id.info(infos::SYNCING_OWNER);
-    let syncing = id.info(infos::SYNCING);
+    let (owner, syncing) = id.syncing().map_or(("", ""), |m| (m.owner, m.text));
     match (owner, syncing) {
         (o, s) if o == me && s == marker => Marker::Ours,
         (o, _) if o == me => Marker::TakenByGo,
@@ -534,11 +534,7 @@ async fn sync_identity_inner(
     logout(&mut session, &acc).await;
     if result.is_ok() && !stop.is_triggered() {
         ctx.store
-            .merge_infos(
-                id.user_id,
-                id.identity_id,
-                HashMap::from([(infos::LASTSYNC.to_string(), time_text(Utc::now()))]),
-            )
+            .merge_infos(id.user_id, id.identity_id, Identity::lastsync(Utc::now()))
             .await?;
     }
     result
@@ -636,17 +632,6 @@ pub(crate) async fn logout(session: &mut ImapSession, acc: &Account) {
     .await;
 }
 
-/// Dates in infos as Go's `time.RFC3339` writes them: seconds, `Z`.
-pub(crate) fn time_text(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
-fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s.trim())
-        .ok()
-        .map(|d| d.with_timezone(&Utc))
-}
-
 /// Record a failed sync on the identity (CONTRACT §4 step 6). Failures of the
 /// remote account count towards disabling it; ours (store, bus) do not.
 async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), JobError> {
@@ -654,21 +639,11 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
         return Ok(());
     }
     let now = Utc::now();
-    let line = err.to_string();
-    let mut entries = HashMap::from([
-        (infos::LAST_FETCH_ERROR.to_string(), line),
-        (infos::LAST_ERROR_DATE.to_string(), time_text(now)),
-    ]);
-    if err.counts_against_account() {
-        let count = id
-            .info(infos::ERRORS_COUNT)
-            .trim()
-            .parse::<u64>()
-            .unwrap_or(0)
-            + 1;
-        entries.insert(infos::ERRORS_COUNT.to_string(), count.to_string());
-        let first = parse_time(id.info(infos::FIRST_ERROR_DATE)).unwrap_or(now);
-        entries.insert(infos::FIRST_ERROR_DATE.to_string(), time_text(first));
+    let streak = id.error_streak();
+    let counts = err.counts_against_account();
+    let entries = streak.record(err.to_string(), now, counts);
+    if counts {
+        let first = streak.first.unwrap_or(now);
         ctx.store
             .merge_infos(id.user_id, id.identity_id, entries)
             .await?;
@@ -677,7 +652,7 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
             tracing::warn!(identity = %id.identity_id, since = %time_text(first),
                 "identity failing for too long: disabling it");
             ctx.store
-                .set_status(id.user_id, id.identity_id, STATUS_INACTIVE)
+                .set_status(id.user_id, id.identity_id, Status::Inactive)
                 .await?;
             ctx.metrics.identities_disabled.inc();
             let order = CacheOrder {
@@ -701,15 +676,9 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
 }
 
 async fn clear_errors(ctx: &Ctx, id: &Identity) -> Result<(), JobError> {
-    let keys = [
-        infos::LAST_FETCH_ERROR,
-        infos::ERRORS_COUNT,
-        infos::FIRST_ERROR_DATE,
-        infos::LAST_ERROR_DATE,
-    ];
-    if keys.iter().any(|k| id.infos.contains_key(*k)) {
+    if id.has_error_keys() {
         ctx.store
-            .remove_infos(id.user_id, id.identity_id, &keys)
+            .remove_infos(id.user_id, id.identity_id, &ErrorStreak::KEYS)
             .await?;
     }
     Ok(())

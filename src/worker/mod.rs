@@ -107,7 +107,7 @@ pub enum Busy {
     #[error(
         "a Caliopen Go worker marked this identity as syncing at {} \
          (imapctl unlock clears a marker it left behind)",
-        job::time_text(*.since)
+        crate::store::identity::time_text(*.since)
     )]
     GoMarker {
         since: chrono::DateTime<chrono::Utc>,
