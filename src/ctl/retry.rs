@@ -211,7 +211,7 @@ async fn retry_locked(
     list.sort_by(|a, b| {
         (&a.mailbox, a.uidvalidity, a.uid).cmp(&(&b.mailbox, b.uidvalidity, b.uid))
     });
-    let timeout = Duration::from_secs(s.imap.lda_timeout_secs);
+    let timeout = s.imap.lda_timeout();
     let renew_every = Duration::from_secs((s.imap.lock_ttl_secs / 3).max(1));
     let mut renewed = Instant::now();
     for c in list {

@@ -166,7 +166,7 @@ enum Led {
 
 impl Poller {
     fn lease_ttl(&self) -> Duration {
-        Duration::from_secs(self.settings.poller.lease_ttl_secs)
+        self.settings.poller.lease_ttl()
     }
 
     async fn run(&mut self) -> anyhow::Result<()> {
@@ -263,7 +263,7 @@ impl Poller {
         hup: &mut tokio::signal::unix::Signal,
         held_since: Instant,
     ) -> anyhow::Result<Led> {
-        let minute = Duration::from_secs(self.settings.poller.minute_secs);
+        let minute = self.settings.poller.minute();
         let _leading = Leading::new(self.metrics.clone());
         let (scan_tx, scan_rx) = mpsc::channel(1);
         let mut lead = Lead {
@@ -375,7 +375,7 @@ impl Poller {
 
     /// A scan ended: apply it, and say when the next one starts.
     fn scanned(&self, lead: &mut Lead, res: Option<Result<scan::ScanResult, StoreError>>) {
-        let minute = Duration::from_secs(self.settings.poller.minute_secs);
+        let minute = self.settings.poller.minute();
         let scan_every = minute * self.settings.scan_interval.max(1) as u32;
         let mut next = Instant::now() + scan_every;
         match res {

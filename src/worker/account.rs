@@ -2,7 +2,6 @@
 //! server, security, credentials, trust settings.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use super::context::Ctx;
 use crate::imap::{tls, Account, Auth, Security};
@@ -125,8 +124,8 @@ fn build(
         ca_files,
         pin,
         allow_plaintext_loopback: s.allow_plaintext_loopback,
-        connect_timeout: Duration::from_secs(s.connect_timeout_secs),
-        io_timeout: Duration::from_secs(s.io_timeout_secs),
+        connect_timeout: s.connect_timeout(),
+        io_timeout: s.io_timeout(),
     })
 }
 
@@ -193,7 +192,7 @@ pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), Acco
         refresh_token: &refresh_token,
         ca_files: &ca,
         allow_plaintext_loopback: s.allow_plaintext_loopback,
-        timeout: Duration::from_secs(s.connect_timeout_secs),
+        timeout: s.connect_timeout(),
     };
     let token = crate::imap::oauth::refresh(&req)
         .await

@@ -401,8 +401,7 @@ where
             }
         })
     };
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(ctx.settings.imap.job_deadline_secs);
+    let deadline = tokio::time::Instant::now() + ctx.settings.imap.job_deadline();
     let mut shutdown = ctx.shutdown.clone();
     let work = work(stop);
     tokio::pin!(work);
@@ -648,7 +647,7 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
             .merge_infos(id.user_id, id.identity_id, entries)
             .await?;
         let lasting = now.signed_duration_since(first).num_seconds();
-        if lasting > ctx.settings.imap.disable_after_secs as i64 {
+        if lasting > ctx.settings.imap.disable_after().as_secs() as i64 {
             tracing::warn!(identity = %id.identity_id, since = %time_text(first),
                 "identity failing for too long: disabling it");
             ctx.store

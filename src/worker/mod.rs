@@ -241,7 +241,7 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
     // Room to read one more order.
     let mut room: Option<OwnedSemaphorePermit> = None;
     let mut jobs = JoinSet::new();
-    let throttle = Duration::from_secs(s.imap.poll_throttle_secs);
+    let throttle = s.imap.poll_throttle();
     // Instants of recent pulls: at most `workers` per throttle window, as if
     // each job slot were its own loop pulling once per period.
     let mut pulls: VecDeque<Instant> = VecDeque::new();
@@ -312,7 +312,7 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
 
     // No new work from here on.
     let _ = orders.unsubscribe().await;
-    let grace = Duration::from_secs(s.imap.shutdown_grace_secs);
+    let grace = s.imap.shutdown_grace();
     tracing::info!(
         running = jobs.len(),
         "stopping: waiting for running jobs to reach a checkpoint"
