@@ -235,30 +235,21 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
         jobs = s.workers,
         "imapworker ready"
     );
-    let slots = Arc::new(Semaphore::new(s.workers));
-    let deliver_slots = Arc::new(Semaphore::new(DELIVER_SLOTS));
+    let pools = Pools {
+        slots: Arc::new(Semaphore::new(s.workers)),
+        deliver: Arc::new(Semaphore::new(DELIVER_SLOTS)),
+    };
     let waiting = Arc::new(Semaphore::new(MAX_WAITING));
     // Room to read one more order.
     let mut room: Option<OwnedSemaphorePermit> = None;
     let mut jobs = JoinSet::new();
-    let throttle = s.imap.poll_throttle();
-    // Instants of recent pulls: at most `workers` per throttle window, as if
-    // each job slot were its own loop pulling once per period.
-    let mut pulls: VecDeque<Instant> = VecDeque::new();
-    let mut next_pull = Instant::now();
+    let mut pulls = Pulls::new(s.imap.poll_throttle(), s.workers);
     let mut lost = false;
 
     loop {
         // Reap finished jobs so the set does not grow.
         while jobs.try_join_next().is_some() {}
-        while pulls.front().is_some_and(|t| t.elapsed() >= throttle) {
-            pulls.pop_front();
-        }
-        let pull_at = if pulls.len() >= s.workers {
-            next_pull.max(*pulls.front().unwrap() + throttle)
-        } else {
-            next_pull
-        };
+        let pull_at = pulls.next_at();
         tokio::select! {
             _ = shutdown.wait() => break,
             // A job ended: its slot may serve a pull now.
@@ -274,28 +265,13 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                     lost = true;
                     break;
                 };
-                let received = Instant::now();
-                let in_waiting = room.take();
-                let order = orders::Order::from_json(&msg.payload);
-                let is_deliver = orders::Order::is_deliver(&order);
-                let pool = if is_deliver { deliver_slots.clone() } else { slots.clone() };
-                let ctx = ctx.clone();
-                jobs.spawn(async move {
-                    // Orders take slots first come, first served; the loop
-                    // never holds one they wait for.
-                    let Some(permit) = wait_for_slot(&ctx, &msg, is_deliver, pool).await else {
-                        return;
-                    };
-                    drop(in_waiting);
-                    orders::handle(&ctx, &msg, order, received).await;
-                    drop(permit);
-                });
+                spawn_order(&ctx, &mut jobs, &pools, msg, room.take());
             }
-            _ = tokio::time::sleep_until(pull_at), if slots.available_permits() > 0 => {
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
+            _ = tokio::time::sleep_until(pull_at), if pools.slots.available_permits() > 0 => {
+                let Ok(permit) = pools.slots.clone().try_acquire_owned() else {
                     continue; // taken by an order meanwhile
                 };
-                pulls.push_back(Instant::now());
+                pulls.sent();
                 match pull_job(&ctx).await {
                     Some(job) => {
                         let ctx = ctx.clone();
@@ -304,7 +280,7 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                             drop(permit);
                         });
                     }
-                    None => next_pull = Instant::now() + throttle,
+                    None => pulls.found_none(),
                 }
             }
         }
@@ -312,7 +288,100 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
 
     // No new work from here on.
     let _ = orders.unsubscribe().await;
-    let grace = s.imap.shutdown_grace();
+    drain(&ctx, &mut jobs).await;
+    if lost {
+        anyhow::bail!("the NATS order subscription closed");
+    }
+    tracing::info!("imapworker stopped");
+    Ok(())
+}
+
+/// The job slots: `workers` for syncs and fullfetches, a few for `deliver`.
+struct Pools {
+    slots: Arc<Semaphore>,
+    deliver: Arc<Semaphore>,
+}
+
+/// Read an order once and run it in a task of its own once its pool has a
+/// slot; `in_waiting` is its place among the orders waiting for one.
+fn spawn_order(
+    ctx: &Ctx,
+    jobs: &mut JoinSet<()>,
+    pools: &Pools,
+    msg: Message,
+    in_waiting: Option<OwnedSemaphorePermit>,
+) {
+    let received = Instant::now();
+    let order = orders::Order::from_json(&msg.payload);
+    let is_deliver = orders::Order::is_deliver(&order);
+    let pool = if is_deliver {
+        pools.deliver.clone()
+    } else {
+        pools.slots.clone()
+    };
+    let ctx = ctx.clone();
+    jobs.spawn(async move {
+        // Orders take slots first come, first served; the loop never holds
+        // one they wait for.
+        let Some(permit) = wait_for_slot(&ctx, &msg, is_deliver, pool).await else {
+            return;
+        };
+        drop(in_waiting);
+        orders::handle(&ctx, &msg, order, received).await;
+        drop(permit);
+    });
+}
+
+/// When the next `need_job` may be sent: at most `limit` per throttle
+/// window, as if each job slot were its own loop pulling once per period,
+/// and not before a throttle period after a pull that found nothing.
+struct Pulls {
+    throttle: Duration,
+    limit: usize,
+    /// Instants of the pulls within the last window.
+    recent: VecDeque<Instant>,
+    not_before: Instant,
+}
+
+impl Pulls {
+    fn new(throttle: Duration, limit: usize) -> Pulls {
+        Pulls {
+            throttle,
+            limit,
+            recent: VecDeque::new(),
+            not_before: Instant::now(),
+        }
+    }
+
+    fn next_at(&mut self) -> Instant {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| t.elapsed() >= self.throttle)
+        {
+            self.recent.pop_front();
+        }
+        match self.recent.front() {
+            Some(first) if self.recent.len() >= self.limit => {
+                self.not_before.max(*first + self.throttle)
+            }
+            _ => self.not_before,
+        }
+    }
+
+    fn sent(&mut self) {
+        self.recent.push_back(Instant::now());
+    }
+
+    fn found_none(&mut self) {
+        self.not_before = Instant::now() + self.throttle;
+    }
+}
+
+/// Wait for the running jobs to reach a checkpoint, at most the grace
+/// period; then abandon the rest and release their locks, and flush NATS.
+async fn drain(ctx: &Ctx, jobs: &mut JoinSet<()>) {
+    let grace = ctx.settings.imap.shutdown_grace();
     tracing::info!(
         running = jobs.len(),
         "stopping: waiting for running jobs to reach a checkpoint"
@@ -337,11 +406,6 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
     {
         tracing::warn!("NATS did not confirm the last messages in time: exiting anyway");
     }
-    if lost {
-        anyhow::bail!("the NATS order subscription closed");
-    }
-    tracing::info!("imapworker stopped");
-    Ok(())
 }
 
 /// Wait for a permit of `pool` for the order in `msg`. Meanwhile, if the
