@@ -139,43 +139,16 @@ pub async fn row(
         })
         .collect();
 
-    let mut problems = Vec::new();
-    if id.status != Status::Active {
-        problems.push(format!("state {:?}", id.status.as_str()));
-    }
-    if errors_count > 0 || !last_fetch_error.is_empty() {
-        problems.push(format!("error streak ({errors_count} account errors)"));
-    }
-    if !stepped.is_empty() {
-        problems.push(format!("{} message(s) stepped over", stepped.len()));
-    }
-    if !folder_errors.is_empty() {
-        problems.push(format!("{} folder error(s)", folder_errors.len()));
-    }
-    if lock_state.as_deref() == Some("stale") {
-        problems.push("stale sync lock".into());
-    }
-
-    // As a leader building its schedule: never checked is due at once.
-    let minute = Duration::from_secs(60);
-    let next_due = (id.status == Status::Active).then(|| {
-        let (interval, _) = Interval::parse(id.info(infos::POLLINTERVAL));
-        match id.last_check {
-            Some(lc) => rfc3339(interval.due_after(lc, minute).max(now)),
-            None => rfc3339(now),
-        }
-    });
-
-    Ok(Row {
+    let mut row = Row {
         user_id: id.user_id.to_string(),
         identity_id: id.identity_id.to_string(),
         identifier: id.identifier.clone(),
         state: id.status.to_string(),
-        healthy: problems.is_empty(),
-        problems,
+        healthy: true,
+        problems: Vec::new(),
         last_sync: id.info(infos::LASTSYNC).to_string(),
         last_check: id.last_check.map(rfc3339),
-        next_due,
+        next_due: next_due(id, now),
         errors_count,
         first_error_date: id.info(infos::FIRST_ERROR_DATE).to_string(),
         last_fetch_error,
@@ -185,6 +158,43 @@ pub async fn row(
         sync_lock: sync.lock,
         lock_state,
         syncing_marker: sync.marker,
+    };
+    row.problems = problems(&row);
+    row.healthy = row.problems.is_empty();
+    Ok(row)
+}
+
+/// What makes an identity unhealthy (the module's doc lists them).
+fn problems(r: &Row) -> Vec<String> {
+    let mut problems = Vec::new();
+    if r.state != Status::Active.as_str() {
+        problems.push(format!("state {:?}", r.state));
+    }
+    if r.errors_count > 0 || !r.last_fetch_error.is_empty() {
+        problems.push(format!("error streak ({} account errors)", r.errors_count));
+    }
+    if !r.stepped_over.is_empty() {
+        problems.push(format!("{} message(s) stepped over", r.stepped_over.len()));
+    }
+    if !r.folder_errors.is_empty() {
+        problems.push(format!("{} folder error(s)", r.folder_errors.len()));
+    }
+    if r.lock_state.as_deref() == Some("stale") {
+        problems.push("stale sync lock".into());
+    }
+    problems
+}
+
+/// When the next sync is due, as a leader building its schedule computes
+/// it (never checked: due at once); none while inactive.
+fn next_due(id: &Identity, now: DateTime<Utc>) -> Option<String> {
+    let minute = Duration::from_secs(60);
+    (id.status == Status::Active).then(|| {
+        let (interval, _) = Interval::parse(id.info(infos::POLLINTERVAL));
+        match id.last_check {
+            Some(lc) => rfc3339(interval.due_after(lc, minute).max(now)),
+            None => rfc3339(now),
+        }
     })
 }
 
