@@ -358,49 +358,8 @@ where
 {
     let (trigger, stop) = shutdown::channel();
     let trigger = Arc::new(trigger);
-    let why: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-    let ttl = ctx.settings.imap.lock_ttl_secs;
-    let renewer = {
-        let (ctx, trigger, why) = (ctx.clone(), trigger.clone(), why.clone());
-        let (user, identity) = (id.user_id, id.identity_id);
-        tokio::spawn(async move {
-            let every = Duration::from_secs(ttl / 3);
-            let give_up = Duration::from_secs(ttl / 2);
-            let mut renewed = tokio::time::Instant::now();
-            loop {
-                tokio::time::sleep(every.min(Duration::from_secs(5)).max(every / 2)).await;
-                if renewed.elapsed() < every {
-                    continue;
-                }
-                let stop_with = match ctx
-                    .store
-                    .renew_sync_lock(user, identity, &ctx.worker_id, since, ttl)
-                    .await
-                {
-                    Ok(true) => {
-                        renewed = tokio::time::Instant::now();
-                        None
-                    }
-                    Ok(false) => Some("the sync lock was lost (cleared or lapsed)".to_string()),
-                    Err(e) if renewed.elapsed() >= give_up => {
-                        Some(format!("cannot renew the sync lock: {e}"))
-                    }
-                    Err(e) => {
-                        tracing::warn!(identity = %identity, error = %e, "cannot renew the sync lock yet");
-                        None
-                    }
-                };
-                if let Some(reason) = stop_with {
-                    tracing::warn!(identity = %identity, reason = %reason, "stopping the sync");
-                    why.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(reason);
-                    trigger.trigger();
-                    return;
-                }
-            }
-        })
-    };
+    let why: Why = Arc::default();
+    let renewer = spawn_lock_renewal(ctx, id, since, trigger.clone(), why.clone());
     let deadline = tokio::time::Instant::now() + ctx.settings.imap.job_deadline();
     let mut shutdown = ctx.shutdown.clone();
     let work = work(stop);
@@ -431,6 +390,61 @@ where
         (Err(e), Some(reason)) if e.is_interrupted() => Err(JobError::Interrupted(reason)),
         (r, _) => r,
     }
+}
+
+/// Why a job's stop token fired; the first reason wins.
+type Why = Arc<std::sync::Mutex<Option<String>>>;
+
+/// Renew the sync lock every third of its TTL in a task of its own; when
+/// it is lost, or cannot be renewed for half the TTL, say why and fire
+/// `trigger`.
+fn spawn_lock_renewal(
+    ctx: &Ctx,
+    id: &Identity,
+    since: DateTime<Utc>,
+    trigger: Arc<shutdown::Trigger>,
+    why: Why,
+) -> tokio::task::JoinHandle<()> {
+    let ttl = ctx.settings.imap.lock_ttl_secs;
+    let ctx = ctx.clone();
+    let (user, identity) = (id.user_id, id.identity_id);
+    tokio::spawn(async move {
+        let every = Duration::from_secs(ttl / 3);
+        let give_up = Duration::from_secs(ttl / 2);
+        let mut renewed = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(every.min(Duration::from_secs(5)).max(every / 2)).await;
+            if renewed.elapsed() < every {
+                continue;
+            }
+            let stop_with = match ctx
+                .store
+                .renew_sync_lock(user, identity, &ctx.worker_id, since, ttl)
+                .await
+            {
+                Ok(true) => {
+                    renewed = tokio::time::Instant::now();
+                    None
+                }
+                Ok(false) => Some("the sync lock was lost (cleared or lapsed)".to_string()),
+                Err(e) if renewed.elapsed() >= give_up => {
+                    Some(format!("cannot renew the sync lock: {e}"))
+                }
+                Err(e) => {
+                    tracing::warn!(identity = %identity, error = %e, "cannot renew the sync lock yet");
+                    None
+                }
+            };
+            if let Some(reason) = stop_with {
+                tracing::warn!(identity = %identity, reason = %reason, "stopping the sync");
+                why.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(reason);
+                trigger.trigger();
+                return;
+            }
+        }
+    })
 }
 
 /// Release the lock and, when it is still ours, the marker; when Cassandra
