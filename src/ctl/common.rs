@@ -211,17 +211,46 @@ pub async fn send_order(
         println!("{what}: order sent on {subject}");
         return Ok(ExitCode::SUCCESS);
     }
+    let mut replies = request_with_progress(bus, subject, order).await?;
+    let rep = final_report(&mut replies, subject, timeout_secs, what).await?;
+    let (code, text) = outcome(what, &rep);
+    if code == error::code::OK {
+        println!("{text}");
+    } else {
+        eprintln!("imapctl: {text}");
+    }
+    Ok(ExitCode::from(code))
+}
+
+/// Send `order` as a request asking for progress reports; the replies come
+/// on the returned subscription.
+async fn request_with_progress(
+    bus: &Bus,
+    subject: &str,
+    order: &ImapOrder,
+) -> anyhow::Result<async_nats::Subscriber> {
     let inbox = bus.new_inbox();
-    let mut replies = bus.subscribe(&inbox).await?;
+    let replies = bus.subscribe(&inbox).await?;
     let mut headers = HeaderMap::new();
     headers.insert(PROGRESS_HEADER, "1");
     let payload = serde_json::to_vec(order)?;
     bus.client()
-        .publish_with_reply_and_headers(subject.clone(), inbox.clone(), headers, payload.into())
+        .publish_with_reply_and_headers(subject.to_string(), inbox, headers, payload.into())
         .await
         .map_err(|e| error::unavailable(format!("cannot publish on {subject}: {e}")))?;
     bus.flush().await?;
+    Ok(replies)
+}
 
+/// Show progress on a terminal until the final report comes. Fails when no
+/// worker listens, when it goes silent for [`SILENCE_LIMIT`], or past
+/// `timeout_secs`.
+async fn final_report(
+    replies: &mut async_nats::Subscriber,
+    subject: &str,
+    timeout_secs: u64,
+    what: &str,
+) -> anyhow::Result<JobReport> {
     let tty = std::io::stderr().is_terminal();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
     loop {
@@ -254,29 +283,20 @@ pub async fn send_order(
                 "no imapworker is listening on {subject}: start one with `imapworker start`"
             )));
         }
-        let rep: JobReport = match serde_json::from_slice(&msg.payload) {
-            Ok(r) => r,
-            Err(e) => return Err(error::failed(format!("bad reply from the worker: {e}"))),
-        };
-        if rep.progress {
+        let rep: JobReport = serde_json::from_slice(&msg.payload)
+            .map_err(|e| error::failed(format!("bad reply from the worker: {e}")))?;
+        if !rep.progress {
             if tty {
-                eprint!(
-                    "\r{what}: fetched {}, handed off {}, failed {}   ",
-                    rep.fetched, rep.handed_off, rep.failed
-                );
+                eprintln!();
             }
-            continue;
+            return Ok(rep);
         }
         if tty {
-            eprintln!();
+            eprint!(
+                "\r{what}: fetched {}, handed off {}, failed {}   ",
+                rep.fetched, rep.handed_off, rep.failed
+            );
         }
-        let (code, text) = outcome(what, &rep);
-        if code == error::code::OK {
-            println!("{text}");
-        } else {
-            eprintln!("imapctl: {text}");
-        }
-        return Ok(ExitCode::from(code));
     }
 }
 
