@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 use super::context::Ctx;
 use crate::imap::{tls, Account, Auth, Security};
-use crate::store::identity::{creds, infos, time_text, Identity};
+use std::collections::HashMap;
+
+use chrono::Utc;
+
+use crate::store::identity::{creds, infos, parse_time, time_text, Identity};
 
 /// Why an account cannot even be tried (bad stored data, missing password):
 /// reported, but not counted as a login failure of the remote server.
@@ -133,20 +137,7 @@ fn build(
 /// minute), get a new one from the provider and store it (CONTRACT §3 keys),
 /// so the login that follows uses it.
 pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), AccountError> {
-    use chrono::{DateTime, Utc};
-    use std::collections::HashMap;
-
-    if id.info(infos::AUTHTYPE) != infos::AUTH_OAUTH2 {
-        return Ok(());
-    }
-    let expiry = id
-        .credentials
-        .get(creds::TOKEN_EXPIRY)
-        .and_then(|e| DateTime::parse_from_rfc3339(e.trim()).ok());
-    let Some(expiry) = expiry else {
-        return Ok(()); // no known expiry: try the token as it is
-    };
-    if expiry.with_timezone(&Utc) > Utc::now() + chrono::Duration::seconds(60) {
+    if !token_expired(id) {
         return Ok(());
     }
     let refresh_token = id
@@ -197,6 +188,31 @@ pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), Acco
     let token = crate::imap::oauth::refresh(&req)
         .await
         .map_err(|e| AccountError(format!("cannot refresh the Oauth2 token: {e}")))?;
+    store_token(ctx, id, token).await?;
+    tracing::info!(identity = %id.identity_id, provider = %provider_name, "Oauth2 token refreshed");
+    Ok(())
+}
+
+/// An `Oauth2` identity whose token expires within a minute. No known
+/// expiry: the token is tried as it is.
+fn token_expired(id: &Identity) -> bool {
+    if id.info(infos::AUTHTYPE) != infos::AUTH_OAUTH2 {
+        return false;
+    }
+    let expiry = id
+        .credentials
+        .get(creds::TOKEN_EXPIRY)
+        .and_then(|e| parse_time(e));
+    expiry.is_some_and(|e| e <= Utc::now() + chrono::Duration::seconds(60))
+}
+
+/// Store a refreshed token in the identity's credentials, and keep it in
+/// `id` for the login that follows.
+async fn store_token(
+    ctx: &Ctx,
+    id: &mut Identity,
+    token: crate::imap::oauth::Token,
+) -> Result<(), AccountError> {
     // `expires_in` is at most a year (checked when parsed), so this cannot
     // overflow.
     let expires =
@@ -216,6 +232,5 @@ pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), Acco
         .await
         .map_err(|e| AccountError(format!("cannot store the refreshed token: {e}")))?;
     id.credentials.extend(entries);
-    tracing::info!(identity = %id.identity_id, provider = %provider_name, "Oauth2 token refreshed");
     Ok(())
 }
