@@ -492,56 +492,9 @@ async fn sync_identity_inner(
     ctx.metrics
         .connect_seconds
         .observe(connecting.elapsed().as_secs_f64());
-    let display = if id.display_name.is_empty() {
-        id.identifier.as_str()
-    } else {
-        id.display_name.as_str()
-    };
     let result = async {
         marker_still_ours(ctx, id, marker).await?;
-        let mailboxes = mailboxes_of(id, &mut session, &acc, &stop).await?;
-        let known = ctx.store.mailbox_errors(id.user_id, id.identity_id).await?;
-        for gone in known.iter().filter(|k| !mailboxes.contains(&k.mailbox)) {
-            ctx.store
-                .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
-                .await?;
-        }
-        for mailbox in &mailboxes {
-            if stop.is_triggered() {
-                return Err(JobError::Interrupted("stopped between mailboxes".into()));
-            }
-            let from = match checkpoint::load(ctx, id, mailbox).await? {
-                Some(cp) => SyncFrom::Resume(cp),
-                None => SyncFrom::First,
-            };
-            let job = MailboxJob {
-                ctx,
-                user_id: id.user_id,
-                identity_id: id.identity_id,
-                display_name: display,
-                server: &acc.server,
-                conn: &conn,
-                mailbox,
-                from,
-                counters,
-                stop: stop.clone(),
-            };
-            let earlier = known.iter().find(|k| &k.mailbox == mailbox);
-            match sync_mailbox(&job, &mut session).await {
-                Ok(()) => {
-                    if earlier.is_some() {
-                        ctx.store
-                            .clear_mailbox_error(id.user_id, id.identity_id, mailbox)
-                            .await?;
-                    }
-                }
-                Err(JobError::Imap(e @ ImapError::Mailbox { .. })) => {
-                    folder_failed(ctx, id, mailbox, earlier, &e.to_string(), counters).await?
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        sync_mailboxes(ctx, id, &mut session, &acc, &conn, counters, &stop).await
     }
     .await;
     logout(&mut session, &acc).await;
@@ -551,6 +504,68 @@ async fn sync_identity_inner(
             .await?;
     }
     result
+}
+
+/// Sync each mailbox of the identity in turn from its checkpoint. A folder
+/// the server will not open is recorded as that folder's error and the
+/// others go on; folder errors of folders no longer synced are cleared.
+async fn sync_mailboxes(
+    ctx: &Ctx,
+    id: &Identity,
+    session: &mut ImapSession,
+    acc: &Account,
+    conn: &imap::ConnInfo,
+    counters: &Arc<Counters>,
+    stop: &Shutdown,
+) -> Result<(), JobError> {
+    let display = if id.display_name.is_empty() {
+        id.identifier.as_str()
+    } else {
+        id.display_name.as_str()
+    };
+    let mailboxes = mailboxes_of(id, session, acc, stop).await?;
+    let known = ctx.store.mailbox_errors(id.user_id, id.identity_id).await?;
+    for gone in known.iter().filter(|k| !mailboxes.contains(&k.mailbox)) {
+        ctx.store
+            .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
+            .await?;
+    }
+    for mailbox in &mailboxes {
+        if stop.is_triggered() {
+            return Err(JobError::Interrupted("stopped between mailboxes".into()));
+        }
+        let from = match checkpoint::load(ctx, id, mailbox).await? {
+            Some(cp) => SyncFrom::Resume(cp),
+            None => SyncFrom::First,
+        };
+        let job = MailboxJob {
+            ctx,
+            user_id: id.user_id,
+            identity_id: id.identity_id,
+            display_name: display,
+            server: &acc.server,
+            conn,
+            mailbox,
+            from,
+            counters,
+            stop: stop.clone(),
+        };
+        let earlier = known.iter().find(|k| &k.mailbox == mailbox);
+        match sync_mailbox(&job, session).await {
+            Ok(()) => {
+                if earlier.is_some() {
+                    ctx.store
+                        .clear_mailbox_error(id.user_id, id.identity_id, mailbox)
+                        .await?;
+                }
+            }
+            Err(JobError::Imap(e @ ImapError::Mailbox { .. })) => {
+                folder_failed(ctx, id, mailbox, earlier, &e.to_string(), counters).await?
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The mailboxes to sync: `infos.mailboxes`, where `*` means every
