@@ -268,20 +268,7 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                 spawn_order(&ctx, &mut jobs, &pools, msg, room.take());
             }
             _ = tokio::time::sleep_until(pull_at), if pools.slots.available_permits() > 0 => {
-                let Ok(permit) = pools.slots.clone().try_acquire_owned() else {
-                    continue; // taken by an order meanwhile
-                };
-                pulls.sent();
-                match pull_job(&ctx).await {
-                    Some(job) => {
-                        let ctx = ctx.clone();
-                        jobs.spawn(async move {
-                            orders::run_pulled(&ctx, job).await;
-                            drop(permit);
-                        });
-                    }
-                    None => pulls.found_none(),
-                }
+                pull(&ctx, &pools, &mut pulls, &mut jobs).await;
             }
         }
     }
@@ -330,6 +317,24 @@ fn spawn_order(
         orders::handle(&ctx, &msg, order, received).await;
         drop(permit);
     });
+}
+
+/// Ask the poller for a job for a free slot, and run it in that slot.
+async fn pull(ctx: &Ctx, pools: &Pools, pulls: &mut Pulls, jobs: &mut JoinSet<()>) {
+    let Ok(permit) = pools.slots.clone().try_acquire_owned() else {
+        return; // taken by an order meanwhile
+    };
+    pulls.sent();
+    match pull_job(ctx).await {
+        Some(job) => {
+            let ctx = ctx.clone();
+            jobs.spawn(async move {
+                orders::run_pulled(&ctx, job).await;
+                drop(permit);
+            });
+        }
+        None => pulls.found_none(),
+    }
 }
 
 /// When the next `need_job` may be sent: at most `limit` per throttle
