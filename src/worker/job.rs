@@ -199,8 +199,21 @@ async fn sync_locked(
     let _ = store
         .set_last_check(id.user_id, id.identity_id, Utc::now())
         .await;
+    record_outcome(ctx, &id, counters, &result).await;
+    release(ctx, key, marker_ours).await;
+    result
+}
+
+/// Record how a sync ended on the identity: its error, or messages left
+/// to retry, or a clean end that clears the error streak.
+async fn record_outcome(
+    ctx: &Ctx,
+    id: &Identity,
+    counters: &Counters,
+    result: &Result<(), JobError>,
+) {
     let left = counters.failed.load(std::sync::atomic::Ordering::Relaxed);
-    match &result {
+    match result {
         // Messages left to retry are a failure to see too (our side or
         // theirs is in each message's failure row): not the account's.
         Ok(()) if left > 0 => {
@@ -208,21 +221,19 @@ async fn sync_locked(
                 "{left} message(s) not handed off, retried at the next sync \
                  (imapctl listremotes shows why)"
             ));
-            if let Err(e2) = record_error(ctx, &id, &e).await {
+            if let Err(e2) = record_error(ctx, id, &e).await {
                 tracing::error!(error = %e2, "cannot record the sync error on the identity");
             }
         }
         Ok(()) => {
-            let _ = clear_errors(ctx, &id).await;
+            let _ = clear_errors(ctx, id).await;
         }
         Err(e) => {
-            if let Err(e2) = record_error(ctx, &id, e).await {
+            if let Err(e2) = record_error(ctx, id, e).await {
                 tracing::error!(error = %e2, "cannot record the sync error on the identity");
             }
         }
     }
-    release(ctx, key, marker_ours).await;
-    result
 }
 
 async fn load_identity(ctx: &Ctx, user_id: Uuid, identity_id: Uuid) -> Result<Identity, JobError> {
