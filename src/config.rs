@@ -33,45 +33,51 @@ pub const ENV_PREFIX: &str = "CALIOPEN_IMAP_";
 
 // ------------------------------------------------------------------ shared
 
-/// `store_settings`: where state and raw messages live.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct StoreSettings {
-    /// Cassandra contact points, `host` or `host:port` (port 9042 when absent).
-    pub hosts: Vec<String>,
-    /// Keyspace holding Caliopen's tables.
-    pub keyspace: String,
-    /// gocql numbering: 1 = ONE, 4 = QUORUM, 6 = LOCAL_QUORUM...
-    pub consistency_level: u16,
-    /// Raw messages strictly larger than this (bytes) go to the object store,
-    /// the row keeping only their `uri` (Caliopen's rule). At least 1.
-    pub raw_size_limit: u64,
-    /// Object store kind: only `s3` is supported. Needed (with an endpoint)
-    /// when `imap.max_message_size` exceeds `raw_size_limit`.
-    pub object_store: String,
-    pub object_store_settings: ObjectStoreSettings,
-    /// Secrets from Vault: not implemented, so `true` is refused.
-    pub use_vault: bool,
-    pub vault_settings: VaultSettings,
-    /// Optional Cassandra authentication (not in Caliopen's files).
-    pub username: String,
-    pub password: String,
+/// Declare a settings section with each key's default written beside it
+/// (the struct and its `Default` in one place, as stalwart writes them).
+macro_rules! section {
+    ($(#[$m:meta])* pub struct $name:ident {
+        $($(#[$fm:meta])* pub $field:ident: $ty:ty = $default:expr,)*
+    }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(default)]
+        pub struct $name {
+            $($(#[$fm])* pub $field: $ty,)*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name {
+                    $($field: $default,)*
+                }
+            }
+        }
+    };
 }
 
-impl Default for StoreSettings {
-    fn default() -> Self {
-        StoreSettings {
-            hosts: vec!["127.0.0.1:9042".into()],
-            keyspace: "caliopen".into(),
-            consistency_level: 1,
-            raw_size_limit: 1_048_576,
-            object_store: "s3".into(),
-            object_store_settings: ObjectStoreSettings::default(),
-            use_vault: false,
-            vault_settings: VaultSettings::default(),
-            username: String::new(),
-            password: String::new(),
-        }
+section! {
+    /// `store_settings`: where state and raw messages live.
+    pub struct StoreSettings {
+        /// Cassandra contact points, `host` or `host:port` (port 9042 when absent).
+        pub hosts: Vec<String> = vec!["127.0.0.1:9042".into()],
+        /// Keyspace holding Caliopen's tables.
+        pub keyspace: String = "caliopen".into(),
+        /// gocql numbering: 1 = ONE, 4 = QUORUM, 6 = LOCAL_QUORUM...
+        pub consistency_level: u16 = 1,
+        /// Raw messages strictly larger than this (bytes) go to the object store,
+        /// the row keeping only their `uri` (Caliopen's rule). At least 1.
+        pub raw_size_limit: u64 = 1_048_576,
+        /// Object store kind: only `s3` is supported. Needed (with an endpoint)
+        /// when `imap.max_message_size` exceeds `raw_size_limit`.
+        pub object_store: String = "s3".into(),
+        pub object_store_settings: ObjectStoreSettings = ObjectStoreSettings::default(),
+        /// Secrets from Vault: not implemented, so `true` is refused.
+        pub use_vault: bool = false,
+        pub vault_settings: VaultSettings = VaultSettings::default(),
+        /// Optional Cassandra authentication (not in Caliopen's files).
+        pub username: String = String::new(),
+        pub password: String = String::new(),
     }
 }
 
@@ -230,41 +236,24 @@ impl Default for WorkerSettings {
     }
 }
 
-/// `LDAConfig`: the downstream message processor.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct LdaConfig {
-    pub broker_type: String,
-    pub lda_workers_size: u32,
-    pub log_received_mails: bool,
-    /// Indexing happens downstream: accepted and ignored.
-    pub index_name: String,
-    pub index_settings: IndexSettings,
-    /// Subject of the `process_raw` hand-off; empty = store-only mode.
-    pub in_topic: String,
-    /// Subject of outbound mail (`deliver`).
-    pub out_topic: String,
-    pub nats_queue: String,
-    #[serde(rename = "NotifierConfig")]
-    pub notifier: NotifierConfig,
-    #[serde(rename = "Providers")]
-    pub providers: Vec<Provider>,
-}
-
-impl Default for LdaConfig {
-    fn default() -> Self {
-        LdaConfig {
-            broker_type: "imap".into(),
-            lda_workers_size: 2,
-            log_received_mails: false,
-            index_name: String::new(),
-            index_settings: IndexSettings::default(),
-            in_topic: "inboundSMTP".into(),
-            out_topic: "outboundSMTP".into(),
-            nats_queue: "SMTPqueue".into(),
-            notifier: NotifierConfig::default(),
-            providers: Vec::new(),
-        }
+section! {
+    /// `LDAConfig`: the downstream message processor.
+    pub struct LdaConfig {
+        pub broker_type: String = "imap".into(),
+        pub lda_workers_size: u32 = 2,
+        pub log_received_mails: bool = false,
+        /// Indexing happens downstream: accepted and ignored.
+        pub index_name: String = String::new(),
+        pub index_settings: IndexSettings = IndexSettings::default(),
+        /// Subject of the `process_raw` hand-off; empty = store-only mode.
+        pub in_topic: String = "inboundSMTP".into(),
+        /// Subject of outbound mail (`deliver`).
+        pub out_topic: String = "outboundSMTP".into(),
+        pub nats_queue: String = "SMTPqueue".into(),
+        #[serde(rename = "NotifierConfig")]
+        pub notifier: NotifierConfig = NotifierConfig::default(),
+        #[serde(rename = "Providers")]
+        pub providers: Vec<Provider> = Vec::new(),
     }
 }
 
@@ -288,29 +277,6 @@ pub struct Provider {
     pub name: String,
     pub protocol: String,
     pub infos: BTreeMap<String, String>,
-}
-
-/// Declare a settings section with each key's default written beside it
-/// (the struct and its `Default` in one place, as stalwart writes them).
-macro_rules! section {
-    ($(#[$m:meta])* pub struct $name:ident {
-        $($(#[$fm:meta])* pub $field:ident: $ty:ty = $default:expr,)*
-    }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Serialize, Deserialize)]
-        #[serde(default)]
-        pub struct $name {
-            $($(#[$fm])* pub $field: $ty,)*
-        }
-
-        impl Default for $name {
-            fn default() -> Self {
-                $name {
-                    $($field: $default,)*
-                }
-            }
-        }
-    };
 }
 
 section! {
@@ -585,23 +551,13 @@ impl Default for PollerSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct PollerTopics {
-    pub id_cache: String,
-    pub imap: String,
-    pub twitter: String,
-    pub mastodon: String,
-}
-
-impl Default for PollerTopics {
-    fn default() -> Self {
-        PollerTopics {
-            id_cache: "idCache".into(),
-            imap: "imapJobs".into(),
-            twitter: "twitterJobs".into(),
-            mastodon: "mastodonJobs".into(),
-        }
+section! {
+    /// `nats_topics` of Caliopen's `idpoller.yaml`.
+    pub struct PollerTopics {
+        pub id_cache: String = "idCache".into(),
+        pub imap: String = "imapJobs".into(),
+        pub twitter: String = "twitterJobs".into(),
+        pub mastodon: String = "mastodonJobs".into(),
     }
 }
 
