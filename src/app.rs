@@ -55,73 +55,72 @@ pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
     let result = match mode {
         Mode::Worker => match cli::parse::<cli::WorkerArgs>(prog, args) {
             Parsed::Exit(c) => return ExitCode::from(c),
-            Parsed::Args(mut a) => {
-                let show = matches!(a.cmd, cli::WorkerCmd::Config(_));
-                let pid_file = match &a.cmd {
-                    cli::WorkerCmd::Start(st) => st.pid_file.clone(),
-                    _ => None,
-                };
-                locate(&mut a.config, a.configpath.as_deref(), mode.config_name()).and_then(|()| {
-                    let config = a.config.clone();
-                    with_settings::<WorkerSettings, _, _>(
-                        config.as_deref(),
-                        mode,
-                        show,
-                        pid_file.as_deref(),
-                        WorkerSettings::validate,
-                        |s, sd| crate::worker::run(a, s, sd),
-                    )
-                })
-            }
+            Parsed::Args(a) => worker(a, mode),
         },
         Mode::Poller => match cli::parse::<cli::PollerArgs>(prog, args) {
             Parsed::Exit(c) => return ExitCode::from(c),
-            Parsed::Args(mut a) => {
-                let show = matches!(a.cmd, cli::PollerCmd::Config(_));
-                let pid_file = match &a.cmd {
-                    cli::PollerCmd::Start(st) => st.pid_file.clone(),
-                    _ => None,
-                };
-                // The poller re-reads `a.config` on SIGHUP: it gets the
-                // resolved file.
-                locate(&mut a.config, a.configpath.as_deref(), mode.config_name()).and_then(|()| {
-                    let config = a.config.clone();
-                    with_settings::<PollerSettings, _, _>(
-                        config.as_deref(),
-                        mode,
-                        show,
-                        pid_file.as_deref(),
-                        PollerSettings::validate,
-                        |s, sd| crate::poller::run(a, s, sd),
-                    )
-                })
-            }
+            Parsed::Args(a) => poller(a, mode),
         },
         Mode::Ctl => match cli::parse::<cli::CtlArgs>(prog, args) {
             Parsed::Exit(c) => return ExitCode::from(c),
-            Parsed::Args(mut a) => {
-                let show = matches!(a.cmd, cli::CtlCmd::Config(_));
-                locate(&mut a.config, a.configpath.as_deref(), mode.config_name()).and_then(|()| {
-                    let config = a.config.clone();
-                    with_settings::<WorkerSettings, _, _>(
-                        config.as_deref(),
-                        mode,
-                        show,
-                        None,
-                        WorkerSettings::validate,
-                        |s, sd| crate::ctl::run(a, s, sd),
-                    )
-                })
-            }
+            Parsed::Args(a) => ctl(a, mode),
         },
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            error::report(mode.program(), &e);
-            error::exit_code(&e)
-        }
+        Err(e) => error::exit(mode.program(), &e),
     }
+}
+
+fn worker(mut a: cli::WorkerArgs, mode: Mode) -> anyhow::Result<ExitCode> {
+    let show = matches!(a.cmd, cli::WorkerCmd::Config(_));
+    let pid_file = match &a.cmd {
+        cli::WorkerCmd::Start(st) => st.pid_file.clone(),
+        _ => None,
+    };
+    locate(&mut a.config, a.configpath.as_deref(), mode.config_name())?;
+    let config = a.config.clone();
+    with_settings::<WorkerSettings, _, _>(
+        config.as_deref(),
+        mode,
+        show,
+        pid_file.as_deref(),
+        WorkerSettings::validate,
+        |s, sd| crate::worker::run(a, s, sd),
+    )
+}
+
+fn poller(mut a: cli::PollerArgs, mode: Mode) -> anyhow::Result<ExitCode> {
+    let show = matches!(a.cmd, cli::PollerCmd::Config(_));
+    let pid_file = match &a.cmd {
+        cli::PollerCmd::Start(st) => st.pid_file.clone(),
+        _ => None,
+    };
+    // The poller re-reads `a.config` on SIGHUP: it gets the resolved file.
+    locate(&mut a.config, a.configpath.as_deref(), mode.config_name())?;
+    let config = a.config.clone();
+    with_settings::<PollerSettings, _, _>(
+        config.as_deref(),
+        mode,
+        show,
+        pid_file.as_deref(),
+        PollerSettings::validate,
+        |s, sd| crate::poller::run(a, s, sd),
+    )
+}
+
+fn ctl(mut a: cli::CtlArgs, mode: Mode) -> anyhow::Result<ExitCode> {
+    let show = matches!(a.cmd, cli::CtlCmd::Config(_));
+    locate(&mut a.config, a.configpath.as_deref(), mode.config_name())?;
+    let config = a.config.clone();
+    with_settings::<WorkerSettings, _, _>(
+        config.as_deref(),
+        mode,
+        show,
+        None,
+        WorkerSettings::validate,
+        |s, sd| crate::ctl::run(a, s, sd),
+    )
 }
 
 /// Turn `-c NAME` / `--configpath DIR` into the file to load, in place.

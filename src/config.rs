@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Yaml};
 use figment::Figment;
@@ -32,45 +33,51 @@ pub const ENV_PREFIX: &str = "CALIOPEN_IMAP_";
 
 // ------------------------------------------------------------------ shared
 
-/// `store_settings`: where state and raw messages live.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct StoreSettings {
-    /// Cassandra contact points, `host` or `host:port` (port 9042 when absent).
-    pub hosts: Vec<String>,
-    /// Keyspace holding Caliopen's tables.
-    pub keyspace: String,
-    /// gocql numbering: 1 = ONE, 4 = QUORUM, 6 = LOCAL_QUORUM...
-    pub consistency_level: u16,
-    /// Raw messages strictly larger than this (bytes) go to the object store,
-    /// the row keeping only their `uri` (Caliopen's rule). At least 1.
-    pub raw_size_limit: u64,
-    /// Object store kind: only `s3` is supported. Needed (with an endpoint)
-    /// when `imap.max_message_size` exceeds `raw_size_limit`.
-    pub object_store: String,
-    pub object_store_settings: ObjectStoreSettings,
-    /// Secrets from Vault: not implemented, so `true` is refused.
-    pub use_vault: bool,
-    pub vault_settings: VaultSettings,
-    /// Optional Cassandra authentication (not in Caliopen's files).
-    pub username: String,
-    pub password: String,
+/// Declare a settings section with each key's default written beside it
+/// (the struct and its `Default` in one place, as stalwart writes them).
+macro_rules! section {
+    ($(#[$m:meta])* pub struct $name:ident {
+        $($(#[$fm:meta])* pub $field:ident: $ty:ty = $default:expr,)*
+    }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(default)]
+        pub struct $name {
+            $($(#[$fm])* pub $field: $ty,)*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name {
+                    $($field: $default,)*
+                }
+            }
+        }
+    };
 }
 
-impl Default for StoreSettings {
-    fn default() -> Self {
-        StoreSettings {
-            hosts: vec!["127.0.0.1:9042".into()],
-            keyspace: "caliopen".into(),
-            consistency_level: 1,
-            raw_size_limit: 1_048_576,
-            object_store: "s3".into(),
-            object_store_settings: ObjectStoreSettings::default(),
-            use_vault: false,
-            vault_settings: VaultSettings::default(),
-            username: String::new(),
-            password: String::new(),
-        }
+section! {
+    /// `store_settings`: where state and raw messages live.
+    pub struct StoreSettings {
+        /// Cassandra contact points, `host` or `host:port` (port 9042 when absent).
+        pub hosts: Vec<String> = vec!["127.0.0.1:9042".into()],
+        /// Keyspace holding Caliopen's tables.
+        pub keyspace: String = "caliopen".into(),
+        /// gocql numbering: 1 = ONE, 4 = QUORUM, 6 = LOCAL_QUORUM...
+        pub consistency_level: u16 = 1,
+        /// Raw messages strictly larger than this (bytes) go to the object store,
+        /// the row keeping only their `uri` (Caliopen's rule). At least 1.
+        pub raw_size_limit: u64 = 1_048_576,
+        /// Object store kind: only `s3` is supported. Needed (with an endpoint)
+        /// when `imap.max_message_size` exceeds `raw_size_limit`.
+        pub object_store: String = "s3".into(),
+        pub object_store_settings: ObjectStoreSettings = ObjectStoreSettings::default(),
+        /// Secrets from Vault: not implemented, so `true` is refused.
+        pub use_vault: bool = false,
+        pub vault_settings: VaultSettings = VaultSettings::default(),
+        /// Optional Cassandra authentication (not in Caliopen's files).
+        pub username: String = String::new(),
+        pub password: String = String::new(),
     }
 }
 
@@ -229,41 +236,24 @@ impl Default for WorkerSettings {
     }
 }
 
-/// `LDAConfig`: the downstream message processor.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct LdaConfig {
-    pub broker_type: String,
-    pub lda_workers_size: u32,
-    pub log_received_mails: bool,
-    /// Indexing happens downstream: accepted and ignored.
-    pub index_name: String,
-    pub index_settings: IndexSettings,
-    /// Subject of the `process_raw` hand-off; empty = store-only mode.
-    pub in_topic: String,
-    /// Subject of outbound mail (`deliver`).
-    pub out_topic: String,
-    pub nats_queue: String,
-    #[serde(rename = "NotifierConfig")]
-    pub notifier: NotifierConfig,
-    #[serde(rename = "Providers")]
-    pub providers: Vec<Provider>,
-}
-
-impl Default for LdaConfig {
-    fn default() -> Self {
-        LdaConfig {
-            broker_type: "imap".into(),
-            lda_workers_size: 2,
-            log_received_mails: false,
-            index_name: String::new(),
-            index_settings: IndexSettings::default(),
-            in_topic: "inboundSMTP".into(),
-            out_topic: "outboundSMTP".into(),
-            nats_queue: "SMTPqueue".into(),
-            notifier: NotifierConfig::default(),
-            providers: Vec::new(),
-        }
+section! {
+    /// `LDAConfig`: the downstream message processor.
+    pub struct LdaConfig {
+        pub broker_type: String = "imap".into(),
+        pub lda_workers_size: u32 = 2,
+        pub log_received_mails: bool = false,
+        /// Indexing happens downstream: accepted and ignored.
+        pub index_name: String = String::new(),
+        pub index_settings: IndexSettings = IndexSettings::default(),
+        /// Subject of the `process_raw` hand-off; empty = store-only mode.
+        pub in_topic: String = "inboundSMTP".into(),
+        /// Subject of outbound mail (`deliver`).
+        pub out_topic: String = "outboundSMTP".into(),
+        pub nats_queue: String = "SMTPqueue".into(),
+        #[serde(rename = "NotifierConfig")]
+        pub notifier: NotifierConfig = NotifierConfig::default(),
+        #[serde(rename = "Providers")]
+        pub providers: Vec<Provider> = Vec::new(),
     }
 }
 
@@ -289,68 +279,147 @@ pub struct Provider {
     pub infos: BTreeMap<String, String>,
 }
 
-/// `imap:`, caliopen-imap's own worker settings (absent from Caliopen's files).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct ImapSettings {
-    /// Extra PEM CA file trusted beside the system roots (for example a
-    /// private CA). Identities may add their own (`infos.cafile`).
-    pub ca_file: String,
-    /// Allow plaintext IMAP (no TLS at all), and only to loopback addresses.
-    pub allow_plaintext_loopback: bool,
-    /// UIDs asked per `UID FETCH`.
-    pub fetch_batch: u32,
-    /// Messages between the fetch and the hand-off at once, per sync.
-    pub in_flight: usize,
-    /// Save the checkpoint after this many handed-off messages.
-    pub checkpoint_every: u32,
-    /// Tries of one message's hand-off before it is stepped over (and listed).
-    pub max_message_tries: u32,
-    /// Largest message stored (64 MiB); larger ones are recorded as failures.
-    /// Above `store_settings.raw_size_limit` a message goes to the object
-    /// store, so this bounds what we accept into it.
-    pub max_message_size: u64,
-    /// TCP + TLS + greeting timeout, seconds.
-    pub connect_timeout_secs: u64,
-    /// Timeout of one IMAP response, seconds.
-    pub io_timeout_secs: u64,
-    /// `process_raw` hand-off timeout, seconds (Caliopen: 10).
-    pub lda_timeout_secs: u64,
-    /// Minimum seconds between two `need_job` requests (Caliopen: 10).
-    pub poll_throttle_secs: u64,
-    /// On SIGTERM, how long in-flight syncs may run to their checkpoint.
-    pub shutdown_grace_secs: u64,
-    /// Life of the sync lock row. The running sync renews it every third of
-    /// this, so a worker killed with `kill -9` blocks its identities for at
-    /// most this long. At least 30 s (a renewal is a Paxos round).
-    pub lock_ttl_secs: u64,
-    /// Longest run of one job; past it the job stops at its next message
-    /// boundary, saves its checkpoint and frees its slot (the next sync
-    /// resumes). Bounds a server that trickles its replies.
-    pub job_deadline_secs: u64,
-    /// Login failures lasting longer than this disable the identity (72 h).
-    pub disable_after_secs: u64,
+section! {
+    /// `imap:`, caliopen-imap's own worker settings (absent from Caliopen's
+    /// files). The `*_secs` keys take seconds, or a duration such as `"90s"`,
+    /// `"5m"`, `"72h"` ([`secs`]); read them through the `Duration` methods.
+    pub struct ImapSettings {
+        /// Extra PEM CA file trusted beside the system roots (for example a
+        /// private CA). Identities may add their own (`infos.cafile`).
+        pub ca_file: String = String::new(),
+        /// Allow plaintext IMAP (no TLS at all), and only to loopback addresses.
+        pub allow_plaintext_loopback: bool = false,
+        /// UIDs asked per `UID FETCH`.
+        pub fetch_batch: u32 = 500,
+        /// Messages between the fetch and the hand-off at once, per sync.
+        pub in_flight: usize = 64,
+        /// Save the checkpoint after this many handed-off messages.
+        pub checkpoint_every: u32 = 200,
+        /// Tries of one message's hand-off before it is stepped over (and listed).
+        pub max_message_tries: u32 = 5,
+        /// Largest message stored (64 MiB); larger ones are recorded as failures.
+        /// Above `store_settings.raw_size_limit` a message goes to the object
+        /// store, so this bounds what we accept into it.
+        pub max_message_size: u64 = 64 * 1024 * 1024,
+        /// TCP + TLS + greeting timeout.
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub connect_timeout_secs: u64 = 30,
+        /// Timeout of one IMAP response.
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub io_timeout_secs: u64 = 120,
+        /// `process_raw` hand-off timeout (Caliopen: 10 s).
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub lda_timeout_secs: u64 = 10,
+        /// Minimum time between two `need_job` requests (Caliopen: 10 s).
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub poll_throttle_secs: u64 = 10,
+        /// On SIGTERM, how long in-flight syncs may run to their checkpoint.
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub shutdown_grace_secs: u64 = 30,
+        /// Life of the sync lock row. The running sync renews it every third of
+        /// this, so a worker killed with `kill -9` blocks its identities for at
+        /// most this long. At least 30 s (a renewal is a Paxos round).
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub lock_ttl_secs: u64 = 60,
+        /// Longest run of one job; past it the job stops at its next message
+        /// boundary, saves its checkpoint and frees its slot (the next sync
+        /// resumes). Bounds a server that trickles its replies.
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub job_deadline_secs: u64 = 3600,
+        /// Login failures lasting longer than this disable the identity (72 h).
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub disable_after_secs: u64 = 72 * 3600,
+    }
 }
 
-impl Default for ImapSettings {
-    fn default() -> Self {
-        ImapSettings {
-            ca_file: String::new(),
-            allow_plaintext_loopback: false,
-            fetch_batch: 500,
-            in_flight: 64,
-            checkpoint_every: 200,
-            max_message_tries: 5,
-            max_message_size: 64 * 1024 * 1024,
-            connect_timeout_secs: 30,
-            io_timeout_secs: 120,
-            lda_timeout_secs: 10,
-            poll_throttle_secs: 10,
-            shutdown_grace_secs: 30,
-            lock_ttl_secs: 60,
-            job_deadline_secs: 3600,
-            disable_after_secs: 72 * 3600,
+impl ImapSettings {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+    pub fn io_timeout(&self) -> Duration {
+        Duration::from_secs(self.io_timeout_secs)
+    }
+    pub fn lda_timeout(&self) -> Duration {
+        Duration::from_secs(self.lda_timeout_secs)
+    }
+    pub fn poll_throttle(&self) -> Duration {
+        Duration::from_secs(self.poll_throttle_secs)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+    pub fn job_deadline(&self) -> Duration {
+        Duration::from_secs(self.job_deadline_secs)
+    }
+    pub fn disable_after(&self) -> Duration {
+        Duration::from_secs(self.disable_after_secs)
+    }
+}
+
+/// `*_secs` keys: a number of seconds, as in every file written so far, or
+/// a duration in the humantime style: `"90s"`, `"5m"`, `"72h"`, `"1h30m"`,
+/// `"2d"`. A bad value is one line naming the key (see [`describe`]).
+pub mod secs {
+    use serde::de::{self, Deserializer, Visitor};
+    use std::fmt;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        struct Secs;
+        impl Visitor<'_> for Secs {
+            type Value = u64;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of seconds or a duration such as \"90s\", \"5m\", \"72h\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+                Ok(v)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+                u64::try_from(v).map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+                parse(v).map_err(E::custom)
+            }
         }
+        d.deserialize_any(Secs)
+    }
+
+    /// Seconds in `text`: digits alone, or `<n><unit>` pairs with units
+    /// `s`, `m`, `h`, `d`.
+    pub fn parse(text: &str) -> Result<u64, String> {
+        let t = text.trim();
+        let bad = || {
+            format!(
+                "expected a number of seconds or a duration such as \"90s\", \"5m\", \"72h\", found {text:?}"
+            )
+        };
+        if let Ok(n) = t.parse::<u64>() {
+            return Ok(n);
+        }
+        let mut total: u64 = 0;
+        let mut digits = String::new();
+        for c in t.chars() {
+            if c.is_ascii_digit() {
+                digits.push(c);
+                continue;
+            }
+            let unit = match c {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86_400,
+                _ => return Err(bad()),
+            };
+            let n: u64 = digits.parse().map_err(|_| bad())?;
+            total = n
+                .checked_mul(unit)
+                .and_then(|v| total.checked_add(v))
+                .ok_or_else(bad)?;
+            digits.clear();
+        }
+        if !digits.is_empty() || t.is_empty() {
+            return Err(bad());
+        }
+        Ok(total)
     }
 }
 
@@ -510,53 +579,42 @@ impl Default for PollerSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct PollerTopics {
-    pub id_cache: String,
-    pub imap: String,
-    pub twitter: String,
-    pub mastodon: String,
-}
-
-impl Default for PollerTopics {
-    fn default() -> Self {
-        PollerTopics {
-            id_cache: "idCache".into(),
-            imap: "imapJobs".into(),
-            twitter: "twitterJobs".into(),
-            mastodon: "mastodonJobs".into(),
-        }
+section! {
+    /// `nats_topics` of Caliopen's `idpoller.yaml`.
+    pub struct PollerTopics {
+        pub id_cache: String = "idCache".into(),
+        pub imap: String = "imapJobs".into(),
+        pub twitter: String = "twitterJobs".into(),
+        pub mastodon: String = "mastodonJobs".into(),
     }
 }
 
-/// `poller:`, caliopen-imap's own poller settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct PollerOwn {
-    /// Seconds in one "minute" of `pollinterval` / `scan_interval`. 60 in
-    /// production; tests set 1 to get sub-minute intervals.
-    pub minute_secs: u64,
-    /// Leader lease time to live, seconds: a standby takes over within it.
-    pub lease_ttl_secs: u64,
-    /// Name of the lease row: pollers sharing it form one leader/standby group.
-    pub lease_name: String,
-    /// Most jobs waiting in one queue; beyond it the oldest due jobs wait for
-    /// the next tick instead of piling up.
-    pub queue_limit: usize,
-    /// Concurrent Cassandra reads while scanning.
-    pub scan_concurrency: usize,
+section! {
+    /// `poller:`, caliopen-imap's own poller settings.
+    pub struct PollerOwn {
+        /// Seconds in one "minute" of `pollinterval` / `scan_interval`. 60 in
+        /// production; tests set 1 to get sub-minute intervals.
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub minute_secs: u64 = 60,
+        /// Leader lease time to live: a standby takes over within it.
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub lease_ttl_secs: u64 = 15,
+        /// Name of the lease row: pollers sharing it form one leader/standby group.
+        pub lease_name: String = "idpoller".into(),
+        /// Most jobs waiting in one queue; beyond it the oldest due jobs wait for
+        /// the next tick instead of piling up.
+        pub queue_limit: usize = 200_000,
+        /// Concurrent Cassandra reads while scanning.
+        pub scan_concurrency: usize = 16,
+    }
 }
 
-impl Default for PollerOwn {
-    fn default() -> Self {
-        PollerOwn {
-            minute_secs: 60,
-            lease_ttl_secs: 15,
-            lease_name: "idpoller".into(),
-            queue_limit: 200_000,
-            scan_concurrency: 16,
-        }
+impl PollerOwn {
+    pub fn minute(&self) -> Duration {
+        Duration::from_secs(self.minute_secs)
+    }
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_secs)
     }
 }
 
@@ -822,6 +880,33 @@ pub fn redact_url(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secs_keys_take_numbers_as_before_or_durations() {
+        let s: WorkerSettings = from_yaml_str(
+            "imap:\n  lock_ttl_secs: 90\n  job_deadline_secs: 2h\n  disable_after_secs: \"1d12h\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.imap.lock_ttl_secs, 90);
+        assert_eq!(s.imap.job_deadline(), Duration::from_secs(7200));
+        assert_eq!(s.imap.disable_after_secs, 36 * 3600);
+        assert_eq!(s.imap.io_timeout(), Duration::from_secs(120), "default");
+        let p: PollerSettings =
+            from_yaml_str("poller:\n  minute_secs: 1\n  lease_ttl_secs: 5s\n", None).unwrap();
+        assert_eq!(p.poller.minute(), Duration::from_secs(1));
+        assert_eq!(p.poller.lease_ttl(), Duration::from_secs(5));
+        let err = from_yaml_str::<WorkerSettings>("imap:\n  lock_ttl_secs: soon\n", None)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains('\n'), "{err}");
+        assert!(err.contains("key imap.lock_ttl_secs"), "{err}");
+        assert!(err.contains(r#"found "soon""#), "{err}");
+        for bad in ["", "5x", "m", "5m3", "-1"] {
+            assert!(secs::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(secs::parse(" 1h30m ").unwrap(), 5400);
+    }
 
     #[test]
     fn config_names_are_looked_up_as_the_go_binaries_did() {

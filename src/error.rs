@@ -1,12 +1,17 @@
 //! Error kinds that callers branch on, and the one place that turns an error
 //! into a process exit code.
 //!
-//! Library code returns `anyhow::Error` with context at the edges; where a
-//! caller (or the exit code) must tell failures apart, the root cause is one
-//! of the [`Failure`] kinds below. [`exit_code`] walks the error chain, so a
-//! kind wrapped in any amount of context still maps to its documented code.
+//! Library code returns typed errors ([`StoreError`], [`BusError`], ...) or
+//! `anyhow::Error` with context at the edges; where the exit code must tell
+//! failures apart and no subsystem error says it, the root cause is one of
+//! the [`Failure`] kinds below. Errors keep their type all the way up:
+//! [`exit`], called once in `app::run`, walks the chain once to pick the
+//! code and prints the one line, as ripgrep's `main` does.
 
 use std::process::ExitCode;
+
+use crate::bus::BusError;
+use crate::store::StoreError;
 
 /// Exit codes, documented in the README ("Exit codes").
 pub mod code {
@@ -72,20 +77,39 @@ pub fn failed(msg: impl Into<String>) -> anyhow::Error {
     Failure::Failed(msg.into()).into()
 }
 
-/// The exit code for an error: the first [`Failure`] found in its chain
-/// decides; anything else is a plain failure.
-pub fn exit_code(err: &anyhow::Error) -> ExitCode {
-    let code = err
-        .chain()
-        .find_map(|e| e.downcast_ref::<Failure>())
-        .map(Failure::code)
-        .unwrap_or(code::FAILED);
-    ExitCode::from(code)
+/// The documented code of one error of a chain, if its type says one:
+/// an unreachable Cassandra or NATS is "run it again later", any other
+/// store or bus error a plain failure.
+fn code_of(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
+    if let Some(f) = e.downcast_ref::<Failure>() {
+        return Some(f.code());
+    }
+    if let Some(e) = e.downcast_ref::<StoreError>() {
+        return Some(match e {
+            StoreError::Unavailable { .. } => code::UNAVAILABLE,
+            _ => code::FAILED,
+        });
+    }
+    if let Some(e) = e.downcast_ref::<BusError>() {
+        return Some(match e {
+            BusError::Unavailable { .. } => code::UNAVAILABLE,
+            _ => code::FAILED,
+        });
+    }
+    None
 }
 
-/// Print an error the way every mode does: one line, causes joined by ": ".
-pub fn report(prog: &str, err: &anyhow::Error) {
+/// The exit code for an error: the first error of its chain whose type
+/// says a code decides; anything else is a plain failure.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    err.chain().find_map(code_of).unwrap_or(code::FAILED)
+}
+
+/// The edge: print `err` as one line (causes joined by ": ") and return
+/// the exit code its chain asks for.
+pub fn exit(prog: &str, err: &anyhow::Error) -> ExitCode {
     eprintln!("{prog}: error: {err:#}");
+    ExitCode::from(exit_code(err))
 }
 
 #[cfg(test)]
@@ -97,13 +121,40 @@ mod tests {
     fn kind_survives_context() {
         let err: anyhow::Result<()> = Err(not_found("no such user 'bob'"));
         let err = err.context("addremote").unwrap_err();
-        assert_eq!(exit_code(&err), ExitCode::from(code::NOT_FOUND));
+        assert_eq!(exit_code(&err), code::NOT_FOUND);
         assert_eq!(format!("{err:#}"), "addremote: no such user 'bob'");
     }
 
     #[test]
     fn plain_errors_are_failures() {
         let err = anyhow::anyhow!("boom");
-        assert_eq!(exit_code(&err), ExitCode::from(code::FAILED));
+        assert_eq!(exit_code(&err), code::FAILED);
+    }
+
+    #[test]
+    fn store_and_bus_errors_keep_their_type_to_the_edge() {
+        let unreachable: anyhow::Result<()> = Err(StoreError::Unavailable {
+            hosts: "127.0.0.1:9042".into(),
+            reason: "refused".into(),
+        }
+        .into());
+        let err = unreachable.context("listremotes").unwrap_err();
+        assert_eq!(exit_code(&err), code::UNAVAILABLE);
+        assert_eq!(
+            format!("{err:#}"),
+            "listremotes: cannot reach Cassandra at 127.0.0.1:9042: refused"
+        );
+        let query = anyhow::Error::from(StoreError::Query {
+            what: "x".into(),
+            reason: "y".into(),
+        });
+        assert_eq!(exit_code(&query), code::FAILED);
+        let nats = anyhow::Error::from(BusError::Unavailable {
+            url: "nats://127.0.0.1:4222".into(),
+            reason: "refused".into(),
+        });
+        assert_eq!(exit_code(&nats), code::UNAVAILABLE);
+        let silent = anyhow::Error::from(BusError::NoResponders("s".into()));
+        assert_eq!(exit_code(&silent), code::FAILED);
     }
 }

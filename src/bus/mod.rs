@@ -37,15 +37,6 @@ pub enum BusError {
     },
 }
 
-impl From<BusError> for crate::error::Failure {
-    fn from(e: BusError) -> Self {
-        match e {
-            BusError::Unavailable { .. } => crate::error::Failure::Unavailable(e.to_string()),
-            _ => crate::error::Failure::Failed(e.to_string()),
-        }
-    }
-}
-
 /// How hard [`Bus::connect`] tries before giving up.
 #[derive(Debug, Clone, Copy)]
 pub enum Retry {

@@ -11,8 +11,10 @@ use super::common;
 use crate::bus::wire::{orders, CacheOrder};
 use crate::cli::AddRemoteArgs;
 use crate::config::WorkerSettings;
-use crate::error::{self, Failure};
-use crate::store::identity::{creds, infos, Identity, PROTOCOL_EMAIL, STATUS_ACTIVE, TYPE_REMOTE};
+use crate::error;
+use crate::store::identity::{
+    creds, infos, Identity, IdentityKind, Protocol, Status, PROTOCOL_EMAIL,
+};
 
 /// `--pollinterval`: minutes (1 to 4319, the poller's bounds) or a cron
 /// expression (5 fields, or 6-7 with seconds/years, firing at most once a
@@ -46,68 +48,18 @@ pub async fn run(a: AddRemoteArgs, s: &WorkerSettings) -> anyhow::Result<ExitCod
         Some(p) => poll_interval(p)?,
         None => "15".to_string(),
     };
-    let password = if a.no_pass {
-        if a.pass.is_some() || a.pass_env.is_some() || a.pass_file.is_some() {
-            return Err(error::usage(
-                "--no-pass and a password flag contradict each other",
-            ));
-        }
-        None
-    } else {
-        let question = format!("IMAP password for {login} (empty: do not store one): ");
-        common::password(&a.pass, &a.pass_env, &a.pass_file, Some(&question))?
-    };
-
+    let password = password(&a, &login)?;
     let store = common::store(s).await?;
     let user_id = user.resolve(&store).await?;
-    if let Some(existing) = store
-        .lookup_identity(user_id, &login)
-        .await
-        .map_err(Failure::from)?
-    {
+    if let Some(existing) = store.lookup_identity(user_id, &login).await? {
         return Err(error::conflict(format!(
             "user {user_id} already has a remote identity for {login:?} ({existing})"
         )));
     }
     let bus = common::bus(s).await?;
 
-    let mut info = HashMap::from([
-        (infos::INSERVER.to_string(), server.clone()),
-        (infos::AUTHTYPE.to_string(), infos::AUTH_LOGIN.to_string()),
-        (infos::POLLINTERVAL.to_string(), pollinterval.clone()),
-    ]);
-    if let Some(m) = a
-        .mailbox
-        .as_deref()
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
-    {
-        info.insert(infos::MAILBOXES.to_string(), m.to_string());
-    }
-    let mut credentials = HashMap::from([(creds::USERNAME_IN.to_string(), login.clone())]);
-    if let Some(p) = password {
-        credentials.insert(creds::PASSWORD_IN.to_string(), p);
-    }
-    let identity = Identity {
-        user_id,
-        identity_id: Uuid::new_v4(),
-        credentials,
-        display_name: a
-            .display
-            .clone()
-            .filter(|d| !d.trim().is_empty())
-            .unwrap_or_else(|| login.clone()),
-        identifier: login.to_lowercase(),
-        infos: info,
-        last_check: None,
-        protocol: PROTOCOL_EMAIL.into(),
-        status: STATUS_ACTIVE.into(),
-        kind: TYPE_REMOTE.into(),
-    };
-    store
-        .insert_identity(&identity)
-        .await
-        .map_err(Failure::from)?;
+    let identity = new_identity(&a, user_id, &login, &server, &pollinterval, password);
+    store.insert_identity(&identity).await?;
 
     let order = CacheOrder {
         identity_id: identity.identity_id.to_string(),
@@ -120,12 +72,69 @@ pub async fn run(a: AddRemoteArgs, s: &WorkerSettings) -> anyhow::Result<ExitCod
         protocol: PROTOCOL_EMAIL.into(),
         user_id: user_id.to_string(),
     };
-    bus.publish(&s.nats_topic_poller_cache, &order)
-        .await
-        .map_err(Failure::from)?;
-    bus.flush().await.map_err(Failure::from)?;
+    bus.publish(&s.nats_topic_poller_cache, &order).await?;
+    bus.flush().await?;
     println!("{}", identity.identity_id);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The password to store: none with `--no-pass`, else from the flags or a
+/// prompt.
+fn password(a: &AddRemoteArgs, login: &str) -> anyhow::Result<Option<String>> {
+    if a.no_pass {
+        if a.pass.is_some() || a.pass_env.is_some() || a.pass_file.is_some() {
+            return Err(error::usage(
+                "--no-pass and a password flag contradict each other",
+            ));
+        }
+        return Ok(None);
+    }
+    let question = format!("IMAP password for {login} (empty: do not store one): ");
+    common::password(&a.pass, &a.pass_env, &a.pass_file, Some(&question))
+}
+
+/// The `user_identity` row Caliopen writes for a new remote email identity.
+fn new_identity(
+    a: &AddRemoteArgs,
+    user_id: Uuid,
+    login: &str,
+    server: &str,
+    pollinterval: &str,
+    password: Option<String>,
+) -> Identity {
+    let mut info = HashMap::from([
+        (infos::INSERVER.to_string(), server.to_string()),
+        (infos::AUTHTYPE.to_string(), infos::AUTH_LOGIN.to_string()),
+        (infos::POLLINTERVAL.to_string(), pollinterval.to_string()),
+    ]);
+    if let Some(m) = a
+        .mailbox
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+    {
+        info.insert(infos::MAILBOXES.to_string(), m.to_string());
+    }
+    let mut credentials = HashMap::from([(creds::USERNAME_IN.to_string(), login.to_string())]);
+    if let Some(p) = password {
+        credentials.insert(creds::PASSWORD_IN.to_string(), p);
+    }
+    Identity {
+        user_id,
+        identity_id: Uuid::new_v4(),
+        credentials,
+        display_name: a
+            .display
+            .clone()
+            .filter(|d| !d.trim().is_empty())
+            .unwrap_or_else(|| login.to_string()),
+        identifier: login.to_lowercase(),
+        infos: info,
+        last_check: None,
+        protocol: Protocol::Email,
+        status: Status::Active,
+        kind: IdentityKind::Remote,
+    }
 }
 
 #[cfg(test)]
@@ -143,7 +152,7 @@ mod tests {
         // One login a second is refused, with the reason.
         for fast in ["* * * * * *", "*/5 * * * * *"] {
             let e = poll_interval(fast).unwrap_err();
-            assert_eq!(crate::error::exit_code(&e), std::process::ExitCode::from(2));
+            assert_eq!(crate::error::exit_code(&e), crate::error::code::USAGE);
             assert!(e.to_string().contains("more than once a minute"), "{e}");
         }
     }

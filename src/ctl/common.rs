@@ -15,16 +15,14 @@ use uuid::Uuid;
 use crate::bus::wire::{ImapOrder, JobReport};
 use crate::bus::{Bus, Retry};
 use crate::config::WorkerSettings;
-use crate::error::{self, Failure};
+use crate::error;
 use crate::shutdown::Shutdown;
 use crate::store::identity::Identity;
 use crate::store::Store;
 use crate::worker::orders::PROGRESS_HEADER;
 
 pub async fn store(s: &WorkerSettings) -> anyhow::Result<Store> {
-    Ok(Store::connect(&s.store_settings, Duration::from_secs(15))
-        .await
-        .map_err(Failure::from)?)
+    Ok(Store::connect(&s.store_settings, Duration::from_secs(15)).await?)
 }
 
 pub async fn bus(s: &WorkerSettings) -> anyhow::Result<Bus> {
@@ -34,8 +32,7 @@ pub async fn bus(s: &WorkerSettings) -> anyhow::Result<Bus> {
         Retry::Attempts(3),
         Shutdown::never(),
     )
-    .await
-    .map_err(Failure::from)?)
+    .await?)
 }
 
 pub fn parse_uuid(flag: &str, value: &str) -> anyhow::Result<Uuid> {
@@ -67,15 +64,14 @@ impl UserRef {
     pub async fn resolve(&self, store: &Store) -> anyhow::Result<Uuid> {
         match self {
             UserRef::Id(id) => {
-                if store.user_name(*id).await.map_err(Failure::from)?.is_none() {
+                if store.user_name(*id).await?.is_none() {
                     return Err(error::not_found(format!("no Caliopen user with id {id}")));
                 }
                 Ok(*id)
             }
             UserRef::Name(name) => store
                 .user_id_by_name(name)
-                .await
-                .map_err(Failure::from)?
+                .await?
                 .ok_or_else(|| error::not_found(format!("no Caliopen user named {name:?}"))),
         }
     }
@@ -109,16 +105,14 @@ impl IdentityRef {
             IdentityRef::Id(id) => *id,
             IdentityRef::Identifier(login) => store
                 .lookup_identity(user_id, login)
-                .await
-                .map_err(Failure::from)?
+                .await?
                 .ok_or_else(|| {
                     error::not_found(format!("user {user_id} has no remote identity {login:?}"))
                 })?,
         };
         store
             .identity(user_id, id)
-            .await
-            .map_err(Failure::from)?
+            .await?
             .ok_or_else(|| error::not_found(format!("user {user_id} has no identity {id}")))
     }
 }
@@ -212,22 +206,51 @@ pub async fn send_order(
 ) -> anyhow::Result<ExitCode> {
     let subject = &s.nats_topic_sender;
     if !wait {
-        bus.publish(subject, order).await.map_err(Failure::from)?;
-        bus.flush().await.map_err(Failure::from)?;
+        bus.publish(subject, order).await?;
+        bus.flush().await?;
         println!("{what}: order sent on {subject}");
         return Ok(ExitCode::SUCCESS);
     }
+    let mut replies = request_with_progress(bus, subject, order).await?;
+    let rep = final_report(&mut replies, subject, timeout_secs, what).await?;
+    let (code, text) = outcome(what, &rep);
+    if code == error::code::OK {
+        println!("{text}");
+    } else {
+        eprintln!("imapctl: {text}");
+    }
+    Ok(ExitCode::from(code))
+}
+
+/// Send `order` as a request asking for progress reports; the replies come
+/// on the returned subscription.
+async fn request_with_progress(
+    bus: &Bus,
+    subject: &str,
+    order: &ImapOrder,
+) -> anyhow::Result<async_nats::Subscriber> {
     let inbox = bus.new_inbox();
-    let mut replies = bus.subscribe(&inbox).await.map_err(Failure::from)?;
+    let replies = bus.subscribe(&inbox).await?;
     let mut headers = HeaderMap::new();
     headers.insert(PROGRESS_HEADER, "1");
     let payload = serde_json::to_vec(order)?;
     bus.client()
-        .publish_with_reply_and_headers(subject.clone(), inbox.clone(), headers, payload.into())
+        .publish_with_reply_and_headers(subject.to_string(), inbox, headers, payload.into())
         .await
         .map_err(|e| error::unavailable(format!("cannot publish on {subject}: {e}")))?;
-    bus.flush().await.map_err(Failure::from)?;
+    bus.flush().await?;
+    Ok(replies)
+}
 
+/// Show progress on a terminal until the final report comes. Fails when no
+/// worker listens, when it goes silent for [`SILENCE_LIMIT`], or past
+/// `timeout_secs`.
+async fn final_report(
+    replies: &mut async_nats::Subscriber,
+    subject: &str,
+    timeout_secs: u64,
+    what: &str,
+) -> anyhow::Result<JobReport> {
     let tty = std::io::stderr().is_terminal();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
     loop {
@@ -260,29 +283,20 @@ pub async fn send_order(
                 "no imapworker is listening on {subject}: start one with `imapworker start`"
             )));
         }
-        let rep: JobReport = match serde_json::from_slice(&msg.payload) {
-            Ok(r) => r,
-            Err(e) => return Err(error::failed(format!("bad reply from the worker: {e}"))),
-        };
-        if rep.progress {
+        let rep: JobReport = serde_json::from_slice(&msg.payload)
+            .map_err(|e| error::failed(format!("bad reply from the worker: {e}")))?;
+        if !rep.progress {
             if tty {
-                eprint!(
-                    "\r{what}: fetched {}, handed off {}, failed {}   ",
-                    rep.fetched, rep.handed_off, rep.failed
-                );
+                eprintln!();
             }
-            continue;
+            return Ok(rep);
         }
         if tty {
-            eprintln!();
+            eprint!(
+                "\r{what}: fetched {}, handed off {}, failed {}   ",
+                rep.fetched, rep.handed_off, rep.failed
+            );
         }
-        let (code, text) = outcome(what, &rep);
-        if code == error::code::OK {
-            println!("{text}");
-        } else {
-            eprintln!("imapctl: {text}");
-        }
-        return Ok(ExitCode::from(code));
     }
 }
 

@@ -8,13 +8,13 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::{common, locks};
 use crate::cli::ListRemotesArgs;
 use crate::config::WorkerSettings;
-use crate::error::Failure;
-use crate::store::identity::infos;
+use crate::store::identity::{infos, Identity};
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, Serialize)]
 struct Row {
@@ -41,50 +41,67 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
     let user_id = user.resolve(&store).await?;
     let mut rows = Vec::new();
     let now = Utc::now();
-    for id in store.identities_of(user_id).await.map_err(Failure::from)? {
-        if !id.is_remote_email() {
-            continue;
+    for id in store.identities_of(user_id).await? {
+        if id.is_remote_email() {
+            rows.push(row(&store, &id, now).await?);
         }
-        let failures = store
-            .message_failures(id.user_id, id.identity_id)
-            .await
-            .map_err(Failure::from)?;
-        let stepped = failures
-            .iter()
-            .filter(|f| f.stepped_over)
-            .map(|f| {
-                format!(
-                    "{} uid {} ({} tries): {}",
-                    f.mailbox, f.uid, f.tries, f.last_error
-                )
-            })
-            .collect();
-        let sync = locks::read(&store, &id, now).await?;
-        rows.push(Row {
-            identity_id: id.identity_id.to_string(),
-            identifier: id.identifier.clone(),
-            server: id.info(infos::INSERVER).to_string(),
-            status: id.status.clone(),
-            pollinterval: id.info(infos::POLLINTERVAL).to_string(),
-            lastsync: id.info(infos::LASTSYNC).to_string(),
-            lastseenuid: id.info(infos::LASTSEENUID).to_string(),
-            errors: id.info(infos::ERRORS_COUNT).to_string(),
-            last_error: id.info(infos::LAST_FETCH_ERROR).to_string(),
-            failing_messages: failures.iter().filter(|f| !f.stepped_over).count() as u32,
-            stepped_over: stepped,
-            sync_lock: sync.lock,
-            syncing_marker: sync.marker,
-        });
     }
     rows.sort_by(|a, b| a.identifier.cmp(&b.identifier));
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    if rows.is_empty() {
+    } else if rows.is_empty() {
         println!("user {user_id} has no remote identity");
-        return Ok(ExitCode::SUCCESS);
+    } else {
+        print_table(&rows, s.imap.lock_ttl_secs / 2);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Read what is shown of one identity.
+async fn row(store: &Store, id: &Identity, now: DateTime<Utc>) -> Result<Row, StoreError> {
+    let failures = store.message_failures(id.user_id, id.identity_id).await?;
+    let stepped = failures
+        .iter()
+        .filter(|f| f.stepped_over)
+        .map(|f| {
+            format!(
+                "{} uid {} ({} tries): {}",
+                f.mailbox, f.uid, f.tries, f.last_error
+            )
+        })
+        .collect();
+    let sync = locks::read(store, id, now).await?;
+    Ok(Row {
+        identity_id: id.identity_id.to_string(),
+        identifier: id.identifier.clone(),
+        server: id.info(infos::INSERVER).to_string(),
+        status: id.status.to_string(),
+        pollinterval: id.info(infos::POLLINTERVAL).to_string(),
+        lastsync: id.info(infos::LASTSYNC).to_string(),
+        lastseenuid: id.info(infos::LASTSEENUID).to_string(),
+        errors: id.info(infos::ERRORS_COUNT).to_string(),
+        last_error: id.info(infos::LAST_FETCH_ERROR).to_string(),
+        failing_messages: failures.iter().filter(|f| !f.stepped_over).count() as u32,
+        stepped_over: stepped,
+        sync_lock: sync.lock,
+        syncing_marker: sync.marker,
+    })
+}
+
+/// The `SYNC` column. A lock not renewed for `stale_after` seconds is
+/// what `unlock` clears without --force.
+fn sync_column(r: &Row, stale_after: u64) -> String {
+    match (&r.sync_lock, &r.syncing_marker) {
+        (Some(l), _) if l.renewed_secs_ago >= stale_after => "stale".into(),
+        (Some(_), _) => "running".into(),
+        (None, Some(m)) if m.by_go_worker() => "go-marker".into(),
+        (None, Some(_)) => "marker".into(),
+        (None, None) => "-".into(),
+    }
+}
+
+/// The table, then a line for each lock, marker and message of note.
+fn print_table(rows: &[Row], stale_after: u64) {
     let header = [
         "ID",
         "IDENTIFIER",
@@ -109,16 +126,7 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
                 r.lastsync.clone(),
                 r.lastseenuid.clone(),
                 r.errors.clone(),
-                match (&r.sync_lock, &r.syncing_marker) {
-                    // Stopped renewing: what `unlock` clears without --force.
-                    (Some(l), _) if l.renewed_secs_ago >= s.imap.lock_ttl_secs / 2 => {
-                        "stale".into()
-                    }
-                    (Some(_), _) => "running".into(),
-                    (None, Some(m)) if m.by_go_worker() => "go-marker".into(),
-                    (None, Some(_)) => "marker".into(),
-                    (None, None) => "-".into(),
-                },
+                sync_column(r, stale_after),
                 r.last_error.chars().take(60).collect(),
             ]
         })
@@ -126,7 +134,7 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
     for l in super::common::table_lines(&header, &table) {
         println!("{l}");
     }
-    for r in &rows {
+    for r in rows {
         if let Some(l) = &r.sync_lock {
             println!("{}: sync lock {}", r.identifier, l.describe());
         }
@@ -143,5 +151,4 @@ pub async fn run(a: ListRemotesArgs, s: &WorkerSettings) -> anyhow::Result<ExitC
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
 }

@@ -7,13 +7,13 @@
 //! by a worker of ours too old to write the owner). Go workers never renew it
 //! and honour it for 24 h (CONTRACT §5), so only its age says anything.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::error::Failure;
-use crate::store::identity::{infos, Identity};
+use crate::store::identity::{time_text, Identity};
 use crate::store::lock::LockInfo;
 use crate::store::Store;
+use crate::store::StoreError;
 
 /// How long a Go worker honours its `syncing` marker.
 pub const GO_MARKER_HONOURED_SECS: u64 = 24 * 3600;
@@ -60,29 +60,26 @@ impl Marker {
 }
 
 fn rfc3339(t: Option<DateTime<Utc>>) -> String {
-    t.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
-        .unwrap_or_default()
+    t.map(time_text).unwrap_or_default()
 }
 
 /// Read the lock row and the marker of `id`.
-pub async fn read(store: &Store, id: &Identity, now: DateTime<Utc>) -> Result<SyncState, Failure> {
+pub async fn read(
+    store: &Store,
+    id: &Identity,
+    now: DateTime<Utc>,
+) -> Result<SyncState, StoreError> {
     let lock = store
         .sync_lock(id.user_id, id.identity_id)
-        .await
-        .map_err(Failure::from)?
+        .await?
         .map(|l| view(&l, now));
-    let marker = match id.info(infos::SYNCING) {
-        "" => None,
-        since => Some(Marker {
-            since: since.to_string(),
-            owner: Some(id.info(infos::SYNCING_OWNER))
-                .filter(|o| !o.is_empty())
-                .map(str::to_string),
-            age_secs: DateTime::parse_from_rfc3339(since)
-                .ok()
-                .map(|t| now.signed_duration_since(t).num_seconds().max(0) as u64),
-        }),
-    };
+    let marker = id.syncing().filter(|m| !m.text.is_empty()).map(|m| Marker {
+        since: m.text.to_string(),
+        owner: Some(m.owner).filter(|o| !o.is_empty()).map(str::to_string),
+        age_secs: m
+            .since
+            .map(|t| now.signed_duration_since(t).num_seconds().max(0) as u64),
+    });
     Ok(SyncState { lock, marker })
 }
 

@@ -14,7 +14,7 @@ use super::{common, locks};
 use crate::bus::wire::{orders, CacheOrder};
 use crate::cli::RemoveRemoteArgs;
 use crate::config::WorkerSettings;
-use crate::error::{self, Failure};
+use crate::error;
 use crate::store::identity::Identity;
 use crate::store::Store;
 
@@ -36,8 +36,7 @@ pub async fn run(a: RemoveRemoteArgs, s: &WorkerSettings) -> anyhow::Result<Exit
             now,
             s.imap.lock_ttl_secs,
         )
-        .await
-        .map_err(Failure::from)?;
+        .await?;
     if !taken {
         let held = locks::read(&store, &id, now)
             .await?
@@ -64,13 +63,11 @@ pub async fn run(a: RemoveRemoteArgs, s: &WorkerSettings) -> anyhow::Result<Exit
         identity_id: id.identity_id.to_string(),
         order: orders::CACHE_DELETE.into(),
         order_param: String::new(),
-        protocol: id.protocol.clone(),
+        protocol: id.protocol.to_string(),
         user_id: user_id.to_string(),
     };
-    bus.publish(&s.nats_topic_poller_cache, &order)
-        .await
-        .map_err(Failure::from)?;
-    bus.flush().await.map_err(Failure::from)?;
+    bus.publish(&s.nats_topic_poller_cache, &order).await?;
+    bus.flush().await?;
     println!("removed {} ({})", id.identifier, id.identity_id);
     Ok(ExitCode::SUCCESS)
 }
@@ -89,10 +86,7 @@ async fn remove(store: &Store, id: &Identity, now: chrono::DateTime<Utc>) -> any
             m.describe()
         )));
     }
-    store.delete_identity(id).await.map_err(Failure::from)?;
-    store
-        .delete_sync_state(id.user_id, id.identity_id)
-        .await
-        .map_err(Failure::from)?;
+    store.delete_identity(id).await?;
+    store.delete_sync_state(id.user_id, id.identity_id).await?;
     Ok(())
 }

@@ -40,8 +40,8 @@ use crate::bus::wire::{orders, ProcessRaw, ProcessRawReply};
 use crate::bus::{Bus, BusError};
 use crate::cli::RetryArgs;
 use crate::config::WorkerSettings;
-use crate::error::{self, Failure};
-use crate::store::identity::{infos, Identity};
+use crate::error;
+use crate::store::identity::Identity;
 use crate::store::raw_message::raw_message_id;
 use crate::store::state::MessageFailure;
 use crate::store::Store;
@@ -79,8 +79,7 @@ pub async fn run(a: RetryArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> {
     let since = Utc::now();
     if !store
         .take_sync_lock(id.user_id, id.identity_id, &owner, since, ttl)
-        .await
-        .map_err(Failure::from)?
+        .await?
     {
         return Err(error::conflict(format!(
             "{who}: a sync holds the lock: retry when it ends (see status)"
@@ -140,15 +139,78 @@ async fn retry_locked(
     since: chrono::DateTime<Utc>,
 ) -> anyhow::Result<Summary> {
     let (user, identity) = (id.user_id, id.identity_id);
-    let failures = store
-        .message_failures(user, identity)
-        .await
-        .map_err(Failure::from)?;
-    let generations = generations(store, id, &failures).await?;
+    let list = candidates(store, id).await?;
+    let timeout = s.imap.lda_timeout();
+    let renew_every = Duration::from_secs((s.imap.lock_ttl_secs / 3).max(1));
+    let mut renewed = Instant::now();
     let mut sum = Summary::default();
-    let mut todo: HashMap<Uuid, Candidate> = HashMap::new();
+    for c in list {
+        if renewed.elapsed() >= renew_every {
+            let ok = store
+                .renew_sync_lock(user, identity, owner, since, s.imap.lock_ttl_secs)
+                .await?;
+            if !ok {
+                return Err(error::conflict(
+                    "the sync lock was taken away (imapctl unlock --force?): stopped",
+                ));
+            }
+            renewed = Instant::now();
+        }
+        retry_one(store, bus, topic, id, &c, timeout, &mut sum).await?;
+    }
+    Ok(sum)
+}
 
-    // Stepped-over messages: known by their failure rows.
+/// Hand off one candidate again unless it is delivered already or was
+/// never stored; clear its failure row once it is delivered.
+async fn retry_one(
+    store: &Store,
+    bus: &Bus,
+    topic: &str,
+    id: &Identity,
+    c: &Candidate,
+    timeout: Duration,
+    sum: &mut Summary,
+) -> anyhow::Result<()> {
+    let (user, identity) = (id.user_id, id.identity_id);
+    let place = format!("{} uid {}", c.mailbox, c.uid);
+    match store.raw_message_delivered(c.id).await? {
+        None => {
+            sum.not_stored.push(place);
+            return Ok(());
+        }
+        Some(true) => sum.already_delivered += 1,
+        Some(false) => match hand_off(bus, topic, user, identity, c.id, timeout).await {
+            Ok(()) => {
+                store.mark_delivered(c.id).await?;
+                sum.handed_off += 1;
+            }
+            Err(HandOff::Unavailable(e)) => return Err(error::unavailable(e)),
+            Err(HandOff::Refused(e)) => {
+                sum.failed += 1;
+                if sum.first_error.is_empty() {
+                    sum.first_error = format!("{place}: {e}");
+                }
+                return Ok(());
+            }
+        },
+    }
+    if c.failure {
+        store
+            .clear_message_failure(user, identity, &c.mailbox, c.uidvalidity, c.uid)
+            .await?;
+    }
+    Ok(())
+}
+
+/// What to hand off again, in mailbox and UID order: the stepped-over
+/// messages (known by their failure rows), then the user's undelivered
+/// raw messages whose id recomputes from this identity.
+async fn candidates(store: &Store, id: &Identity) -> anyhow::Result<Vec<Candidate>> {
+    let (user, identity) = (id.user_id, id.identity_id);
+    let failures = store.message_failures(user, identity).await?;
+    let generations = generations(store, id, &failures).await?;
+    let mut todo: HashMap<Uuid, Candidate> = HashMap::new();
     for f in failures.iter().filter(|f| f.stepped_over) {
         let rid = raw_message_id(user, identity, &f.mailbox, f.uidvalidity, f.uid);
         todo.insert(
@@ -162,12 +224,25 @@ async fn retry_locked(
             },
         );
     }
-    // Undelivered rows of the user that recompute to this identity.
-    let ids = store
-        .raw_message_ids_of(user)
-        .await
-        .map_err(Failure::from)?;
-    let undelivered: Vec<Uuid> = stream::iter(ids)
+    for rid in undelivered(store, user).await? {
+        if todo.contains_key(&rid) {
+            continue;
+        }
+        if let Some(c) = of_this_identity(store, id, rid, &generations, &failures).await? {
+            todo.insert(rid, c);
+        }
+    }
+    let mut list: Vec<Candidate> = todo.into_values().collect();
+    list.sort_by(|a, b| {
+        (&a.mailbox, a.uidvalidity, a.uid).cmp(&(&b.mailbox, b.uidvalidity, b.uid))
+    });
+    Ok(list)
+}
+
+/// The user's raw messages whose `delivered` is false.
+async fn undelivered(store: &Store, user: Uuid) -> anyhow::Result<Vec<Uuid>> {
+    let ids = store.raw_message_ids_of(user).await?;
+    Ok(stream::iter(ids)
         .map(|rid| async move { (rid, store.raw_message_delivered(rid).await) })
         .buffer_unordered(READS)
         .filter_map(|(rid, d)| async move {
@@ -180,95 +255,45 @@ async fn retry_locked(
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<_, _>>()
-        .map_err(Failure::from)?;
-    for rid in undelivered {
-        if todo.contains_key(&rid) {
-            continue;
-        }
-        let Some(data) = store.raw_message_data(rid).await.map_err(Failure::from)? else {
-            continue;
-        };
-        let Some((mailbox, uid)) = fetched_place(&data) else {
-            continue;
-        };
-        let Some(gens) = generations.get(&mailbox) else {
-            continue;
-        };
-        if let Some(v) = gens
-            .iter()
-            .find(|v| raw_message_id(user, identity, &mailbox, **v, uid) == rid)
-        {
-            let failure = failures
-                .iter()
-                .any(|f| f.mailbox == mailbox && f.uidvalidity == *v && f.uid == uid);
-            todo.insert(
-                rid,
-                Candidate {
-                    id: rid,
-                    mailbox,
-                    uidvalidity: *v,
-                    uid,
-                    failure,
-                },
-            );
-        }
-    }
+        .collect::<Result<_, _>>()?)
+}
 
-    let mut list: Vec<Candidate> = todo.into_values().collect();
-    list.sort_by(|a, b| {
-        (&a.mailbox, a.uidvalidity, a.uid).cmp(&(&b.mailbox, b.uidvalidity, b.uid))
-    });
-    let timeout = Duration::from_secs(s.imap.lda_timeout_secs);
-    let renew_every = Duration::from_secs((s.imap.lock_ttl_secs / 3).max(1));
-    let mut renewed = Instant::now();
-    for c in list {
-        if renewed.elapsed() >= renew_every {
-            let ok = store
-                .renew_sync_lock(user, identity, owner, since, s.imap.lock_ttl_secs)
-                .await
-                .map_err(Failure::from)?;
-            if !ok {
-                return Err(error::conflict(
-                    "the sync lock was taken away (imapctl unlock --force?): stopped",
-                ));
-            }
-            renewed = Instant::now();
-        }
-        let place = format!("{} uid {}", c.mailbox, c.uid);
-        match store
-            .raw_message_delivered(c.id)
-            .await
-            .map_err(Failure::from)?
-        {
-            None => {
-                sum.not_stored.push(place);
-                continue;
-            }
-            Some(true) => sum.already_delivered += 1,
-            Some(false) => match hand_off(bus, topic, user, identity, c.id, timeout).await {
-                Ok(()) => {
-                    store.mark_delivered(c.id).await.map_err(Failure::from)?;
-                    sum.handed_off += 1;
-                }
-                Err(HandOff::Unavailable(e)) => return Err(error::unavailable(e)),
-                Err(HandOff::Refused(e)) => {
-                    sum.failed += 1;
-                    if sum.first_error.is_empty() {
-                        sum.first_error = format!("{place}: {e}");
-                    }
-                    continue;
-                }
-            },
-        }
-        if c.failure {
-            store
-                .clear_message_failure(user, identity, &c.mailbox, c.uidvalidity, c.uid)
-                .await
-                .map_err(Failure::from)?;
-        }
-    }
-    Ok(sum)
+/// The raw message `rid` as a candidate of `id`, when its headers name a
+/// mailbox and UID whose id, under one of the identity's UIDVALIDITYs,
+/// is `rid`.
+async fn of_this_identity(
+    store: &Store,
+    id: &Identity,
+    rid: Uuid,
+    generations: &HashMap<String, BTreeSet<u32>>,
+    failures: &[MessageFailure],
+) -> anyhow::Result<Option<Candidate>> {
+    let Some(data) = store.raw_message_data(rid).await? else {
+        return Ok(None);
+    };
+    let Some((mailbox, uid)) = fetched_place(&data) else {
+        return Ok(None);
+    };
+    let Some(gens) = generations.get(&mailbox) else {
+        return Ok(None);
+    };
+    let Some(v) = gens
+        .iter()
+        .copied()
+        .find(|v| raw_message_id(id.user_id, id.identity_id, &mailbox, *v, uid) == rid)
+    else {
+        return Ok(None);
+    };
+    let failure = failures
+        .iter()
+        .any(|f| f.mailbox == mailbox && f.uidvalidity == v && f.uid == uid);
+    Ok(Some(Candidate {
+        id: rid,
+        mailbox,
+        uidvalidity: v,
+        uid,
+        failure,
+    }))
 }
 
 /// The UIDVALIDITYs this identity knows for each mailbox: its checkpoint,
@@ -290,13 +315,12 @@ async fn generations(
         }
         let gens = out.entry(mb.clone()).or_default();
         if mb.eq_ignore_ascii_case("INBOX") {
-            if let Ok(v) = id.info(infos::UIDVALIDITY).trim().parse::<u32>() {
+            if let Some(v) = id.uidvalidity() {
                 gens.insert(v);
             }
         } else if let Some(cp) = store
             .mailbox_checkpoint(id.user_id, id.identity_id, &mb)
-            .await
-            .map_err(Failure::from)?
+            .await?
         {
             gens.insert(cp.uidvalidity);
         }
@@ -304,11 +328,7 @@ async fn generations(
     // `*` and folders dropped from the list: their high-water marks.
     let known: Vec<String> = out.keys().cloned().collect();
     for mb in known {
-        if let Some((v, _)) = store
-            .high_water(id.user_id, id.identity_id, &mb)
-            .await
-            .map_err(Failure::from)?
-        {
+        if let Some((v, _)) = store.high_water(id.user_id, id.identity_id, &mb).await? {
             out.entry(mb).or_default().insert(v);
         }
     }

@@ -30,16 +30,16 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::{common, locks};
 use crate::cli::StatusArgs;
 use crate::config::WorkerSettings;
-use crate::error::{self, Failure};
+use crate::error;
 use crate::poller::schedule::Interval;
-use crate::store::identity::{infos, Identity, STATUS_ACTIVE};
-use crate::store::Store;
+use crate::store::identity::{infos, time_text, Identity, Status};
+use crate::store::{Store, StoreError};
 
 /// Identities per page of `--all`.
 const PAGE: i32 = 500;
@@ -90,7 +90,7 @@ pub struct Row {
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+    time_text(t)
 }
 
 /// Read everything `status` shows about one identity.
@@ -99,14 +99,14 @@ pub async fn row(
     s: &WorkerSettings,
     id: &Identity,
     now: DateTime<Utc>,
-) -> Result<Row, Failure> {
+) -> Result<Row, StoreError> {
     let (failures, mailbox_errors, sync) = tokio::join!(
         store.message_failures(id.user_id, id.identity_id),
         store.mailbox_errors(id.user_id, id.identity_id),
         locks::read(store, id, now),
     );
-    let failures = failures.map_err(Failure::from)?;
-    let mailbox_errors = mailbox_errors.map_err(Failure::from)?;
+    let failures = failures?;
+    let mailbox_errors = mailbox_errors?;
     let sync = sync?;
     let stale_after = s.imap.lock_ttl_secs / 2;
     let lock_state = sync.lock.as_ref().map(|l| {
@@ -116,8 +116,8 @@ pub async fn row(
             "running".to_string()
         }
     });
-    let errors_count: u64 = id.info(infos::ERRORS_COUNT).trim().parse().unwrap_or(0);
-    let last_fetch_error = id.info(infos::LAST_FETCH_ERROR).to_string();
+    let streak = id.error_streak();
+    let (errors_count, last_fetch_error) = (streak.count, streak.last_error);
     let stepped: Vec<Stepped> = failures
         .iter()
         .filter(|f| f.stepped_over)
@@ -139,43 +139,16 @@ pub async fn row(
         })
         .collect();
 
-    let mut problems = Vec::new();
-    if id.status != STATUS_ACTIVE {
-        problems.push(format!("state {:?}", id.status));
-    }
-    if errors_count > 0 || !last_fetch_error.is_empty() {
-        problems.push(format!("error streak ({errors_count} account errors)"));
-    }
-    if !stepped.is_empty() {
-        problems.push(format!("{} message(s) stepped over", stepped.len()));
-    }
-    if !folder_errors.is_empty() {
-        problems.push(format!("{} folder error(s)", folder_errors.len()));
-    }
-    if lock_state.as_deref() == Some("stale") {
-        problems.push("stale sync lock".into());
-    }
-
-    // As a leader building its schedule: never checked is due at once.
-    let minute = Duration::from_secs(60);
-    let next_due = (id.status == STATUS_ACTIVE).then(|| {
-        let (interval, _) = Interval::parse(id.info(infos::POLLINTERVAL));
-        match id.last_check {
-            Some(lc) => rfc3339(interval.due_after(lc, minute).max(now)),
-            None => rfc3339(now),
-        }
-    });
-
-    Ok(Row {
+    let mut row = Row {
         user_id: id.user_id.to_string(),
         identity_id: id.identity_id.to_string(),
         identifier: id.identifier.clone(),
-        state: id.status.clone(),
-        healthy: problems.is_empty(),
-        problems,
+        state: id.status.to_string(),
+        healthy: true,
+        problems: Vec::new(),
         last_sync: id.info(infos::LASTSYNC).to_string(),
         last_check: id.last_check.map(rfc3339),
-        next_due,
+        next_due: next_due(id, now),
         errors_count,
         first_error_date: id.info(infos::FIRST_ERROR_DATE).to_string(),
         last_fetch_error,
@@ -185,6 +158,43 @@ pub async fn row(
         sync_lock: sync.lock,
         lock_state,
         syncing_marker: sync.marker,
+    };
+    row.problems = problems(&row);
+    row.healthy = row.problems.is_empty();
+    Ok(row)
+}
+
+/// What makes an identity unhealthy (the module's doc lists them).
+fn problems(r: &Row) -> Vec<String> {
+    let mut problems = Vec::new();
+    if r.state != Status::Active.as_str() {
+        problems.push(format!("state {:?}", r.state));
+    }
+    if r.errors_count > 0 || !r.last_fetch_error.is_empty() {
+        problems.push(format!("error streak ({} account errors)", r.errors_count));
+    }
+    if !r.stepped_over.is_empty() {
+        problems.push(format!("{} message(s) stepped over", r.stepped_over.len()));
+    }
+    if !r.folder_errors.is_empty() {
+        problems.push(format!("{} folder error(s)", r.folder_errors.len()));
+    }
+    if r.lock_state.as_deref() == Some("stale") {
+        problems.push("stale sync lock".into());
+    }
+    problems
+}
+
+/// When the next sync is due, as a leader building its schedule computes
+/// it (never checked: due at once); none while inactive.
+fn next_due(id: &Identity, now: DateTime<Utc>) -> Option<String> {
+    let minute = Duration::from_secs(60);
+    (id.status == Status::Active).then(|| {
+        let (interval, _) = Interval::parse(id.info(infos::POLLINTERVAL));
+        match id.last_check {
+            Some(lc) => rfc3339(interval.due_after(lc, minute).max(now)),
+            None => rfc3339(now),
+        }
     })
 }
 
@@ -339,8 +349,7 @@ pub async fn run(a: StatusArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> 
             let user_id = u.resolve(&store).await?;
             let mut ids: Vec<Identity> = store
                 .identities_of(user_id)
-                .await
-                .map_err(Failure::from)?
+                .await?
                 .into_iter()
                 .filter(Identity::is_remote_email)
                 .collect();
@@ -354,18 +363,11 @@ pub async fn run(a: StatusArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> 
         None => {
             let mut state = None;
             loop {
-                let (page, next) = store
-                    .scan_identities(PAGE, state)
-                    .await
-                    .map_err(Failure::from)?;
+                let (page, next) = store.scan_identities(PAGE, state).await?;
                 let mut rows = Vec::new();
                 for r in page {
                     // The scan row has no identifier: read the identity.
-                    let Some(id) = store
-                        .identity(r.user_id, r.identity_id)
-                        .await
-                        .map_err(Failure::from)?
-                    else {
+                    let Some(id) = store.identity(r.user_id, r.identity_id).await? else {
                         continue; // removed since the page was read
                     };
                     if id.is_remote_email() {

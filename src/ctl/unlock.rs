@@ -15,7 +15,7 @@ use chrono::Utc;
 use super::{common, locks};
 use crate::cli::UnlockArgs;
 use crate::config::WorkerSettings;
-use crate::error::{self, Failure};
+use crate::error;
 use crate::store::identity::infos;
 
 pub async fn run(a: UnlockArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> {
@@ -52,8 +52,7 @@ pub async fn run(a: UnlockArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> 
     if let Some(l) = &state.lock {
         let deleted = store
             .force_release_sync_lock(id.user_id, id.identity_id, &l.owner)
-            .await
-            .map_err(Failure::from)?;
+            .await?;
         if !deleted {
             return Err(error::conflict(format!(
                 "{who}: the sync lock changed while clearing it (another sync took it): \
@@ -69,8 +68,7 @@ pub async fn run(a: UnlockArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> 
                 id.identity_id,
                 &[infos::SYNCING, infos::SYNCING_OWNER],
             )
-            .await
-            .map_err(Failure::from)?;
+            .await?;
         done.push(format!("the {}", m.describe()));
     }
     if done.is_empty() {

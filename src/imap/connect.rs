@@ -173,133 +173,176 @@ impl async_imap::Authenticator for XOAuth2<'_> {
 
 /// Connect, secure, log in; the session and what we learnt on the way.
 pub async fn connect(acc: &Account) -> Result<(ImapSession, ConnInfo), ImapError> {
-    let server = acc.server.clone();
     let (host, port) = split_host_port(&acc.server, 993).map_err(|e| ImapError::Connect {
-        server: server.clone(),
+        server: acc.server.clone(),
         reason: e,
     })?;
-    let timeout = |during: &str| ImapError::Timeout {
-        server: server.clone(),
-        during: during.to_string(),
-    };
-    let proto = |during: &str, reason: String| ImapError::Protocol {
-        server: server.clone(),
-        during: during.to_string(),
-        reason,
-    };
-
-    let tcp = tokio::time::timeout(
-        acc.connect_timeout,
-        TcpStream::connect((host.as_str(), port)),
-    )
-    .await
-    .map_err(|_| timeout("connect"))?
-    .map_err(|e| ImapError::Connect {
-        server: server.clone(),
-        reason: e.to_string(),
-    })?;
-    let _ = tcp.set_nodelay(true);
-    let peer: SocketAddr = tcp.peer_addr().map_err(|e| ImapError::Connect {
-        server: server.clone(),
-        reason: e.to_string(),
-    })?;
+    let dial = Dial { acc, host };
+    let (tcp, peer) = dial.tcp(port).await?;
     let mut info = ConnInfo {
         remote_addr: peer.to_string(),
         ..Default::default()
     };
-
-    if acc.security == Security::Plain && !(acc.allow_plaintext_loopback && peer.ip().is_loopback())
-    {
-        return Err(ImapError::Policy {
-            server,
-            reason: "plaintext IMAP is allowed only to loopback addresses, and only with \
-                     imap.allow_plaintext_loopback: true"
-                .into(),
-        });
-    }
-
-    let tls_config = || {
-        let files: Vec<&std::path::Path> = acc.ca_files.iter().map(PathBuf::as_path).collect();
-        // A trust store we cannot build is a fault of this machine or of
-        // our settings, never of the remote account.
-        tls::client_config(&files, acc.pin).map_err(|reason| ImapError::Policy {
-            server: server.clone(),
-            reason,
-        })
-    };
-
-    let stream = match acc.security {
-        Security::Plain => Stream::Plain(tcp),
-        Security::Tls => {
-            let tls = handshake(tcp, &host, tls_config()?, acc, &server).await?;
-            Stream::Tls(Box::new(tls))
-        }
-        Security::StartTls => Stream::Plain(tcp),
-    };
-
-    let mut client = async_imap::Client::new(stream);
-    let greeting = tokio::time::timeout(acc.connect_timeout, client.read_response())
-        .await
-        .map_err(|_| timeout("greeting"))?
-        .map_err(|e| ImapError::Connect {
-            server: server.clone(),
-            reason: e.to_string(),
-        })?
-        .ok_or_else(|| proto("greeting", "connection closed".into()))?;
-    check_greeting(greeting.parsed()).map_err(|r| proto("greeting", r))?;
-
-    if acc.security == Security::StartTls {
-        tokio::time::timeout(
-            acc.io_timeout,
-            client.run_command_and_check_ok("STARTTLS", None),
-        )
-        .await
-        .map_err(|_| timeout("STARTTLS"))?
-        .map_err(|e| ImapError::Tls {
-            server: server.clone(),
-            reason: format!("STARTTLS refused: {e}"),
-        })?;
-        let Stream::Plain(tcp) = client.into_inner() else {
-            unreachable!("STARTTLS starts from a plain stream")
-        };
-        let tls = handshake(tcp, &host, tls_config()?, acc, &server).await?;
-        client = async_imap::Client::new(Stream::Tls(Box::new(tls)));
-    }
-
+    dial.check_plaintext(peer)?;
+    let client = dial.secure(tcp).await?;
     if let Stream::Tls(tls) = client.get_ref() {
         let (_, conn) = tls.get_ref();
         info.tls_version = tls::version_name(conn.protocol_version()).to_string();
         info.cipher = tls::suite_name(conn.negotiated_cipher_suite());
     }
-
-    let auth_err = |e: async_imap::error::Error| ImapError::Auth {
-        server: server.clone(),
-        login: acc.auth.user().to_string(),
-        reason: e.to_string(),
-    };
-    let login = async {
-        match &acc.auth {
-            Auth::Login { user, password } => client
-                .login(user, password)
-                .await
-                .map_err(|(e, _)| auth_err(e)),
-            Auth::XOAuth2 { user, token } => client
-                .authenticate("XOAUTH2", XOAuth2 { user, token })
-                .await
-                .map_err(|(e, _)| auth_err(e)),
-        }
-    };
-    let mut session = tokio::time::timeout(acc.io_timeout, login)
-        .await
-        .map_err(|_| timeout("login"))??;
-
+    let mut session = dial.log_in(client).await?;
     let caps = tokio::time::timeout(acc.io_timeout, session.capabilities())
         .await
-        .map_err(|_| timeout("CAPABILITY"))?
-        .map_err(|e| proto("CAPABILITY", e.to_string()))?;
+        .map_err(|_| dial.timeout("CAPABILITY"))?
+        .map_err(|e| dial.proto("CAPABILITY", e.to_string()))?;
     info.imap4rev1 = caps.has_str("IMAP4rev1");
     info.gmail = caps.has_str("X-GM-EXT-1");
     Ok((session, info))
+}
+
+/// One connection attempt's steps, each failing with the server named.
+struct Dial<'a> {
+    acc: &'a Account,
+    host: String,
+}
+
+impl Dial<'_> {
+    fn server(&self) -> String {
+        self.acc.server.clone()
+    }
+
+    fn timeout(&self, during: &str) -> ImapError {
+        ImapError::Timeout {
+            server: self.server(),
+            during: during.to_string(),
+        }
+    }
+
+    fn proto(&self, during: &str, reason: String) -> ImapError {
+        ImapError::Protocol {
+            server: self.server(),
+            during: during.to_string(),
+            reason,
+        }
+    }
+
+    fn unreachable(&self, reason: impl ToString) -> ImapError {
+        ImapError::Connect {
+            server: self.server(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The TCP connection and the address it reached.
+    async fn tcp(&self, port: u16) -> Result<(TcpStream, SocketAddr), ImapError> {
+        let tcp = tokio::time::timeout(
+            self.acc.connect_timeout,
+            TcpStream::connect((self.host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| self.timeout("connect"))?
+        .map_err(|e| self.unreachable(e))?;
+        let _ = tcp.set_nodelay(true);
+        let peer = tcp.peer_addr().map_err(|e| self.unreachable(e))?;
+        Ok((tcp, peer))
+    }
+
+    /// Plaintext only to loopback, and only when allowed.
+    fn check_plaintext(&self, peer: SocketAddr) -> Result<(), ImapError> {
+        let acc = self.acc;
+        if acc.security == Security::Plain
+            && !(acc.allow_plaintext_loopback && peer.ip().is_loopback())
+        {
+            return Err(ImapError::Policy {
+                server: self.server(),
+                reason: "plaintext IMAP is allowed only to loopback addresses, and only with \
+                         imap.allow_plaintext_loopback: true"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, ImapError> {
+        let files: Vec<&std::path::Path> = self.acc.ca_files.iter().map(PathBuf::as_path).collect();
+        // A trust store we cannot build is a fault of this machine or of
+        // our settings, never of the remote account.
+        tls::client_config(&files, self.acc.pin).map_err(|reason| ImapError::Policy {
+            server: self.server(),
+            reason,
+        })
+    }
+
+    async fn handshake(&self, tcp: TcpStream) -> Result<Stream, ImapError> {
+        let tls = handshake(
+            tcp,
+            &self.host,
+            self.tls_config()?,
+            self.acc,
+            &self.acc.server,
+        )
+        .await?;
+        Ok(Stream::Tls(Box::new(tls)))
+    }
+
+    /// TLS as the account says (implicit, or STARTTLS after the greeting),
+    /// and the server's greeting checked.
+    async fn secure(&self, tcp: TcpStream) -> Result<async_imap::Client<Stream>, ImapError> {
+        let acc = self.acc;
+        let stream = match acc.security {
+            Security::Tls => self.handshake(tcp).await?,
+            Security::Plain | Security::StartTls => Stream::Plain(tcp),
+        };
+        let mut client = async_imap::Client::new(stream);
+        let greeting = tokio::time::timeout(acc.connect_timeout, client.read_response())
+            .await
+            .map_err(|_| self.timeout("greeting"))?
+            .map_err(|e| self.unreachable(e))?
+            .ok_or_else(|| self.proto("greeting", "connection closed".into()))?;
+        check_greeting(greeting.parsed()).map_err(|r| self.proto("greeting", r))?;
+        if acc.security != Security::StartTls {
+            return Ok(client);
+        }
+        tokio::time::timeout(
+            acc.io_timeout,
+            client.run_command_and_check_ok("STARTTLS", None),
+        )
+        .await
+        .map_err(|_| self.timeout("STARTTLS"))?
+        .map_err(|e| ImapError::Tls {
+            server: self.server(),
+            reason: format!("STARTTLS refused: {e}"),
+        })?;
+        let Stream::Plain(tcp) = client.into_inner() else {
+            unreachable!("STARTTLS starts from a plain stream")
+        };
+        Ok(async_imap::Client::new(self.handshake(tcp).await?))
+    }
+
+    /// LOGIN or XOAUTH2; a refusal is the account's failure.
+    async fn log_in(&self, client: async_imap::Client<Stream>) -> Result<ImapSession, ImapError> {
+        let acc = self.acc;
+        let auth_err = |e: async_imap::error::Error| ImapError::Auth {
+            server: self.server(),
+            login: acc.auth.user().to_string(),
+            reason: e.to_string(),
+        };
+        let login = async {
+            match &acc.auth {
+                Auth::Login { user, password } => client
+                    .login(user, password)
+                    .await
+                    .map_err(|(e, _)| auth_err(e)),
+                Auth::XOAuth2 { user, token } => client
+                    .authenticate("XOAUTH2", XOAuth2 { user, token })
+                    .await
+                    .map_err(|(e, _)| auth_err(e)),
+            }
+        };
+        tokio::time::timeout(acc.io_timeout, login)
+            .await
+            .map_err(|_| self.timeout("login"))?
+    }
 }
 
 async fn handshake(

@@ -55,13 +55,3 @@ pub enum ImapError {
     #[error("interrupted")]
     Interrupted,
 }
-
-impl ImapError {
-    /// Errors that mean "this account cannot log in" (CONTRACT §4 step 6).
-    pub fn is_login_failure(&self) -> bool {
-        matches!(
-            self,
-            ImapError::Connect { .. } | ImapError::Tls { .. } | ImapError::Auth { .. }
-        )
-    }
-}

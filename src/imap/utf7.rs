@@ -181,59 +181,78 @@ pub fn decode(wire: &str) -> Result<String, Utf7Error> {
         if after_shift {
             return Err(err(start, Utf7ErrorKind::AdjacentShift));
         }
-        let mut acc: u32 = 0;
-        let mut bits = 0u32;
-        let mut high: Option<u16> = None;
-        loop {
-            let Some(&c) = bytes.get(i) else {
-                return Err(err(start, Utf7ErrorKind::Unterminated));
-            };
-            if c == b'-' {
-                break;
-            }
-            let v = b64_value(c).ok_or_else(|| err(i, Utf7ErrorKind::BadBase64))?;
-            acc = (acc << 6) | v;
-            bits += 6;
-            if bits >= 16 {
-                bits -= 16;
-                let unit = (acc >> bits) as u16;
-                acc &= (1 << bits) - 1;
-                match high.take() {
-                    Some(h) => {
-                        if !(0xDC00..=0xDFFF).contains(&unit) {
-                            return Err(err(i, Utf7ErrorKind::BadSurrogate));
-                        }
-                        let c =
-                            0x10000 + ((u32::from(h) - 0xD800) << 10) + (u32::from(unit) - 0xDC00);
-                        out.push(char::from_u32(c).expect("a surrogate pair is a scalar value"));
-                    }
-                    None => match unit {
-                        0xD800..=0xDBFF => high = Some(unit),
-                        0xDC00..=0xDFFF => return Err(err(i, Utf7ErrorKind::BadSurrogate)),
-                        _ => {
-                            let u = u32::from(unit);
-                            if is_direct(u) || u == u32::from(b'&') {
-                                return Err(err(i, Utf7ErrorKind::EncodedAscii));
-                            }
-                            out.push(char::from_u32(u).expect("not a surrogate"));
-                        }
-                    },
-                }
-            }
-            i += 1;
-        }
-        // At most 4 leftover bits (a partial sextet) may remain, all zero;
-        // 6 or more means a base64 character too many.
-        if high.is_some() {
-            return Err(err(i, Utf7ErrorKind::BadSurrogate));
-        }
-        if bits >= 6 || acc != 0 {
-            return Err(err(i, Utf7ErrorKind::BadPadding));
-        }
+        i = decode_shifted(bytes, start, i, &mut out).map_err(|(at, kind)| err(at, kind))?;
         i += 1; // the '-'
         after_shift = true;
     }
     Ok(out)
+}
+
+/// Decode the base64 run of UTF-16 that starts at `i`, just after the `&`
+/// at `start`, onto `out`; the index of its closing `-`, or where and why
+/// it is not valid.
+fn decode_shifted(
+    bytes: &[u8],
+    start: usize,
+    mut i: usize,
+    out: &mut String,
+) -> Result<usize, (usize, Utf7ErrorKind)> {
+    let mut acc: u32 = 0;
+    let mut bits = 0u32;
+    let mut high: Option<u16> = None;
+    loop {
+        let Some(&c) = bytes.get(i) else {
+            return Err((start, Utf7ErrorKind::Unterminated));
+        };
+        if c == b'-' {
+            break;
+        }
+        let v = b64_value(c).ok_or((i, Utf7ErrorKind::BadBase64))?;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 16 {
+            bits -= 16;
+            let unit = (acc >> bits) as u16;
+            acc &= (1 << bits) - 1;
+            push_unit(unit, &mut high, out).map_err(|kind| (i, kind))?;
+        }
+        i += 1;
+    }
+    // At most 4 leftover bits (a partial sextet) may remain, all zero;
+    // 6 or more means a base64 character too many.
+    if high.is_some() {
+        return Err((i, Utf7ErrorKind::BadSurrogate));
+    }
+    if bits >= 6 || acc != 0 {
+        return Err((i, Utf7ErrorKind::BadPadding));
+    }
+    Ok(i)
+}
+
+/// One UTF-16 unit of a shifted run: a character, or the first half of a
+/// surrogate pair kept in `high`.
+fn push_unit(unit: u16, high: &mut Option<u16>, out: &mut String) -> Result<(), Utf7ErrorKind> {
+    match high.take() {
+        Some(h) => {
+            if !(0xDC00..=0xDFFF).contains(&unit) {
+                return Err(Utf7ErrorKind::BadSurrogate);
+            }
+            let c = 0x10000 + ((u32::from(h) - 0xD800) << 10) + (u32::from(unit) - 0xDC00);
+            out.push(char::from_u32(c).expect("a surrogate pair is a scalar value"));
+        }
+        None => match unit {
+            0xD800..=0xDBFF => *high = Some(unit),
+            0xDC00..=0xDFFF => return Err(Utf7ErrorKind::BadSurrogate),
+            _ => {
+                let u = u32::from(unit);
+                if is_direct(u) || u == u32::from(b'&') {
+                    return Err(Utf7ErrorKind::EncodedAscii);
+                }
+                out.push(char::from_u32(u).expect("not a surrogate"));
+            }
+        },
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ use crate::cli::PollerArgs;
 use crate::config::{self, PollerSettings};
 use crate::metrics::PollerMetrics;
 use crate::shutdown::Shutdown;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use schedule::{Kind, Schedule};
 
 pub async fn run(
@@ -166,7 +166,7 @@ enum Led {
 
 impl Poller {
     fn lease_ttl(&self) -> Duration {
-        Duration::from_secs(self.settings.poller.lease_ttl_secs)
+        self.settings.poller.lease_ttl()
     }
 
     async fn run(&mut self) -> anyhow::Result<()> {
@@ -263,133 +263,218 @@ impl Poller {
         hup: &mut tokio::signal::unix::Signal,
         held_since: Instant,
     ) -> anyhow::Result<Led> {
-        let minute = Duration::from_secs(self.settings.poller.minute_secs);
-        let mut sched = Schedule::new(minute, self.settings.poller.queue_limit);
+        let minute = self.settings.poller.minute();
         let _leading = Leading::new(self.metrics.clone());
-        let mut subs = self.subscribe().await?;
-        let mut shutdown = self.shutdown.clone();
-
-        let (scan_tx, mut scan_rx) = mpsc::channel(1);
-        let mut scanning = false;
-        let mut next_scan = Instant::now();
-        // The renewal runs beside this loop (`renew.rs`), so a slow
-        // Cassandra never delays a `need_job` answer; its end means "step
-        // down". Aborted when we stop leading.
-        let mut renewal = {
-            let store = self.store.clone();
-            let name = self.settings.poller.lease_name.clone();
-            let owner = self.owner.clone();
-            let ttl = self.lease_ttl();
-            AbortOnDrop(tokio::spawn(async move {
-                renew::keep(ttl, held_since, move || {
-                    let (store, name, owner) = (store.clone(), name.clone(), owner.clone());
-                    async move { store.hold_lease(&name, &owner, ttl.as_secs() as u32).await }
-                })
-                .await
-            }))
+        let (scan_tx, scan_rx) = mpsc::channel(1);
+        let mut lead = Lead {
+            sched: Schedule::new(minute, self.settings.poller.queue_limit),
+            subs: self.subscribe().await?,
+            scan_tx,
+            scan_rx,
+            next_scan: Some(Instant::now()),
+            renewal: self.spawn_renewal(held_since),
         };
-
+        let mut shutdown = self.shutdown.clone();
         let outcome = loop {
-            self.metrics.scheduled.set(sched.len() as i64);
-            for k in Kind::ALL {
-                self.metrics.set_queued(k.name(), sched.queued_of(k));
-            }
-            if !scanning && Instant::now() >= next_scan {
-                scanning = true;
-                let store = self.store.clone();
-                let protocols = self.settings.remote_protocols.clone();
-                let tx = scan_tx.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(scan::scan(&store, &protocols).await).await;
-                });
-            }
-            let scan_every = minute * self.settings.scan_interval.max(1) as u32;
-            let wake = sched
-                .next_due()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
-                .min(if scanning {
-                    Instant::now() + Duration::from_secs(3600)
-                } else {
-                    next_scan
-                });
-
-            tokio::select! {
-                _ = shutdown.wait() => break Led::Shutdown,
-                _ = hup.recv() => {
-                    let before = self.settings.nats_topics.clone();
-                    self.reload();
-                    let t = &self.settings.nats_topics;
-                    if t.imap != before.imap || t.twitter != before.twitter
-                        || t.mastodon != before.mastodon || t.id_cache != before.id_cache {
-                        subs = self.subscribe().await?;
-                    }
-                    // Apply new protocols and interval with a fresh scan.
-                    next_scan = Instant::now();
-                }
-                lost = &mut renewal.0 => {
-                    tracing::warn!(why = ?lost.ok(), "stepping down: the lease is not ours for sure any more");
+            self.show_schedule(&mut lead.sched);
+            self.start_scan_if_due(&mut lead);
+            match lead.next_event(hup, &mut shutdown).await {
+                Event::Shutdown => break Led::Shutdown,
+                Event::Hangup => self.hangup(&mut lead).await?,
+                Event::LeaseLost(why) => {
+                    tracing::warn!(why = ?why.ok(), "stepping down: the lease is not ours for sure any more");
                     break Led::LostLease;
                 }
-                res = scan_rx.recv() => {
-                    scanning = false;
-                    next_scan = Instant::now() + scan_every;
-                    match res {
-                        Some(Ok(r)) => {
-                            self.metrics.scan_seconds.observe(r.elapsed.as_secs_f64());
-                            apply_scan(&mut sched, r);
-                        }
-                        Some(Err(e)) => {
-                            self.metrics.scans_failed.inc();
-                            tracing::error!(error = %e, "scan failed, retrying in a minute");
-                            next_scan = Instant::now() + minute.min(scan_every);
-                        }
-                        None => {}
-                    }
-                }
-                _ = tokio::time::sleep_until(wake) => {
-                    let n = sched.release_due(Instant::now());
+                Event::Scanned(res) => self.scanned(&mut lead, res),
+                Event::Due => {
+                    let n = lead.sched.release_due(Instant::now());
                     if n > 0 {
-                        tracing::debug!(jobs = n, queued = sched.queued(), "jobs due");
+                        tracing::debug!(jobs = n, queued = lead.sched.queued(), "jobs due");
                     }
                 }
-                Some(m) = subs.imap.next() => self.serve_job(&mut sched, Kind::Imap, m).await,
-                Some(m) = subs.twitter.next() => self.serve_job(&mut sched, Kind::Twitter, m).await,
-                Some(m) = subs.mastodon.next() => self.serve_job(&mut sched, Kind::Mastodon, m).await,
-                Some(m) = subs.cache.next() => {
-                    match orders::cache_order(&mut sched, &self.settings.remote_protocols, &m.payload) {
+                Event::NeedJob(kind, m) => self.serve_job(&mut lead.sched, kind, m).await,
+                Event::Cache(m) => {
+                    match orders::cache_order(
+                        &mut lead.sched,
+                        &self.settings.remote_protocols,
+                        &m.payload,
+                    ) {
                         Ok(what) => tracing::info!(subject = %m.subject, "{what}"),
-                        Err(e) => tracing::warn!(subject = %m.subject, error = %e, "bad cache order"),
+                        Err(e) => {
+                            tracing::warn!(subject = %m.subject, error = %e, "bad cache order")
+                        }
                     }
                 }
             }
         };
         // Stop serving before anyone else may lead.
-        for s in [
-            &mut subs.imap,
-            &mut subs.twitter,
-            &mut subs.mastodon,
-            &mut subs.cache,
-        ] {
-            let _ = s.unsubscribe().await;
-        }
+        lead.subs.unsubscribe().await;
         let _ = self.bus.flush().await;
-        sched.clear();
+        lead.sched.clear();
         Ok(outcome)
+    }
+
+    /// The renewal runs beside the serving loop (`renew.rs`), so a slow
+    /// Cassandra never delays a `need_job` answer; its end means "step
+    /// down". Aborted when we stop leading.
+    fn spawn_renewal(&self, held_since: Instant) -> AbortOnDrop<renew::Lost> {
+        let store = self.store.clone();
+        let name = self.settings.poller.lease_name.clone();
+        let owner = self.owner.clone();
+        let ttl = self.lease_ttl();
+        AbortOnDrop(tokio::spawn(async move {
+            renew::keep(ttl, held_since, move || {
+                let (store, name, owner) = (store.clone(), name.clone(), owner.clone());
+                async move { store.hold_lease(&name, &owner, ttl.as_secs() as u32).await }
+            })
+            .await
+        }))
+    }
+
+    /// SIGHUP while leading: re-read the file, subscribe again when the
+    /// topics changed, and apply new protocols and interval with a fresh
+    /// scan (after the running one, if any).
+    async fn hangup(&mut self, lead: &mut Lead) -> anyhow::Result<()> {
+        let before = self.settings.nats_topics.clone();
+        self.reload();
+        let t = &self.settings.nats_topics;
+        if t.imap != before.imap
+            || t.twitter != before.twitter
+            || t.mastodon != before.mastodon
+            || t.id_cache != before.id_cache
+        {
+            lead.subs = self.subscribe().await?;
+        }
+        if lead.next_scan.is_some() {
+            lead.next_scan = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    fn show_schedule(&self, sched: &mut Schedule) {
+        self.metrics.scheduled.set(sched.len() as i64);
+        for k in Kind::ALL {
+            self.metrics.set_queued(k.name(), sched.queued_of(k));
+        }
+    }
+
+    /// Start a scan in a task of its own when one is due; its result comes
+    /// back as [`Event::Scanned`].
+    fn start_scan_if_due(&self, lead: &mut Lead) {
+        if lead.next_scan.is_none_or(|t| Instant::now() < t) {
+            return;
+        }
+        lead.next_scan = None;
+        let store = self.store.clone();
+        let protocols = self.settings.remote_protocols.clone();
+        let tx = lead.scan_tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(scan::scan(&store, &protocols).await).await;
+        });
+    }
+
+    /// A scan ended: apply it, and say when the next one starts.
+    fn scanned(&self, lead: &mut Lead, res: Option<Result<scan::ScanResult, StoreError>>) {
+        let minute = self.settings.poller.minute();
+        let scan_every = minute * self.settings.scan_interval.max(1) as u32;
+        let mut next = Instant::now() + scan_every;
+        match res {
+            Some(Ok(r)) => {
+                self.metrics.scan_seconds.observe(r.elapsed.as_secs_f64());
+                apply_scan(&mut lead.sched, r);
+            }
+            Some(Err(e)) => {
+                self.metrics.scans_failed.inc();
+                tracing::error!(error = %e, "scan failed, retrying in a minute");
+                next = Instant::now() + minute.min(scan_every);
+            }
+            None => {}
+        }
+        lead.next_scan = Some(next);
     }
 
     async fn serve_job(&self, sched: &mut Schedule, kind: Kind, m: Message) {
         // Due jobs first, so a request never waits for the next tick.
         sched.release_due(Instant::now());
-        let job = orders::need_job(sched, kind, &m.payload);
-        if job.order.starts_with("error") {
-            tracing::warn!(subject = %m.subject, reply = %job.order, "bad job request");
-            self.metrics.served("error");
-        } else if job.order == crate::bus::wire::orders::NO_PENDING_JOB {
-            self.metrics.served("empty");
-        } else {
-            self.metrics.served("served");
+        let reply = orders::answer_need_job(sched, kind, &m.payload);
+        let wire = reply.wire();
+        if reply.is_error() {
+            tracing::warn!(subject = %m.subject, reply = %wire.order, "bad job request");
         }
-        self.bus.reply(&m, &job).await;
+        self.metrics.served(reply.outcome());
+        self.bus.reply(&m, &wire).await;
+    }
+}
+
+/// The leader's state between two events.
+struct Lead {
+    sched: Schedule,
+    subs: Subs,
+    /// Scans run in a task; their results come back here.
+    scan_tx: mpsc::Sender<Result<scan::ScanResult, StoreError>>,
+    scan_rx: mpsc::Receiver<Result<scan::ScanResult, StoreError>>,
+    /// When the next scan starts; `None` while one runs.
+    next_scan: Option<Instant>,
+    /// The lease renewal; its end means "step down".
+    renewal: AbortOnDrop<renew::Lost>,
+}
+
+/// What woke the leader.
+enum Event {
+    Shutdown,
+    Hangup,
+    LeaseLost(Result<renew::Lost, tokio::task::JoinError>),
+    Scanned(Option<Result<scan::ScanResult, StoreError>>),
+    /// A job or a scan came due.
+    Due,
+    NeedJob(Kind, Message),
+    Cache(Message),
+}
+
+impl Lead {
+    /// The one wait of the leader, as in stalwart's housekeeper: until the
+    /// next due time (a job or a scan; none while nothing is scheduled and
+    /// a scan runs) or the first message, signal or task end.
+    async fn next_event(
+        &mut self,
+        hup: &mut tokio::signal::unix::Signal,
+        shutdown: &mut Shutdown,
+    ) -> Event {
+        let wake = match (self.sched.next_due(), self.next_scan) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let due = async {
+            match wake {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let subs = &mut self.subs;
+        tokio::select! {
+            _ = shutdown.wait() => Event::Shutdown,
+            _ = hup.recv() => Event::Hangup,
+            lost = &mut self.renewal.0 => Event::LeaseLost(lost),
+            res = self.scan_rx.recv() => Event::Scanned(res),
+            _ = due => Event::Due,
+            Some(m) = subs.imap.next() => Event::NeedJob(Kind::Imap, m),
+            Some(m) = subs.twitter.next() => Event::NeedJob(Kind::Twitter, m),
+            Some(m) = subs.mastodon.next() => Event::NeedJob(Kind::Mastodon, m),
+            Some(m) = subs.cache.next() => Event::Cache(m),
+        }
+    }
+}
+
+impl Subs {
+    async fn unsubscribe(&mut self) {
+        for s in [
+            &mut self.imap,
+            &mut self.twitter,
+            &mut self.mastodon,
+            &mut self.cache,
+        ] {
+            let _ = s.unsubscribe().await;
+        }
     }
 }
 

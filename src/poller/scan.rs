@@ -12,7 +12,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 
 use super::schedule::{Interval, Key, Kind};
-use crate::store::identity::{infos, STATUS_ACTIVE, TYPE_REMOTE};
+use crate::store::identity::{infos, IdentityKind, Status};
 use crate::store::{Store, StoreError};
 
 /// One identity to schedule.
@@ -40,13 +40,13 @@ pub async fn scan(store: &Store, protocols: &[String]) -> Result<ScanResult, Sto
         let (page, next) = store.scan_identities(PAGE, state).await?;
         rows += page.len();
         for r in page {
-            if r.kind != TYPE_REMOTE || r.status != STATUS_ACTIVE {
+            if r.kind != IdentityKind::Remote || r.status != Status::Active {
                 continue;
             }
-            if !protocols.contains(&r.protocol) {
+            if !protocols.iter().any(|p| r.protocol == p.as_str()) {
                 continue;
             }
-            let Some(kind) = Kind::of_protocol(&r.protocol) else {
+            let Some(kind) = Kind::of_protocol(r.protocol.as_str()) else {
                 continue;
             };
             let raw = r

@@ -67,6 +67,180 @@ pub const PROTOCOL_IMAP_LEGACY: &str = "imap";
 pub const STATUS_ACTIVE: &str = "active";
 pub const STATUS_INACTIVE: &str = "inactive";
 
+/// A text column with a few values we act on. Any other value is kept as
+/// written (`Other`), so a row read and written back is unchanged.
+macro_rules! column_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $var:ident = $text:pat => $out:expr),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vm])* $var,)+
+            /// Any other stored value, kept as written.
+            Other(String),
+        }
+
+        impl $name {
+            pub fn parse(s: &str) -> $name {
+                match s {
+                    $($text => $name::$var,)+
+                    other => $name::Other(other.to_string()),
+                }
+            }
+
+            /// The stored text.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $($name::$var => $out,)+
+                    $name::Other(s) => s,
+                }
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name::Other(String::new())
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                $name::parse(s)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.as_str() == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+
+column_enum! {
+    /// `user_identity.status`.
+    Status {
+        Active = "active" => STATUS_ACTIVE,
+        Inactive = "inactive" => STATUS_INACTIVE,
+    }
+}
+
+column_enum! {
+    /// `user_identity.protocol` of the identities this project syncs.
+    Protocol {
+        Email = "email" => PROTOCOL_EMAIL,
+        /// Older Caliopen rows say `imap`.
+        ImapLegacy = "imap" => PROTOCOL_IMAP_LEGACY,
+    }
+}
+
+column_enum! {
+    /// `user_identity.type`.
+    IdentityKind {
+        Remote = "remote" => TYPE_REMOTE,
+    }
+}
+
+/// Dates in `infos` and credentials as Go's `time.RFC3339` writes them:
+/// seconds, `Z`. The one format this project writes them in.
+pub fn time_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// A date of `infos`, written by us or by Go (any RFC 3339 offset).
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s.trim())
+        .ok()
+        .map(|d| d.with_timezone(&Utc))
+}
+
+/// Caliopen's error streak in `infos` (CONTRACT §4 step 6), read once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ErrorStreak {
+    /// `errorsCount`: failures of the account in a row (0 when absent or bad).
+    pub count: u64,
+    /// `firstErrorDate`.
+    pub first: Option<DateTime<Utc>>,
+    /// `lastErrorDate`.
+    pub last: Option<DateTime<Utc>>,
+    /// `lastFetchError`: the last failure, ours or the account's.
+    pub last_error: String,
+}
+
+impl ErrorStreak {
+    /// The keys a success clears.
+    pub const KEYS: [&'static str; 4] = [
+        infos::LAST_FETCH_ERROR,
+        infos::ERRORS_COUNT,
+        infos::FIRST_ERROR_DATE,
+        infos::LAST_ERROR_DATE,
+    ];
+
+    /// The entries that record a failure at `now`: the text and date
+    /// always; when it `counts` against the account, one more in the count
+    /// and the streak's first date (kept, or `now` for a new streak).
+    pub fn record(
+        &self,
+        line: String,
+        now: DateTime<Utc>,
+        counts: bool,
+    ) -> HashMap<String, String> {
+        let mut entries = HashMap::from([
+            (infos::LAST_FETCH_ERROR.to_string(), line),
+            (infos::LAST_ERROR_DATE.to_string(), time_text(now)),
+        ]);
+        if counts {
+            entries.insert(
+                infos::ERRORS_COUNT.to_string(),
+                (self.count + 1).to_string(),
+            );
+            entries.insert(
+                infos::FIRST_ERROR_DATE.to_string(),
+                time_text(self.first.unwrap_or(now)),
+            );
+        }
+        entries
+    }
+}
+
+/// Caliopen's `syncing` marker and our `syncing_owner` beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncingMarker<'a> {
+    /// As stored (ours carry nanoseconds, and are compared as text).
+    pub text: &'a str,
+    /// Its start, when it parses.
+    pub since: Option<DateTime<Utc>>,
+    /// `syncing_owner`; empty on a Go worker's marker.
+    pub owner: &'a str,
+}
+
+impl SyncingMarker<'_> {
+    /// The marker of a sync started at `since`: RFC 3339 with nanoseconds
+    /// (which Go's parser accepts), so each sync's marker is its own.
+    pub fn text_of(since: DateTime<Utc>) -> String {
+        since.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    }
+
+    /// The entries that write a marker with its owner.
+    pub fn entries(text: &str, owner: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (infos::SYNCING.to_string(), text.to_string()),
+            (infos::SYNCING_OWNER.to_string(), owner.to_string()),
+        ])
+    }
+}
+
 /// One `user_identity` row.
 #[derive(Clone, Default, PartialEq)]
 pub struct Identity {
@@ -75,11 +249,13 @@ pub struct Identity {
     pub credentials: HashMap<String, String>,
     pub display_name: String,
     pub identifier: String,
+    /// Caliopen's string map: read through the typed accessors below
+    /// (`error_streak`, `syncing`, `uidvalidity`...), which know its keys.
     pub infos: HashMap<String, String>,
     pub last_check: Option<DateTime<Utc>>,
-    pub protocol: String,
-    pub status: String,
-    pub kind: String,
+    pub protocol: Protocol,
+    pub status: Status,
+    pub kind: IdentityKind,
 }
 
 // Credentials are secrets: Debug shows their keys only.
@@ -108,8 +284,59 @@ impl Identity {
     }
 
     pub fn is_remote_email(&self) -> bool {
-        self.kind == TYPE_REMOTE
-            && (self.protocol == PROTOCOL_EMAIL || self.protocol == PROTOCOL_IMAP_LEGACY)
+        self.kind == IdentityKind::Remote
+            && matches!(self.protocol, Protocol::Email | Protocol::ImapLegacy)
+    }
+
+    /// The error streak keys, read once.
+    pub fn error_streak(&self) -> ErrorStreak {
+        ErrorStreak {
+            count: self.info(infos::ERRORS_COUNT).trim().parse().unwrap_or(0),
+            first: parse_time(self.info(infos::FIRST_ERROR_DATE)),
+            last: parse_time(self.info(infos::LAST_ERROR_DATE)),
+            last_error: self.info(infos::LAST_FETCH_ERROR).to_string(),
+        }
+    }
+
+    /// Does any error streak key exist?
+    pub fn has_error_keys(&self) -> bool {
+        ErrorStreak::KEYS
+            .iter()
+            .any(|k| self.infos.contains_key(*k))
+    }
+
+    /// The `syncing` marker, `None` when absent.
+    pub fn syncing(&self) -> Option<SyncingMarker<'_>> {
+        let text = self.info(infos::SYNCING);
+        let owner = self.info(infos::SYNCING_OWNER);
+        (!text.is_empty() || !owner.is_empty()).then(|| SyncingMarker {
+            text,
+            since: parse_time(text),
+            owner,
+        })
+    }
+
+    /// INBOX's `uidvalidity`, `None` before the first sync (or when bad).
+    pub fn uidvalidity(&self) -> Option<u32> {
+        self.info(infos::UIDVALIDITY).trim().parse().ok()
+    }
+
+    /// The entry that records a sync's end at `at`.
+    pub fn lastsync(at: DateTime<Utc>) -> HashMap<String, String> {
+        HashMap::from([(infos::LASTSYNC.to_string(), time_text(at))])
+    }
+
+    /// The entries that save INBOX's checkpoint.
+    pub fn inbox_checkpoint(uidvalidity: u32, lastseenuid: u32) -> HashMap<String, String> {
+        HashMap::from([
+            (infos::UIDVALIDITY.to_string(), uidvalidity.to_string()),
+            (infos::LASTSEENUID.to_string(), lastseenuid.to_string()),
+        ])
+    }
+
+    /// INBOX's `lastseenuid`, 0 when absent or bad.
+    pub fn lastseenuid(&self) -> u32 {
+        self.info(infos::LASTSEENUID).trim().parse().unwrap_or(0)
     }
 
     /// Mailboxes to sync: `infos.mailboxes` (comma-separated), default INBOX.
@@ -139,9 +366,9 @@ impl Identity {
             identifier: col(row, "identifier", W)?.unwrap_or_default(),
             infos: text_map(row, "infos", W)?,
             last_check: col(row, "last_check", W)?,
-            protocol: col(row, "protocol", W)?.unwrap_or_default(),
-            status: col(row, "status", W)?.unwrap_or_default(),
-            kind: col(row, "type", W)?.unwrap_or_default(),
+            protocol: text_col(row, "protocol", W)?,
+            status: text_col(row, "status", W)?,
+            kind: text_col(row, "type", W)?,
         })
     }
 }
@@ -185,9 +412,15 @@ pub struct ScanRow {
     pub identity_id: Uuid,
     pub infos: HashMap<String, String>,
     pub last_check: Option<DateTime<Utc>>,
-    pub protocol: String,
-    pub status: String,
-    pub kind: String,
+    pub protocol: Protocol,
+    pub status: Status,
+    pub kind: IdentityKind,
+}
+
+/// A text column read into one of the enums above (null reads as empty).
+fn text_col<T: for<'a> From<&'a str>>(row: &Row, name: &str, what: &str) -> Result<T, StoreError> {
+    let text: Option<String> = col(row, name, what)?;
+    Ok(T::from(text.as_deref().unwrap_or("")))
 }
 
 impl Store {
@@ -243,9 +476,9 @@ impl Store {
                 id.identifier.clone(),
                 id.infos.clone(),
                 id.last_check,
-                id.protocol.clone(),
-                id.status.clone(),
-                id.kind.clone()
+                id.protocol.to_string(),
+                id.status.to_string(),
+                id.kind.to_string()
             ),
         )
         .await?;
@@ -253,7 +486,7 @@ impl Store {
             INSERT_LOOKUP,
             query_values!(
                 id.identifier.clone(),
-                id.protocol.clone(),
+                id.protocol.to_string(),
                 id.user_id,
                 id.identity_id
             ),
@@ -261,7 +494,7 @@ impl Store {
         .await?;
         self.exec(
             INSERT_TYPE_LOOKUP,
-            query_values!(id.kind.clone(), id.user_id, id.identity_id),
+            query_values!(id.kind.to_string(), id.user_id, id.identity_id),
         )
         .await?;
         Ok(())
@@ -271,12 +504,12 @@ impl Store {
     pub async fn delete_identity(&self, id: &Identity) -> Result<(), StoreError> {
         self.exec(
             DELETE_LOOKUP,
-            query_values!(id.identifier.clone(), id.protocol.clone(), id.user_id),
+            query_values!(id.identifier.clone(), id.protocol.to_string(), id.user_id),
         )
         .await?;
         self.exec(
             DELETE_TYPE_LOOKUP,
-            query_values!(id.kind.clone(), id.user_id, id.identity_id),
+            query_values!(id.kind.to_string(), id.user_id, id.identity_id),
         )
         .await?;
         self.exec(DELETE, query_values!(id.user_id, id.identity_id))
@@ -341,11 +574,14 @@ impl Store {
         &self,
         user_id: Uuid,
         identity_id: Uuid,
-        status: &str,
+        status: impl Into<Status>,
     ) -> Result<(), StoreError> {
-        self.exec(SET_STATUS, query_values!(status, user_id, identity_id))
-            .await
-            .map(|_| ())
+        self.exec(
+            SET_STATUS,
+            query_values!(status.into().to_string(), user_id, identity_id),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// One page of a full scan of `user_identity` (the poller's).
@@ -366,9 +602,9 @@ impl Store {
                     .ok_or_else(|| decode(W, "null identity_id"))?,
                 infos: text_map(row, "infos", W)?,
                 last_check: col(row, "last_check", W)?,
-                protocol: col(row, "protocol", W)?.unwrap_or_default(),
-                status: col(row, "status", W)?.unwrap_or_default(),
-                kind: col(row, "type", W)?.unwrap_or_default(),
+                protocol: text_col(row, "protocol", W)?,
+                status: text_col(row, "status", W)?,
+                kind: text_col(row, "type", W)?,
             });
         }
         Ok((out, next))
@@ -387,6 +623,61 @@ mod tests {
         let shown = format!("{id:?}");
         assert!(!shown.contains("hunter2"));
         assert!(shown.contains("inpassword"));
+    }
+
+    #[test]
+    fn column_values_round_trip_as_stored() {
+        for text in ["active", "inactive", "", "Paused"] {
+            assert_eq!(Status::parse(text).as_str(), text);
+        }
+        assert_eq!(Status::parse("active"), Status::Active);
+        assert_eq!(Protocol::parse("imap"), Protocol::ImapLegacy);
+        assert_eq!(IdentityKind::parse("remote"), IdentityKind::Remote);
+        assert_eq!(Protocol::parse("twitter"), "twitter");
+    }
+
+    #[test]
+    fn the_error_streak_reads_and_writes_caliopens_keys() {
+        let mut id = Identity::default();
+        assert_eq!(id.error_streak(), ErrorStreak::default());
+        let t0 = parse_time("2026-01-02T03:04:05Z").unwrap();
+        let e = id.error_streak().record("refused".into(), t0, true);
+        assert_eq!(e[infos::ERRORS_COUNT], "1");
+        assert_eq!(e[infos::FIRST_ERROR_DATE], "2026-01-02T03:04:05Z");
+        assert_eq!(e[infos::LAST_ERROR_DATE], "2026-01-02T03:04:05Z");
+        assert_eq!(e[infos::LAST_FETCH_ERROR], "refused");
+        id.infos.extend(e);
+        // A Go worker's date with an offset is read too.
+        id.infos.insert(
+            infos::FIRST_ERROR_DATE.into(),
+            "2026-01-02T04:04:05+01:00".into(),
+        );
+        let t1 = t0 + chrono::Duration::hours(1);
+        let e = id.error_streak().record("again".into(), t1, true);
+        assert_eq!(e[infos::ERRORS_COUNT], "2");
+        assert_eq!(e[infos::FIRST_ERROR_DATE], "2026-01-02T03:04:05Z");
+        // Ours do not count: text and date only.
+        let e = id.error_streak().record("ours".into(), t1, false);
+        assert_eq!(e.len(), 2);
+        assert!(id.has_error_keys());
+    }
+
+    #[test]
+    fn the_syncing_marker_and_the_checkpoint_keys() {
+        let mut id = Identity::default();
+        assert!(id.syncing().is_none());
+        assert_eq!((id.uidvalidity(), id.lastseenuid()), (None, 0));
+        id.infos.insert(
+            infos::SYNCING.into(),
+            "2026-01-02T03:04:05.123456789Z".into(),
+        );
+        let m = id.syncing().unwrap();
+        assert_eq!(m.owner, "");
+        assert_eq!(m.text, "2026-01-02T03:04:05.123456789Z");
+        assert!(m.since.is_some());
+        id.infos.insert(infos::UIDVALIDITY.into(), " 7".into());
+        id.infos.insert(infos::LASTSEENUID.into(), "x".into());
+        assert_eq!((id.uidvalidity(), id.lastseenuid()), (Some(7), 0));
     }
 
     #[test]

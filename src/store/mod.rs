@@ -63,15 +63,6 @@ pub enum StoreError {
     Decode { what: String, reason: String },
 }
 
-impl From<StoreError> for crate::error::Failure {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unavailable { .. } => crate::error::Failure::Unavailable(e.to_string()),
-            _ => crate::error::Failure::Failed(e.to_string()),
-        }
-    }
-}
-
 /// A connected repository. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct Store {

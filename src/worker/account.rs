@@ -2,11 +2,14 @@
 //! server, security, credentials, trust settings.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use super::context::Ctx;
 use crate::imap::{tls, Account, Auth, Security};
-use crate::store::identity::{creds, infos, Identity};
+use std::collections::HashMap;
+
+use chrono::Utc;
+
+use crate::store::identity::{creds, infos, parse_time, time_text, Identity};
 
 /// Why an account cannot even be tried (bad stored data, missing password):
 /// reported, but not counted as a login failure of the remote server.
@@ -125,8 +128,8 @@ fn build(
         ca_files,
         pin,
         allow_plaintext_loopback: s.allow_plaintext_loopback,
-        connect_timeout: Duration::from_secs(s.connect_timeout_secs),
-        io_timeout: Duration::from_secs(s.io_timeout_secs),
+        connect_timeout: s.connect_timeout(),
+        io_timeout: s.io_timeout(),
     })
 }
 
@@ -134,20 +137,7 @@ fn build(
 /// minute), get a new one from the provider and store it (CONTRACT §3 keys),
 /// so the login that follows uses it.
 pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), AccountError> {
-    use chrono::{DateTime, SecondsFormat, Utc};
-    use std::collections::HashMap;
-
-    if id.info(infos::AUTHTYPE) != infos::AUTH_OAUTH2 {
-        return Ok(());
-    }
-    let expiry = id
-        .credentials
-        .get(creds::TOKEN_EXPIRY)
-        .and_then(|e| DateTime::parse_from_rfc3339(e.trim()).ok());
-    let Some(expiry) = expiry else {
-        return Ok(()); // no known expiry: try the token as it is
-    };
-    if expiry.with_timezone(&Utc) > Utc::now() + chrono::Duration::seconds(60) {
+    if !token_expired(id) {
         return Ok(());
     }
     let refresh_token = id
@@ -193,21 +183,43 @@ pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), Acco
         refresh_token: &refresh_token,
         ca_files: &ca,
         allow_plaintext_loopback: s.allow_plaintext_loopback,
-        timeout: Duration::from_secs(s.connect_timeout_secs),
+        timeout: s.connect_timeout(),
     };
     let token = crate::imap::oauth::refresh(&req)
         .await
         .map_err(|e| AccountError(format!("cannot refresh the Oauth2 token: {e}")))?;
+    store_token(ctx, id, token).await?;
+    tracing::info!(identity = %id.identity_id, provider = %provider_name, "Oauth2 token refreshed");
+    Ok(())
+}
+
+/// An `Oauth2` identity whose token expires within a minute. No known
+/// expiry: the token is tried as it is.
+fn token_expired(id: &Identity) -> bool {
+    if id.info(infos::AUTHTYPE) != infos::AUTH_OAUTH2 {
+        return false;
+    }
+    let expiry = id
+        .credentials
+        .get(creds::TOKEN_EXPIRY)
+        .and_then(|e| parse_time(e));
+    expiry.is_some_and(|e| e <= Utc::now() + chrono::Duration::seconds(60))
+}
+
+/// Store a refreshed token in the identity's credentials, and keep it in
+/// `id` for the login that follows.
+async fn store_token(
+    ctx: &Ctx,
+    id: &mut Identity,
+    token: crate::imap::oauth::Token,
+) -> Result<(), AccountError> {
     // `expires_in` is at most a year (checked when parsed), so this cannot
     // overflow.
     let expires =
         Utc::now() + chrono::Duration::seconds(i64::from(token.expires_in.unwrap_or(3600)));
     let mut entries = HashMap::from([
         (creds::ACCESS_TOKEN.to_string(), token.access_token.clone()),
-        (
-            creds::TOKEN_EXPIRY.to_string(),
-            expires.to_rfc3339_opts(SecondsFormat::Secs, true),
-        ),
+        (creds::TOKEN_EXPIRY.to_string(), time_text(expires)),
     ]);
     if !token.token_type.is_empty() {
         entries.insert(creds::TOKEN_TYPE.to_string(), token.token_type.clone());
@@ -220,6 +232,5 @@ pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), Acco
         .await
         .map_err(|e| AccountError(format!("cannot store the refreshed token: {e}")))?;
     id.credentials.extend(entries);
-    tracing::info!(identity = %id.identity_id, provider = %provider_name, "Oauth2 token refreshed");
     Ok(())
 }

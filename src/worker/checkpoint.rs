@@ -2,14 +2,12 @@
 //! identity's `infos` (Caliopen's `uidvalidity` / `lastseenuid` keys), every
 //! other mailbox in `imap_mailbox_state`.
 
-use std::collections::HashMap;
-
 use chrono::Utc;
 use uuid::Uuid;
 
 use super::context::Ctx;
 use super::JobError;
-use crate::store::identity::{infos, Identity};
+use crate::store::identity::Identity;
 use crate::store::state::Checkpoint;
 
 pub fn is_inbox(mailbox: &str) -> bool {
@@ -19,15 +17,9 @@ pub fn is_inbox(mailbox: &str) -> bool {
 /// The checkpoint of `mailbox`, `None` before the first sync.
 pub async fn load(ctx: &Ctx, id: &Identity, mailbox: &str) -> Result<Option<Checkpoint>, JobError> {
     if is_inbox(mailbox) {
-        let v = id.info(infos::UIDVALIDITY).trim().parse::<u32>().ok();
-        let l = id
-            .info(infos::LASTSEENUID)
-            .trim()
-            .parse::<u32>()
-            .unwrap_or(0);
-        return Ok(v.map(|uidvalidity| Checkpoint {
+        return Ok(id.uidvalidity().map(|uidvalidity| Checkpoint {
             uidvalidity,
-            lastseenuid: l,
+            lastseenuid: id.lastseenuid(),
         }));
     }
     Ok(ctx
@@ -44,10 +36,7 @@ pub async fn save(
     cp: Checkpoint,
 ) -> Result<(), JobError> {
     if is_inbox(mailbox) {
-        let entries = HashMap::from([
-            (infos::UIDVALIDITY.to_string(), cp.uidvalidity.to_string()),
-            (infos::LASTSEENUID.to_string(), cp.lastseenuid.to_string()),
-        ]);
+        let entries = Identity::inbox_checkpoint(cp.uidvalidity, cp.lastseenuid);
         ctx.store.merge_infos(user_id, identity_id, entries).await?;
     } else {
         ctx.store

@@ -3,24 +3,25 @@
 //! same pipeline, no state). Failures are recorded on the identity as
 //! CONTRACT §4 says, and every path releases the lock it took.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 // Dates in infos are written as Go's time.RFC3339 does: seconds, `Z`.
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::account::{self, AccountError};
+use super::account;
 use super::checkpoint;
 use super::context::{Counters, Ctx};
 use super::pipeline::{sync_mailbox, MailboxJob, SyncFrom};
-use super::JobError;
+use super::{Busy, JobError, Missing};
 use crate::bus::wire::{orders, CacheOrder, JobReport};
 use crate::imap::{self, Account, ImapError, ImapSession};
 use crate::metrics::InFlight;
 use crate::shutdown::{self, Shutdown};
-use crate::store::identity::{infos, Identity, PROTOCOL_EMAIL, STATUS_INACTIVE};
+use crate::store::identity::{
+    time_text, ErrorStreak, Identity, Status, SyncingMarker, PROTOCOL_EMAIL,
+};
 use crate::store::raw_message::fullfetch_identity;
 
 /// A `sync` order, validated.
@@ -161,7 +162,7 @@ async fn sync_locked(
     // Caliopen's marker goes first, before the lock's Paxos round: a Go
     // worker that reads it from now on stands down (see `claim_marker`).
     let since = Utc::now();
-    let marker = since.to_rfc3339_opts(SecondsFormat::Nanos, true);
+    let marker = SyncingMarker::text_of(since);
     write_marker(ctx, req, &marker).await?;
     let ttl = ctx.settings.imap.lock_ttl_secs;
     if !store
@@ -170,9 +171,7 @@ async fn sync_locked(
     {
         // The marker stays: the winner owns the identity's marker now and
         // clears it when its sync ends.
-        return Err(JobError::Busy(
-            "a sync of this identity is already running on another worker".into(),
-        ));
+        return Err(Busy::LockHeld.into());
     }
     // From here on, every path releases the lock.
     let key = (id.user_id, id.identity_id);
@@ -200,8 +199,21 @@ async fn sync_locked(
     let _ = store
         .set_last_check(id.user_id, id.identity_id, Utc::now())
         .await;
+    record_outcome(ctx, &id, counters, &result).await;
+    release(ctx, key, marker_ours).await;
+    result
+}
+
+/// Record how a sync ended on the identity: its error, or messages left
+/// to retry, or a clean end that clears the error streak.
+async fn record_outcome(
+    ctx: &Ctx,
+    id: &Identity,
+    counters: &Counters,
+    result: &Result<(), JobError>,
+) {
     let left = counters.failed.load(std::sync::atomic::Ordering::Relaxed);
-    match &result {
+    match result {
         // Messages left to retry are a failure to see too (our side or
         // theirs is in each message's failure row): not the account's.
         Ok(()) if left > 0 => {
@@ -209,21 +221,19 @@ async fn sync_locked(
                 "{left} message(s) not handed off, retried at the next sync \
                  (imapctl listremotes shows why)"
             ));
-            if let Err(e2) = record_error(ctx, &id, &e).await {
+            if let Err(e2) = record_error(ctx, id, &e).await {
                 tracing::error!(error = %e2, "cannot record the sync error on the identity");
             }
         }
         Ok(()) => {
-            let _ = clear_errors(ctx, &id).await;
+            let _ = clear_errors(ctx, id).await;
         }
         Err(e) => {
-            if let Err(e2) = record_error(ctx, &id, e).await {
+            if let Err(e2) = record_error(ctx, id, e).await {
                 tracing::error!(error = %e2, "cannot record the sync error on the identity");
             }
         }
     }
-    release(ctx, key, marker_ours).await;
-    result
 }
 
 async fn load_identity(ctx: &Ctx, user_id: Uuid, identity_id: Uuid) -> Result<Identity, JobError> {
@@ -231,14 +241,17 @@ async fn load_identity(ctx: &Ctx, user_id: Uuid, identity_id: Uuid) -> Result<Id
         .store
         .identity(user_id, identity_id)
         .await?
-        .ok_or_else(|| {
-            JobError::NotFound(format!("no identity {identity_id} for user {user_id}"))
+        .ok_or(Missing::Identity {
+            user_id,
+            identity_id,
         })?;
     if !id.is_remote_email() {
-        return Err(JobError::NotFound(format!(
-            "identity {} is not a remote email identity (type {:?}, protocol {:?})",
-            id.identity_id, id.kind, id.protocol
-        )));
+        return Err(Missing::NotRemoteEmail {
+            identity_id: id.identity_id,
+            kind: id.kind.to_string(),
+            protocol: id.protocol.to_string(),
+        }
+        .into());
     }
     Ok(id)
 }
@@ -247,17 +260,16 @@ async fn load_identity(ctx: &Ctx, user_id: Uuid, identity_id: Uuid) -> Result<Id
 /// worker, which knows no other lock: honour it for the contract's 24 h.
 /// Ours carry their owner and count only while our lock row lives.
 fn go_marker_check(id: &Identity) -> Result<(), JobError> {
-    if !id.info(infos::SYNCING_OWNER).is_empty() {
+    let Some(marker) = id.syncing() else {
+        return Ok(());
+    };
+    if !marker.owner.is_empty() {
         return Ok(());
     }
-    if let Some(since) = parse_time(id.info(infos::SYNCING)) {
+    if let Some(since) = marker.since {
         let age = Utc::now().signed_duration_since(since);
         if age >= chrono::Duration::zero() && age < GO_MARKER_STALE {
-            return Err(JobError::Busy(format!(
-                "a Caliopen Go worker marked this identity as syncing at {} \
-                 (imapctl unlock clears a marker it left behind)",
-                time_text(since)
-            )));
+            return Err(Busy::GoMarker { since }.into());
         }
     }
     Ok(())
@@ -270,10 +282,7 @@ async fn write_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<(), 
         .merge_infos(
             req.user_id,
             req.identity_id,
-            HashMap::from([
-                (infos::SYNCING.to_string(), marker.to_string()),
-                (infos::SYNCING_OWNER.to_string(), ctx.worker_id.clone()),
-            ]),
+            SyncingMarker::entries(marker, &ctx.worker_id),
         )
         .await?;
     Ok(())
@@ -297,8 +306,7 @@ enum Marker {
 }
 
 fn marker_of(id: &Identity, me: &str, marker: &str) -> Marker {
-    let owner = id.info(infos::SYNCING_OWNER);
-    let syncing = id.info(infos::SYNCING);
+    let (owner, syncing) = id.syncing().map_or(("", ""), |m| (m.owner, m.text));
     match (owner, syncing) {
         (o, s) if o == me && s == marker => Marker::Ours,
         (o, _) if o == me => Marker::TakenByGo,
@@ -309,7 +317,7 @@ fn marker_of(id: &Identity, me: &str, marker: &str) -> Marker {
 }
 
 fn go_took_it() -> JobError {
-    JobError::Busy("a Caliopen Go worker started a sync of this identity at the same moment".into())
+    Busy::GoStarted.into()
 }
 
 /// With the lock held, read the identity back (so the checkpoint synced
@@ -329,9 +337,7 @@ async fn claim_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<Iden
             write_marker(ctx, req, marker).await?;
         }
     }
-    Err(JobError::Busy(
-        "the identity's syncing marker keeps changing: another sync is starting".into(),
-    ))
+    Err(Busy::MarkerKeepsChanging.into())
 }
 
 /// Look at the marker once more, logged in and before the first hand-off:
@@ -363,51 +369,9 @@ where
 {
     let (trigger, stop) = shutdown::channel();
     let trigger = Arc::new(trigger);
-    let why: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
-    let ttl = ctx.settings.imap.lock_ttl_secs;
-    let renewer = {
-        let (ctx, trigger, why) = (ctx.clone(), trigger.clone(), why.clone());
-        let (user, identity) = (id.user_id, id.identity_id);
-        tokio::spawn(async move {
-            let every = Duration::from_secs(ttl / 3);
-            let give_up = Duration::from_secs(ttl / 2);
-            let mut renewed = tokio::time::Instant::now();
-            loop {
-                tokio::time::sleep(every.min(Duration::from_secs(5)).max(every / 2)).await;
-                if renewed.elapsed() < every {
-                    continue;
-                }
-                let stop_with = match ctx
-                    .store
-                    .renew_sync_lock(user, identity, &ctx.worker_id, since, ttl)
-                    .await
-                {
-                    Ok(true) => {
-                        renewed = tokio::time::Instant::now();
-                        None
-                    }
-                    Ok(false) => Some("the sync lock was lost (cleared or lapsed)".to_string()),
-                    Err(e) if renewed.elapsed() >= give_up => {
-                        Some(format!("cannot renew the sync lock: {e}"))
-                    }
-                    Err(e) => {
-                        tracing::warn!(identity = %identity, error = %e, "cannot renew the sync lock yet");
-                        None
-                    }
-                };
-                if let Some(reason) = stop_with {
-                    tracing::warn!(identity = %identity, reason = %reason, "stopping the sync");
-                    why.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(reason);
-                    trigger.trigger();
-                    return;
-                }
-            }
-        })
-    };
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(ctx.settings.imap.job_deadline_secs);
+    let why: Why = Arc::default();
+    let renewer = spawn_lock_renewal(ctx, id, since, trigger.clone(), why.clone());
+    let deadline = tokio::time::Instant::now() + ctx.settings.imap.job_deadline();
     let mut shutdown = ctx.shutdown.clone();
     let work = work(stop);
     tokio::pin!(work);
@@ -437,6 +401,61 @@ where
         (Err(e), Some(reason)) if e.is_interrupted() => Err(JobError::Interrupted(reason)),
         (r, _) => r,
     }
+}
+
+/// Why a job's stop token fired; the first reason wins.
+type Why = Arc<std::sync::Mutex<Option<String>>>;
+
+/// Renew the sync lock every third of its TTL in a task of its own; when
+/// it is lost, or cannot be renewed for half the TTL, say why and fire
+/// `trigger`.
+fn spawn_lock_renewal(
+    ctx: &Ctx,
+    id: &Identity,
+    since: DateTime<Utc>,
+    trigger: Arc<shutdown::Trigger>,
+    why: Why,
+) -> tokio::task::JoinHandle<()> {
+    let ttl = ctx.settings.imap.lock_ttl_secs;
+    let ctx = ctx.clone();
+    let (user, identity) = (id.user_id, id.identity_id);
+    tokio::spawn(async move {
+        let every = Duration::from_secs(ttl / 3);
+        let give_up = Duration::from_secs(ttl / 2);
+        let mut renewed = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(every.min(Duration::from_secs(5)).max(every / 2)).await;
+            if renewed.elapsed() < every {
+                continue;
+            }
+            let stop_with = match ctx
+                .store
+                .renew_sync_lock(user, identity, &ctx.worker_id, since, ttl)
+                .await
+            {
+                Ok(true) => {
+                    renewed = tokio::time::Instant::now();
+                    None
+                }
+                Ok(false) => Some("the sync lock was lost (cleared or lapsed)".to_string()),
+                Err(e) if renewed.elapsed() >= give_up => {
+                    Some(format!("cannot renew the sync lock: {e}"))
+                }
+                Err(e) => {
+                    tracing::warn!(identity = %identity, error = %e, "cannot renew the sync lock yet");
+                    None
+                }
+            };
+            if let Some(reason) = stop_with {
+                tracing::warn!(identity = %identity, reason = %reason, "stopping the sync");
+                why.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(reason);
+                trigger.trigger();
+                return;
+            }
+        }
+    })
 }
 
 /// Release the lock and, when it is still ours, the marker; when Cassandra
@@ -473,12 +492,9 @@ async fn sync_identity_inner(
     mut stop: Shutdown,
 ) -> Result<(), JobError> {
     let mut id = id.clone();
-    account::ensure_fresh_token(ctx, &mut id)
-        .await
-        .map_err(|AccountError(e)| JobError::Account(e))?;
+    account::ensure_fresh_token(ctx, &mut id).await?;
     let id = &id;
-    let acc = account::from_identity(ctx, id, password)
-        .map_err(|AccountError(e)| JobError::Account(e))?;
+    let acc = account::from_identity(ctx, id, password)?;
     let connecting = std::time::Instant::now();
     let (mut session, conn) = tokio::select! {
         r = imap::connect(&acc) => r?,
@@ -487,69 +503,80 @@ async fn sync_identity_inner(
     ctx.metrics
         .connect_seconds
         .observe(connecting.elapsed().as_secs_f64());
-    let display = if id.display_name.is_empty() {
-        id.identifier.as_str()
-    } else {
-        id.display_name.as_str()
-    };
     let result = async {
         marker_still_ours(ctx, id, marker).await?;
-        let mailboxes = mailboxes_of(id, &mut session, &acc, &stop).await?;
-        let known = ctx.store.mailbox_errors(id.user_id, id.identity_id).await?;
-        for gone in known.iter().filter(|k| !mailboxes.contains(&k.mailbox)) {
-            ctx.store
-                .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
-                .await?;
-        }
-        for mailbox in &mailboxes {
-            if stop.is_triggered() {
-                return Err(JobError::Interrupted("stopped between mailboxes".into()));
-            }
-            let from = match checkpoint::load(ctx, id, mailbox).await? {
-                Some(cp) => SyncFrom::Resume(cp),
-                None => SyncFrom::First,
-            };
-            let job = MailboxJob {
-                ctx,
-                user_id: id.user_id,
-                identity_id: id.identity_id,
-                display_name: display,
-                server: &acc.server,
-                conn: &conn,
-                mailbox,
-                from,
-                counters,
-                stop: stop.clone(),
-            };
-            let earlier = known.iter().find(|k| &k.mailbox == mailbox);
-            match sync_mailbox(&job, &mut session).await {
-                Ok(()) => {
-                    if earlier.is_some() {
-                        ctx.store
-                            .clear_mailbox_error(id.user_id, id.identity_id, mailbox)
-                            .await?;
-                    }
-                }
-                Err(JobError::Imap(e @ ImapError::Mailbox { .. })) => {
-                    folder_failed(ctx, id, mailbox, earlier, &e.to_string(), counters).await?
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        sync_mailboxes(ctx, id, &mut session, &acc, &conn, counters, &stop).await
     }
     .await;
     logout(&mut session, &acc).await;
     if result.is_ok() && !stop.is_triggered() {
         ctx.store
-            .merge_infos(
-                id.user_id,
-                id.identity_id,
-                HashMap::from([(infos::LASTSYNC.to_string(), time_text(Utc::now()))]),
-            )
+            .merge_infos(id.user_id, id.identity_id, Identity::lastsync(Utc::now()))
             .await?;
     }
     result
+}
+
+/// Sync each mailbox of the identity in turn from its checkpoint. A folder
+/// the server will not open is recorded as that folder's error and the
+/// others go on; folder errors of folders no longer synced are cleared.
+async fn sync_mailboxes(
+    ctx: &Ctx,
+    id: &Identity,
+    session: &mut ImapSession,
+    acc: &Account,
+    conn: &imap::ConnInfo,
+    counters: &Arc<Counters>,
+    stop: &Shutdown,
+) -> Result<(), JobError> {
+    let display = if id.display_name.is_empty() {
+        id.identifier.as_str()
+    } else {
+        id.display_name.as_str()
+    };
+    let mailboxes = mailboxes_of(id, session, acc, stop).await?;
+    let known = ctx.store.mailbox_errors(id.user_id, id.identity_id).await?;
+    for gone in known.iter().filter(|k| !mailboxes.contains(&k.mailbox)) {
+        ctx.store
+            .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
+            .await?;
+    }
+    for mailbox in &mailboxes {
+        if stop.is_triggered() {
+            return Err(JobError::Interrupted("stopped between mailboxes".into()));
+        }
+        let from = match checkpoint::load(ctx, id, mailbox).await? {
+            Some(cp) => SyncFrom::Resume(cp),
+            None => SyncFrom::First,
+        };
+        let job = MailboxJob {
+            ctx,
+            user_id: id.user_id,
+            identity_id: id.identity_id,
+            display_name: display,
+            server: &acc.server,
+            conn,
+            mailbox,
+            from,
+            counters,
+            stop: stop.clone(),
+        };
+        let earlier = known.iter().find(|k| &k.mailbox == mailbox);
+        match sync_mailbox(&job, session).await {
+            Ok(()) => {
+                if earlier.is_some() {
+                    ctx.store
+                        .clear_mailbox_error(id.user_id, id.identity_id, mailbox)
+                        .await?;
+                }
+            }
+            Err(JobError::Imap(e @ ImapError::Mailbox { .. })) => {
+                folder_failed(ctx, id, mailbox, earlier, &e.to_string(), counters).await?
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The mailboxes to sync: `infos.mailboxes`, where `*` means every
@@ -606,8 +633,7 @@ pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>
     let mut rep = report(orders::FULLFETCH, req.user_id, identity_id);
     rep.mailboxes = vec![req.mailbox.clone()];
     let result = async {
-        let acc = account::from_order(ctx, &req.server, &req.login, &req.password)
-            .map_err(|AccountError(e)| JobError::Account(e))?;
+        let acc = account::from_order(ctx, &req.server, &req.login, &req.password)?;
         let connecting = std::time::Instant::now();
         let (mut session, conn) = imap::connect(&acc).await?;
         ctx.metrics
@@ -645,17 +671,6 @@ pub(crate) async fn logout(session: &mut ImapSession, acc: &Account) {
     .await;
 }
 
-/// Dates in infos as Go's `time.RFC3339` writes them: seconds, `Z`.
-fn time_text(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
-fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s.trim())
-        .ok()
-        .map(|d| d.with_timezone(&Utc))
-}
-
 /// Record a failed sync on the identity (CONTRACT §4 step 6). Failures of the
 /// remote account count towards disabling it; ours (store, bus) do not.
 async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), JobError> {
@@ -663,30 +678,20 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
         return Ok(());
     }
     let now = Utc::now();
-    let line = err.to_string();
-    let mut entries = HashMap::from([
-        (infos::LAST_FETCH_ERROR.to_string(), line),
-        (infos::LAST_ERROR_DATE.to_string(), time_text(now)),
-    ]);
-    if err.counts_against_account() {
-        let count = id
-            .info(infos::ERRORS_COUNT)
-            .trim()
-            .parse::<u64>()
-            .unwrap_or(0)
-            + 1;
-        entries.insert(infos::ERRORS_COUNT.to_string(), count.to_string());
-        let first = parse_time(id.info(infos::FIRST_ERROR_DATE)).unwrap_or(now);
-        entries.insert(infos::FIRST_ERROR_DATE.to_string(), time_text(first));
+    let streak = id.error_streak();
+    let counts = err.counts_against_account();
+    let entries = streak.record(err.to_string(), now, counts);
+    if counts {
+        let first = streak.first.unwrap_or(now);
         ctx.store
             .merge_infos(id.user_id, id.identity_id, entries)
             .await?;
         let lasting = now.signed_duration_since(first).num_seconds();
-        if lasting > ctx.settings.imap.disable_after_secs as i64 {
+        if lasting > ctx.settings.imap.disable_after().as_secs() as i64 {
             tracing::warn!(identity = %id.identity_id, since = %time_text(first),
                 "identity failing for too long: disabling it");
             ctx.store
-                .set_status(id.user_id, id.identity_id, STATUS_INACTIVE)
+                .set_status(id.user_id, id.identity_id, Status::Inactive)
                 .await?;
             ctx.metrics.identities_disabled.inc();
             let order = CacheOrder {
@@ -710,15 +715,9 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
 }
 
 async fn clear_errors(ctx: &Ctx, id: &Identity) -> Result<(), JobError> {
-    let keys = [
-        infos::LAST_FETCH_ERROR,
-        infos::ERRORS_COUNT,
-        infos::FIRST_ERROR_DATE,
-        infos::LAST_ERROR_DATE,
-    ];
-    if keys.iter().any(|k| id.infos.contains_key(*k)) {
+    if id.has_error_keys() {
         ctx.store
-            .remove_infos(id.user_id, id.identity_id, &keys)
+            .remove_infos(id.user_id, id.identity_id, &ErrorStreak::KEYS)
             .await?;
     }
     Ok(())

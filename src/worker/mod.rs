@@ -40,6 +40,7 @@ use crate::config::WorkerSettings;
 use crate::imap::ImapError;
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
+use account::AccountError;
 use context::Ctx;
 
 /// `deliver` orders carried out at once, apart from the sync slots.
@@ -62,13 +63,13 @@ pub enum JobError {
     #[error(transparent)]
     Bus(BusError),
     /// The stored account cannot be used as it is (no password, bad server...).
-    #[error("{0}")]
-    Account(String),
-    #[error("{0}")]
-    NotFound(String),
-    /// Another sync of the identity holds the lock.
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    #[error(transparent)]
+    NotFound(#[from] Missing),
+    /// Another sync of the identity holds the lock or the marker.
     #[error("skipped: {0}")]
-    Busy(String),
+    Busy(#[from] Busy),
     /// An outage of ours (processor absent or silent, NATS, Cassandra): the
     /// mailbox stopped at the first message it touched, nothing was counted
     /// against the messages or the account.
@@ -77,6 +78,45 @@ pub enum JobError {
     /// Cut short (shutdown, lost lock, job deadline); what was reached is saved.
     #[error("interrupted: {0}")]
     Interrupted(String),
+}
+
+/// What a sync order names that is not there to sync.
+#[derive(Debug, thiserror::Error)]
+pub enum Missing {
+    #[error("no identity {identity_id} for user {user_id}")]
+    Identity {
+        user_id: uuid::Uuid,
+        identity_id: uuid::Uuid,
+    },
+    #[error(
+        "identity {identity_id} is not a remote email identity (type {kind:?}, protocol {protocol:?})"
+    )]
+    NotRemoteEmail {
+        identity_id: uuid::Uuid,
+        kind: String,
+        protocol: String,
+    },
+}
+
+/// Why a sync stood down: someone else holds the identity.
+#[derive(Debug, thiserror::Error)]
+pub enum Busy {
+    #[error("a sync of this identity is already running on another worker")]
+    LockHeld,
+    /// A Go worker's `syncing` marker younger than the contract's 24 h.
+    #[error(
+        "a Caliopen Go worker marked this identity as syncing at {} \
+         (imapctl unlock clears a marker it left behind)",
+        crate::store::identity::time_text(*.since)
+    )]
+    GoMarker {
+        since: chrono::DateTime<chrono::Utc>,
+    },
+    /// A Go worker wrote its marker over ours once we held the lock.
+    #[error("a Caliopen Go worker started a sync of this identity at the same moment")]
+    GoStarted,
+    #[error("the identity's syncing marker keeps changing: another sync is starting")]
+    MarkerKeepsChanging,
 }
 
 impl JobError {
@@ -195,30 +235,21 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
         jobs = s.workers,
         "imapworker ready"
     );
-    let slots = Arc::new(Semaphore::new(s.workers));
-    let deliver_slots = Arc::new(Semaphore::new(DELIVER_SLOTS));
+    let pools = Pools {
+        slots: Arc::new(Semaphore::new(s.workers)),
+        deliver: Arc::new(Semaphore::new(DELIVER_SLOTS)),
+    };
     let waiting = Arc::new(Semaphore::new(MAX_WAITING));
     // Room to read one more order.
     let mut room: Option<OwnedSemaphorePermit> = None;
     let mut jobs = JoinSet::new();
-    let throttle = Duration::from_secs(s.imap.poll_throttle_secs);
-    // Instants of recent pulls: at most `workers` per throttle window, as if
-    // each job slot were its own loop pulling once per period.
-    let mut pulls: VecDeque<Instant> = VecDeque::new();
-    let mut next_pull = Instant::now();
+    let mut pulls = Pulls::new(s.imap.poll_throttle(), s.workers);
     let mut lost = false;
 
     loop {
         // Reap finished jobs so the set does not grow.
         while jobs.try_join_next().is_some() {}
-        while pulls.front().is_some_and(|t| t.elapsed() >= throttle) {
-            pulls.pop_front();
-        }
-        let pull_at = if pulls.len() >= s.workers {
-            next_pull.max(*pulls.front().unwrap() + throttle)
-        } else {
-            next_pull
-        };
+        let pull_at = pulls.next_at();
         tokio::select! {
             _ = shutdown.wait() => break,
             // A job ended: its slot may serve a pull now.
@@ -234,45 +265,128 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                     lost = true;
                     break;
                 };
-                let received = Instant::now();
-                let in_waiting = room.take();
-                let is_deliver = serde_json::from_slice::<OrderName>(&msg.payload)
-                    .is_ok_and(|o| o.order == names::DELIVER);
-                let pool = if is_deliver { deliver_slots.clone() } else { slots.clone() };
-                let ctx = ctx.clone();
-                jobs.spawn(async move {
-                    // Orders take slots first come, first served; the loop
-                    // never holds one they wait for.
-                    let Some(permit) = wait_for_slot(&ctx, &msg, is_deliver, pool).await else {
-                        return;
-                    };
-                    drop(in_waiting);
-                    orders::handle(&ctx, msg, received).await;
-                    drop(permit);
-                });
+                spawn_order(&ctx, &mut jobs, &pools, msg, room.take());
             }
-            _ = tokio::time::sleep_until(pull_at), if slots.available_permits() > 0 => {
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    continue; // taken by an order meanwhile
-                };
-                pulls.push_back(Instant::now());
-                match pull_job(&ctx).await {
-                    Some(job) => {
-                        let ctx = ctx.clone();
-                        jobs.spawn(async move {
-                            orders::run_pulled(&ctx, job).await;
-                            drop(permit);
-                        });
-                    }
-                    None => next_pull = Instant::now() + throttle,
-                }
+            _ = tokio::time::sleep_until(pull_at), if pools.slots.available_permits() > 0 => {
+                pull(&ctx, &pools, &mut pulls, &mut jobs).await;
             }
         }
     }
 
     // No new work from here on.
     let _ = orders.unsubscribe().await;
-    let grace = Duration::from_secs(s.imap.shutdown_grace_secs);
+    drain(&ctx, &mut jobs).await;
+    if lost {
+        anyhow::bail!("the NATS order subscription closed");
+    }
+    tracing::info!("imapworker stopped");
+    Ok(())
+}
+
+/// The job slots: `workers` for syncs and fullfetches, a few for `deliver`.
+struct Pools {
+    slots: Arc<Semaphore>,
+    deliver: Arc<Semaphore>,
+}
+
+/// Read an order once and run it in a task of its own once its pool has a
+/// slot; `in_waiting` is its place among the orders waiting for one.
+fn spawn_order(
+    ctx: &Ctx,
+    jobs: &mut JoinSet<()>,
+    pools: &Pools,
+    msg: Message,
+    in_waiting: Option<OwnedSemaphorePermit>,
+) {
+    let received = Instant::now();
+    let order = orders::Order::from_json(&msg.payload);
+    let is_deliver = orders::Order::is_deliver(&order);
+    let pool = if is_deliver {
+        pools.deliver.clone()
+    } else {
+        pools.slots.clone()
+    };
+    let ctx = ctx.clone();
+    jobs.spawn(async move {
+        // Orders take slots first come, first served; the loop never holds
+        // one they wait for.
+        let Some(permit) = wait_for_slot(&ctx, &msg, is_deliver, pool).await else {
+            return;
+        };
+        drop(in_waiting);
+        orders::handle(&ctx, &msg, order, received).await;
+        drop(permit);
+    });
+}
+
+/// Ask the poller for a job for a free slot, and run it in that slot.
+async fn pull(ctx: &Ctx, pools: &Pools, pulls: &mut Pulls, jobs: &mut JoinSet<()>) {
+    let Ok(permit) = pools.slots.clone().try_acquire_owned() else {
+        return; // taken by an order meanwhile
+    };
+    pulls.sent();
+    match pull_job(ctx).await {
+        Some(job) => {
+            let ctx = ctx.clone();
+            jobs.spawn(async move {
+                orders::run_pulled(&ctx, job).await;
+                drop(permit);
+            });
+        }
+        None => pulls.found_none(),
+    }
+}
+
+/// When the next `need_job` may be sent: at most `limit` per throttle
+/// window, as if each job slot were its own loop pulling once per period,
+/// and not before a throttle period after a pull that found nothing.
+struct Pulls {
+    throttle: Duration,
+    limit: usize,
+    /// Instants of the pulls within the last window.
+    recent: VecDeque<Instant>,
+    not_before: Instant,
+}
+
+impl Pulls {
+    fn new(throttle: Duration, limit: usize) -> Pulls {
+        Pulls {
+            throttle,
+            limit,
+            recent: VecDeque::new(),
+            not_before: Instant::now(),
+        }
+    }
+
+    fn next_at(&mut self) -> Instant {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| t.elapsed() >= self.throttle)
+        {
+            self.recent.pop_front();
+        }
+        match self.recent.front() {
+            Some(first) if self.recent.len() >= self.limit => {
+                self.not_before.max(*first + self.throttle)
+            }
+            _ => self.not_before,
+        }
+    }
+
+    fn sent(&mut self) {
+        self.recent.push_back(Instant::now());
+    }
+
+    fn found_none(&mut self) {
+        self.not_before = Instant::now() + self.throttle;
+    }
+}
+
+/// Wait for the running jobs to reach a checkpoint, at most the grace
+/// period; then abandon the rest and release their locks, and flush NATS.
+async fn drain(ctx: &Ctx, jobs: &mut JoinSet<()>) {
+    let grace = ctx.settings.imap.shutdown_grace();
     tracing::info!(
         running = jobs.len(),
         "stopping: waiting for running jobs to reach a checkpoint"
@@ -297,11 +411,6 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
     {
         tracing::warn!("NATS did not confirm the last messages in time: exiting anyway");
     }
-    if lost {
-        anyhow::bail!("the NATS order subscription closed");
-    }
-    tracing::info!("imapworker stopped");
-    Ok(())
 }
 
 /// Wait for a permit of `pool` for the order in `msg`. Meanwhile, if the

@@ -10,6 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::bus::wire::{DeliveryReply, ImapOrder};
 use crate::bus::Message;
@@ -27,17 +28,33 @@ const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// send the message twice.
 pub const REQUESTER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The three ids a `deliver` names.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliverRequest {
+    pub user: Uuid,
+    pub identity: Uuid,
+    pub message: Uuid,
+}
+
+pub(super) fn parse(o: &ImapOrder) -> Result<DeliverRequest, String> {
+    Ok(DeliverRequest {
+        user: super::uuid_field("user_id", &o.user_id)?,
+        identity: super::uuid_field("identity_id", &o.identity_id)?,
+        message: super::uuid_field("message_id", &o.message_id)?,
+    })
+}
+
 /// `received` is when the order was read from NATS.
-pub async fn handle(ctx: &Ctx, msg: &Message, order: ImapOrder, received: Instant) {
+pub async fn handle(ctx: &Ctx, msg: &Message, req: DeliverRequest, received: Instant) {
     if let Err(e) = still_wanted(received, Instant::now()) {
-        tracing::warn!(subject = %msg.subject, user = %order.user_id, message = %order.message_id, error = %e, "deliver not carried out");
+        tracing::warn!(subject = %msg.subject, user = %req.user, message = %req.message, error = %e, "deliver not carried out");
         reply_failure(ctx, msg, &e).await;
         return;
     }
-    let reply = match deliver(ctx, msg, &order).await {
+    let reply = match deliver(ctx, msg, req).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(subject = %msg.subject, user = %order.user_id, message = %order.message_id, error = %e, "deliver failed");
+            tracing::warn!(subject = %msg.subject, user = %req.user, message = %req.message, error = %e, "deliver failed");
             DeliveryReply {
                 error: true,
                 message: format!("failed to handle order with error « {e} » "),
@@ -45,6 +62,19 @@ pub async fn handle(ctx: &Ctx, msg: &Message, order: ImapOrder, received: Instan
         }
     };
     ctx.bus.reply(msg, &reply).await;
+}
+
+/// A `deliver` with a missing or bad id: answered in the contract's
+/// failure shape, unless its requester has given up already (then that is
+/// what is said, as for a valid order).
+pub(super) async fn refuse(ctx: &Ctx, msg: &Message, why: &str, received: Instant) {
+    if let Err(e) = still_wanted(received, Instant::now()) {
+        tracing::warn!(subject = %msg.subject, error = %e, "deliver not carried out");
+        reply_failure(ctx, msg, &e).await;
+        return;
+    }
+    tracing::warn!(subject = %msg.subject, error = %why, "deliver failed");
+    reply_failure(ctx, msg, why).await;
 }
 
 /// Answer the contract's failure shape.
@@ -69,10 +99,12 @@ fn still_wanted(received: Instant, now: Instant) -> Result<(), String> {
     Ok(())
 }
 
-async fn deliver(ctx: &Ctx, msg: &Message, order: &ImapOrder) -> Result<DeliveryReply, String> {
-    let user = super::uuid_field("user_id", &order.user_id)?;
-    let identity = super::uuid_field("identity_id", &order.identity_id)?;
-    let message = super::uuid_field("message_id", &order.message_id)?;
+async fn deliver(ctx: &Ctx, msg: &Message, req: DeliverRequest) -> Result<DeliveryReply, String> {
+    let DeliverRequest {
+        user,
+        identity,
+        message,
+    } = req;
     let topic = &ctx.settings.lda.out_topic;
     if topic.is_empty() {
         return Err("LDAConfig.out_topic is empty: no SMTP sender to deliver through".into());

@@ -7,7 +7,7 @@ use crate::config::split_host_port;
 use crate::worker::context::Ctx;
 use crate::worker::job::{self, FullFetchRequest};
 
-pub(super) fn validate(o: &ImapOrder) -> Result<FullFetchRequest, String> {
+pub(super) fn parse(o: &ImapOrder) -> Result<FullFetchRequest, String> {
     let user_id = super::uuid_field("user_id", &o.user_id)?;
     split_host_port(&o.server, 993).map_err(|e| format!("server: {e}"))?;
     if o.login.trim().is_empty() {
@@ -30,15 +30,7 @@ pub(super) fn validate(o: &ImapOrder) -> Result<FullFetchRequest, String> {
     })
 }
 
-pub async fn handle(ctx: &Ctx, msg: &Message, order: ImapOrder) {
-    let req = match validate(&order) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(subject = %msg.subject, error = %e, "bad fullfetch order");
-            super::reply_error(ctx, msg, orders::FULLFETCH, &e).await;
-            return;
-        }
-    };
+pub async fn handle(ctx: &Ctx, msg: &Message, req: FullFetchRequest) {
     tracing::info!(user = %req.user_id, server = %req.server, mailbox = %req.mailbox, "fullfetch order");
     let base = JobReport {
         order: orders::FULLFETCH.into(),

@@ -18,35 +18,119 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::context::{Counters, Ctx};
+use super::job::{FullFetchRequest, SyncRequest};
 use crate::bus::wire::{orders as names, ImapOrder, Job, JobReport};
 use crate::bus::Message;
 
 /// Header asking for progress reports on the reply subject.
 pub const PROGRESS_HEADER: &str = "Caliopen-Imap-Progress";
 
-/// Handle one message of the order subject, `received` at that instant.
-pub async fn handle(ctx: &Ctx, msg: Message, received: tokio::time::Instant) {
-    let subject = msg.subject.to_string();
-    let order: ImapOrder = match serde_json::from_slice(&msg.payload) {
-        Ok(o) => o,
-        Err(e) => {
-            let text = format!("unable to unmarshal order: {e}");
-            tracing::warn!(subject = %subject, error = %text, "bad order");
-            reply_error(ctx, &msg, "", &text).await;
-            return;
+/// One order, read once from its JSON into the type its handler acts on,
+/// as mini-redis's `Command::from_frame` turns a frame into one command.
+/// The wire shape stays the flat [`ImapOrder`] (CONTRACT §2): its `order`
+/// field names the variant, and only that variant's fields are read.
+#[derive(Debug)]
+pub enum Order {
+    Sync(SyncRequest),
+    FullFetch(FullFetchRequest),
+    Deliver(deliver::DeliverRequest),
+    /// `test` only logs what it got, so it keeps the order as it came.
+    Test(ImapOrder),
+    /// A reply body of the poller that may land on the order subject.
+    NoPendingJob,
+}
+
+/// An order refused before anything ran. Its `Display` is the text of the
+/// error reply and of the log line.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// Not the JSON of an order.
+    #[error("unable to unmarshal order: {0}")]
+    Unparsable(serde_json::Error),
+    /// An order name no worker knows; the reply echoes it.
+    #[error("unknown order {0:?}")]
+    Unknown(String),
+    /// A known order with a missing or bad field; answered in the shape of
+    /// that order's replies.
+    #[error("{reason}")]
+    BadFields { order: &'static str, reason: String },
+}
+
+impl Order {
+    /// Read an order from the payload of a message on the order subject.
+    pub fn from_json(payload: &[u8]) -> Result<Order, Refused> {
+        let order: ImapOrder = serde_json::from_slice(payload).map_err(Refused::Unparsable)?;
+        Order::parse(order)
+    }
+
+    /// Check the fields the named order needs and keep them typed.
+    pub fn parse(o: ImapOrder) -> Result<Order, Refused> {
+        let bad = |order| move |reason| Refused::BadFields { order, reason };
+        match o.order.as_str() {
+            names::SYNC => sync::parse(&o).map(Order::Sync).map_err(bad(names::SYNC)),
+            names::FULLFETCH => fullfetch::parse(&o)
+                .map(Order::FullFetch)
+                .map_err(bad(names::FULLFETCH)),
+            names::DELIVER => deliver::parse(&o)
+                .map(Order::Deliver)
+                .map_err(bad(names::DELIVER)),
+            names::TEST => Ok(Order::Test(o)),
+            names::NO_PENDING_JOB => Ok(Order::NoPendingJob),
+            _ => Err(Refused::Unknown(o.order)),
         }
-    };
-    match order.order.as_str() {
-        names::SYNC => sync::handle(ctx, &msg, order).await,
-        names::FULLFETCH => fullfetch::handle(ctx, &msg, order).await,
-        names::DELIVER => deliver::handle(ctx, &msg, order, received).await,
-        names::TEST => test::handle(ctx, &msg, order).await,
-        // A reply body of the poller that may land here: nothing to do.
-        names::NO_PENDING_JOB => {}
-        other => {
-            let text = format!("unknown order {other:?}");
-            tracing::warn!(subject = %subject, error = %text, "bad order");
-            reply_error(ctx, &msg, other, &text).await;
+    }
+
+    /// `deliver` has slots of its own (see `worker::serve`).
+    pub fn is_deliver(parsed: &Result<Order, Refused>) -> bool {
+        matches!(
+            parsed,
+            Ok(Order::Deliver(_))
+                | Err(Refused::BadFields {
+                    order: names::DELIVER,
+                    ..
+                })
+        )
+    }
+}
+
+/// Handle one message of the order subject, read as `parsed`, `received`
+/// at that instant.
+pub async fn handle(
+    ctx: &Ctx,
+    msg: &Message,
+    parsed: Result<Order, Refused>,
+    received: tokio::time::Instant,
+) {
+    match parsed {
+        Ok(Order::Sync(req)) => sync::handle(ctx, msg, req).await,
+        Ok(Order::FullFetch(req)) => fullfetch::handle(ctx, msg, req).await,
+        Ok(Order::Deliver(req)) => deliver::handle(ctx, msg, req, received).await,
+        Ok(Order::Test(order)) => test::handle(ctx, msg, order).await,
+        Ok(Order::NoPendingJob) => {}
+        Err(refused) => refuse(ctx, msg, refused, received).await,
+    }
+}
+
+/// Log a refused order with its subject and answer it, when it came as a
+/// request, in the shape its requester reads.
+async fn refuse(ctx: &Ctx, msg: &Message, refused: Refused, received: tokio::time::Instant) {
+    let text = refused.to_string();
+    match &refused {
+        Refused::Unparsable(_) => {
+            tracing::warn!(subject = %msg.subject, error = %text, "bad order");
+            reply_error(ctx, msg, "", &text).await;
+        }
+        Refused::Unknown(name) => {
+            tracing::warn!(subject = %msg.subject, error = %text, "bad order");
+            reply_error(ctx, msg, name, &text).await;
+        }
+        Refused::BadFields {
+            order: names::DELIVER,
+            ..
+        } => deliver::refuse(ctx, msg, &text, received).await,
+        Refused::BadFields { order, .. } => {
+            tracing::warn!(subject = %msg.subject, error = %text, "bad {order} order");
+            reply_error(ctx, msg, order, &text).await;
         }
     }
 }
@@ -55,18 +139,9 @@ pub async fn handle(ctx: &Ctx, msg: Message, received: tokio::time::Instant) {
 /// nothing else: the entry point of the order fuzzer (`fuzz/`), so the
 /// checks it exercises are the handlers' own.
 pub fn validate(order: &ImapOrder) -> Result<(), String> {
-    match order.order.as_str() {
-        names::SYNC => sync::validate(order).map(drop),
-        names::FULLFETCH => fullfetch::validate(order).map(drop),
-        // deliver checks these three first (deliver.rs), then talks to NATS.
-        names::DELIVER => {
-            uuid_field("user_id", &order.user_id)?;
-            uuid_field("identity_id", &order.identity_id)?;
-            uuid_field("message_id", &order.message_id).map(drop)
-        }
-        names::TEST | names::NO_PENDING_JOB => Ok(()),
-        other => Err(format!("unknown order {other:?}")),
-    }
+    Order::parse(order.clone())
+        .map(drop)
+        .map_err(|r| r.to_string())
 }
 
 /// Run a job pulled from the poller (no one waits for its report).
@@ -77,7 +152,7 @@ pub async fn run_pulled(ctx: &Ctx, job: Job) {
         identity_id: job.identity_id,
         ..Default::default()
     };
-    match sync::validate(&order) {
+    match sync::parse(&order) {
         Ok(req) => {
             let _ = super::job::sync_identity(ctx, req, Counters::new()).await;
         }
@@ -143,4 +218,59 @@ where
         work.await
     };
     ctx.bus.reply(msg, &rep).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(json: &str) -> String {
+        Order::from_json(json.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn each_order_is_read_once_into_its_own_type() {
+        let u = "00000000-0000-0000-0000-000000000001";
+        let sync = format!(r#"{{"order":"sync","user_id":"{u}","identity_id":"{u}"}}"#);
+        assert!(matches!(
+            Order::from_json(sync.as_bytes()),
+            Ok(Order::Sync(_))
+        ));
+        let ff = format!(
+            r#"{{"order":"fullfetch","user_id":"{u}","server":"h:993","login":"a","password":"p"}}"#
+        );
+        match Order::from_json(ff.as_bytes()) {
+            Ok(Order::FullFetch(r)) => assert_eq!(r.mailbox, "INBOX"),
+            other => panic!("{other:?}"),
+        }
+        let d = format!(
+            r#"{{"order":"deliver","user_id":"{u}","identity_id":"{u}","message_id":"{u}"}}"#
+        );
+        let d = Order::from_json(d.as_bytes());
+        assert!(matches!(d, Ok(Order::Deliver(_))) && Order::is_deliver(&d));
+        assert!(matches!(
+            Order::from_json(br#"{"order":"test"}"#),
+            Ok(Order::Test(_))
+        ));
+        assert!(matches!(
+            Order::from_json(br#"{"order":"no pending job"}"#),
+            Ok(Order::NoPendingJob)
+        ));
+    }
+
+    #[test]
+    fn refusals_keep_their_reply_text() {
+        assert_eq!(refused(r#"{"order":"dance"}"#), r#"unknown order "dance""#);
+        assert_eq!(refused("{}"), r#"unknown order """#);
+        assert!(refused("{").starts_with("unable to unmarshal order: "));
+        assert_eq!(refused(r#"{"order":"sync"}"#), "missing user_id");
+        assert_eq!(
+            refused(r#"{"order":"sync","user_id":"x"}"#),
+            r#"user_id is not a UUID: "x""#
+        );
+        let bad_deliver = Order::from_json(br#"{"order":"deliver"}"#);
+        assert!(Order::is_deliver(&bad_deliver));
+        assert_eq!(bad_deliver.unwrap_err().to_string(), "missing user_id");
+        assert!(!Order::is_deliver(&Order::from_json(b"{")));
+    }
 }

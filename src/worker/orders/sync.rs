@@ -5,7 +5,7 @@ use crate::bus::Message;
 use crate::worker::context::Ctx;
 use crate::worker::job::{self, SyncRequest};
 
-pub fn validate(o: &ImapOrder) -> Result<SyncRequest, String> {
+pub fn parse(o: &ImapOrder) -> Result<SyncRequest, String> {
     Ok(SyncRequest {
         user_id: super::uuid_field("user_id", &o.user_id)?,
         identity_id: super::uuid_field("identity_id", &o.identity_id)?,
@@ -13,15 +13,7 @@ pub fn validate(o: &ImapOrder) -> Result<SyncRequest, String> {
     })
 }
 
-pub async fn handle(ctx: &Ctx, msg: &Message, order: ImapOrder) {
-    let req = match validate(&order) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(subject = %msg.subject, error = %e, "bad sync order");
-            super::reply_error(ctx, msg, orders::SYNC, &e).await;
-            return;
-        }
-    };
+pub async fn handle(ctx: &Ctx, msg: &Message, req: SyncRequest) {
     tracing::info!(user = %req.user_id, identity = %req.identity_id, "sync order");
     let base = JobReport {
         order: orders::SYNC.into(),
