@@ -173,6 +173,15 @@ where
         // Written once SIGTERM is handled; held until the daemon's shutdown
         // path has run, then removed.
         let _pid = pid_file.map(PidFile::create).transpose()?;
-        body(settings, shutdown).await
+        let stop = shutdown.clone();
+        match body(settings, shutdown).await {
+            // Asked to stop while still waiting for NATS or Cassandra at
+            // start-up: a clean stop like any other, not a failed start.
+            Err(e) if stop.is_triggered() && error::exit_code(&e) == error::code::UNAVAILABLE => {
+                tracing::info!(reason = %format!("{e:#}"), "stopped before start-up finished");
+                Ok(ExitCode::SUCCESS)
+            }
+            ended => ended,
+        }
     })
 }

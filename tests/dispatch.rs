@@ -294,3 +294,55 @@ fn dockerfile_entrypoints_run_with_their_pid_files() {
     pid_file_round("imapworker", "imapworker", &dir);
     pid_file_round("idpoller", "idpoller", &dir);
 }
+
+/// A stop asked for while a daemon still waits for NATS at start-up is a
+/// clean stop (exit 0, as after any SIGTERM), not the "cannot reach NATS"
+/// failure of a start that gave up.
+#[test]
+fn a_daemon_stopped_while_it_waits_for_nats_exits_0() {
+    use std::io::{BufRead, BufReader};
+    let tag = unique("dsp-nonats");
+    let closed = "nats://127.0.0.1:1";
+    let worker = std::fs::read_to_string(worker_yaml(&tag, ""))
+        .unwrap()
+        .replace(&stack().nats_url, closed);
+    let poller = format!(
+        "store_settings:\n  hosts: [\"{}\"]\nnats_url: {closed}\n\
+         poller:\n  lease_name: {tag}\n",
+        stack().cassandra
+    );
+    for (mode, yaml) in [("worker", worker), ("poller", poller)] {
+        let path = std::env::temp_dir().join(format!("{tag}-{mode}.yaml"));
+        std::fs::write(&path, yaml).unwrap();
+        let mut child = Command::new(crate::util::bin())
+            .args([mode, "-c", path.to_str().unwrap(), "start"])
+            .env("CALIOPEN_IMAP_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            let retrying = line.contains("NATS not reachable");
+            seen.push(line);
+            if retrying {
+                break;
+            }
+        }
+        assert!(
+            seen.last()
+                .is_some_and(|l| l.contains("NATS not reachable")),
+            "{mode}: no retry logged: {seen:?}"
+        );
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{mode}: {rest:?}");
+    }
+}
