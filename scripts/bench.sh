@@ -318,9 +318,9 @@ run_store() {
     local user=$1 label=$2 round=$3 conc=$4 scenario=${5:-store_ceiling} mark=${6:-no} out
     truncate_raw
     measure_begin
-    out=$("$TOOL" store --dir "$(maildir_of "$user")" --hosts "$STACK_CASSANDRA_HOSTS" \
+    out=$($PIN "$TOOL" store --dir "$(maildir_of "$user")" --hosts "$STACK_CASSANDRA_HOSTS" \
         --keyspace "$KS" --concurrency "$conc" --mark "$mark")
-    record "$scenario" "$label" "$round" "$(measure_end "$out")"
+    record "$scenario$SUFFIX" "$label" "$round" "$(measure_end "$out")"
 }
 
 # mbsync: one-way pull into a fresh Maildir. It matches the certificate's
@@ -632,6 +632,10 @@ for round in $(seq "$ROUNDS"); do
     log "production shape (Cassandra on core 0, the rest on core 1), round $round"
     pin on
     SUFFIX=_pinned
+    settle 10k "$round"
+    run_store bench10k 10k "$round" "$STORE_CONCURRENCY"
+    settle 10k "$round"
+    run_store bench10k 10k "$round" "$STORE_CONCURRENCY" store_ceiling_marked yes
     settle 10k "$round"
     run_mbsync bench10k 10k "$round"
     settle 10k "$round"
