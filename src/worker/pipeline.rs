@@ -136,7 +136,7 @@ enum Outcome {
     identity_id = %job.identity_id, mailbox = job.mailbox, order = job.order()))]
 pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Result<(), JobError> {
     let ctx = job.ctx;
-    let io = Duration::from_secs(ctx.settings.imap.io_timeout_secs);
+    let io = ctx.settings.imap.io_timeout();
     let mut reader = Reader::new(session, job.server, io, job.stop.clone());
     let mb = reader.examine(job.mailbox).await.map_err(imap_err)?;
     let uidvalidity = mb.uidvalidity;
@@ -569,7 +569,6 @@ impl Consumer<'_, '_> {
         let mut stop = job.stop.clone();
         // After a stop: the hand-offs in flight get this long to end.
         let mut cut_at: Option<tokio::time::Instant> = None;
-        let far = tokio::time::Instant::now() + Duration::from_secs(365 * 86400);
         let mut seq = 0u64;
         let mut timed_out: Pending = Vec::new();
         let mut outage: Option<String> = None;
@@ -598,9 +597,9 @@ impl Consumer<'_, '_> {
                 _ = stop.wait(), if cut_at.is_none() => {
                     open = false;
                     rx.close();
-                    cut_at = Some(tokio::time::Instant::now() + shutdown_cut(s.shutdown_grace_secs));
+                    cut_at = Some(tokio::time::Instant::now() + shutdown_cut(s.shutdown_grace()));
                 }
-                _ = tokio::time::sleep_until(cut_at.unwrap_or(far)), if cut_at.is_some() => {
+                _ = tokio::time::sleep_until(cut_at.unwrap_or_else(tokio::time::Instant::now)), if cut_at.is_some() => {
                     tracing::warn!(mailbox = job.mailbox, abandoned = inflight.len(),
                         "stopping: hand-offs still running are abandoned (fetched again next time)");
                     break;
@@ -817,7 +816,7 @@ async fn store_and_hand_off(
         identity_id: job.identity_id.to_string(),
         message_id: id.to_string(),
     };
-    let timeout = Duration::from_secs(ctx.settings.imap.lda_timeout_secs);
+    let timeout = ctx.settings.imap.lda_timeout();
     let sent = std::time::Instant::now();
     let answer = ctx
         .bus
@@ -844,6 +843,6 @@ async fn store_and_hand_off(
 
 /// How long in-flight hand-offs may run on after a stop: part of the grace
 /// period, so the checkpoint and the lock release still fit in.
-fn shutdown_cut(grace_secs: u64) -> Duration {
-    Duration::from_secs((grace_secs / 2).clamp(1, 10))
+fn shutdown_cut(grace: Duration) -> Duration {
+    (grace / 2).clamp(Duration::from_secs(1), Duration::from_secs(10))
 }
