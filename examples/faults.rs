@@ -1398,6 +1398,12 @@ impl Suite {
         worker.restart(&self.env).await?;
         row.recover
             .push(self.recover(&mut case, &mut worker, t_fault).await?);
+        self.finish(case, worker, row).await
+    }
+
+    /// A scenario's end: sync until the mailbox is complete, stop the
+    /// worker, count what landed.
+    async fn finish(&self, mut case: Case, mut worker: Daemon, mut row: Row) -> Result<Row> {
         if !case
             .sync_until_complete(&self.client, &mut worker, Instant::now())
             .await?
@@ -1444,15 +1450,7 @@ impl Suite {
         ));
         row.recover
             .push(self.recover(&mut case, &mut worker, t_back).await?);
-        if !case
-            .sync_until_complete(&self.client, &mut worker, Instant::now())
-            .await?
-        {
-            row.blocked = true;
-        }
-        row.crashes = worker.stop().await?;
-        case.count(&self.store, &self.standin, &mut row).await?;
-        Ok(row)
+        self.finish(case, worker, row).await
     }
 
     /// The processor slower than the worker's hand-off timeout for some messages.
@@ -1498,7 +1496,7 @@ impl Suite {
             ..Default::default()
         };
         let mut case = Case::new(&self.env, &self.store, "expunge", self.env.messages).await?;
-        let mut worker = start_worker(&self.env).await?;
+        let worker = start_worker(&self.env).await?;
         self.standin.set_delay(Duration::from_millis(200));
         let total = self.env.messages as u64;
         let target = case.rng.u64(total / 5..=total / 2);
@@ -1568,15 +1566,7 @@ impl Suite {
                 .map(|t| t - t_fault),
         );
         case.snapshot(&self.store).await?;
-        if !case
-            .sync_until_complete(&self.client, &mut worker, Instant::now())
-            .await?
-        {
-            row.blocked = true;
-        }
-        row.crashes = worker.stop().await?;
-        case.count(&self.store, &self.standin, &mut row).await?;
-        Ok(row)
+        self.finish(case, worker, row).await
     }
 
     /// One shared service stopped mid-sync, then started again.

@@ -426,43 +426,34 @@ run_caliopen() {
     stop_pid "$WORKER_PID"
 }
 
-# caliopen-imap in store-only mode (LDAConfig.in_topic empty): no hand-off.
-run_caliopen_store_only() {
-    local user=$1 label=$2 round=$3 yaml=$WORK/worker-storeonly.yaml out cpu0
-    worker_yaml "$yaml" 10 ""
+# One first sync by a fresh worker of a fresh identity, recorded as SCENARIO
+# with the worker's peak RSS and CPU, and with SPLIT=yes where the bytes
+# went. usage: first_sync SCENARIO IN_TOPIC SPLIT USER LABEL ROUND
+first_sync() {
+    local scenario=$1 topic=$2 split=$3 user=$4 label=$5 round=$6 out cpu0 extra='{}'
+    local yaml=$WORK/worker-$scenario.yaml
+    worker_yaml "$yaml" 10 "$topic"
     truncate_raw
-    start_worker "$yaml" "storeonly-$label-$round"
+    start_worker "$yaml" "$scenario-$label-$round"
     new_identity "$yaml" "$user"
     cpu0=$(cpu_s "$WORKER_PID")
     measure_begin
     out=$(tool_sync)
-    hung caliopen_store_only "$label" "$round" "$out" && return 0
+    hung "$scenario" "$label" "$round" "$out" && return 0
     out=$(measure_end "$out")
-    record caliopen_store_only "$label" "$round" "$(jq -c --argjson rss "$(hwm_kb "$WORKER_PID")" \
-        --argjson cpu "$(echo "$(cpu_s "$WORKER_PID") - $cpu0" | bc)" \
-        '. + {messages: .fetched, rss_kb: $rss, proc_cpu_s: $cpu}' <<<"$out")"
+    if [ "$split" = yes ]; then extra=$(stored_split); fi
+    record "$scenario" "$label" "$round" "$(jq -c --argjson rss "$(hwm_kb "$WORKER_PID")" \
+        --argjson cpu "$(echo "$(cpu_s "$WORKER_PID") - $cpu0" | bc)" --argjson extra "$extra" \
+        '. + {messages: .fetched, rss_kb: $rss, proc_cpu_s: $cpu} + $extra' <<<"$out")"
     stop_pid "$WORKER_PID"
 }
 
+# caliopen-imap in store-only mode (LDAConfig.in_topic empty): no hand-off.
+run_caliopen_store_only() { first_sync caliopen_store_only "" no "$@"; }
+
 # caliopen-imap on the large-message mailbox: initial sync with hand-off,
 # and where the bytes went (Cassandra rows or the S3 bucket).
-run_caliopen_large() {
-    local user=$1 label=$2 round=$3 yaml=$WORK/worker-large.yaml out cpu0
-    worker_yaml "$yaml" 10 "inboundSMTP.$TAG"
-    truncate_raw
-    start_worker "$yaml" "large-$round"
-    new_identity "$yaml" "$user"
-    cpu0=$(cpu_s "$WORKER_PID")
-    measure_begin
-    out=$(tool_sync)
-    hung caliopen_large "$label" "$round" "$out" && return 0
-    out=$(measure_end "$out")
-    record caliopen_large "$label" "$round" "$(jq -c --argjson rss "$(hwm_kb "$WORKER_PID")" \
-        --argjson cpu "$(echo "$(cpu_s "$WORKER_PID") - $cpu0" | bc)" \
-        --argjson split "$(stored_split)" \
-        '. + {messages: .fetched, rss_kb: $rss, proc_cpu_s: $cpu} + $split' <<<"$out")"
-    stop_pid "$WORKER_PID"
-}
+run_caliopen_large() { first_sync caliopen_large "inboundSMTP.$TAG" yes "$@"; }
 
 # The production shape: Cassandra alone on core 0 (as on machines of its
 # own), the worker, Dovecot, NATS, the stand-in and mbsync on core 1.
