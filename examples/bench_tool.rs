@@ -12,10 +12,14 @@
 //! bench_tool fetch    --server H:P --login U --password-env VAR --ca FILE
 //! bench_tool store    --dir MAILDIR --hosts H:P --keyspace KS --concurrency C [--mark yes|no]
 //! bench_tool users    --hosts H:P --keyspace KS --logins PREFIX --count N --server H:P --password-env VAR
+//!                     [--infos "key=value;key=value"]
 //! bench_tool sync     --nats URL --subject SUBJ --user UUID --identity UUID
 //! bench_tool sync-many --nats URL --subject SUBJ --hosts H:P --keyspace KS --list FILE
 //! bench_tool seed-identities --hosts H:P --keyspace KS --count N [--concurrency C]
 //! bench_tool need-job --nats URL --subject SUBJ [--rate R] [--clients C] [--secs S]
+//! bench_tool live-latency --nats URL --in-topic SUBJ --server H:P --ca FILE --password-env VAR
+//!                     --list FILE --logins PREFIX [--messages N] [--mode idle|order]
+//!                     [--subject SUBJ] [--timeout SECS]
 //! ```
 
 use std::collections::HashMap;
@@ -37,6 +41,9 @@ use uuid::Uuid;
 #[path = "../tests/support/worker_yaml.rs"]
 mod worker_yaml;
 
+#[path = "../tests/support/processor.rs"]
+mod processor;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
@@ -55,6 +62,7 @@ async fn main() -> Result<()> {
         "sync-many" => sync_many(&flags).await?,
         "seed-identities" => seed_identities(&flags).await?,
         "need-job" => need_job(&flags).await?,
+        "live-latency" => live_latency(&flags).await?,
         other => bail!("unknown subcommand {other:?}; see the header of examples/bench_tool.rs"),
     };
     println!("{out}");
@@ -548,7 +556,7 @@ async fn store_ceiling(f: &Flags) -> Result<serde_json::Value> {
 
 /// A Caliopen user and a remote identity for each of `count` Dovecot logins
 /// (`PREFIX1`...), written as `ctl addremote` writes them. Prints nothing
-/// but the JSON summary; the `user identity` pairs go to `--list`.
+/// but the JSON summary; `user identity login` lines go to `--list`.
 async fn users(f: &Flags) -> Result<serde_json::Value> {
     let store = f.store().await?;
     let prefix = f.get("logins")?;
@@ -556,6 +564,15 @@ async fn users(f: &Flags) -> Result<serde_json::Value> {
     let server = f.get("server")?;
     let password = f.secret("password-env")?;
     let list = PathBuf::from(f.get("list")?);
+    // Keys added to every identity's infos (`mailboxes=*`, `idle=true`).
+    let mut extra: Vec<(String, String)> = Vec::new();
+    for kv in f.or("infos", "").split(';').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--infos: expected key=value, found {kv:?}"))?;
+        extra.push((k.to_string(), v.to_string()));
+    }
+    let extra = &extra;
     let started = Instant::now();
     let made: Vec<String> = futures::stream::iter(1..=count)
         .map(|i| {
@@ -567,9 +584,10 @@ async fn users(f: &Flags) -> Result<serde_json::Value> {
                 store
                     .insert_user(user_id, &format!("bench-{user_id}"))
                     .await?;
-                let id = remote_identity(user_id, &login, server, &password);
+                let mut id = remote_identity(user_id, &login, server, &password);
+                id.infos.extend(extra.iter().cloned());
                 store.insert_identity(&id).await?;
-                Ok::<String, anyhow::Error>(format!("{user_id} {}", id.identity_id))
+                Ok::<String, anyhow::Error>(format!("{user_id} {} {login}", id.identity_id))
             }
         })
         .buffer_unordered(32)
@@ -712,14 +730,10 @@ async fn sync_many(f: &Flags) -> Result<serde_json::Value> {
     let subject = f.get("subject")?.to_string();
     let timeout = Duration::from_secs(f.num("timeout", 1800)?);
     let text = std::fs::read_to_string(f.get("list")?)?;
-    let pairs: Vec<(Uuid, Uuid)> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let (u, i) = l.split_once(' ').ok_or_else(|| anyhow!("bad line {l:?}"))?;
-            Ok((u.parse()?, i.parse()?))
-        })
-        .collect::<Result<_>>()?;
+    let pairs: Vec<(Uuid, Uuid)> = read_list(&text)?
+        .into_iter()
+        .map(|(u, i, _)| (u, i))
+        .collect();
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await?;
     client.flush().await?;
@@ -760,6 +774,20 @@ async fn sync_many(f: &Flags) -> Result<serde_json::Value> {
         "identities": pairs.len(), "ok": ok, "with_lastsync": with_lastsync,
         "messages": fetched, "failed": failed, "errors": errors, "secs": secs,
     }))
+}
+
+/// The `user identity login` lines that `users` writes.
+fn read_list(text: &str) -> Result<Vec<(Uuid, Uuid, String)>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let mut w = l.split_whitespace();
+            let (Some(u), Some(i)) = (w.next(), w.next()) else {
+                bail!("bad line {l:?}: expected `user identity [login]`");
+            };
+            Ok((u.parse()?, i.parse()?, w.next().unwrap_or("").to_string()))
+        })
+        .collect()
 }
 
 // ------------------------------------------------------------------ poller
@@ -853,5 +881,128 @@ async fn need_job(f: &Flags) -> Result<serde_json::Value> {
         "rate": (lat.len() as f64) / elapsed,
         "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
         "max_ms": pct(1.0), "secs": elapsed,
+    }))
+}
+
+// ------------------------------------------------------------------ live sync
+
+/// A small message of its own for the latency run.
+fn live_message(n: usize) -> Vec<u8> {
+    format!(
+        "From: Zoé <zoe@example.test>\r\nTo: bench@example.test\r\n\
+         Subject: live {n}\r\nDate: Fri, 27 Nov 2026 04:00:00 +0000\r\n\
+         Message-ID: <live.{n}.{}@bench.example.test>\r\nMIME-Version: 1.0\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\r\nArrivé à l'instant.\r\n",
+        Uuid::new_v4()
+    )
+    .into_bytes()
+}
+
+/// Live-sync latency: `--messages` APPENDs, round-robin over the accounts
+/// of `--list`, one at a time; for each, the time from the APPEND's tagged
+/// OK to the processor stand-in (served here, on `--in-topic`, with the
+/// project's stand-in code) receiving a `process_raw`. The next APPEND waits
+/// for it. `--mode idle`: the worker's IDLE sessions notice the message;
+/// `--mode order`: a `sync` order goes to `--subject` right after the OK
+/// (the on-demand peer). Three messages that never arrive end the run.
+async fn live_latency(f: &Flags) -> Result<serde_json::Value> {
+    let client = async_nats::connect(f.get("nats")?).await?;
+    let in_topic = f.get("in-topic")?.to_string();
+    let mode = f.or("mode", "idle").to_string();
+    let order_subject = match mode.as_str() {
+        "idle" => None,
+        "order" => Some(f.get("subject")?.to_string()),
+        m => bail!("--mode: idle or order, found {m:?}"),
+    };
+    let messages: usize = f.num("messages", 100)?;
+    let timeout = Duration::from_secs(f.num("timeout", 60)?);
+    let accounts = read_list(&std::fs::read_to_string(f.get("list")?)?)?;
+    if accounts.is_empty() || accounts.iter().any(|a| a.2.is_empty()) {
+        bail!("--list: expected `user identity login` lines");
+    }
+    let password = f.secret("password-env")?;
+
+    let sub = client.queue_subscribe(in_topic, "SMTPqueue".into()).await?;
+    client.flush().await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    tokio::spawn(processor::serve(client.clone(), sub, move |_| {
+        let _ = tx.send(Instant::now());
+        (
+            processor::Answer::Ok,
+            processor::Pace::Serial(Duration::ZERO),
+        )
+    }));
+
+    let mut sessions = Vec::with_capacity(accounts.len());
+    for (_, _, login) in &accounts {
+        let acc = Account {
+            server: f.get("server")?.to_string(),
+            security: Security::Tls,
+            auth: Auth::Login {
+                user: login.clone(),
+                password: password.clone(),
+            },
+            ca_files: vec![PathBuf::from(f.get("ca")?)],
+            pin: None,
+            allow_plaintext_loopback: false,
+            connect_timeout: Duration::from_secs(30),
+            io_timeout: Duration::from_secs(60),
+        };
+        sessions.push(imap::connect(&acc).await?.0);
+    }
+
+    let started = Instant::now();
+    let mut lat_ms = Vec::with_capacity(messages);
+    let mut lost = 0usize;
+    for n in 0..messages {
+        let k = n % accounts.len();
+        // Anything left over (a late duplicate) is not this message's.
+        while rx.try_recv().is_ok() {}
+        sessions[k]
+            .append("INBOX", None, None, live_message(n))
+            .await?;
+        let ok_at = Instant::now();
+        if let Some(subject) = &order_subject {
+            let (user, identity, _) = &accounts[k];
+            client
+                .publish(
+                    subject.clone(),
+                    sync_order(&user.to_string(), &identity.to_string()).into(),
+                )
+                .await?;
+        }
+        match tokio::time::timeout(timeout, rx.recv()).await {
+            Ok(Some(at)) => {
+                lat_ms.push(at.saturating_duration_since(ok_at).as_secs_f64() * 1000.0);
+            }
+            _ => {
+                lost += 1;
+                eprintln!("live-latency: message {n} not handed off within {timeout:?}");
+                if lost == 3 {
+                    break;
+                }
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    for s in &mut sessions {
+        let _ = s.logout().await;
+    }
+    lat_ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> Option<f64> {
+        if lat_ms.is_empty() {
+            return None;
+        }
+        let i = ((lat_ms.len() as f64 * p).ceil() as usize).clamp(1, lat_ms.len()) - 1;
+        Some(lat_ms[i])
+    };
+    Ok(json!({
+        "mode": mode,
+        "accounts": accounts.len(),
+        "messages": lat_ms.len(),
+        "lost": lost,
+        "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
+        "max_ms": pct(1.0), "min_ms": lat_ms.first(),
+        "secs": secs,
     }))
 }

@@ -6,9 +6,16 @@
 #                               (10 % of 1-20 MB), 200 identities, poller
 #   scripts/bench.sh --large    the same plus a 50k mailbox (one round)
 #   scripts/bench.sh --rounds N rounds of every measurement (default 3)
+#   scripts/bench.sh --only live
+#                               only the live-sync scenarios (IDLE latency,
+#                               1,000 IDLE sessions, 200-folder resync): their
+#                               figures go to .stack/bench/LIVE.md, and
+#                               BENCHMARKS.md is left alone
 #
 # Rewrites BENCHMARKS.md at the repository root. Scratch files (configs, logs,
 # the raw figures in results.jsonl, mbsync's Maildir) live in .stack/bench/.
+# BENCH_PROFILE=debug builds and runs debug binaries (to try the script
+# out on a shared machine; its figures are not the benchmark's).
 #
 # Everything a Caliopen-side measurement writes goes to keyspace
 # caliopen_bench (and the poller's 100k identities to caliopen_bench_poller),
@@ -23,21 +30,26 @@ SCRIPT_START=$SECONDS
 
 LARGE=0
 ROUNDS=3
+ONLY=
 while [ $# -gt 0 ]; do
     case $1 in
         --large) LARGE=1 ;;
         --rounds) ROUNDS=$2; shift ;;
-        *) echo "usage: scripts/bench.sh [--large] [--rounds N]" >&2; exit 2 ;;
+        --only) ONLY=$2; shift
+            [ "$ONLY" = live ] || { echo "--only: live is the one subset" >&2; exit 2; } ;;
+        *) echo "usage: scripts/bench.sh [--large] [--rounds N] [--only live]" >&2; exit 2 ;;
     esac
     shift
 done
+PROFILE=${BENCH_PROFILE:-release}
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[bench] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # ------------------------------------------------------------------ setup
 
-bash scripts/stack.sh up
+# (`up` starts what is not running; a stack that runs is left as it is)
+bash scripts/stack.sh status >/dev/null 2>&1 || bash scripts/stack.sh up
 # The peers and the meter come from Debian: mbsync (isync) and GNU time for
 # peak RSS. Installed here so `make bench` works on a fresh machine too.
 missing=()
@@ -53,15 +65,20 @@ fi
 . "${CALIOPEN_IMAP_STACK_DIR:-$REPO_ROOT/.stack}/env"
 STATE=$CALIOPEN_IMAP_STACK_DIR
 
-log "building release binaries and examples"
-cargo build --release --examples --bins -q
-BIN=$REPO_ROOT/target/release/caliopen-imap
-TOOL=$REPO_ROOT/target/release/examples/bench_tool
-LDA=$REPO_ROOT/target/release/examples/lda_standin
+log "building $PROFILE binaries and examples"
+if [ "$PROFILE" = release ]; then
+    cargo build --release --examples --bins -q
+else
+    cargo build --examples --bins -q
+fi
+OUT=$REPO_ROOT/target/$PROFILE
+BIN=$OUT/caliopen-imap
+TOOL=$OUT/examples/bench_tool
+LDA=$OUT/examples/lda_standin
 
 WORK=$STATE/bench
 mkdir -p "$WORK"
-RESULTS=$WORK/results.jsonl
+RESULTS=$WORK/results${ONLY:+-$ONLY}.jsonl
 : >"$RESULTS"
 : >"$WORK/hangs.txt"
 SUITE_START=$SECONDS
@@ -540,6 +557,320 @@ EOF
     record need_job_floor 100k "$round" "$out"
 }
 
+# ------------------------------------------------------------------ live sync
+
+# Live sync (IDLE push, cheap multi-folder resync) runs in a keyspace of its
+# own: a worker with `imap.idle: all` holds a session for every active
+# remote identity it finds, so only the identities of the scenario may be
+# there (reset_live empties the identity tables first).
+KS_LIVE=caliopen_bench_live
+# Latency: few sessions (Dovecot's instant IDLE wake-ups are capped by the
+# mail user's inotify instances), 100 messages appended one by one.
+LIVE_ACCOUNTS=10
+LIVE_MESSAGES=100
+# Seconds a message may take to reach the stand-in: past Dovecot's 30 s
+# polling fallback, so a slow wake-up is measured rather than lost.
+LIVE_TIMEOUT=40
+IDLE_USERS=1000
+# How long the 1,000 sessions may take to be established.
+IDLE_RAMP_SECS=180
+# Seconds of rest over which the worker's CPU is measured.
+IDLE_REST_SECS=60
+FOLDERS=200
+
+reset_live() {
+    cqlsh -e "TRUNCATE $KS_LIVE.user_identity; TRUNCATE $KS_LIVE.identity_lookup;
+              TRUNCATE $KS_LIVE.identity_type_lookup;" >/dev/null
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# usage: live_yaml FILE IN_TOPIC IDLE(all|off); sets METRICS_ADDR
+live_yaml() {
+    "$TOOL" worker-yaml --tag "$TAG" --workers 10 --in-topic "$2" --keyspace "$KS_LIVE" \
+        --bucket "$BENCH_BUCKET" >"$1"
+    # (the file ends inside its `imap:` block)
+    if [ "$3" = all ]; then
+        printf '  idle: all\n  idle_max: %d\n' "$IDLE_USERS" >>"$1"
+    fi
+    METRICS_ADDR=127.0.0.1:$(free_port)
+    printf 'metrics_addr: %s\n' "$METRICS_ADDR" >>"$1"
+}
+
+scrape() { curl -sf --max-time 5 "http://$METRICS_ADDR/metrics" || true; }
+
+# IMAP sessions the worker holds in IDLE now; null while it has no such gauge.
+idle_gauge() {
+    scrape | awk '$1 == "caliopen_imap_idle_sessions" {v = $2} END {print (v == "" ? "null" : v + 0)}'
+}
+
+# The worker's IMAP commands so far, by command, as JSON ({"EXAMINE": 203,
+# ...}); null while it does not count them.
+commands_json() {
+    local text
+    text=$(scrape)
+    grep -q '^# TYPE caliopen_imap_imap_commands' <<<"$text" || { echo null; return; }
+    grep '^caliopen_imap_imap_commands_total{' <<<"$text" |
+        sed -E 's/.*command="([^"]*)".* ([0-9.e+]+)$/\1 \2/' |
+        jq -Rn '[inputs | split(" ") | {(.[0]): (.[1] | tonumber)}] | add // {}'
+}
+
+# usage: commands_delta BEFORE AFTER → the commands sent in between, and their sum
+commands_delta() {
+    jq -nc --argjson a "$1" --argjson b "$2" 'if $a == null or $b == null
+        then {commands: null, commands_total: null}
+        else ($b | to_entries | map({key, value: (.value - ($a[.key] // 0))})
+              | map(select(.value > 0)) | from_entries) as $d
+             | {commands: $d, commands_total: ([$d[]] | add // 0)} end'
+}
+
+# Dovecot user USER with FOLDERS folders f001... of 2 to 5 small messages
+# each, kept between runs like the other corpora.
+ensure_folders() {
+    local user=$1 dir i n=0
+    if [ -f "$WORK/folders-$SEED.done" ] &&
+        [ "$(doveadm_ mailbox list -u "$user" 'f*' | wc -l)" = "$FOLDERS" ]; then
+        return 0
+    fi
+    log "generating $FOLDERS folders for $user"
+    dir=$(maildir_of "$user")
+    rm -rf "$dir"
+    for i in $(seq -f '%03g' "$FOLDERS"); do
+        "$TOOL" corpus --dir "$dir/.f$i" --count $((2 + 10#$i % 4)) --seed "$SEED" \
+            --first $((10#$i * 10)) --profile small >/dev/null
+        n=$((n + 2 + 10#$i % 4))
+    done
+    chown -R mail:mail "$dir"
+    doveadm_ force-resync -u "$user" '*'
+    [ "$(doveadm_ mailbox list -u "$user" 'f*' | wc -l)" = "$FOLDERS" ] ||
+        die "$user: Dovecot does not list $FOLDERS folders"
+    touch "$WORK/folders-$SEED.done"
+}
+
+# usage: folders_sync LABEL SCENARIO → records worker time, messages and
+# the commands sent by one sync order
+folders_sync() {
+    local c0 c1 out
+    c0=$(commands_json)
+    out=$(tool_sync)
+    hung "$2" "$1" 1 "$out" && return 1
+    c1=$(commands_json)
+    record "$2" "$1" 1 "$(jq -c --argjson d "$(commands_delta "$c0" "$c1")" \
+        '. + {messages: .fetched} + $d' <<<"$out")"
+}
+
+# mbsync on the same folders (Junk and Trash left out, as `mailboxes: *`
+# does); the lines it sends are counted from its network debug output.
+# usage: mbsync_folders USER SCENARIO (the near store is kept between calls)
+mbsync_folders() {
+    local user=$1 scenario=$2 near=$WORK/mbsync-folders conf=$WORK/mbsyncrc-folders t0 t1 sent
+    mkdir -p "$near"
+    cat >"$conf" <<EOF
+FSync no
+
+IMAPAccount folders
+Host localhost
+Port $STACK_IMAPS_PORT
+User $user
+PassCmd "printenv STACK_IMAP_PASSWORD"
+SSLType IMAPS
+SystemCertificates no
+CertificateFile $STATE/tls/server.pem
+
+IMAPStore far
+Account folders
+
+MaildirStore near
+Path $near/
+Inbox $near/INBOX
+SubFolders Verbatim
+
+Channel pull
+Far :far:
+Near :near:
+Patterns * !Junk !Trash
+Sync Pull
+Create Near
+SyncState *
+EOF
+    t0=$(date +%s.%N)
+    mbsync -Dn -c "$conf" pull >"$WORK/$scenario.mbsync.log" 2>&1 || die "mbsync failed, see $WORK/$scenario.mbsync.log"
+    t1=$(date +%s.%N)
+    # mbsync -Dn prints what it sends as `>>> TAG COMMAND...`.
+    sent=$(grep -c '^>>> ' "$WORK/$scenario.mbsync.log" || true)
+    record "$scenario" 200f 1 "$(jq -nc --argjson t "$(echo "$t1 - $t0" | bc)" --argjson n "$sent" \
+        --argjson sel "$(grep -cE '^>>> [0-9]+ (SELECT|EXAMINE) ' "$WORK/$scenario.mbsync.log" || true)" \
+        '{secs: $t, commands_total: $n, selects: $sel}')"
+}
+
+# One identity with `mailboxes: *` over FOLDERS folders: first sync, a
+# no-change resync, then a resync after 1 new message in 1 folder; commands
+# from the worker's counter. mbsync does the same on the same account.
+run_folders() {
+    local user=bench200f1 yaml=$WORK/worker-folders.yaml uidnext msg=$WORK/one-new.eml
+    ensure_folders "$user"
+    reset_live
+    live_yaml "$yaml" "inboundSMTP.$TAG" off
+    start_worker "$yaml" folders
+    "$TOOL" users --hosts "$STACK_CASSANDRA_HOSTS" --keyspace "$KS_LIVE" --logins bench200f \
+        --count 1 --server "$IMAPS" --password-env STACK_IMAP_PASSWORD \
+        --infos 'mailboxes=*' --list "$WORK/folders.list" >/dev/null
+    read -r C_USER C_IDENTITY _ <"$WORK/folders.list"
+    folders_sync 200f live_folders_first || return 0
+    folders_sync 200f live_folders_nochange || return 0
+    uidnext=$(doveadm_ -f flow mailbox status -u "$user" uidnext f100 | grep -o '[0-9]*$')
+    add_one "$user" f100
+    folders_sync 200f live_folders_one_new || return 0
+    stop_pid "$WORKER_PID"
+    doveadm_ expunge -u "$user" mailbox f100 uid "$uidnext:*"
+
+    rm -rf "$WORK/mbsync-folders"
+    mbsync_folders "$user" mbsync_folders_first
+    mbsync_folders "$user" mbsync_folders_nochange
+    add_one "$user" f100
+    mbsync_folders "$user" mbsync_folders_one_new
+    doveadm_ expunge -u "$user" mailbox f100 uid "$uidnext:*"
+}
+
+# One new small message in FOLDER of USER, through Dovecot.
+add_one() {
+    local user=$1 folder=$2 one=$WORK/one-new
+    rm -rf "$one"
+    "$TOOL" corpus --dir "$one" --count 1 --seed "$SEED" \
+        --first $((90000000 + $(date +%s%N) % 1000000)) --profile small >/dev/null
+    doveadm_ save -u "$user" -m "$folder" <"$(find "$one/cur" -type f | head -1)"
+    rm -rf "$one"
+}
+
+# Wait until the worker holds WANT IDLE sessions, at most SECS, giving up
+# earlier when the count has not moved for 30 s. Prints the count reached
+# (null when the worker has no IDLE gauge) and the seconds it took.
+wait_idle() {
+    local want=$1 secs=$2 t0=$SECONDS last=-1 moved=$SECONDS n
+    while :; do
+        n=$(idle_gauge)
+        [ "$n" = null ] && [ $((SECONDS - t0)) -ge 10 ] && break
+        [ "$n" != null ] && [ "$n" -ge "$want" ] && break
+        [ $((SECONDS - t0)) -ge "$secs" ] && break
+        if [ "$n" != "$last" ]; then last=$n moved=$SECONDS; fi
+        [ $((SECONDS - moved)) -ge 30 ] && break
+        sleep 1
+    done
+    echo "$n $((SECONDS - t0))"
+}
+
+# Empty INBOX of Dovecot users PREFIX1..N (the latency accounts get 10
+# messages a run; a fresh identity would fetch them all first).
+empty_inboxes() {
+    local i
+    for i in $(seq "$2"); do
+        doveadm_ expunge -u "$1$i" mailbox INBOX all 2>/dev/null || true
+    done
+}
+
+# Latency from APPEND to the processor stand-in, LIVE_MESSAGES messages
+# over LIVE_ACCOUNTS accounts: a worker with `imap.idle: all` (no poller, no
+# orders), then the on-demand peer (a `sync` order sent right after each
+# APPEND, to a worker without IDLE). The stand-in is served by bench_tool
+# itself on a subject of its own, so it sees each hand-off the moment the
+# worker sends it.
+run_live_latency() {
+    local yaml=$WORK/worker-live.yaml topic=inboundSMTP.$TAG.live list=$WORK/live.list out n secs
+    reset_live
+    empty_inboxes benchlive "$LIVE_ACCOUNTS"
+    "$TOOL" users --hosts "$STACK_CASSANDRA_HOSTS" --keyspace "$KS_LIVE" --logins benchlive \
+        --count "$LIVE_ACCOUNTS" --server "$IMAPS" --password-env STACK_IMAP_PASSWORD \
+        --infos 'idle=true' --list "$list" >/dev/null
+    live_yaml "$yaml" "$topic" all
+    start_worker "$yaml" live-idle
+    # One sync each first, as accounts that were already synced.
+    "$TOOL" sync-many --nats "$STACK_NATS_URL" --subject "outboundIMAP.$TAG" \
+        --hosts "$STACK_CASSANDRA_HOSTS" --keyspace "$KS_LIVE" --list "$list" \
+        --timeout "$SYNC_TIMEOUT" >/dev/null || log "live: the first syncs did not all report"
+    read -r n secs < <(wait_idle "$LIVE_ACCOUNTS" 60)
+    if [ "$n" = null ] || [ "$n" -lt 1 ]; then
+        record live_latency_idle "${LIVE_ACCOUNTS}acc" 1 "$(jq -nc --argjson n "$n" \
+            '{messages: 0, sessions: $n, skipped: "the worker holds no IDLE session"}')"
+    else
+        out=$("$TOOL" live-latency --nats "$STACK_NATS_URL" --in-topic "$topic" --server "$IMAPS" \
+            --ca "$STACK_IMAP_CA_FILE" --password-env STACK_IMAP_PASSWORD --list "$list" \
+            --messages "$LIVE_MESSAGES" --mode idle --timeout "$LIVE_TIMEOUT")
+        record live_latency_idle "${LIVE_ACCOUNTS}acc" 1 "$(jq -c --argjson n "$n" \
+            --argjson s "$secs" --argjson lim "$(cat /proc/sys/fs/inotify/max_user_instances)" \
+            '. + {sessions: $n, ramp_secs: $s, inotify_max_user_instances: $lim}' <<<"$out")"
+    fi
+    stop_pid "$WORKER_PID"
+
+    live_yaml "$yaml" "$topic" off
+    start_worker "$yaml" live-order
+    out=$("$TOOL" live-latency --nats "$STACK_NATS_URL" --in-topic "$topic" --server "$IMAPS" \
+        --ca "$STACK_IMAP_CA_FILE" --password-env STACK_IMAP_PASSWORD --list "$list" \
+        --messages "$LIVE_MESSAGES" --mode order --subject "outboundIMAP.$TAG" --timeout "$LIVE_TIMEOUT")
+    record live_latency_order "${LIVE_ACCOUNTS}acc" 1 "$out"
+    stop_pid "$WORKER_PID"
+}
+
+# Sockets a process holds, and its established TCP connections to Dovecot.
+socket_count() { find "/proc/$1/fd" -lname 'socket:*' 2>/dev/null | wc -l; }
+imap_conns() { ss -Htnp state established "( dport = :$STACK_IMAPS_PORT )" 2>/dev/null | grep -c "pid=$1," || true; }
+dovecot_imap_procs() { pgrep -c -x imap || true; }
+
+# IDLE_USERS identities, one worker with `imap.idle: all`: sessions reached,
+# RSS against the same worker configuration without IDLE, connections, CPU
+# at rest, Dovecot's processes.
+run_idle_1k() {
+    local yaml=$WORK/worker-idle1k.yaml rss0 n secs rss1 cpu0 cpu1 socks conns procs0 procs1
+    reset_live
+    "$TOOL" users --hosts "$STACK_CASSANDRA_HOSTS" --keyspace "$KS_LIVE" --logins benchidle \
+        --count "$IDLE_USERS" --server "$IMAPS" --password-env STACK_IMAP_PASSWORD \
+        --infos 'idle=true' --list "$WORK/idle1k.list" >/dev/null
+    # The baseline: the same identities, IDLE off, at rest after start-up.
+    live_yaml "$yaml" "inboundSMTP.$TAG" off
+    start_worker "$yaml" idle1k-off
+    sleep 5
+    rss0=$(rss_kb "$WORKER_PID")
+    stop_pid "$WORKER_PID"
+
+    procs0=$(dovecot_imap_procs)
+    live_yaml "$yaml" "inboundSMTP.$TAG" all
+    start_worker "$yaml" idle1k
+    read -r n secs < <(wait_idle "$IDLE_USERS" "$IDLE_RAMP_SECS")
+    sleep 5
+    rss1=$(rss_kb "$WORKER_PID")
+    socks=$(socket_count "$WORKER_PID")
+    conns=$(imap_conns "$WORKER_PID")
+    procs1=$(dovecot_imap_procs)
+    cpu0=$(cpu_s "$WORKER_PID")
+    # (no session held, nothing to measure at rest)
+    if [ "$n" != null ] && [ "$n" -gt 0 ]; then sleep "$IDLE_REST_SECS"; fi
+    cpu1=$(cpu_s "$WORKER_PID")
+    record live_idle_1k "${IDLE_USERS}id" 1 "$(jq -nc --argjson id "$IDLE_USERS" --argjson n "$n" \
+        --argjson s "$secs" --argjson rss0 "$rss0" --argjson rss1 "$rss1" \
+        --argjson hwm "$(hwm_kb "$WORKER_PID")" --argjson rss_end "$(rss_kb "$WORKER_PID")" \
+        --argjson socks "$socks" --argjson conns "$conns" \
+        --argjson procs "$((procs1 - procs0))" --argjson procs_all "$procs1" \
+        --argjson cpu "$(echo "$cpu1 - $cpu0" | bc)" --argjson rest "$IDLE_REST_SECS" \
+        --argjson lim "$(cat /proc/sys/fs/inotify/max_user_instances)" \
+        '{identities: $id, sessions: $n, ramp_secs: $s, rss_base_kb: $rss0, rss_kb: $rss1,
+          rss_end_kb: $rss_end, hwm_kb: $hwm,
+          per_session_kb: (if ($n // 0) > 0 then ($rss1 - $rss0) / $n else null end),
+          sockets: $socks, imap_conns: $conns, dovecot_imap_procs: $procs,
+          dovecot_imap_procs_all: $procs_all, rest_secs: $rest, rest_cpu_s: $cpu,
+          inotify_max_user_instances: $lim}')"
+    stop_pid "$WORKER_PID" 60
+}
+
+run_live() {
+    log "live sync: 200 folders, IDLE latency, $IDLE_USERS IDLE sessions"
+    apply_schema "$KS_LIVE"
+    settle live 1
+    run_folders
+    run_live_latency
+    run_idle_1k
+}
+
 # ------------------------------------------------------------------ the run
 
 machine_json() {
@@ -560,6 +891,18 @@ machine_json() {
         --arg commit "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml || echo ' + uncommitted changes')" \
         '$ARGS.named'
 }
+
+if [ "$ONLY" = live ]; then
+    start_lda
+    run_live
+    rm -rf "${STATE:?}/s3/data/$BENCH_BUCKET"
+    stop_pid "$LDA_PID"
+    machine_json >"$WORK/machine.json"
+    python3 scripts/bench_report.py "$RESULTS" "$WORK/machine.json" --only live \
+        --wall $((SECONDS - SUITE_START)) --total $((SECONDS - SCRIPT_START)) --rounds 1 >"$WORK/LIVE.md"
+    log "$WORK/LIVE.md written: $((SECONDS - SCRIPT_START)) s in all, $((SECONDS - SUITE_START)) s after the build"
+    exit 0
+fi
 
 log "preparing keyspaces $KS and $KS_POLLER"
 apply_schema "$KS"
@@ -643,6 +986,10 @@ for round in $(seq "$ROUNDS"); do
     run_multi 50 "$round"
     run_poller "$round"
 done
+
+# Live sync: one round (its figures are per-message latencies and
+# at-rest readings, not throughputs that need several rounds).
+run_live
 
 if [ $LARGE = 1 ]; then
     log "large mailbox (one round)"
