@@ -612,9 +612,9 @@ commands_json() {
     local text
     text=$(scrape)
     grep -q '^# TYPE caliopen_imap_imap_commands' <<<"$text" || { echo null; return; }
-    grep '^caliopen_imap_imap_commands_total{' <<<"$text" |
-        sed -E 's/.*command="([^"]*)".* ([0-9.e+]+)$/\1 \2/' |
-        jq -Rn '[inputs | split(" ") | {(.[0]): (.[1] | tonumber)}] | add // {}'
+    { grep -E '^caliopen_imap_imap_commands(_total)+[{].*command="' <<<"$text" || true; } |
+        sed -E 's/.*command="([^"]*)".* ([0-9.e+]+)$/\1\t\2/' |
+        jq -Rn 'reduce (inputs | split("\t")) as $l ({}; .[$l[0]] += ($l[1] | tonumber))'
 }
 
 # usage: commands_delta BEFORE AFTER → the commands sent in between, and their sum
