@@ -954,6 +954,7 @@ async fn live_latency(f: &Flags) -> Result<serde_json::Value> {
     let started = Instant::now();
     let mut lat_ms = Vec::with_capacity(messages);
     let mut lost = 0usize;
+    let mut appended = 0usize;
     for n in 0..messages {
         let k = n % accounts.len();
         // Anything left over (a late duplicate) is not this message's.
@@ -962,6 +963,7 @@ async fn live_latency(f: &Flags) -> Result<serde_json::Value> {
             .append("INBOX", None, None, live_message(n))
             .await?;
         let ok_at = Instant::now();
+        appended += 1;
         if let Some(subject) = &order_subject {
             let (user, identity, _) = &accounts[k];
             client
@@ -999,10 +1001,34 @@ async fn live_latency(f: &Flags) -> Result<serde_json::Value> {
     Ok(json!({
         "mode": mode,
         "accounts": accounts.len(),
+        "appended": appended,
         "messages": lat_ms.len(),
         "lost": lost,
         "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
         "max_ms": pct(1.0), "min_ms": lat_ms.first(),
         "secs": secs,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_lines_carry_the_login_or_not() {
+        let (u, i) = (Uuid::new_v4(), Uuid::new_v4());
+        let got = read_list(&format!("{u} {i} benchlive3\n\n{u} {i}\n")).unwrap();
+        assert_eq!(got[0], (u, i, "benchlive3".to_string()));
+        assert_eq!(got[1], (u, i, String::new()));
+        assert!(read_list("not-a-uuid").is_err());
+        assert!(read_list(&format!("{u}\n")).is_err());
+    }
+
+    #[test]
+    fn live_messages_are_distinct() {
+        assert_ne!(live_message(1), live_message(1));
+        assert!(String::from_utf8(live_message(7))
+            .unwrap()
+            .contains("Subject: live 7\r\n"));
+    }
 }

@@ -15,7 +15,9 @@
 # Rewrites BENCHMARKS.md at the repository root. Scratch files (configs, logs,
 # the raw figures in results.jsonl, mbsync's Maildir) live in .stack/bench/.
 # BENCH_PROFILE=debug builds and runs debug binaries (to try the script
-# out on a shared machine; its figures are not the benchmark's).
+# out on a shared machine; its figures are not the benchmark's), and
+# BENCH_IDLE_USERS, BENCH_IDLE_REST_SECS, BENCH_LIVE_MESSAGES shrink the
+# live-sync runs (1000, 60, 100) for a quick try.
 #
 # Everything a Caliopen-side measurement writes goes to keyspace
 # caliopen_bench (and the poller's 100k identities to caliopen_bench_poller),
@@ -567,15 +569,15 @@ KS_LIVE=caliopen_bench_live
 # Latency: few sessions (Dovecot's instant IDLE wake-ups are capped by the
 # mail user's inotify instances), 100 messages appended one by one.
 LIVE_ACCOUNTS=10
-LIVE_MESSAGES=100
+LIVE_MESSAGES=${BENCH_LIVE_MESSAGES:-100}
 # Seconds a message may take to reach the stand-in: past Dovecot's 30 s
 # polling fallback, so a slow wake-up is measured rather than lost.
 LIVE_TIMEOUT=40
-IDLE_USERS=1000
+IDLE_USERS=${BENCH_IDLE_USERS:-1000}
 # How long the 1,000 sessions may take to be established.
 IDLE_RAMP_SECS=180
 # Seconds of rest over which the worker's CPU is measured.
-IDLE_REST_SECS=60
+IDLE_REST_SECS=${BENCH_IDLE_REST_SECS:-60}
 FOLDERS=200
 
 reset_live() {
@@ -601,9 +603,13 @@ live_yaml() {
 
 scrape() { curl -sf --max-time 5 "http://$METRICS_ADDR/metrics" || true; }
 
-# IMAP sessions the worker holds in IDLE now; null while it has no such gauge.
+# IMAP sessions the worker holds in IDLE now; null while it has no such
+# gauge, empty when /metrics did not answer.
 idle_gauge() {
-    scrape | awk '$1 == "caliopen_imap_idle_sessions" {v = $2} END {print (v == "" ? "null" : v + 0)}'
+    local text
+    text=$(scrape)
+    [ -n "$text" ] || return 0
+    awk '$1 == "caliopen_imap_idle_sessions" {v = $2} END {print (v == "" ? "null" : v + 0)}' <<<"$text"
 }
 
 # The worker's IMAP commands so far, by command, as JSON ({"EXAMINE": 203,
@@ -748,16 +754,19 @@ add_one() {
 # earlier when the count has not moved for 30 s. Prints the count reached
 # (null when the worker has no IDLE gauge) and the seconds it took.
 wait_idle() {
-    local want=$1 secs=$2 t0=$SECONDS last=-1 moved=$SECONDS n
-    while :; do
+    local want=$1 secs=$2 t0=$SECONDS last=-1 moved=$SECONDS n=
+    while [ $((SECONDS - t0)) -lt "$secs" ]; do
         n=$(idle_gauge)
-        [ "$n" = null ] && [ $((SECONDS - t0)) -ge 10 ] && break
-        [ "$n" != null ] && [ "$n" -ge "$want" ] && break
-        [ $((SECONDS - t0)) -ge "$secs" ] && break
-        if [ "$n" != "$last" ]; then last=$n moved=$SECONDS; fi
-        [ $((SECONDS - moved)) -ge 30 ] && break
+        if [ "$n" = null ]; then
+            [ $((SECONDS - t0)) -ge 10 ] && break
+        elif [ -n "$n" ]; then
+            [ "$n" -ge "$want" ] && break
+            if [ "$n" != "$last" ]; then last=$n moved=$SECONDS; fi
+            [ $((SECONDS - moved)) -ge 30 ] && break
+        fi
         sleep 1
     done
+    [ -n "$n" ] || n=$([ "$last" -ge 0 ] && echo "$last" || echo null)
     echo "$n $((SECONDS - t0))"
 }
 
@@ -821,7 +830,7 @@ dovecot_imap_procs() { pgrep -c -x imap || true; }
 # RSS against the same worker configuration without IDLE, connections, CPU
 # at rest, Dovecot's processes.
 run_idle_1k() {
-    local yaml=$WORK/worker-idle1k.yaml rss0 n secs rss1 cpu0 cpu1 socks conns procs0 procs1
+    local yaml=$WORK/worker-idle1k.yaml rss0 n m secs rss1 cpu0 cpu1 socks conns procs0 procs1
     reset_live
     "$TOOL" users --hosts "$STACK_CASSANDRA_HOSTS" --keyspace "$KS_LIVE" --logins benchidle \
         --count "$IDLE_USERS" --server "$IMAPS" --password-env STACK_IMAP_PASSWORD \
@@ -838,6 +847,9 @@ run_idle_1k() {
     start_worker "$yaml" idle1k
     read -r n secs < <(wait_idle "$IDLE_USERS" "$IDLE_RAMP_SECS")
     sleep 5
+    # (the sessions held when the readings are taken)
+    m=$(idle_gauge)
+    [ -z "$m" ] || n=$m
     rss1=$(rss_kb "$WORKER_PID")
     socks=$(socket_count "$WORKER_PID")
     conns=$(imap_conns "$WORKER_PID")

@@ -120,9 +120,10 @@ w("")
 
 
 
-def one(scenario, mailbox):
-    """The row of a scenario run once (live sync runs one round)."""
-    r = by.get((scenario, mailbox), [])
+def one(scenario):
+    """The row of a scenario run once (live sync runs one round; its
+    label says how many accounts, identities or folders it had)."""
+    r = [r for (s_, _), rs in by.items() if s_ == scenario for r in rs]
     return r[-1] if r else None
 
 
@@ -151,14 +152,16 @@ def live_section():
       "stand-in is `tests/support/processor.rs`, served by `bench_tool "
       "live-latency` itself so it timestamps each `process_raw` as it arrives.")
     w("")
-    idle = one("live_latency_idle", "10acc")
-    order = one("live_latency_order", "10acc")
-    lim = (idle or {}).get("inotify_max_user_instances") or (one("live_idle_1k", "1000id") or {}).get(
+    idle = one("live_latency_idle")
+    order = one("live_latency_order")
+    k = one("live_idle_1k")
+    lim = (idle or {}).get("inotify_max_user_instances") or (one("live_idle_1k") or {}).get(
         "inotify_max_user_instances")
     w("### Latency: APPEND on Dovecot → `process_raw` at the processor")
     w("")
-    w("100 messages appended one by one over IMAP (`APPEND`, round-robin over "
-      "10 accounts that were synced once); each timed from the APPEND's tagged "
+    lr = idle if idle and not idle.get("skipped") else order
+    w(f"{(lr or {}).get('appended', '–')} messages appended one by one over IMAP (`APPEND`, round-robin over "
+      f"{(lr or {}).get('accounts', '–')} accounts that were synced once); each timed from the APPEND's tagged "
       "OK to the stand-in receiving its `process_raw`, the next APPEND waiting "
       "for it. Dovecot wakes an IDLE session through inotify; the `mail` "
       f"user's `fs.inotify.max_user_instances` here is {lim if lim else '–'}, "
@@ -183,8 +186,7 @@ def live_section():
     w(f"Goal: p50 under 1 s with IDLE: {fmt(p50)} ms, {goal(p50 < 1000 if p50 is not None else None)}.")
     w("")
 
-    k = one("live_idle_1k", "1000id")
-    w("### 1,000 identities with `imap.idle: all`")
+    w(f"### {(k or {}).get('identities', 1000):,} identities with `imap.idle: all`")
     w("")
     if k is None:
         w("Not run.")
@@ -192,7 +194,7 @@ def live_section():
     else:
         n = k.get("sessions")
         w(f"{k['identities']:,} Dovecot users, each with an identity (`idle` = \"true\") "
-          "in the bench keyspace; one worker with `idle_max: 1000`. Baseline: the "
+          f"in the bench keyspace; one worker with `idle_max: {k['identities']}`. Baseline: the "
           "same worker configuration with IDLE off on the same identities, at "
           "rest 5 s after start-up.")
         w("")
@@ -215,9 +217,9 @@ def live_section():
         w(f"| Dovecot `imap` processes added (all now) | {k['dovecot_imap_procs']} ({k['dovecot_imap_procs_all']}) | |")
         w("")
 
-    first = one("live_folders_first", "200f")
-    noch = one("live_folders_nochange", "200f")
-    new = one("live_folders_one_new", "200f")
+    first = one("live_folders_first")
+    noch = one("live_folders_nochange")
+    new = one("live_folders_one_new")
     w("### 200 folders")
     w("")
     w("One identity with `mailboxes: *` (every folder from LIST but Junk and "
@@ -239,7 +241,7 @@ def live_section():
     for sc, label in [("mbsync_folders_first", "mbsync first pull"),
                       ("mbsync_folders_nochange", "mbsync, nothing new"),
                       ("mbsync_folders_one_new", "mbsync, 1 new message in 1 folder")]:
-        r = one(sc, "200f")
+        r = one(sc)
         if r is None:
             w(f"| {label} | – | – | – |")
         else:
