@@ -239,6 +239,7 @@ def live_section():
         else:
             w(f"| {label} | {fmt(r['secs'] * 1000)} | {r.get('messages', '–')} | {commands_cell(r)} |")
     for sc, label in [("mbsync_folders_first", "mbsync first pull"),
+                      ("mbsync_folders_nochange_after_pull", "mbsync, nothing new, its first run after the pull"),
                       ("mbsync_folders_nochange", "mbsync, nothing new"),
                       ("mbsync_folders_one_new", "mbsync, 1 new message in 1 folder")]:
         r = one(sc)
