@@ -219,6 +219,9 @@ pub struct AddRemoteArgs {
     /// minutes between two scheduled syncs, or a cron expression (default 15)
     #[argh(option)]
     pub pollinterval: Option<String>,
+    /// watch INBOX with IDLE, so new mail is synced at once (with imap.idle: identity)
+    #[argh(switch)]
+    pub idle: bool,
 }
 
 /// order a sync of a stored remote identity (needs a running imapworker)

@@ -329,7 +329,34 @@ section! {
         /// Login failures lasting longer than this disable the identity (72 h).
         #[serde(deserialize_with = "secs::deserialize")]
         pub disable_after_secs: u64 = 72 * 3600,
+        /// Live sync: which identities get an IDLE session on INBOX, so new
+        /// mail is synced when the server announces it: `identity` (those
+        /// whose `infos.idle` is `true`, set by `imapctl addremote --idle`),
+        /// `all` (every active remote identity) or `off`.
+        pub idle: IdleMode = IdleMode::Identity,
+        /// IDLE sessions this worker holds at most (its connection budget).
+        pub idle_max: u32 = 1000,
+        /// Life of an IDLE lease; renewed every third of it. A dead worker's
+        /// identities are picked up by others within about this long.
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub idle_lease_secs: u64 = 30,
+        /// IDLE is left and entered again after this long (RFC 2177 asks
+        /// for less than 29 minutes, before servers drop the connection).
+        #[serde(deserialize_with = "secs::deserialize")]
+        pub idle_renew_secs: u64 = 25 * 60,
     }
+}
+
+/// `imap.idle`: which identities a worker watches with IDLE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleMode {
+    /// No IDLE session at all: polling only.
+    Off,
+    /// Identities whose `infos.idle` is `true`.
+    Identity,
+    /// Every active remote identity.
+    All,
 }
 
 impl ImapSettings {
@@ -353,6 +380,12 @@ impl ImapSettings {
     }
     pub fn disable_after(&self) -> Duration {
         Duration::from_secs(self.disable_after_secs)
+    }
+    pub fn idle_lease(&self) -> Duration {
+        Duration::from_secs(self.idle_lease_secs)
+    }
+    pub fn idle_renew(&self) -> Duration {
+        Duration::from_secs(self.idle_renew_secs)
     }
 }
 
@@ -472,6 +505,9 @@ impl WorkerSettings {
             ("imap.lda_timeout_secs", i.lda_timeout_secs, 1, 3600),
             ("imap.lock_ttl_secs", i.lock_ttl_secs, 30, 3600),
             ("imap.job_deadline_secs", i.job_deadline_secs, 5, 7 * 86400),
+            ("imap.idle_max", i.idle_max as u64, 0, 100_000),
+            ("imap.idle_lease_secs", i.idle_lease_secs, 3, 3600),
+            ("imap.idle_renew_secs", i.idle_renew_secs, 1, 29 * 60 - 1),
             // `raw_size` is a CQL int; 0 would send every message to S3.
             (
                 "imap.max_message_size",

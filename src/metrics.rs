@@ -65,6 +65,8 @@ pub struct WorkerMetrics {
     pub memory_in_use_bytes: Gauge,
     pub identities_disabled: Counter,
     pub busy_skips: Counter,
+    pub idle_sessions: Gauge,
+    pub idle_wakeups: Counter,
 }
 
 fn seconds_histogram(start: f64, count: u16) -> Histogram {
@@ -96,6 +98,8 @@ impl WorkerMetrics {
             memory_budget_bytes: Gauge::default(),
             memory_in_use_bytes: Gauge::default(),
             identities_disabled: Counter::default(),
+            idle_sessions: Gauge::default(),
+            idle_wakeups: Counter::default(),
             busy_skips: Counter::default(),
         };
         let r = &mut m.registry;
@@ -189,6 +193,16 @@ impl WorkerMetrics {
             "busy_skips",
             "Sync orders skipped because another sync held the identity's lock",
             m.busy_skips.clone(),
+        );
+        r.register(
+            "idle_sessions",
+            "IDLE sessions held now (live sync), one per watched identity",
+            m.idle_sessions.clone(),
+        );
+        r.register(
+            "idle_wakeups",
+            "Syncs started because an IDLE session announced new mail",
+            m.idle_wakeups.clone(),
         );
         Arc::new(m)
     }

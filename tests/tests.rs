@@ -12,6 +12,7 @@ mod config;
 mod ctl;
 mod dispatch;
 mod folders;
+mod idle;
 mod objects;
 mod ops;
 mod poller;

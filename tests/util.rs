@@ -156,6 +156,8 @@ pub fn worker_settings(tag: &str) -> WorkerSettings {
     w.lda.in_topic = format!("inboundSMTP.{tag}");
     w.lda.out_topic = format!("outboundSMTP.{tag}");
     w.imap.poll_throttle_secs = 3600; // no poller in worker tests
+                                      // No live sync unless the test asks: its scan would see other tests' identities.
+    w.imap.idle = caliopen_imap::config::IdleMode::Off;
     w.workers = 4;
     set_s3(&mut w, &s.s3);
     w
@@ -173,6 +175,12 @@ pub fn set_s3(w: &mut WorkerSettings, s3: &S3) {
 /// The YAML of `worker_settings(tag)`, for subprocesses; `imap_extra`
 /// lines go inside its `imap:` block.
 pub fn worker_yaml(tag: &str, imap_extra: &str) -> PathBuf {
+    // No live sync unless the test asks: its scan would see other tests' identities.
+    let imap_extra = &if imap_extra.contains("idle:") {
+        imap_extra.to_string()
+    } else {
+        format!("  idle: off\n{imap_extra}")
+    };
     let text = WorkerYaml {
         stack: &stack().addrs,
         tag,

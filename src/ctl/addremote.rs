@@ -115,6 +115,9 @@ fn new_identity(
     {
         info.insert(infos::MAILBOXES.to_string(), m.to_string());
     }
+    if a.idle {
+        info.insert(infos::IDLE.to_string(), "true".to_string());
+    }
     let mut credentials = HashMap::from([(creds::USERNAME_IN.to_string(), login.to_string())]);
     if let Some(p) = password {
         credentials.insert(creds::PASSWORD_IN.to_string(), p);

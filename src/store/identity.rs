@@ -38,6 +38,8 @@ pub mod infos {
     pub const ERRORS_COUNT: &str = "errorsCount";
     /// Ours: comma-separated mailboxes to sync (default INBOX).
     pub const MAILBOXES: &str = "mailboxes";
+    /// Ours: `true` to watch INBOX with IDLE (live sync, `imap.idle: identity`).
+    pub const IDLE: &str = "idle";
     /// Ours: `starttls`, `tls` or `plain` to override the choice by port.
     pub const SECURITY: &str = "security";
     /// Ours: an extra CA file (PEM) for this identity's server.

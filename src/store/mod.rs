@@ -11,6 +11,7 @@
 //! a clear error naming the statement, not as a silent schema change.
 
 pub mod identity;
+pub mod idle_lease;
 pub mod lease;
 pub mod lock;
 pub mod message;

@@ -98,16 +98,38 @@ fn conclude(rep: &mut JobReport, counters: &Counters, result: &Result<(), JobErr
     }
 }
 
+/// What part of an identity a sync covers, and over which connection.
+#[derive(Default)]
+pub struct Scope<'a> {
+    /// Only this mailbox (an IDLE wake-up syncs INBOX alone), if it is one
+    /// the identity syncs; every mailbox when `None`.
+    pub only: Option<&'a str>,
+    /// A session already logged in (the IDLE one), used instead of a new
+    /// connection and left open at the end.
+    pub held: Option<(&'a mut ImapSession, &'a imap::ConnInfo)>,
+}
+
 /// Sync a stored identity. Never panics on bad data: every problem ends up
 /// in the report (and, when it concerns the account, on the identity).
+pub async fn sync_identity(ctx: &Ctx, req: SyncRequest, counters: Arc<Counters>) -> JobReport {
+    sync_scoped(ctx, req, counters, Scope::default()).await.0
+}
+
+/// [`sync_identity`], limited to `scope`: the same lock, marker, pipeline
+/// and checkpoints, so a live sync keeps every guarantee of a full one.
 #[tracing::instrument(name = "job", skip_all,
     fields(user_id = %req.user_id, identity_id = %req.identity_id, order = orders::SYNC))]
-pub async fn sync_identity(ctx: &Ctx, req: SyncRequest, counters: Arc<Counters>) -> JobReport {
+pub async fn sync_scoped(
+    ctx: &Ctx,
+    req: SyncRequest,
+    counters: Arc<Counters>,
+    scope: Scope<'_>,
+) -> (JobReport, Ended) {
     let _running = InFlight::new(&ctx.metrics.jobs_in_flight);
     let mut rep = report(orders::SYNC, req.user_id, req.identity_id);
     ctx.metrics.syncs_started.inc();
     let started = std::time::Instant::now();
-    let result = sync_locked(ctx, &req, &counters, &mut rep).await;
+    let result = sync_locked(ctx, &req, &counters, &mut rep, scope).await;
     conclude(&mut rep, &counters, &result);
     sync_metrics(ctx, &result, started);
     if rep.ok {
@@ -125,7 +147,23 @@ pub async fn sync_identity(ctx: &Ctx, req: SyncRequest, counters: Arc<Counters>)
             interrupted = rep.interrupted, outage = rep.outage, error = %rep.error,
             "sync ended with errors");
     }
-    rep
+    let ended = match &result {
+        _ if rep.ok => Ended::Done,
+        Err(JobError::Busy(_)) => Ended::Busy,
+        _ => Ended::Failed,
+    };
+    (rep, ended)
+}
+
+/// How a sync ended, for callers that retry on their own (live sync).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Everything asked for was done.
+    Done,
+    /// Another sync holds the identity: try again once it is over.
+    Busy,
+    /// Something failed (recorded on the identity and in the report).
+    Failed,
 }
 
 /// Count a sync's end by outcome class (never per identity).
@@ -153,6 +191,7 @@ async fn sync_locked(
     req: &SyncRequest,
     counters: &Arc<Counters>,
     rep: &mut JobReport,
+    scope: Scope<'_>,
 ) -> Result<(), JobError> {
     let store = &ctx.store;
     let id = load_identity(ctx, req.user_id, req.identity_id).await?;
@@ -180,7 +219,7 @@ async fn sync_locked(
         let id = claim_marker(ctx, req, &marker).await?;
         rep.mailboxes = id.mailboxes();
         let r = run_renewing(ctx, &id, since, |stop| {
-            sync_identity_inner(ctx, &id, &req.password, &marker, counters, stop)
+            sync_identity_inner(ctx, &id, &req.password, &marker, counters, scope, stop)
         })
         .await;
         Ok::<_, JobError>((id, r))
@@ -489,26 +528,43 @@ async fn sync_identity_inner(
     password: &str,
     marker: &str,
     counters: &Arc<Counters>,
+    scope: Scope<'_>,
     mut stop: Shutdown,
 ) -> Result<(), JobError> {
     let mut id = id.clone();
     account::ensure_fresh_token(ctx, &mut id).await?;
     let id = &id;
     let acc = account::from_identity(ctx, id, password)?;
-    let connecting = std::time::Instant::now();
-    let (mut session, conn) = tokio::select! {
-        r = imap::connect(&acc) => r?,
-        _ = stop.wait() => return Err(JobError::Interrupted("stopped while connecting".into())),
+    let mut opened = None;
+    let ours = scope.held.is_none();
+    let (session, conn) = match scope.held {
+        Some((session, conn)) => (session, conn),
+        None => {
+            let connecting = std::time::Instant::now();
+            let new = tokio::select! {
+                r = imap::connect(&acc) => r?,
+                _ = stop.wait() => return Err(JobError::Interrupted("stopped while connecting".into())),
+            };
+            ctx.metrics
+                .connect_seconds
+                .observe(connecting.elapsed().as_secs_f64());
+            let (session, conn) = opened.insert(new);
+            (session, &*conn)
+        }
     };
-    ctx.metrics
-        .connect_seconds
-        .observe(connecting.elapsed().as_secs_f64());
     let result = async {
         marker_still_ours(ctx, id, marker).await?;
-        sync_mailboxes(ctx, id, &mut session, &acc, &conn, counters, &stop).await
+        let remote = Remote {
+            session,
+            acc: &acc,
+            conn,
+        };
+        sync_mailboxes(ctx, id, remote, counters, scope.only, &stop).await
     }
     .await;
-    logout(&mut session, &acc).await;
+    if ours {
+        logout(session, &acc).await;
+    }
     if result.is_ok() && !stop.is_triggered() {
         ctx.store
             .merge_infos(id.user_id, id.identity_id, Identity::lastsync(Utc::now()))
@@ -517,26 +573,46 @@ async fn sync_identity_inner(
     result
 }
 
+/// The logged-in connection a sync works over.
+struct Remote<'a> {
+    session: &'a mut ImapSession,
+    acc: &'a Account,
+    conn: &'a imap::ConnInfo,
+}
+
 /// Sync each mailbox of the identity in turn from its checkpoint. A folder
 /// the server will not open is recorded as that folder's error and the
 /// others go on; folder errors of folders no longer synced are cleared.
 async fn sync_mailboxes(
     ctx: &Ctx,
     id: &Identity,
-    session: &mut ImapSession,
-    acc: &Account,
-    conn: &imap::ConnInfo,
+    remote: Remote<'_>,
     counters: &Arc<Counters>,
+    only: Option<&str>,
     stop: &Shutdown,
 ) -> Result<(), JobError> {
+    let Remote { session, acc, conn } = remote;
     let display = if id.display_name.is_empty() {
         id.identifier.as_str()
     } else {
         id.display_name.as_str()
     };
-    let mailboxes = mailboxes_of(id, session, acc, stop).await?;
+    let mut mailboxes = match only {
+        // INBOX is always among the folders of `*`: no LIST for a wake-up.
+        Some(m) if id.mailboxes().iter().any(|x| x == "*") && checkpoint::is_inbox(m) => {
+            vec![m.to_string()]
+        }
+        _ => mailboxes_of(id, session, acc, stop).await?,
+    };
     let known = ctx.store.mailbox_errors(id.user_id, id.identity_id).await?;
-    for gone in known.iter().filter(|k| !mailboxes.contains(&k.mailbox)) {
+    if let Some(m) = only {
+        // Folder errors of the others stay as they are.
+        mailboxes.retain(|x| x == m);
+    }
+    for gone in known
+        .iter()
+        .filter(|k| only.is_none() && !mailboxes.contains(&k.mailbox))
+    {
         ctx.store
             .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
             .await?;

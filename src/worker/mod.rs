@@ -17,6 +17,7 @@
 pub mod account;
 pub mod checkpoint;
 pub mod context;
+pub mod idle;
 pub mod job;
 pub mod orders;
 pub mod pipeline;
@@ -245,6 +246,9 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
     let mut jobs = JoinSet::new();
     let mut pulls = Pulls::new(s.imap.poll_throttle(), s.workers);
     let mut lost = false;
+    // Live sync runs beside the orders, in the same job slots.
+    let (end_live, live_stop) = crate::shutdown::channel();
+    let live = tokio::spawn(idle::run(ctx.clone(), pools.slots.clone(), live_stop));
 
     loop {
         // Reap finished jobs so the set does not grow.
@@ -275,7 +279,12 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
 
     // No new work from here on.
     let _ = orders.unsubscribe().await;
-    drain(&ctx, &mut jobs).await;
+    // The live sync stops on the same shutdown (or right now, if the
+    // subscription was lost) and releases its leases.
+    end_live.trigger();
+    tokio::join!(drain(&ctx, &mut jobs), async {
+        let _ = live.await;
+    });
     if lost {
         anyhow::bail!("the NATS order subscription closed");
     }

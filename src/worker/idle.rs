@@ -1,0 +1,712 @@
+//! Live sync: an IDLE session (RFC 2177) on the INBOX of each watched
+//! identity, so new mail reaches Caliopen within seconds instead of at the
+//! next poll.
+//!
+//! Which identities are watched: `imap.idle: all` (every active remote
+//! identity), `identity` (those whose `infos.idle` is `true`), or `off`.
+//! Who watches which is decided in Cassandra, not in memory, so any number
+//! of workers share them ([`crate::store::idle_lease`]): every third of
+//! `idle_lease_secs` a worker renews the leases it holds, says it is alive
+//! (with its budget, `idle_max`), reads which identities want IDLE and which
+//! are leased, and takes free ones up to its share: the identities divided
+//! by the live workers, more when the others' budgets are full, never more
+//! than its own budget. Above its share it hands sessions back, so a worker
+//! added later gets its part. A worker killed with `kill -9` stops renewing,
+//! its leases lapse, and the others take its identities at their next round.
+//!
+//! A session logs in, EXAMINEs INBOX and waits in IDLE. When the server
+//! announces new mail (EXISTS) it leaves IDLE and syncs INBOX over the same
+//! connection through the ordinary path ([`job::sync_scoped`]): the same
+//! sync lock, marker, pipeline and checkpoint, so exactly-once holds exactly
+//! as for an order. It also syncs once when the session starts (mail that
+//! came while nobody watched), re-enters IDLE every `idle_renew_secs` (under
+//! RFC 2177's 29 minutes), retries a sync another one held or one that
+//! failed, and reconnects with backoff when the connection breaks. A server
+//! without IDLE is recorded (a lease row owned by [`NO_IDLE_OWNER`] for an
+//! hour) and its identity stays with polling. Polling goes on regardless:
+//! the poller's schedule is the safety net for anything a session misses.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_imap::imap_proto::{MailboxDatum, RequestId, Response, Status};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio::task::{Id, JoinSet};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::account;
+use super::context::{Counters, Ctx};
+use super::job::{self, Ended, Scope, SyncRequest};
+use super::JobError;
+use crate::config::IdleMode;
+use crate::imap::fetch::Reader;
+use crate::imap::{self, ImapError, ImapSession};
+use crate::shutdown::{self, Shutdown};
+use crate::store::identity::{infos, IdentityKind, Protocol, Status as IdStatus};
+use crate::store::idle_lease::NO_IDLE_OWNER;
+use crate::store::StoreError;
+
+/// (user_id, identity_id).
+pub type Key = (Uuid, Uuid);
+
+/// Longest wait before reconnecting a broken session, or retrying a sync
+/// that failed.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Leases taken per round at most, so a new worker does not fire a burst of
+/// thousands of Paxos rounds at once.
+const CLAIMS_PER_ROUND: usize = 200;
+/// Lease renewals in flight at once.
+const RENEWALS_AT_ONCE: usize = 32;
+/// How long a server without IDLE is left to polling before it is asked again.
+const NO_IDLE_RECHECK_SECS: u64 = 3600;
+const SCAN_PAGE: i32 = 5000;
+/// How often the identities wanting IDLE are read again (a paged read of
+/// `user_identity`); leases are looked at every round, so the identities of
+/// a dead worker are taken within a lease's life and a round.
+const WANTED_RESCAN: Duration = Duration::from_secs(60);
+
+/// Why a session ended for good (errors are retried inside it).
+#[derive(Debug)]
+enum SessionEnd {
+    /// Its stop token fired (lease lost or handed back, shutdown).
+    Stopped,
+    /// The server does not offer IDLE.
+    NoIdle,
+    /// The identity cannot be watched as stored (deleted, no longer an
+    /// active remote email identity, no usable credentials).
+    Unusable(String),
+}
+
+struct Held {
+    trigger: shutdown::Trigger,
+    task: Id,
+    since: DateTime<Utc>,
+    renewed: Instant,
+}
+
+/// Run the live sync of this worker until `stop` fires (the worker's loop
+/// ended); every lease it held is released on the way out.
+pub async fn run(ctx: Ctx, slots: Arc<Semaphore>, mut stop: Shutdown) {
+    let s = &ctx.settings.imap;
+    if s.idle == IdleMode::Off || s.idle_max == 0 {
+        return;
+    }
+    let every = (s.idle_lease() / 3).max(Duration::from_secs(1));
+    let mut w = Watcher {
+        ctx: ctx.clone(),
+        slots,
+        held: HashMap::new(),
+        tasks: HashMap::new(),
+        sessions: JoinSet::new(),
+        wanted: HashSet::new(),
+        scanned: None,
+        short_warned: None,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait() => break,
+            Some(r) = w.sessions.join_next_with_id(), if !w.sessions.is_empty() => w.ended(r).await,
+            _ = tick.tick() => w.round().await,
+        }
+    }
+    w.stop_all().await;
+}
+
+struct Watcher {
+    ctx: Ctx,
+    /// The worker's job slots: a live sync takes one like any other job.
+    slots: Arc<Semaphore>,
+    held: HashMap<Key, Held>,
+    tasks: HashMap<Id, Key>,
+    sessions: JoinSet<SessionEnd>,
+    /// The identities wanting IDLE, as last read, and when.
+    wanted: HashSet<Key>,
+    scanned: Option<Instant>,
+    /// When we last said that the budgets cannot cover every identity.
+    short_warned: Option<Instant>,
+}
+
+impl Watcher {
+    fn budget(&self) -> usize {
+        self.ctx.settings.imap.idle_max as usize
+    }
+
+    fn lease_secs(&self) -> u64 {
+        self.ctx.settings.imap.idle_lease_secs
+    }
+
+    /// One round: renew what we hold, then take or hand back sessions.
+    async fn round(&mut self) {
+        self.renew().await;
+        if let Err(e) = self.balance().await {
+            tracing::warn!(error = %e, "live sync: cannot share the IDLE sessions this round");
+        }
+        self.ctx.metrics.idle_sessions.set(self.held.len() as i64);
+    }
+
+    async fn renew(&mut self) {
+        let store = &self.ctx.store;
+        let me = self.ctx.worker_id.as_str();
+        let ttl = self.lease_secs();
+        let due: Vec<(Key, DateTime<Utc>)> = self.held.iter().map(|(k, h)| (*k, h.since)).collect();
+        let results: Vec<(Key, Result<bool, StoreError>)> = futures::stream::iter(due)
+            .map(|(k, since)| async move { (k, store.renew_idle_lease(k, me, since, ttl).await) })
+            .buffer_unordered(RENEWALS_AT_ONCE)
+            .collect()
+            .await;
+        let give_up = self.ctx.settings.imap.idle_lease() / 2;
+        for (k, r) in results {
+            let lost = match r {
+                Ok(true) => {
+                    if let Some(h) = self.held.get_mut(&k) {
+                        h.renewed = Instant::now();
+                    }
+                    None
+                }
+                Ok(false) => Some("the IDLE lease was lost".to_string()),
+                Err(e)
+                    if self
+                        .held
+                        .get(&k)
+                        .is_some_and(|h| h.renewed.elapsed() >= give_up) =>
+                {
+                    Some(format!("cannot renew the IDLE lease: {e}"))
+                }
+                Err(e) => {
+                    tracing::warn!(identity = %k.1, error = %e, "cannot renew the IDLE lease yet");
+                    None
+                }
+            };
+            if let Some(why) = lost {
+                tracing::warn!(identity = %k.1, reason = %why, "stopping the IDLE session");
+                self.stop(k);
+            }
+        }
+    }
+
+    /// Take free identities up to this worker's share, hand back the
+    /// surplus, and stop watching identities that no longer want IDLE.
+    async fn balance(&mut self) -> Result<(), StoreError> {
+        if self.scanned.is_none_or(|t| t.elapsed() >= WANTED_RESCAN) {
+            self.wanted = wanted(&self.ctx).await?;
+            self.scanned = Some(Instant::now());
+        }
+        let wanted = self.wanted.clone();
+        let gone: Vec<Key> = self
+            .held
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .copied()
+            .collect();
+        for k in gone {
+            tracing::info!(identity = %k.1, "identity no longer watched with IDLE");
+            self.hand_back(k).await;
+        }
+        let leased: HashSet<Key> = self
+            .ctx
+            .store
+            .idle_leases()
+            .await?
+            .into_iter()
+            .map(|l| (l.user_id, l.identity_id))
+            .collect();
+        let me = self.ctx.worker_id.clone();
+        let budget = self.budget();
+        self.ctx
+            .store
+            .idle_worker_alive(
+                &me,
+                self.held.len() as u32,
+                budget as u32,
+                self.lease_secs() * 2,
+            )
+            .await?;
+        let others: Vec<_> = self
+            .ctx
+            .store
+            .idle_workers()
+            .await?
+            .into_iter()
+            .filter(|w| w.worker != me)
+            .collect();
+        let room_elsewhere: usize = others.iter().map(|w| w.budget as usize).sum();
+        let target = share(wanted.len(), others.len() + 1, room_elsewhere, budget);
+
+        if self.held.len() > target {
+            let surplus: Vec<Key> = self
+                .held
+                .keys()
+                .take(self.held.len() - target)
+                .copied()
+                .collect();
+            tracing::info!(
+                handed_back = surplus.len(),
+                share = target,
+                "live sync: handing IDLE sessions back to spread them"
+            );
+            for k in surplus {
+                self.hand_back(k).await;
+            }
+            return Ok(());
+        }
+        let mut free: Vec<Key> = wanted.difference(&leased).copied().collect();
+        fastrand::shuffle(&mut free);
+        let want = (target - self.held.len()).min(CLAIMS_PER_ROUND);
+        let mut taken = 0;
+        for k in free {
+            if taken == want {
+                break;
+            }
+            let now = Utc::now();
+            if self
+                .ctx
+                .store
+                .take_idle_lease(k, &me, now, self.lease_secs())
+                .await?
+            {
+                self.start(k, now);
+                taken += 1;
+            }
+        }
+        let watched = leased.len() + taken;
+        if wanted.len() > watched && self.held.len() >= budget {
+            let quiet = self
+                .short_warned
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(300));
+            if !quiet {
+                self.short_warned = Some(Instant::now());
+                tracing::warn!(
+                    wanted = wanted.len(),
+                    watched,
+                    budget,
+                    "live sync: the workers' IDLE budgets (imap.idle_max) do not cover every \
+                     identity; the others are polled only"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, key: Key, since: DateTime<Utc>) {
+        let (trigger, stop) = shutdown::channel();
+        let (ctx, slots) = (self.ctx.clone(), self.slots.clone());
+        let task = self
+            .sessions
+            .spawn(async move { watch(ctx, key, slots, stop).await })
+            .id();
+        self.tasks.insert(task, key);
+        self.held.insert(
+            key,
+            Held {
+                trigger,
+                task,
+                since,
+                renewed: Instant::now(),
+            },
+        );
+        tracing::debug!(identity = %key.1, "IDLE session taken");
+    }
+
+    /// Stop a session and forget it (its lease is not ours any more).
+    fn stop(&mut self, key: Key) {
+        if let Some(h) = self.held.remove(&key) {
+            h.trigger.trigger();
+            self.tasks.remove(&h.task);
+        }
+    }
+
+    /// Stop a session and release its lease, so another worker takes it now.
+    async fn hand_back(&mut self, key: Key) {
+        self.stop(key);
+        let _ = self
+            .ctx
+            .store
+            .release_idle_lease(key, &self.ctx.worker_id)
+            .await;
+    }
+
+    /// A session task ended by itself (or panicked).
+    async fn ended(&mut self, r: Result<(Id, SessionEnd), tokio::task::JoinError>) {
+        let (id, end) = match r {
+            Ok((id, end)) => (id, end),
+            Err(e) => {
+                let id = e.id();
+                tracing::error!(error = %e, "an IDLE session task failed");
+                (id, SessionEnd::Unusable(format!("its task failed: {e}")))
+            }
+        };
+        let Some(key) = self.tasks.remove(&id) else {
+            return; // stopped by us already
+        };
+        self.held.remove(&key);
+        let me = self.ctx.worker_id.clone();
+        let store = &self.ctx.store;
+        let _ = store.release_idle_lease(key, &me).await;
+        match end {
+            SessionEnd::Stopped => {}
+            SessionEnd::NoIdle | SessionEnd::Unusable(_) => {
+                if let SessionEnd::Unusable(why) = &end {
+                    tracing::warn!(identity = %key.1, reason = %why,
+                        "cannot watch this identity with IDLE for now: polling only");
+                } else {
+                    tracing::info!(identity = %key.1,
+                        "the server does not offer IDLE: this identity is polled only");
+                }
+                let _ = store
+                    .take_idle_lease(key, NO_IDLE_OWNER, Utc::now(), NO_IDLE_RECHECK_SECS)
+                    .await;
+            }
+        }
+        self.ctx.metrics.idle_sessions.set(self.held.len() as i64);
+    }
+
+    /// On shutdown: stop every session, let them log out, release the
+    /// leases so other workers take over at once.
+    async fn stop_all(mut self) {
+        for h in self.held.values() {
+            h.trigger.trigger();
+        }
+        let grace = self.ctx.settings.imap.shutdown_grace();
+        let _ = tokio::time::timeout(grace, async {
+            while self.sessions.join_next().await.is_some() {}
+        })
+        .await;
+        self.sessions.abort_all();
+        let store = &self.ctx.store;
+        let me = self.ctx.worker_id.as_str();
+        futures::stream::iter(self.held.keys().copied())
+            .for_each_concurrent(RENEWALS_AT_ONCE, |k| async move {
+                let _ = store.release_idle_lease(k, me).await;
+            })
+            .await;
+        let _ = store.idle_worker_gone(me).await;
+        self.ctx.metrics.idle_sessions.set(0);
+    }
+}
+
+/// This worker's share of `wanted` sessions among `workers` live ones: an
+/// even split, or more when the others' budgets (`room_elsewhere`) cannot
+/// hold the rest; never more than `budget`.
+fn share(wanted: usize, workers: usize, room_elsewhere: usize, budget: usize) -> usize {
+    let even = wanted.div_ceil(workers.max(1));
+    even.max(wanted.saturating_sub(room_elsewhere)).min(budget)
+}
+
+/// The identities that want an IDLE session now.
+async fn wanted(ctx: &Ctx) -> Result<HashSet<Key>, StoreError> {
+    let all = ctx.settings.imap.idle == IdleMode::All;
+    let mut out = HashSet::new();
+    let mut state = None;
+    loop {
+        let (page, next) = ctx.store.scan_identities(SCAN_PAGE, state).await?;
+        for r in page {
+            let email = matches!(r.protocol, Protocol::Email | Protocol::ImapLegacy);
+            let opted = r
+                .infos
+                .get(infos::IDLE)
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+            if r.kind == IdentityKind::Remote
+                && r.status == IdStatus::Active
+                && email
+                && (all || opted)
+            {
+                out.insert((r.user_id, r.identity_id));
+            }
+        }
+        match next {
+            Some(s) => state = Some(s),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// One identity's session, reconnecting with backoff until it is stopped
+/// or cannot be watched.
+async fn watch(ctx: Ctx, key: Key, slots: Arc<Semaphore>, mut stop: Shutdown) -> SessionEnd {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let began = Instant::now();
+        let e = match watch_once(&ctx, key, &slots, &mut stop).await {
+            Ok(end) => return end,
+            Err(JobError::Account(e)) => return SessionEnd::Unusable(e.to_string()),
+            Err(JobError::NotFound(e)) => return SessionEnd::Unusable(e.to_string()),
+            Err(e) => e,
+        };
+        if stop.is_triggered() {
+            return SessionEnd::Stopped;
+        }
+        if began.elapsed() > MAX_BACKOFF {
+            backoff = Duration::from_secs(1); // it had been working for a while
+        }
+        tracing::warn!(identity = %key.1, error = %e, retry_in_secs = backoff.as_secs(),
+            "IDLE session broken: reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait() => return SessionEnd::Stopped,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Why an IDLE wait ended.
+enum Wake {
+    /// The server announced new mail.
+    News,
+    /// Time to re-enter IDLE, or to retry a sync.
+    Timer,
+    Stop,
+}
+
+/// Connect, then sync and IDLE in turn until stopped or the connection
+/// breaks (an error, after which [`watch`] reconnects).
+async fn watch_once(
+    ctx: &Ctx,
+    key: Key,
+    slots: &Arc<Semaphore>,
+    stop: &mut Shutdown,
+) -> Result<SessionEnd, JobError> {
+    let Some(mut id) = ctx.store.identity(key.0, key.1).await? else {
+        return Ok(SessionEnd::Unusable("the identity is gone".into()));
+    };
+    if !id.is_remote_email() || id.status != IdStatus::Active {
+        return Ok(SessionEnd::Unusable(
+            "no longer an active remote email identity".into(),
+        ));
+    }
+    account::ensure_fresh_token(ctx, &mut id).await?;
+    let acc = account::from_identity(ctx, &id, "")?;
+    let (mut session, conn) = tokio::select! {
+        r = imap::connect(&acc) => r?,
+        _ = stop.wait() => return Ok(SessionEnd::Stopped),
+    };
+    let io = acc.io_timeout;
+    let server = acc.server.as_str();
+    let caps = bounded(io, server, "CAPABILITY", session.capabilities()).await?;
+    if !caps.has_str("IDLE") {
+        job::logout(&mut session, &acc).await;
+        return Ok(SessionEnd::NoIdle);
+    }
+    // INBOX stays selected from here on (a live sync only EXAMINEs INBOX
+    // again): whatever arrives after this is announced, at the latest when
+    // the next IDLE starts.
+    Reader::new(&mut session, server, io, stop.clone())
+        .examine("INBOX")
+        .await?;
+    tracing::info!(identity = %key.1, server, "IDLE session open");
+    let renew = ctx.settings.imap.idle_renew();
+    // Sync once first: mail may have come while nobody watched.
+    let mut sync_at = Some(Instant::now());
+    let mut retry = Duration::from_secs(1);
+    loop {
+        if sync_at.is_some_and(|t| t <= Instant::now()) {
+            sync_at = match push_sync(ctx, key, slots, &mut session, &conn, stop).await {
+                Ended::Done => {
+                    retry = Duration::from_secs(1);
+                    None
+                }
+                // Another sync holds the identity; it may have passed INBOX
+                // already, so ours runs once it is over.
+                Ended::Busy => Some(Instant::now() + retry.min(Duration::from_secs(15))),
+                Ended::Failed => Some(Instant::now() + retry),
+            };
+            if sync_at.is_some() {
+                retry = (retry * 2).min(MAX_BACKOFF);
+            }
+        }
+        if stop.is_triggered() {
+            job::logout(&mut session, &acc).await;
+            return Ok(SessionEnd::Stopped);
+        }
+        let until = Instant::now() + renew;
+        let until = sync_at.map_or(until, |t| t.min(until));
+        match idle_until(&mut session, io, server, until, stop).await? {
+            Wake::News => {
+                ctx.metrics.idle_wakeups.inc();
+                sync_at = Some(Instant::now());
+            }
+            Wake::Timer => {}
+            Wake::Stop => {
+                job::logout(&mut session, &acc).await;
+                return Ok(SessionEnd::Stopped);
+            }
+        }
+    }
+}
+
+/// One IDLE: enter it, wait for new mail, `until` or the stop token, then
+/// leave it (DONE). Driven response by response rather than through
+/// async-imap's IDLE handle, which hands an EXISTS sent while IDLE starts
+/// to a side channel: that is precisely the mail that came in between.
+async fn idle_until(
+    session: &mut ImapSession,
+    io: Duration,
+    server: &str,
+    until: Instant,
+    stop: &mut Shutdown,
+) -> Result<Wake, JobError> {
+    let tag = bounded(io, server, "IDLE", session.run_command("IDLE")).await?;
+    let mut news = false;
+    // Up to the server's "+ idling".
+    loop {
+        match next(session, io, server, "IDLE", &tag).await? {
+            Seen::Continue => break,
+            // Refused (or ended at once): no IDLE here after all.
+            Seen::Tagged(r) => {
+                let why = r.err().unwrap_or_else(|| "ended before it began".into());
+                return Err(broken(server, "IDLE", why));
+            }
+            Seen::Exists => news = true,
+            Seen::Other => {}
+        }
+    }
+    let mut wake = if news {
+        Wake::News
+    } else {
+        loop {
+            tokio::select! {
+                r = session.read_response() => match r {
+                    Ok(Some(resp)) => match classify(resp.parsed(), &tag) {
+                        Seen::Exists => break Wake::News,
+                        Seen::Tagged(_) => return Err(broken(server, "IDLE", "the server ended IDLE")),
+                        // EXPUNGE, flag changes, keep-alives: nothing to fetch.
+                        Seen::Continue | Seen::Other => {}
+                    },
+                    Ok(None) => return Err(broken(server, "IDLE", "the server closed the connection")),
+                    Err(e) => return Err(broken(server, "IDLE", e)),
+                },
+                _ = tokio::time::sleep_until(until) => break Wake::Timer,
+                _ = stop.wait() => break Wake::Stop,
+            }
+        }
+    };
+    bounded(io, server, "DONE", session.run_command_untagged("DONE")).await?;
+    loop {
+        match next(session, io, server, "DONE", &tag).await? {
+            Seen::Tagged(Ok(())) => return Ok(wake),
+            Seen::Tagged(Err(why)) => return Err(broken(server, "DONE", why)),
+            Seen::Exists if matches!(wake, Wake::Timer) => wake = Wake::News,
+            _ => {}
+        }
+    }
+}
+
+/// What one response during IDLE says.
+enum Seen {
+    /// `+ idling`.
+    Continue,
+    /// The tagged end of the IDLE command, with the server's text if not OK.
+    Tagged(Result<(), String>),
+    /// New mail.
+    Exists,
+    Other,
+}
+
+fn classify(r: &Response<'_>, tag: &RequestId) -> Seen {
+    match r {
+        Response::Continue { .. } => Seen::Continue,
+        Response::Done {
+            tag: t,
+            status,
+            outcome,
+        } if t == tag => match status {
+            Status::Ok => Seen::Tagged(Ok(())),
+            other => Seen::Tagged(Err(format!(
+                "{other:?} {}",
+                outcome.information.as_deref().unwrap_or("")
+            ))),
+        },
+        Response::MailboxData(MailboxDatum::Exists(_)) => Seen::Exists,
+        _ => Seen::Other,
+    }
+}
+
+/// The next response, classified, bounded by the I/O timeout.
+async fn next(
+    session: &mut ImapSession,
+    io: Duration,
+    server: &str,
+    during: &str,
+    tag: &RequestId,
+) -> Result<Seen, JobError> {
+    match bounded(io, server, during, session.read_response()).await? {
+        Some(resp) => Ok(classify(resp.parsed(), tag)),
+        None => Err(broken(server, during, "the server closed the connection")),
+    }
+}
+
+/// Sync INBOX over the IDLE session, in one of the worker's job slots.
+async fn push_sync(
+    ctx: &Ctx,
+    key: Key,
+    slots: &Arc<Semaphore>,
+    session: &mut ImapSession,
+    conn: &imap::ConnInfo,
+    stop: &mut Shutdown,
+) -> Ended {
+    let _slot = tokio::select! {
+        p = slots.clone().acquire_owned() => p,
+        _ = stop.wait() => return Ended::Busy,
+    };
+    let req = SyncRequest {
+        user_id: key.0,
+        identity_id: key.1,
+        password: String::new(),
+    };
+    let scope = Scope {
+        only: Some("INBOX"),
+        held: Some((session, conn)),
+    };
+    job::sync_scoped(ctx, req, Counters::new(), scope).await.1
+}
+
+/// One IMAP step bounded by the I/O timeout.
+async fn bounded<T, E: std::fmt::Display>(
+    io: Duration,
+    server: &str,
+    during: &str,
+    step: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, JobError> {
+    match tokio::time::timeout(io, step).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(broken(server, during, e)),
+        Err(_) => Err(ImapError::Timeout {
+            server: server.to_string(),
+            during: during.to_string(),
+        }
+        .into()),
+    }
+}
+
+fn broken(server: &str, during: &str, reason: impl std::fmt::Display) -> JobError {
+    ImapError::Protocol {
+        server: server.to_string(),
+        during: during.to_string(),
+        reason: reason.to_string(),
+    }
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    #[test]
+    fn sessions_are_shared_evenly_within_budgets() {
+        // Alone: everything, up to the budget.
+        assert_eq!(share(1000, 1, 0, 1000), 1000);
+        assert_eq!(share(1500, 1, 0, 1000), 1000);
+        // A second worker with room: half each.
+        assert_eq!(share(1000, 2, 1000, 1000), 500);
+        assert_eq!(share(1001, 2, 1000, 1000), 501);
+        // The other's budget is small: we carry the rest.
+        assert_eq!(share(1000, 2, 100, 1000), 900);
+        // Nothing wanted, nothing held.
+        assert_eq!(share(0, 3, 3000, 1000), 0);
+    }
+}

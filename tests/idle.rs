@@ -1,0 +1,190 @@
+//! Live sync: IDLE sessions and their leases, against the real Dovecot.
+//!
+//! These tests opt identities in (`infos.idle = true`) in the shared
+//! keyspace, where any worker with `imap.idle: identity` would see them:
+//! they run one at a time, and every other test's worker has live sync off.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use caliopen_imap::config::IdleMode;
+use caliopen_imap::imap::{self, Account, Auth, Security};
+use caliopen_imap::store::identity::infos;
+use caliopen_imap::store::Store;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::util::*;
+
+/// One live-sync test at a time (see the module doc).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Long enough for a real connection and a first sync on a busy machine.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Opts an identity in to IDLE, and out again however the test ends.
+struct OptedIn {
+    user: Uuid,
+    identity: Uuid,
+}
+
+impl OptedIn {
+    async fn new(store: &Store, user: Uuid, identity: Uuid) -> OptedIn {
+        store
+            .merge_infos(
+                user,
+                identity,
+                [(infos::IDLE.to_string(), "true".to_string())].into(),
+            )
+            .await
+            .unwrap();
+        OptedIn { user, identity }
+    }
+}
+
+impl Drop for OptedIn {
+    fn drop(&mut self) {
+        // No runtime to lean on in Drop: cqlsh, synchronously.
+        cql_exec(&format!(
+            "UPDATE caliopen.user_identity SET infos['idle'] = 'false' \
+             WHERE user_id = {} AND identity_id = {}",
+            self.user, self.identity
+        ));
+    }
+}
+
+fn live_settings(tag: &str) -> caliopen_imap::config::WorkerSettings {
+    let mut s = worker_settings(tag);
+    s.imap.idle = IdleMode::Identity;
+    s.imap.idle_lease_secs = 6;
+    s
+}
+
+/// Append one message to `login`'s INBOX over IMAP, as a mail client would.
+async fn append(login: &str, n: usize) {
+    let acc = Account {
+        server: imaps_server(),
+        security: Security::Tls,
+        auth: Auth::Login {
+            user: login.to_string(),
+            password: stack().password.clone(),
+        },
+        ca_files: vec![stack().ca_file.clone().into()],
+        pin: None,
+        allow_plaintext_loopback: false,
+        connect_timeout: Duration::from_secs(30),
+        io_timeout: Duration::from_secs(30),
+    };
+    let (mut session, _) = imap::connect(&acc).await.expect("log in to append");
+    session
+        .append("INBOX", None, None, message(n, 200))
+        .await
+        .expect("APPEND");
+    let _ = session.logout().await;
+}
+
+/// Who holds the IDLE lease of `identity`, if anyone.
+async fn lease_owner(store: &Store, identity: Uuid) -> Option<String> {
+    store
+        .idle_leases()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|l| l.identity_id == identity)
+        .map(|l| l.owner)
+}
+
+async fn within<F: std::future::Future<Output = T>, T>(what: &str, f: F) -> T {
+    tokio::time::timeout(PATIENCE, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {PATIENCE:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_append_reaches_the_processor_with_no_sync_order() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let store = store().await;
+    let tag = unique("idle");
+    let (user, login, id) = mailbox_account(&store, 2, 300).await;
+    let _opted = OptedIn::new(&store, user, id.identity_id).await;
+    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+
+    let w = start_worker(live_settings(&tag)).await;
+    // The session's first sync: what was there before anyone watched.
+    within("the first sync", lda.wait_seen(2)).await;
+    append(&login, 3).await;
+    within("the appended message", lda.wait_seen(3)).await;
+
+    // It came through an IDLE wake-up: no order was ever sent.
+    assert!(w.ctx.metrics.idle_wakeups.get() >= 1);
+    assert_eq!(
+        lease_owner(&store, id.identity_id).await.as_deref(),
+        Some(w.ctx.worker_id.as_str())
+    );
+    let (messages, uidnext, _) = mailbox_status(&login, "INBOX");
+    assert_eq!((messages, uidnext), (3, 4));
+    within("the checkpoint moving on", async {
+        while store
+            .identity(user, id.identity_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .lastseenuid()
+            != 3
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    w.stop().await;
+    // A clean stop hands the session back at once.
+    assert_eq!(lease_owner(&store, id.identity_id).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_idle_holder_is_replaced_by_another_worker() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let store = store().await;
+    let tag = unique("idlekill");
+    let (user, login, id) = mailbox_account(&store, 1, 300).await;
+    let _opted = OptedIn::new(&store, user, id.identity_id).await;
+    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+
+    // The first holder: a worker process, killed with SIGKILL below.
+    let cfg = worker_yaml(&tag, "  idle: identity\n  idle_lease_secs: 6\n");
+    let mut first = Command::new(bin())
+        .args(["worker", "-c", cfg.to_str().unwrap(), "start"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    within("the first worker's sync", lda.wait_seen(1)).await;
+    let held_by_first = lease_owner(&store, id.identity_id)
+        .await
+        .expect("the first worker holds the lease");
+
+    // A second worker comes up while the first holds the session: it
+    // leaves it alone (it is leased), then takes it once the first is dead.
+    let second = start_worker(live_settings(&tag)).await;
+    assert_ne!(held_by_first, second.ctx.worker_id);
+    first.kill().unwrap();
+    let _ = first.wait();
+    within("the second worker taking the lease", async {
+        while lease_owner(&store, id.identity_id).await.as_deref()
+            != Some(second.ctx.worker_id.as_str())
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+
+    append(&login, 2).await;
+    within("the message appended after the kill", lda.wait_seen(2)).await;
+    assert_eq!(
+        lda.seen.lock().unwrap().len(),
+        2,
+        "nothing handed off twice"
+    );
+    second.stop().await;
+}
