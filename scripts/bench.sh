@@ -581,6 +581,8 @@ IDLE_RAMP_SECS=180
 # Seconds of rest over which the worker's CPU is measured.
 IDLE_REST_SECS=${BENCH_IDLE_REST_SECS:-60}
 FOLDERS=200
+# Resyncs of the 200 folders (no change, one new message) measured each.
+LIVE_REPEAT=3
 
 reset_live() {
     cqlsh -e "TRUNCATE $KS_LIVE.user_identity; TRUNCATE $KS_LIVE.identity_lookup;
@@ -669,23 +671,23 @@ ensure_folders() {
     touch "$WORK/folders-$SEED.done"
 }
 
-# usage: folders_sync LABEL SCENARIO → records worker time, messages and
-# the commands sent by one sync order
+# usage: folders_sync LABEL SCENARIO ROUND → records worker time, messages
+# and the commands sent by one sync order
 folders_sync() {
     local c0 c1 out
     c0=$(commands_json)
     out=$(tool_sync)
-    hung "$2" "$1" 1 "$out" && return 1
+    hung "$2" "$1" "$3" "$out" && return 1
     c1=$(commands_json)
-    record "$2" "$1" 1 "$(jq -c --argjson d "$(commands_delta "$c0" "$c1")" \
+    record "$2" "$1" "$3" "$(jq -c --argjson d "$(commands_delta "$c0" "$c1")" \
         '. + {messages: .fetched} + $d' <<<"$out")"
 }
 
 # mbsync on the same folders (Junk and Trash left out, as `mailboxes: *`
 # does); the lines it sends are counted from its network debug output.
-# usage: mbsync_folders USER SCENARIO (the near store is kept between calls)
+# usage: mbsync_folders USER SCENARIO ROUND (the near store is kept between calls)
 mbsync_folders() {
-    local user=$1 scenario=$2 near=$WORK/mbsync-folders conf=$WORK/mbsyncrc-folders t0 t1 sent
+    local user=$1 scenario=$2 round=$3 near=$WORK/mbsync-folders conf=$WORK/mbsyncrc-folders t0 t1 sent
     mkdir -p "$near"
     cat >"$conf" <<EOF
 FSync no
@@ -720,16 +722,17 @@ EOF
     t1=$(date +%s.%N)
     # mbsync -Dn prints what it sends as `>>> TAG COMMAND...`.
     sent=$(grep -c '^>>> ' "$WORK/$scenario.mbsync.log" || true)
-    record "$scenario" 200f 1 "$(jq -nc --argjson t "$(echo "$t1 - $t0" | bc)" --argjson n "$sent" \
+    record "$scenario" 200f "$round" "$(jq -nc --argjson t "$(echo "$t1 - $t0" | bc)" --argjson n "$sent" \
         --argjson sel "$(grep -cE '^>>> [0-9]+ (SELECT|EXAMINE) ' "$WORK/$scenario.mbsync.log" || true)" \
         '{secs: $t, commands_total: $n, selects: $sel}')"
 }
 
-# One identity with `mailboxes: *` over FOLDERS folders: first sync, a
-# no-change resync, then a resync after 1 new message in 1 folder; commands
-# from the worker's counter. mbsync does the same on the same account.
+# One identity with `mailboxes: *` over FOLDERS folders: first sync, then
+# LIVE_REPEAT times a no-change resync and a resync after 1 new message in
+# 1 folder; commands from the worker's counter. mbsync does the same on the
+# same account.
 run_folders() {
-    local user=bench200f1 yaml=$WORK/worker-folders.yaml uidnext msg=$WORK/one-new.eml
+    local user=bench200f1 yaml=$WORK/worker-folders.yaml uidnext r
     ensure_folders "$user"
     reset_live
     live_yaml "$yaml" "inboundSMTP.$TAG" off
@@ -738,22 +741,26 @@ run_folders() {
         --count 1 --server "$IMAPS" --password-env STACK_IMAP_PASSWORD \
         --infos 'mailboxes=*' --list "$WORK/folders.list" >/dev/null
     read -r C_USER C_IDENTITY _ <"$WORK/folders.list"
-    folders_sync 200f live_folders_first || return 0
-    folders_sync 200f live_folders_nochange || return 0
     uidnext=$(doveadm_ -f flow mailbox status -u "$user" uidnext f100 | grep -o '[0-9]*$')
-    add_one "$user" f100
-    folders_sync 200f live_folders_one_new || return 0
+    folders_sync 200f live_folders_first 1 || return 0
+    for r in $(seq "$LIVE_REPEAT"); do
+        folders_sync 200f live_folders_nochange "$r" || return 0
+        add_one "$user" f100
+        folders_sync 200f live_folders_one_new "$r" || return 0
+    done
     stop_pid "$WORKER_PID"
     doveadm_ expunge -u "$user" mailbox f100 uid "$uidnext:*"
 
     rm -rf "$WORK/mbsync-folders"
-    mbsync_folders "$user" mbsync_folders_first
-    # (its first run after the pull took up to 4× longer than later ones
-    # with the same commands: that one is kept apart, the second is the figure)
-    mbsync_folders "$user" mbsync_folders_nochange_after_pull
-    mbsync_folders "$user" mbsync_folders_nochange
-    add_one "$user" f100
-    mbsync_folders "$user" mbsync_folders_one_new
+    mbsync_folders "$user" mbsync_folders_first 1
+    # (its first run after the pull took about 4× as long as later ones,
+    # with the same commands: that one is kept apart)
+    mbsync_folders "$user" mbsync_folders_nochange_after_pull 1
+    for r in $(seq "$LIVE_REPEAT"); do
+        mbsync_folders "$user" mbsync_folders_nochange "$r"
+        add_one "$user" f100
+        mbsync_folders "$user" mbsync_folders_one_new "$r"
+    done
     doveadm_ expunge -u "$user" mailbox f100 uid "$uidnext:*"
 }
 
@@ -849,12 +856,17 @@ run_live_latency() {
 socket_count() { find "/proc/$1/fd" -lname 'socket:*' 2>/dev/null | wc -l; }
 imap_conns() { ss -Htnp state established "( dport = :$STACK_IMAPS_PORT )" 2>/dev/null | grep -c "pid=$1," || true; }
 dovecot_imap_procs() { pgrep -c -x imap || true; }
+# Dovecot's sessions that found the inotify limit reached (and poll instead).
+inotify_warnings() {
+    grep -c 'Inotify instance limit' "$STATE/dovecot/dovecot.log" 2>/dev/null || true
+}
 
 # IDLE_USERS identities, one worker with `imap.idle: all`: sessions reached,
 # RSS against the same worker configuration without IDLE, connections, CPU
 # at rest, Dovecot's processes.
 run_idle_1k() {
-    local yaml=$WORK/worker-idle1k.yaml rss0 n m secs rss1 cpu0 cpu1 socks conns procs0 procs1
+    local yaml=$WORK/worker-idle1k.yaml rss0 n m secs rss1 cpu0 cpu1 cass0 cass1 socks conns
+    local procs0 procs1 warn0
     reset_live
     "$TOOL" users --hosts "$STACK_CASSANDRA_HOSTS" --keyspace "$KS_LIVE" --logins benchidle \
         --count "$IDLE_USERS" --server "$IMAPS" --password-env STACK_IMAP_PASSWORD \
@@ -867,6 +879,7 @@ run_idle_1k() {
     stop_pid "$WORKER_PID"
 
     procs0=$(dovecot_imap_procs)
+    warn0=$(inotify_warnings)
     live_yaml "$yaml" "inboundSMTP.$TAG" all
     start_worker "$yaml" idle1k
     read -r n secs < <(wait_idle "$IDLE_USERS" "$IDLE_RAMP_SECS")
@@ -879,21 +892,26 @@ run_idle_1k() {
     conns=$(imap_conns "$WORKER_PID")
     procs1=$(dovecot_imap_procs)
     cpu0=$(cpu_s "$WORKER_PID")
+    cass0=$(cpu_s "$CASS_PID")
     # (no session held, nothing to measure at rest)
     if [ "$n" != null ] && [ "$n" -gt 0 ]; then sleep "$IDLE_REST_SECS"; fi
     cpu1=$(cpu_s "$WORKER_PID")
+    cass1=$(cpu_s "$CASS_PID")
     record live_idle_1k "${IDLE_USERS}id" 1 "$(jq -nc --argjson id "$IDLE_USERS" --argjson n "$n" \
         --argjson s "$secs" --argjson rss0 "$rss0" --argjson rss1 "$rss1" \
         --argjson hwm "$(hwm_kb "$WORKER_PID")" --argjson rss_end "$(rss_kb "$WORKER_PID")" \
         --argjson socks "$socks" --argjson conns "$conns" \
         --argjson procs "$((procs1 - procs0))" --argjson procs_all "$procs1" \
         --argjson cpu "$(echo "$cpu1 - $cpu0" | bc)" --argjson rest "$IDLE_REST_SECS" \
+        --argjson cass "$(echo "$cass1 - $cass0" | bc)" \
+        --argjson warn "$(($(inotify_warnings) - warn0))" \
         --argjson lim "$(cat /proc/sys/fs/inotify/max_user_instances)" \
         '{identities: $id, sessions: $n, ramp_secs: $s, rss_base_kb: $rss0, rss_kb: $rss1,
           rss_end_kb: $rss_end, hwm_kb: $hwm,
           per_session_kb: (if ($n // 0) > 0 then ($rss1 - $rss0) / $n else null end),
           sockets: $socks, imap_conns: $conns, dovecot_imap_procs: $procs,
           dovecot_imap_procs_all: $procs_all, rest_secs: $rest, rest_cpu_s: $cpu,
+          rest_cass_cpu_s: $cass, dovecot_inotify_warnings: $warn,
           inotify_max_user_instances: $lim}')"
     stop_pid "$WORKER_PID" 60
 }
