@@ -265,7 +265,8 @@ def live_section():
           f"({fmt(100 * cpu / rest if cpu is not None else None, 2)} % of a core) | near 0 "
           f"(≤ 1 % of a core): {goal(goals[1][2])} |")
         cass = k.get("rest_cass_cpu_s")
-        w(f"| Cassandra CPU over the same {rest} s (s): lease renewals (LWT) and the share reads | "
+        w(f"| Cassandra CPU over the same {rest} s (s), after its compactions settled: the lease "
+          "renewals (LWT) and share reads, and whatever else ran on the machine | "
           f"{fmt(cass, 2)} ({fmt(100 * cass / rest if cass is not None else None, 1)} % of a core) | |")
         w(f"| Dovecot `imap` processes added (all now) | {k['dovecot_imap_procs']} ({k['dovecot_imap_procs_all']}) | |")
         if k.get("dovecot_inotify_warnings") is not None:
