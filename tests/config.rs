@@ -124,6 +124,10 @@ fn bad_values_are_refused_naming_the_key() {
     assert!(e.contains("store_name"), "{e}");
     let e = refused("scan_interval: soon\n", "poller");
     assert!(e.contains("scan_interval"), "{e}");
+    let e = refused("imap:\n  idle: sometimes\n", "worker");
+    assert!(e.contains("imap.idle") && e.contains("identity"), "{e}");
+    let e = refused("imap:\n  idle_renew_secs: 30m\n", "worker");
+    assert!(e.contains("imap.idle_renew_secs"), "{e}");
     let e = refused("workers: [1\n", "worker");
     assert!(!e.is_empty());
 }

@@ -57,6 +57,9 @@ fn live_settings(tag: &str) -> caliopen_imap::config::WorkerSettings {
     let mut s = worker_settings(tag);
     s.imap.idle = IdleMode::Identity;
     s.imap.idle_lease_secs = 6;
+    // IDLE left and entered again every 2 s: mail announced while that
+    // happens must not be missed.
+    s.imap.idle_renew_secs = 2;
     s
 }
 
@@ -187,4 +190,71 @@ async fn a_killed_idle_holder_is_replaced_by_another_worker() {
         "nothing handed off twice"
     );
     second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_idle_session_is_opened_again() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let store = store().await;
+    let tag = unique("idlekick");
+    let (user, login, id) = mailbox_account(&store, 1, 300).await;
+    let _opted = OptedIn::new(&store, user, id.identity_id).await;
+    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+    let w = start_worker(live_settings(&tag)).await;
+    within("the first sync", lda.wait_seen(1)).await;
+
+    // The server drops every session of the user, ours included.
+    doveadm(&["kick", &login], None);
+    append(&login, 2).await;
+    within("the message appended after the kick", lda.wait_seen(2)).await;
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adding_a_worker_spreads_the_sessions() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let store = store().await;
+    let tag = unique("idlespread");
+    let mut opted = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let (user, _, id) = mailbox_account(&store, 1, 100).await;
+        opted.push(OptedIn::new(&store, user, id.identity_id).await);
+        ids.push(id.identity_id);
+    }
+    let _lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+    let held_by = |owner: String| {
+        let store = store.clone();
+        let ids = ids.clone();
+        async move {
+            store
+                .idle_leases()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|l| ids.contains(&l.identity_id) && l.owner == owner)
+                .count()
+        }
+    };
+    let first = start_worker(live_settings(&tag)).await;
+    within("the first worker holding all four", async {
+        while held_by(first.ctx.worker_id.clone()).await < 4 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    let second = start_worker(live_settings(&tag)).await;
+    within("two each", async {
+        loop {
+            let a = held_by(first.ctx.worker_id.clone()).await;
+            let b = held_by(second.ctx.worker_id.clone()).await;
+            if (a, b) == (2, 2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    second.stop().await;
+    first.stop().await;
 }

@@ -145,6 +145,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn idle_opts_the_identity_in_to_live_sync() {
+        use argh::FromArgs;
+        let base = ["--login", "a@b.test", "--server", "imap.b.test:993"];
+        for (extra, want) in [(None, ""), (Some("--idle"), "true")] {
+            let args: Vec<&str> = base.iter().copied().chain(extra).collect();
+            let a = AddRemoteArgs::from_args(&["addremote"], &args).unwrap();
+            let id = new_identity(&a, Uuid::nil(), "a@b.test", "imap.b.test:993", "15", None);
+            assert_eq!(id.info(infos::IDLE), want);
+        }
+    }
+
+    #[test]
     fn poll_intervals() {
         assert_eq!(poll_interval(" 30 ").unwrap(), "30");
         assert_eq!(poll_interval("0 7 * * 1-5").unwrap(), "0 7 * * 1-5");
