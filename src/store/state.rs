@@ -302,6 +302,7 @@ impl Store {
             .await?;
         self.exec(DELETE_MAILBOX_ERRORS, query_values!(user_id, identity_id))
             .await?;
+        self.delete_resync_state(user_id, identity_id).await?;
         Ok(())
     }
 }

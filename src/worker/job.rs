@@ -107,12 +107,19 @@ pub async fn sync_identity(ctx: &Ctx, req: SyncRequest, counters: Arc<Counters>)
     let mut rep = report(orders::SYNC, req.user_id, req.identity_id);
     ctx.metrics.syncs_started.inc();
     let started = std::time::Instant::now();
-    let result = sync_locked(ctx, &req, &counters, &mut rep).await;
+    let result = imap::tallied(
+        counters.imap_commands.clone(),
+        sync_locked(ctx, &req, &counters, &mut rep),
+    )
+    .await;
     conclude(&mut rep, &counters, &result);
     sync_metrics(ctx, &result, started);
     if rep.ok {
         tracing::info!(user = %req.user_id, identity = %req.identity_id, fetched = rep.fetched,
-            handed_off = rep.handed_off, "sync done");
+            handed_off = rep.handed_off, folders_checked = rep.folders_checked,
+            folders_skipped = rep.folders_skipped, folders_examined = rep.folders_examined,
+            changes_recorded = rep.changes_recorded, imap_commands = rep.imap_commands,
+            "sync done");
     } else if matches!(result, Err(JobError::Busy(_))) {
         ctx.busy_skips
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -541,6 +548,7 @@ async fn sync_mailboxes(
             .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
             .await?;
     }
+    Counters::add(&counters.folders_checked, mailboxes.len() as u64);
     for mailbox in &mailboxes {
         if stop.is_triggered() {
             return Err(JobError::Interrupted("stopped between mailboxes".into()));
@@ -562,6 +570,7 @@ async fn sync_mailboxes(
             stop: stop.clone(),
         };
         let earlier = known.iter().find(|k| &k.mailbox == mailbox);
+        Counters::add(&counters.folders_examined, 1);
         match sync_mailbox(&job, session).await {
             Ok(()) => {
                 if earlier.is_some() {
@@ -632,7 +641,8 @@ pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>
     let identity_id = fullfetch_identity(&req.server, &req.login);
     let mut rep = report(orders::FULLFETCH, req.user_id, identity_id);
     rep.mailboxes = vec![req.mailbox.clone()];
-    let result = async {
+    let tally = counters.imap_commands.clone();
+    let result = imap::tallied(tally, async {
         let acc = account::from_order(ctx, &req.server, &req.login, &req.password)?;
         let connecting = std::time::Instant::now();
         let (mut session, conn) = imap::connect(&acc).await?;
@@ -654,16 +664,18 @@ pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>
         let r = sync_mailbox(&job, &mut session).await;
         logout(&mut session, &acc).await;
         r
-    }
+    })
     .await;
     conclude(&mut rep, &counters, &result);
     tracing::info!(user = %req.user_id, server = %req.server, fetched = rep.fetched,
+        imap_commands = rep.imap_commands,
         handed_off = rep.handed_off, failed = rep.failed, error = %rep.error, "fullfetch done");
     rep
 }
 
 /// LOGOUT, politely and briefly: the work is done whatever it answers.
 pub(crate) async fn logout(session: &mut ImapSession, acc: &Account) {
+    imap::sent("LOGOUT");
     let _ = tokio::time::timeout(
         acc.io_timeout.min(std::time::Duration::from_secs(5)),
         session.logout(),
