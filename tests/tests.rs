@@ -15,6 +15,7 @@ mod folders;
 mod objects;
 mod ops;
 mod poller;
+mod resync;
 mod store;
 mod sync_faults;
 mod worker;

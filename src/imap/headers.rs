@@ -275,6 +275,7 @@ X-Fetched-Imap-Flags: XFNlZW4NClxBbnN3ZXJlZA==\r\n";
             cipher: "c\rX-B: 2".into(),
             imap4rev1: false,
             gmail: false,
+            ..Default::default()
         };
         let date = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap();
         let meta = FetchedMeta {

@@ -10,7 +10,6 @@
 
 use cdrs_tokio::query_values;
 use chrono::{DateTime, Utc};
-use futures::stream::{self, StreamExt, TryStreamExt};
 use uuid::Uuid;
 
 use super::{col, decode, Store, StoreError};
@@ -123,44 +122,57 @@ impl Store {
         changes: &[MessageChange],
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        stream::iter(changes)
-            .map(|c| async move {
-                if c.expunged {
-                    self.exec(
-                        SAVE_EXPUNGE,
-                        query_values!(
-                            at,
-                            user_id,
-                            identity_id,
-                            c.mailbox.clone(),
-                            c.uidvalidity as i64,
-                            c.uid as i64
-                        ),
-                    )
-                    .await
-                } else {
-                    let modseq = c.modseq.and_then(|m| i64::try_from(m).ok());
-                    self.exec(
-                        SAVE_FLAGS,
-                        query_values!(
-                            c.flags.clone(),
-                            modseq,
-                            at,
-                            user_id,
-                            identity_id,
-                            c.mailbox.clone(),
-                            c.uidvalidity as i64,
-                            c.uid as i64
-                        ),
-                    )
-                    .await
-                }
-                .map(|_| ())
-            })
-            .buffer_unordered(WRITES_IN_FLIGHT)
-            .try_collect::<Vec<()>>()
+        // Chunks rather than a stream of closures: the job's future must
+        // stay Send, which borrowing closures in a stream break.
+        for chunk in changes.chunks(WRITES_IN_FLIGHT) {
+            let mut writes = Vec::with_capacity(chunk.len());
+            for c in chunk {
+                writes.push(self.save_message_change(user_id, identity_id, c, at));
+            }
+            futures::future::try_join_all(writes).await?;
+        }
+        Ok(())
+    }
+
+    async fn save_message_change(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        c: &MessageChange,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if c.expunged {
+            self.exec(
+                SAVE_EXPUNGE,
+                query_values!(
+                    at,
+                    user_id,
+                    identity_id,
+                    c.mailbox.clone(),
+                    c.uidvalidity as i64,
+                    c.uid as i64
+                ),
+            )
             .await
             .map(|_| ())
+        } else {
+            let modseq = c.modseq.and_then(|m| i64::try_from(m).ok());
+            self.exec(
+                SAVE_FLAGS,
+                query_values!(
+                    c.flags.clone(),
+                    modseq,
+                    at,
+                    user_id,
+                    identity_id,
+                    c.mailbox.clone(),
+                    c.uidvalidity as i64,
+                    c.uid as i64
+                ),
+            )
+            .await
+            .map(|_| ())
+        }
     }
 
     /// The recorded changes of an identity (for a consumer, and tests).

@@ -14,9 +14,11 @@ use super::account;
 use super::checkpoint;
 use super::context::{Counters, Ctx};
 use super::pipeline::{sync_mailbox, MailboxJob, SyncFrom};
+use super::resync;
 use super::{Busy, JobError, Missing};
 use crate::bus::wire::{orders, CacheOrder, JobReport};
-use crate::imap::{self, Account, ImapError, ImapSession};
+use crate::imap::fetch::Reader;
+use crate::imap::{self, status, Account, ImapError, ImapSession};
 use crate::metrics::InFlight;
 use crate::shutdown::{self, Shutdown};
 use crate::store::identity::{
@@ -527,6 +529,8 @@ async fn sync_identity_inner(
 /// Sync each mailbox of the identity in turn from its checkpoint. A folder
 /// the server will not open is recorded as that folder's error and the
 /// others go on; folder errors of folders no longer synced are cleared.
+/// A folder whose STATUS shows it unchanged is not opened at all (see
+/// [`resync`]).
 async fn sync_mailboxes(
     ctx: &Ctx,
     id: &Identity,
@@ -541,19 +545,42 @@ async fn sync_mailboxes(
     } else {
         id.display_name.as_str()
     };
-    let mailboxes = mailboxes_of(id, session, acc, stop).await?;
+    let (mailboxes, statuses) = mailboxes_of(id, session, acc, conn, stop).await?;
     let known = ctx.store.mailbox_errors(id.user_id, id.identity_id).await?;
     for gone in known.iter().filter(|k| !mailboxes.contains(&k.mailbox)) {
         ctx.store
             .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
             .await?;
     }
+    let last = ctx
+        .store
+        .mailbox_statuses(id.user_id, id.identity_id)
+        .await?;
+    let last = resync::known(last);
+    let failures = ctx
+        .store
+        .message_failures(id.user_id, id.identity_id)
+        .await?;
+    let retrying = resync::retrying(failures);
+    let mut qresync = false;
     Counters::add(&counters.folders_checked, mailboxes.len() as u64);
     for mailbox in &mailboxes {
         if stop.is_triggered() {
             return Err(JobError::Interrupted("stopped between mailboxes".into()));
         }
-        let from = match checkpoint::load(ctx, id, mailbox).await? {
+        let cp = checkpoint::load(ctx, id, mailbox).await?;
+        let earlier = known.iter().find(|k| &k.mailbox == mailbox);
+        let key = status::key(mailbox);
+        let last = last.get(&key);
+        let trouble = earlier.is_some() || retrying.contains(mailbox);
+        if resync::skippable(cp, statuses.get(&key), last, trouble) {
+            Counters::add(&counters.folders_skipped, 1);
+            continue;
+        }
+        if conn.caps.qresync && !qresync {
+            qresync = enable_qresync(session, acc, stop).await?;
+        }
+        let from = match cp {
             Some(cp) => SyncFrom::Resume(cp),
             None => SyncFrom::First,
         };
@@ -566,10 +593,14 @@ async fn sync_mailboxes(
             conn,
             mailbox,
             from,
+            qresync: if qresync {
+                resync::qresync_from(cp, last)
+            } else {
+                None
+            },
             counters,
             stop: stop.clone(),
         };
-        let earlier = known.iter().find(|k| &k.mailbox == mailbox);
         Counters::add(&counters.folders_examined, 1);
         match sync_mailbox(&job, session).await {
             Ok(()) => {
@@ -585,27 +616,99 @@ async fn sync_mailboxes(
             Err(e) => return Err(e),
         }
     }
+    tracing::info!(identity = %id.identity_id,
+        checked = mailboxes.len(),
+        skipped = counters.folders_skipped.load(std::sync::atomic::Ordering::Relaxed),
+        examined = counters.folders_examined.load(std::sync::atomic::Ordering::Relaxed),
+        qresync, "folders checked");
     Ok(())
 }
 
+/// `ENABLE QRESYNC` (RFC 7162 §3.2.3), once per session and only when a
+/// folder is about to be opened. `false` when the server refused it: the
+/// sync goes on as it would without QRESYNC.
+async fn enable_qresync(
+    session: &mut ImapSession,
+    acc: &Account,
+    stop: &Shutdown,
+) -> Result<bool, JobError> {
+    let mut reader = Reader::new(session, &acc.server, acc.io_timeout, stop.clone());
+    match reader.run_checked("ENABLE QRESYNC", "ENABLE", |_| {}).await {
+        Ok(()) => Ok(true),
+        Err(ImapError::Interrupted) => Err(JobError::Interrupted(
+            "stopped while waiting on the server".into(),
+        )),
+        Err(e @ ImapError::Protocol { .. }) => {
+            tracing::warn!(error = %e, "QRESYNC not enabled: flag changes and expunges not recorded");
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The mailboxes to sync: `infos.mailboxes`, where `*` means every
-/// selectable folder but Junk and Trash, listed anew at each sync.
+/// selectable folder but Junk and Trash, listed anew at each sync; and the
+/// server's STATUS of each, asked in the same round trip when the server
+/// has LIST-STATUS. A status that cannot be had is only left out (the
+/// mailbox is then opened as before); a refused folder listing is an error.
 async fn mailboxes_of(
     id: &Identity,
     session: &mut ImapSession,
     acc: &Account,
+    conn: &imap::ConnInfo,
     stop: &Shutdown,
-) -> Result<Vec<String>, JobError> {
+) -> Result<(Vec<String>, status::Statuses), JobError> {
     let listed = id.mailboxes();
+    let caps = conn.caps;
+    let server = acc.server.as_str();
+    let interrupted = || JobError::Interrupted("stopped while listing folders".into());
     if listed.iter().any(|m| m == "*") {
-        let mut stop = stop.clone();
+        if caps.list_status {
+            let mut reader = Reader::new(session, server, acc.io_timeout, stop.clone());
+            match status::list_with_status(&mut reader, caps).await {
+                Ok((folders, statuses)) => {
+                    return Ok((imap::folders::syncable_names(server, folders), statuses))
+                }
+                Err(ImapError::Interrupted) => return Err(interrupted()),
+                Err(e @ ImapError::Protocol { .. }) => {
+                    tracing::warn!(error = %e, "LIST-STATUS failed: listing folders without it")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut stop2 = stop.clone();
         let folders = tokio::select! {
-            r = imap::folders::syncable(session, &acc.server, acc.io_timeout) => r?,
-            _ = stop.wait() => return Err(JobError::Interrupted("stopped while listing folders".into())),
+            r = imap::folders::list_known(session, server, acc.io_timeout, caps) => r?,
+            _ = stop2.wait() => return Err(interrupted()),
         };
-        return Ok(folders);
+        let names = imap::folders::syncable_names(server, folders);
+        let statuses = statuses_of(session, acc, caps, &names, stop).await?;
+        return Ok((names, statuses));
     }
-    Ok(listed)
+    let statuses = statuses_of(session, acc, caps, &listed, stop).await?;
+    Ok((listed, statuses))
+}
+
+/// The STATUS of `names`; a server error leaves them all without one.
+async fn statuses_of(
+    session: &mut ImapSession,
+    acc: &Account,
+    caps: imap::Extensions,
+    names: &[String],
+    stop: &Shutdown,
+) -> Result<status::Statuses, JobError> {
+    let mut reader = Reader::new(session, &acc.server, acc.io_timeout, stop.clone());
+    match status::statuses(&mut reader, caps, names).await {
+        Ok(st) => Ok(st),
+        Err(ImapError::Interrupted) => Err(JobError::Interrupted(
+            "stopped while asking folder statuses".into(),
+        )),
+        Err(e @ ImapError::Protocol { .. }) => {
+            tracing::warn!(error = %e, "STATUS failed: every folder is opened");
+            Ok(status::Statuses::new())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Record an error of one folder: shown by listremotes and in the report,
@@ -658,6 +761,7 @@ pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>
             conn: &conn,
             mailbox: &req.mailbox,
             from: SyncFrom::FullFetch,
+            qresync: None,
             counters: &counters,
             stop: ctx.shutdown.clone(),
         };

@@ -20,6 +20,7 @@ pub mod context;
 pub mod job;
 pub mod orders;
 pub mod pipeline;
+pub mod resync;
 pub mod tracker;
 
 use std::collections::VecDeque;
