@@ -185,3 +185,92 @@ async fn qresync_records_a_flag_change_and_an_expunge_without_fetching_a_body() 
         "{rep:?}"
     );
 }
+
+/// Both ways of asking, against Dovecot: one LIST-STATUS for a list of
+/// names, and STATUS one by one (a server without LIST-STATUS); a missing
+/// folder is absent from either answer, never an error.
+#[tokio::test]
+async fn status_one_by_one_and_in_one_list_answer_the_same() {
+    use caliopen_imap::imap::{self, fetch::Reader, status, Account, Auth, Security};
+    use caliopen_imap::shutdown::Shutdown;
+    use std::time::Duration;
+
+    let login = unique("rs4");
+    fill(&login, "INBOX", 2, 200);
+    fill(&login, "Entwürfe", 1, 200);
+    let acc = Account {
+        server: imaps_server(),
+        security: Security::Tls,
+        auth: Auth::Login {
+            user: login.clone(),
+            password: stack().password.clone(),
+        },
+        ca_files: vec![stack().ca_file.clone().into()],
+        pin: None,
+        allow_plaintext_loopback: false,
+        connect_timeout: Duration::from_secs(10),
+        io_timeout: Duration::from_secs(30),
+    };
+    let (mut session, conn) = imap::connect(&acc).await.unwrap();
+    assert!(conn.caps.list_status && conn.caps.condstore && conn.caps.qresync);
+    let names: Vec<String> = ["INBOX", "Entwürfe", "Missing"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let server = imaps_server();
+    let mut reader = Reader::new(&mut session, &server, acc.io_timeout, Shutdown::never());
+    let listed = status::statuses(&mut reader, conn.caps, &names)
+        .await
+        .unwrap();
+    let mut plain = conn.caps;
+    plain.list_status = false;
+    let one_by_one = status::statuses(&mut reader, plain, &names).await.unwrap();
+    assert_eq!(listed, one_by_one);
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let inbox = listed["INBOX"];
+    let (messages, uidnext, uidvalidity) = mailbox_status(&login, "INBOX");
+    assert_eq!(
+        (inbox.messages, inbox.uidnext, inbox.uidvalidity),
+        (Some(messages), Some(uidnext), Some(uidvalidity))
+    );
+    assert!(inbox.highestmodseq.is_some());
+    assert_eq!(listed["Entwürfe"].messages, Some(1));
+    session.logout().await.unwrap();
+}
+
+/// The benchmark goal: a no-change resync of 200 folders in a few round
+/// trips. Ignored by default (it creates 200 Dovecot folders); run with
+/// `cargo test --test tests resync::two_hundred -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn two_hundred_folders_resync_without_a_change_in_a_few_commands() {
+    let tag = unique("rs5");
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, login, id) = folders_account(st, &[("INBOX", 1)], "*").await;
+    let names: Vec<String> = (0..196).map(|i| format!("f{i:03}")).collect();
+    let mut args = vec!["mailbox", "create", "-u", &login];
+    args.extend(names.iter().map(String::as_str));
+    doveadm(&args, None);
+    for name in names.iter().step_by(20) {
+        fill(&login, name, 1, 200);
+    }
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    // 196 + INBOX, Drafts, Sent (Junk and Trash left out).
+    assert_eq!(rep.folders_checked, 199, "{rep:?}");
+    println!(
+        "first sync of 199 folders: {} IMAP commands",
+        rep.imap_commands
+    );
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!((rep.folders_skipped, rep.folders_examined), (199, 0));
+    println!(
+        "no-change resync of 199 folders: {} IMAP commands",
+        rep.imap_commands
+    );
+    assert!(rep.imap_commands <= 5, "{rep:?}");
+}
