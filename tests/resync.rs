@@ -211,12 +211,18 @@ async fn status_one_by_one_and_in_one_list_answer_the_same() {
         connect_timeout: Duration::from_secs(10),
         io_timeout: Duration::from_secs(30),
     };
+    // More than one pipelined group of STATUS commands (50 a group).
+    let many: Vec<String> = (0..60).map(|i| format!("g{i:02}")).collect();
+    let mut args = vec!["mailbox", "create", "-u", &login];
+    args.extend(many.iter().map(String::as_str));
+    doveadm(&args, None);
     let (mut session, conn) = imap::connect(&acc).await.unwrap();
     assert!(conn.caps.list_status && conn.caps.condstore && conn.caps.qresync);
-    let names: Vec<String> = ["INBOX", "Entwürfe", "Missing"]
+    let mut names: Vec<String> = ["INBOX", "Entwürfe", "Missing"]
         .iter()
         .map(|s| s.to_string())
         .collect();
+    names.extend(many);
     let server = imaps_server();
     let mut reader = Reader::new(&mut session, &server, acc.io_timeout, Shutdown::never());
     let listed = status::statuses(&mut reader, conn.caps, &names)
@@ -226,7 +232,9 @@ async fn status_one_by_one_and_in_one_list_answer_the_same() {
     plain.list_status = false;
     let one_by_one = status::statuses(&mut reader, plain, &names).await.unwrap();
     assert_eq!(listed, one_by_one);
-    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed.len(), 62, "{listed:?}");
+    // The session is in step after a pipeline with a NO in it.
+    reader.run_checked("NOOP", "NOOP", |_| {}).await.unwrap();
     let inbox = listed["INBOX"];
     let (messages, uidnext, uidvalidity) = mailbox_status(&login, "INBOX");
     assert_eq!(

@@ -403,6 +403,80 @@ impl<'a> Reader<'a> {
         Ok(status.unwrap_or(Ok(())))
     }
 
+    /// Send `cmds` back to back, then read all their answers: one round
+    /// trip for the lot (RFC 3501 §5.5 allows it for commands such as
+    /// STATUS that change no state). Untagged responses go to `on`; each
+    /// command's tagged status comes back in order. Every answer is read
+    /// before returning, even after a `BAD`, so the session stays in step.
+    pub(crate) async fn pipelined<F>(
+        &mut self,
+        cmds: &[String],
+        mut on: F,
+    ) -> Result<Vec<Tagged>, ImapError>
+    where
+        F: FnMut(&Response<'_>),
+    {
+        let mut tags = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            tags.push(self.send(cmd, cmd).await?);
+        }
+        let mut statuses: Vec<Option<Tagged>> = vec![None; tags.len()];
+        let mut bad: Option<String> = None;
+        let mut left = tags.len();
+        while left > 0 {
+            let read = step_raw(self.io, &mut self.stop, self.session.read_response()).await;
+            let during = "pipelined commands";
+            let resp = match read {
+                Step::Done(Ok(Some(r))) => r,
+                Step::Done(Ok(None)) => {
+                    return Err(protocol(self.server, during, "connection closed".into()))
+                }
+                Step::Done(Err(e)) => return Err(protocol(self.server, during, e.to_string())),
+                Step::TimedOut => return Err(timeout(self.server, during)),
+                Step::Stopped => return Err(ImapError::Interrupted),
+            };
+            match resp.parsed() {
+                Response::Done {
+                    tag,
+                    status,
+                    outcome,
+                } => {
+                    let Some(i) = tags.iter().position(|t| t == tag) else {
+                        continue;
+                    };
+                    if statuses[i].is_some() {
+                        continue;
+                    }
+                    let text = outcome.information.as_deref().unwrap_or("").to_string();
+                    statuses[i] = Some(match status {
+                        Status::Ok => Ok(()),
+                        Status::No => Err(text),
+                        s => {
+                            bad.get_or_insert_with(|| format!("{s:?} {text} (to {})", cmds[i]));
+                            Err(text)
+                        }
+                    });
+                    left -= 1;
+                }
+                Response::Data {
+                    status: Status::Bye,
+                    outcome,
+                } => {
+                    let why = outcome
+                        .information
+                        .as_deref()
+                        .unwrap_or("(no reason given)");
+                    return Err(protocol(self.server, during, format!("BYE {why}")));
+                }
+                parsed => on(parsed),
+            }
+        }
+        if let Some(reason) = bad {
+            return Err(protocol(self.server, "pipelined commands", reason));
+        }
+        Ok(statuses.into_iter().map(|s| s.unwrap_or(Ok(()))).collect())
+    }
+
     /// Run any command to its tagged reply, passing each untagged response
     /// to `on`; a `NO` is an error here, named by `during` (which, like the
     /// command, must hold no secret).

@@ -42,6 +42,12 @@ impl FolderStatus {
     }
 }
 
+/// Mailbox names per LIST-STATUS command for an explicit list.
+const PATTERNS_PER_LIST: usize = 100;
+
+/// STATUS commands sent before their answers are read.
+const STATUS_PER_ROUND_TRIP: usize = 50;
+
 /// Statuses by UTF-8 mailbox name (INBOX spelled `INBOX`).
 pub type Statuses = HashMap<String, FolderStatus>;
 
@@ -115,7 +121,7 @@ pub async fn list_with_status(
 
 /// The status of each of `names` (UTF-8). With LIST-STATUS and
 /// LIST-EXTENDED, one `LIST "" (name1 name2 ...) RETURN (STATUS ...)`; else
-/// one STATUS per mailbox. A mailbox the server says nothing about (it
+/// one STATUS per mailbox, pipelined. A mailbox the server says nothing about (it
 /// does not exist, STATUS answered NO) is simply absent from the answer.
 pub async fn statuses(
     reader: &mut Reader<'_>,
@@ -131,28 +137,37 @@ pub async fn statuses(
         .iter()
         .partition(|n| !n.contains('*') && !n.contains('%'));
     let mut one_by_one: Vec<&String> = wild;
-    if caps.list_status && caps.list_extended && !plain.is_empty() {
-        let patterns: Vec<String> = plain.iter().map(|n| quoted(&utf7::encode(n))).collect();
-        let cmd = format!(
-            "LIST \"\" ({}) RETURN (STATUS {})",
-            patterns.join(" "),
-            items(caps)
-        );
-        reader
-            .run_checked(&cmd, "LIST-STATUS", |resp| {
-                if let Response::MailboxData(MailboxDatum::Status { mailbox, status }) = resp {
-                    take(&mut out, mailbox, status)
-                }
-            })
-            .await?;
+    if caps.list_status && caps.list_extended {
+        // Patterns in bounded groups: a command line stays well under
+        // the line lengths servers accept (Dovecot: 64 KiB).
+        for group in plain.chunks(PATTERNS_PER_LIST) {
+            let patterns: Vec<String> = group.iter().map(|n| quoted(&utf7::encode(n))).collect();
+            let cmd = format!(
+                "LIST \"\" ({}) RETURN (STATUS {})",
+                patterns.join(" "),
+                items(caps)
+            );
+            reader
+                .run_checked(&cmd, "LIST-STATUS", |resp| {
+                    if let Response::MailboxData(MailboxDatum::Status { mailbox, status }) = resp {
+                        take(&mut out, mailbox, status)
+                    }
+                })
+                .await?;
+        }
     } else {
         one_by_one.extend(plain);
     }
-    for name in one_by_one {
-        let cmd = format!("STATUS {} {}", quoted(&utf7::encode(name)), items(caps));
+    // One STATUS per mailbox, sent in pipelined groups: a round trip per
+    // group, not per mailbox; the groups keep what is in flight small.
+    for group in one_by_one.chunks(STATUS_PER_ROUND_TRIP) {
+        let cmds: Vec<String> = group
+            .iter()
+            .map(|n| format!("STATUS {} {}", quoted(&utf7::encode(n)), items(caps)))
+            .collect();
         // A NO (no such mailbox) leaves it out: EXAMINE then says why.
         let _no_is_fine = reader
-            .command(&cmd, |resp| {
+            .pipelined(&cmds, |resp| {
                 if let Response::MailboxData(MailboxDatum::Status { mailbox, status }) = resp {
                     take(&mut out, mailbox, status)
                 }
