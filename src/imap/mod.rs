@@ -114,6 +114,27 @@ mod tests {
     use super::command_name;
 
     #[test]
+    fn commands_sent_show_on_the_workers_metrics() {
+        let tally = std::sync::Arc::new(super::AtomicU64::new(0));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(super::tallied(tally.clone(), async {
+            super::sent("ENABLE");
+            super::sent("ENABLE");
+        }));
+        super::sent("ENABLE"); // outside a job: the process count only
+        assert_eq!(tally.load(super::Ordering::Relaxed), 2);
+        let text = crate::metrics::WorkerMetrics::new().encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("caliopen_imap_imap_commands_total{command=\"ENABLE\"}"))
+            .unwrap_or_else(|| panic!("{text}"));
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(n >= 3.0, "{line}");
+    }
+
+    #[test]
     fn command_names() {
         assert_eq!(command_name("UID FETCH 1:3 (UID FLAGS)"), "UID FETCH");
         assert_eq!(command_name("uid search UID 5:*"), "UID SEARCH");
