@@ -209,10 +209,28 @@ impl<'a> Reader<'a> {
         modseq: u64,
         changes: &mut Changes,
     ) -> Result<MailboxInfo, ImapError> {
-        let cmd = format!(
-            "EXAMINE {} (QRESYNC ({uidvalidity} {modseq}))",
-            quoted(&utf7::encode(mailbox))
-        );
+        let param = format!("(QRESYNC ({uidvalidity} {modseq}))");
+        self.examine_with(mailbox, &param, changes).await
+    }
+
+    /// EXAMINE `mailbox (CONDSTORE)` (RFC 7162 §3.1.8): the answer then
+    /// carries the mailbox's HIGHESTMODSEQ whatever the server's habits,
+    /// which the next sync compares STATUS with.
+    pub async fn examine_condstore(&mut self, mailbox: &str) -> Result<MailboxInfo, ImapError> {
+        let mut none = Changes::with_cap(0);
+        self.examine_with(mailbox, "(CONDSTORE)", &mut none).await
+    }
+
+    /// EXAMINE with a parameter list, every answer read here: the mailbox's
+    /// figures into the result, FETCH and VANISHED into `changes`. A `NO`
+    /// is [`ImapError::Mailbox`], as for [`Reader::examine`].
+    async fn examine_with(
+        &mut self,
+        mailbox: &str,
+        param: &str,
+        changes: &mut Changes,
+    ) -> Result<MailboxInfo, ImapError> {
+        let cmd = format!("EXAMINE {} {param}", quoted(&utf7::encode(mailbox)));
         let during = format!("EXAMINE {mailbox}");
         let mut info = MailboxInfo::default();
         let status = self

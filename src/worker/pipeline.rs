@@ -150,6 +150,10 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
                 .examine_qresync(job.mailbox, v, m, &mut changes)
                 .await
         }
+        // Tracked on a CONDSTORE server: HIGHESTMODSEQ for the next sync.
+        None if job.tracked() && job.conn.caps.condstore => {
+            reader.examine_condstore(job.mailbox).await
+        }
         None => reader.examine(job.mailbox).await,
     }
     .map_err(imap_err)?;
