@@ -4,9 +4,11 @@
 //! folders a `mailboxes: *` identity syncs ([`folders`]).
 //!
 //! [`fetch`] reads a mailbox with every command's tagged status checked, and
-//! holds the one bounded, stoppable IMAP step every reader uses. The
-//! worker's sync pipeline drives the fetch and owns the checkpoint logic;
-//! this module only knows how to talk to a server safely.
+//! holds the one bounded, stoppable IMAP step every reader uses; [`status`]
+//! asks how every mailbox stands without opening it (STATUS, LIST-STATUS).
+//! Every command sent is counted ([`sent`]). The worker's sync pipeline
+//! drives the fetch and owns the checkpoint logic; this module only knows
+//! how to talk to a server safely.
 
 pub mod connect;
 pub mod fetch;

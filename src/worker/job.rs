@@ -562,13 +562,17 @@ async fn sync_mailboxes(
         .message_failures(id.user_id, id.identity_id)
         .await?;
     let retrying = resync::retrying(failures);
+    let checkpoints = checkpoint::load_others(ctx, id).await?;
     let mut qresync = false;
     Counters::add(&counters.folders_checked, mailboxes.len() as u64);
     for mailbox in &mailboxes {
         if stop.is_triggered() {
             return Err(JobError::Interrupted("stopped between mailboxes".into()));
         }
-        let cp = checkpoint::load(ctx, id, mailbox).await?;
+        let cp = match checkpoints.get(mailbox) {
+            Some(cp) if !checkpoint::is_inbox(mailbox) => Some(*cp),
+            _ => checkpoint::load(ctx, id, mailbox).await?,
+        };
         let earlier = known.iter().find(|k| &k.mailbox == mailbox);
         let key = status::key(mailbox);
         let last = last.get(&key);
