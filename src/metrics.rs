@@ -33,6 +33,22 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// `command` of an IMAP command sent (LOGIN, EXAMINE, UID FETCH...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabel {
+    pub command: &'static str,
+}
+
+/// IMAP commands this process sent, by command name. Process-wide rather
+/// than a field of [`WorkerMetrics`]: commands are sent deep in the IMAP
+/// layer, which has no context to reach the worker's metrics through, and
+/// a process runs one worker. The label set is the fixed list of command
+/// names our code sends.
+pub fn imap_commands() -> &'static Family<CommandLabel, Counter> {
+    static F: std::sync::OnceLock<Family<CommandLabel, Counter>> = std::sync::OnceLock::new();
+    F.get_or_init(Family::default)
+}
+
 /// `result` of a `need_job`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServedLabel {
@@ -104,6 +120,11 @@ impl WorkerMetrics {
         };
         let r = &mut m.registry;
         r.register("syncs_started", "Syncs started", m.syncs_started.clone());
+        r.register(
+            "imap_commands",
+            "IMAP commands sent to servers, by command",
+            imap_commands().clone(),
+        );
         r.register(
             "syncs_ended",
             "Syncs ended, by outcome: ok, account, ours, interrupted, busy",

@@ -490,6 +490,9 @@ enum Script {
     /// The body FETCH sends UID 2 only and ends `NO` for UID 1, which SEARCH
     /// still finds (as Gmail and Exchange do for some messages).
     OneMessageRefused,
+    /// Announces LIST-STATUS and CONDSTORE, then answers every LIST and
+    /// STATUS with `BAD`.
+    StatusRefused,
 }
 
 /// A small scripted IMAP server on loopback (plaintext, allowed for
@@ -534,9 +537,19 @@ async fn scripted_server_with(script: Script, on_login: Option<OnLogin>) -> u16 
                             hook().await;
                         }
                     }
-                    let done = if cmd.starts_with("CAPABILITY") {
+                    let status_refused = matches!(script, Script::StatusRefused);
+                    let done = if cmd.starts_with("CAPABILITY") && status_refused {
+                        out.extend_from_slice(
+                            b"* CAPABILITY IMAP4rev1 LIST-EXTENDED LIST-STATUS CONDSTORE\r\n",
+                        );
+                        "OK done"
+                    } else if cmd.starts_with("CAPABILITY") {
                         out.extend_from_slice(b"* CAPABILITY IMAP4rev1\r\n");
                         "OK done"
+                    } else if status_refused
+                        && (cmd.starts_with("LIST") || cmd.starts_with("STATUS"))
+                    {
+                        "BAD not today"
                     } else if cmd.starts_with("EXAMINE") {
                         out.extend_from_slice(
                             b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 3] n\r\n",
@@ -678,6 +691,26 @@ async fn a_message_the_server_keeps_refusing_is_a_failure_with_its_reason() {
     let after = ctx.store.identity(user, identity).await.unwrap().unwrap();
     assert_eq!(after.info(infos::LASTSEENUID), "2");
     assert_eq!(lda.seen.lock().unwrap().len(), 1, "UID 2 handed off once");
+}
+
+/// A server whose STATUS cannot be had: every sync opens the mailbox as
+/// before, and nothing is taken as unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_status_opens_the_mailbox_as_before() {
+    let (ctx, _t, user, identity, lda) =
+        scripted_account(&unique("f15"), Script::StatusRefused).await;
+    let rep = sync_once(&ctx, user, identity).await;
+    // UID 1 is the scripted server's oversize message.
+    assert_eq!((rep.handed_off, rep.stepped_over), (1, 1), "{rep:?}");
+    assert_eq!(rep.folders_examined, 1, "{rep:?}");
+    let rep = sync_once(&ctx, user, identity).await;
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(
+        (rep.folders_skipped, rep.folders_examined, rep.fetched),
+        (0, 1, 0),
+        "{rep:?}"
+    );
+    assert_eq!(lda.seen.lock().unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@ mod idle;
 mod objects;
 mod ops;
 mod poller;
+mod resync;
 mod store;
 mod sync_faults;
 mod worker;

@@ -183,6 +183,24 @@ pub struct JobReport {
     /// the other mailboxes of the identity were synced all the same.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mailbox_errors: Vec<ReportedMailbox>,
+    /// Mailboxes a sync considered, skipped on their STATUS without EXAMINE,
+    /// and opened (EXAMINE).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub folders_checked: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub folders_skipped: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub folders_examined: u64,
+    /// Flag changes and expunges recorded in `imap_message_change`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub changes_recorded: u64,
+    /// IMAP commands the job sent, LOGIN and LOGOUT included.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub imap_commands: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A message named in a [`JobReport`].

@@ -102,6 +102,38 @@ pub struct ConnInfo {
     pub cipher: String,
     pub imap4rev1: bool,
     pub gmail: bool,
+    /// The extensions a cheap resync and the folder listing use, read once
+    /// at login so no later step asks CAPABILITY again.
+    pub caps: Extensions,
+}
+
+/// Server extensions we act on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extensions {
+    pub condstore: bool,
+    pub qresync: bool,
+    pub enable: bool,
+    /// RFC 5819: STATUS of every folder in the LIST answer.
+    pub list_status: bool,
+    pub list_extended: bool,
+    pub special_use: bool,
+    /// RFC 2177: live sync needs it.
+    pub idle: bool,
+}
+
+impl Extensions {
+    pub fn from_caps(has: impl Fn(&str) -> bool) -> Extensions {
+        Extensions {
+            // QRESYNC implies CONDSTORE (RFC 7162 §3.2.3).
+            condstore: has("CONDSTORE") || has("QRESYNC"),
+            qresync: has("QRESYNC") && has("ENABLE"),
+            enable: has("ENABLE"),
+            list_status: has("LIST-STATUS"),
+            list_extended: has("LIST-EXTENDED"),
+            special_use: has("SPECIAL-USE"),
+            idle: has("IDLE"),
+        }
+    }
 }
 
 /// The transport under the IMAP session.
@@ -191,12 +223,14 @@ pub async fn connect(acc: &Account) -> Result<(ImapSession, ConnInfo), ImapError
         info.cipher = tls::suite_name(conn.negotiated_cipher_suite());
     }
     let mut session = dial.log_in(client).await?;
+    super::sent("CAPABILITY");
     let caps = tokio::time::timeout(acc.io_timeout, session.capabilities())
         .await
         .map_err(|_| dial.timeout("CAPABILITY"))?
         .map_err(|e| dial.proto("CAPABILITY", e.to_string()))?;
     info.imap4rev1 = caps.has_str("IMAP4rev1");
     info.gmail = caps.has_str("X-GM-EXT-1");
+    info.caps = Extensions::from_caps(|c| caps.has_str(c));
     Ok((session, info))
 }
 
@@ -303,6 +337,7 @@ impl Dial<'_> {
         if acc.security != Security::StartTls {
             return Ok(client);
         }
+        super::sent("STARTTLS");
         tokio::time::timeout(
             acc.io_timeout,
             client.run_command_and_check_ok("STARTTLS", None),
@@ -327,6 +362,10 @@ impl Dial<'_> {
             login: acc.auth.user().to_string(),
             reason: e.to_string(),
         };
+        super::sent(match acc.auth {
+            Auth::Login { .. } => "LOGIN",
+            Auth::XOAuth2 { .. } => "AUTHENTICATE",
+        });
         let login = async {
             match &acc.auth {
                 Auth::Login { user, password } => client

@@ -19,12 +19,14 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
-use async_imap::imap_proto::{AttributeValue, MailboxDatum, RequestId, Response, Status};
+use async_imap::imap_proto::{
+    AttributeValue, MailboxDatum, RequestId, Response, ResponseCode, Status,
+};
 
 use super::{utf7, ImapError, ImapSession};
 use crate::shutdown::Shutdown;
@@ -35,6 +37,87 @@ pub struct MailboxInfo {
     pub uidvalidity: u32,
     pub uid_next: Option<u32>,
     pub exists: u32,
+    /// From a CONDSTORE server (RFC 7162 §3.1.2.1).
+    pub highestmodseq: Option<u64>,
+}
+
+/// Flag changes and expunges a QRESYNC EXAMINE reported (RFC 7162 §3.2.5),
+/// bounded: at most [`Changes::cap`] entries are kept, the rest only counted.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// `VANISHED (EARLIER)` UIDs, as the server's ranges.
+    pub vanished: Vec<RangeInclusive<u32>>,
+    /// `(uid, flags as spelled, modseq)` of each FETCH answer.
+    pub flags: Vec<(u32, Vec<String>, Option<u64>)>,
+    /// Entries past the cap, not kept.
+    pub dropped: u64,
+    cap: usize,
+}
+
+impl Changes {
+    pub fn with_cap(cap: usize) -> Changes {
+        Changes {
+            cap,
+            ..Default::default()
+        }
+    }
+
+    fn kept(&self) -> usize {
+        self.flags.len() + self.vanished_count().min(usize::MAX as u64) as usize
+    }
+
+    /// How many UIDs the kept VANISHED ranges cover.
+    pub fn vanished_count(&self) -> u64 {
+        self.vanished
+            .iter()
+            .map(|r| u64::from(r.end().saturating_sub(*r.start())) + 1)
+            .sum()
+    }
+
+    /// Take one untagged response of a QRESYNC EXAMINE.
+    pub fn take(&mut self, resp: &Response<'_>) {
+        match resp {
+            Response::Vanished { uids, .. } => {
+                for r in uids {
+                    let (start, end) = ((*r.start()).min(*r.end()), (*r.start()).max(*r.end()));
+                    let room = self.cap.saturating_sub(self.kept()) as u64;
+                    let len = u64::from(end - start) + 1;
+                    if room == 0 {
+                        self.dropped += len;
+                    } else if len <= room {
+                        self.vanished.push(start..=end);
+                    } else {
+                        let last = start + (room - 1) as u32;
+                        self.vanished.push(start..=last);
+                        self.dropped += len - room;
+                    }
+                }
+            }
+            Response::Fetch(_, attrs) => {
+                let mut uid = None;
+                let mut flags = None;
+                let mut modseq = None;
+                for a in attrs {
+                    match a {
+                        AttributeValue::Uid(u) => uid = Some(*u),
+                        AttributeValue::Flags(f) => {
+                            flags = Some(f.iter().map(|s| s.to_string()).collect())
+                        }
+                        AttributeValue::ModSeq(m) => modseq = Some(*m),
+                        _ => {}
+                    }
+                }
+                if let (Some(uid), Some(flags)) = (uid, flags) {
+                    if self.kept() < self.cap {
+                        self.flags.push((uid, flags, modseq));
+                    } else {
+                        self.dropped += 1;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// One message read by a body FETCH.
@@ -79,12 +162,18 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The server's name, for errors.
+    pub fn server(&self) -> &str {
+        self.server
+    }
+
     /// EXAMINE `mailbox` (UTF-8). A `NO` (no such mailbox, not selectable)
     /// is [`ImapError::Mailbox`]: an error of that folder, not of the account.
     pub async fn examine(&mut self, mailbox: &str) -> Result<MailboxInfo, ImapError> {
         let wire = utf7::encode(mailbox);
         let during = format!("EXAMINE {mailbox}");
         let server = self.server.to_string();
+        super::sent("EXAMINE");
         let r = step_raw(self.io, &mut self.stop, self.session.examine(&wire)).await;
         let mb = match r {
             Step::Done(Ok(mb)) => mb,
@@ -103,7 +192,71 @@ impl<'a> Reader<'a> {
             uidvalidity: mb.uid_validity.unwrap_or(0),
             uid_next: mb.uid_next,
             exists: mb.exists,
+            highestmodseq: mb.highest_modseq,
         })
+    }
+
+    /// EXAMINE `mailbox` with `(QRESYNC (uidvalidity modseq))` (RFC 7162
+    /// §3.2.5), on a session where `ENABLE QRESYNC` succeeded: the server
+    /// answers with the UIDs expunged since `modseq` (`VANISHED (EARLIER)`)
+    /// and the flags of every message changed since, all kept in `changes`.
+    /// When `uidvalidity` is not the mailbox's any more the server ignores
+    /// the parameter and reports nothing, which is what we want then.
+    pub async fn examine_qresync(
+        &mut self,
+        mailbox: &str,
+        uidvalidity: u32,
+        modseq: u64,
+        changes: &mut Changes,
+    ) -> Result<MailboxInfo, ImapError> {
+        let param = format!("(QRESYNC ({uidvalidity} {modseq}))");
+        self.examine_with(mailbox, &param, changes).await
+    }
+
+    /// EXAMINE `mailbox (CONDSTORE)` (RFC 7162 §3.1.8): the answer then
+    /// carries the mailbox's HIGHESTMODSEQ whatever the server's habits,
+    /// which the next sync compares STATUS with.
+    pub async fn examine_condstore(&mut self, mailbox: &str) -> Result<MailboxInfo, ImapError> {
+        let mut none = Changes::with_cap(0);
+        self.examine_with(mailbox, "(CONDSTORE)", &mut none).await
+    }
+
+    /// EXAMINE with a parameter list, every answer read here: the mailbox's
+    /// figures into the result, FETCH and VANISHED into `changes`. A `NO`
+    /// is [`ImapError::Mailbox`], as for [`Reader::examine`].
+    async fn examine_with(
+        &mut self,
+        mailbox: &str,
+        param: &str,
+        changes: &mut Changes,
+    ) -> Result<MailboxInfo, ImapError> {
+        let cmd = format!("EXAMINE {} {param}", quoted(&utf7::encode(mailbox)));
+        let during = format!("EXAMINE {mailbox}");
+        let mut info = MailboxInfo::default();
+        let status = self
+            .command(&cmd, |resp| match resp {
+                Response::MailboxData(MailboxDatum::Exists(n)) => info.exists = *n,
+                Response::Data {
+                    status: Status::Ok,
+                    outcome,
+                } => match outcome.code {
+                    Some(ResponseCode::UidValidity(v)) => info.uidvalidity = v,
+                    Some(ResponseCode::UidNext(n)) => info.uid_next = Some(n),
+                    Some(ResponseCode::HighestModSeq(m)) => info.highestmodseq = Some(m),
+                    _ => {}
+                },
+                other => changes.take(other),
+            })
+            .await
+            .map_err(|e| rename(e, &during))?;
+        match status {
+            Ok(()) => Ok(info),
+            Err(reason) => Err(ImapError::Mailbox {
+                server: self.server.to_string(),
+                mailbox: mailbox.to_string(),
+                reason,
+            }),
+        }
     }
 
     /// UIDs of `set` (a UID set such as `5:*`) that exist now, ascending.
@@ -178,6 +331,7 @@ impl<'a> Reader<'a> {
 
     /// Send `cmd` and return its tag.
     async fn send(&mut self, during: &str, cmd: &str) -> Result<RequestId, ImapError> {
+        super::sent(super::command_name(cmd));
         let session = &mut *self.session;
         step(
             self.server,
@@ -253,7 +407,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Run `cmd` to its tagged reply, passing each untagged response to `on`.
-    async fn command<F>(&mut self, cmd: &str, mut on: F) -> Result<Tagged, ImapError>
+    pub(crate) async fn command<F>(&mut self, cmd: &str, mut on: F) -> Result<Tagged, ImapError>
     where
         F: FnMut(&Response<'_>),
     {
@@ -265,6 +419,80 @@ impl<'a> Reader<'a> {
             .is_some()
         {}
         Ok(status.unwrap_or(Ok(())))
+    }
+
+    /// Send `cmds` back to back, then read all their answers: one round
+    /// trip for the lot (RFC 3501 §5.5 allows it for commands such as
+    /// STATUS that change no state). Untagged responses go to `on`; each
+    /// command's tagged status comes back in order. Every answer is read
+    /// before returning, even after a `BAD`, so the session stays in step.
+    pub(crate) async fn pipelined<F>(
+        &mut self,
+        cmds: &[String],
+        mut on: F,
+    ) -> Result<Vec<Tagged>, ImapError>
+    where
+        F: FnMut(&Response<'_>),
+    {
+        let mut tags = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            tags.push(self.send(cmd, cmd).await?);
+        }
+        let mut statuses: Vec<Option<Tagged>> = vec![None; tags.len()];
+        let mut bad: Option<String> = None;
+        let mut left = tags.len();
+        while left > 0 {
+            let read = step_raw(self.io, &mut self.stop, self.session.read_response()).await;
+            let during = "pipelined commands";
+            let resp = match read {
+                Step::Done(Ok(Some(r))) => r,
+                Step::Done(Ok(None)) => {
+                    return Err(protocol(self.server, during, "connection closed".into()))
+                }
+                Step::Done(Err(e)) => return Err(protocol(self.server, during, e.to_string())),
+                Step::TimedOut => return Err(timeout(self.server, during)),
+                Step::Stopped => return Err(ImapError::Interrupted),
+            };
+            match resp.parsed() {
+                Response::Done {
+                    tag,
+                    status,
+                    outcome,
+                } => {
+                    let Some(i) = tags.iter().position(|t| t == tag) else {
+                        continue;
+                    };
+                    if statuses[i].is_some() {
+                        continue;
+                    }
+                    let text = outcome.information.as_deref().unwrap_or("").to_string();
+                    statuses[i] = Some(match status {
+                        Status::Ok => Ok(()),
+                        Status::No => Err(text),
+                        s => {
+                            bad.get_or_insert_with(|| format!("{s:?} {text} (to {})", cmds[i]));
+                            Err(text)
+                        }
+                    });
+                    left -= 1;
+                }
+                Response::Data {
+                    status: Status::Bye,
+                    outcome,
+                } => {
+                    let why = outcome
+                        .information
+                        .as_deref()
+                        .unwrap_or("(no reason given)");
+                    return Err(protocol(self.server, during, format!("BYE {why}")));
+                }
+                parsed => on(parsed),
+            }
+        }
+        if let Some(reason) = bad {
+            return Err(protocol(self.server, "pipelined commands", reason));
+        }
+        Ok(statuses.into_iter().map(|s| s.unwrap_or(Ok(()))).collect())
     }
 
     /// Run any command to its tagged reply, passing each untagged response
@@ -469,6 +697,21 @@ fn rename(e: ImapError, during: &str) -> ImapError {
     }
 }
 
+/// `name` as an IMAP quoted string (names are mUTF-7, so ASCII; `"` and
+/// `\\` escaped).
+pub fn quoted(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('"');
+    for c in name.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
 /// `1:3,5,7:9` from UIDs (sorted and deduplicated here).
 pub fn uid_set(uids: &[u32]) -> String {
     let mut sorted = uids.to_vec();
@@ -505,6 +748,42 @@ mod tests {
         assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8, 9]), "1:3,5,7:9");
         assert_eq!(uid_set(&[9, 4, 4]), "4,9");
         assert_eq!(uid_set(&[]), "");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quoted("INBOX"), "\"INBOX\"");
+        assert_eq!(quoted("a\"b\\c"), "\"a\\\"b\\\\c\"");
+    }
+
+    #[test]
+    fn qresync_answers_are_kept_up_to_the_cap() {
+        let mut c = Changes::with_cap(5);
+        for line in [
+            &b"* VANISHED (EARLIER) 3,7:9\r\n"[..],
+            b"* 4 FETCH (UID 12 FLAGS (\\Seen $Label1) MODSEQ (90))\r\n",
+            b"* VANISHED (EARLIER) 20:25\r\n",
+            b"* 5 FETCH (UID 13 FLAGS (\\Flagged) MODSEQ (91))\r\n",
+        ] {
+            let (_, resp) = Response::parse(line).unwrap();
+            c.take(&resp);
+        }
+        assert_eq!(c.vanished, vec![3..=3, 7..=9]);
+        assert_eq!(
+            c.flags,
+            vec![(
+                12,
+                vec!["\\Seen".to_string(), "$Label1".to_string()],
+                Some(90)
+            )]
+        );
+        assert_eq!(c.vanished_count(), 4);
+        // VANISHED 20:25 and the second FETCH came past the cap.
+        assert_eq!(c.dropped, 7);
+        let mut c = Changes::with_cap(3);
+        let (_, resp) = Response::parse(b"* VANISHED (EARLIER) 1:10\r\n").unwrap();
+        c.take(&resp);
+        assert_eq!((c.vanished, c.dropped), (vec![1..=3], 7));
     }
 
     #[test]

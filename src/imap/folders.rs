@@ -46,7 +46,7 @@ pub struct Folder {
 }
 
 impl Folder {
-    fn from_list(name: &str, attrs: &[NameAttribute<'_>]) -> Folder {
+    pub(crate) fn from_list(name: &str, attrs: &[NameAttribute<'_>]) -> Folder {
         let mut selectable = true;
         let mut special_use = None;
         for a in attrs {
@@ -95,6 +95,7 @@ pub async fn list(
     server: &str,
     io_timeout: Duration,
 ) -> Result<Vec<Folder>, ImapError> {
+    super::sent("CAPABILITY");
     let caps = tokio::time::timeout(io_timeout, session.capabilities())
         .await
         .map_err(|_| ImapError::Timeout {
@@ -106,7 +107,19 @@ pub async fn list(
             during: "CAPABILITY".into(),
             reason: e.to_string(),
         })?;
-    let command = if caps.has_str("LIST-EXTENDED") && caps.has_str("SPECIAL-USE") {
+    let caps = super::Extensions::from_caps(|c| caps.has_str(c));
+    list_known(session, server, io_timeout, caps).await
+}
+
+/// [`list`] with the server's extensions already known (read at login),
+/// so no CAPABILITY is sent.
+pub async fn list_known(
+    session: &mut ImapSession,
+    server: &str,
+    io_timeout: Duration,
+    caps: super::Extensions,
+) -> Result<Vec<Folder>, ImapError> {
+    let command = if caps.list_extended && caps.special_use {
         "LIST \"\" \"*\" RETURN (SPECIAL-USE)"
     } else {
         "LIST \"\" \"*\""

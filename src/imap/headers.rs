@@ -150,6 +150,7 @@ mod tests {
             cipher: "TLS_AES_256_GCM_SHA384".into(),
             imap4rev1: true,
             gmail: false,
+            ..Default::default()
         };
         let date = DateTime::parse_from_rfc3339("2026-01-02T03:04:05+01:00").unwrap();
         let flags = vec!["\\Seen".to_string(), "\\Answered".to_string()];
@@ -274,6 +275,7 @@ X-Fetched-Imap-Flags: XFNlZW4NClxBbnN3ZXJlZA==\r\n";
             cipher: "c\rX-B: 2".into(),
             imap4rev1: false,
             gmail: false,
+            ..Default::default()
         };
         let date = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap();
         let meta = FetchedMeta {

@@ -17,6 +17,7 @@ pub mod lock;
 pub mod message;
 pub mod objects;
 pub mod raw_message;
+pub mod resync;
 pub mod state;
 pub mod user;
 

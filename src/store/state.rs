@@ -36,6 +36,9 @@ pub struct MessageFailure {
 
 const SELECT_STATE: &str = "SELECT uidvalidity, lastseenuid FROM {ks}.imap_mailbox_state \
      WHERE user_id = ? AND identity_id = ? AND mailbox = ?";
+const SELECT_STATES: &str =
+    "SELECT mailbox, uidvalidity, lastseenuid FROM {ks}.imap_mailbox_state \
+     WHERE user_id = ? AND identity_id = ?";
 const SAVE_STATE: &str = "UPDATE {ks}.imap_mailbox_state SET uidvalidity = ?, lastseenuid = ?, \
      lastsync = ? WHERE user_id = ? AND identity_id = ? AND mailbox = ?";
 const DELETE_STATES: &str = "DELETE FROM {ks}.imap_mailbox_state \
@@ -93,6 +96,33 @@ impl Store {
             uidvalidity: u32::try_from(v.unwrap_or(0)).map_err(|e| decode(W, e))?,
             lastseenuid: u32::try_from(l.unwrap_or(0)).map_err(|e| decode(W, e))?,
         }))
+    }
+
+    /// Every checkpoint of an identity's mailboxes but INBOX, in one
+    /// query (a sync of many folders reads them all at once).
+    pub async fn mailbox_checkpoints(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+    ) -> Result<Vec<(String, Checkpoint)>, StoreError> {
+        const W: &str = "imap_mailbox_state row";
+        let rows = self
+            .rows(SELECT_STATES, query_values!(user_id, identity_id))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let m: Option<String> = col(r, "mailbox", W)?;
+                let v: Option<i64> = col(r, "uidvalidity", W)?;
+                let l: Option<i64> = col(r, "lastseenuid", W)?;
+                Ok((
+                    m.unwrap_or_default(),
+                    Checkpoint {
+                        uidvalidity: u32::try_from(v.unwrap_or(0)).map_err(|e| decode(W, e))?,
+                        lastseenuid: u32::try_from(l.unwrap_or(0)).map_err(|e| decode(W, e))?,
+                    },
+                ))
+            })
+            .collect()
     }
 
     pub async fn save_mailbox_checkpoint(
@@ -302,6 +332,7 @@ impl Store {
             .await?;
         self.exec(DELETE_MAILBOX_ERRORS, query_values!(user_id, identity_id))
             .await?;
+        self.delete_resync_state(user_id, identity_id).await?;
         Ok(())
     }
 }

@@ -2,6 +2,8 @@
 //! identity's `infos` (Caliopen's `uidvalidity` / `lastseenuid` keys), every
 //! other mailbox in `imap_mailbox_state`.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
 use uuid::Uuid;
 
@@ -26,6 +28,21 @@ pub async fn load(ctx: &Ctx, id: &Identity, mailbox: &str) -> Result<Option<Chec
         .store
         .mailbox_checkpoint(id.user_id, id.identity_id, mailbox)
         .await?)
+}
+
+/// The checkpoints of every mailbox but INBOX, read at once: a hint that
+/// saves a query per folder. A mailbox missing from it is read with
+/// [`load`], so a short answer can never pass for "never synced".
+pub async fn load_others(
+    ctx: &Ctx,
+    id: &Identity,
+) -> Result<HashMap<String, Checkpoint>, JobError> {
+    Ok(ctx
+        .store
+        .mailbox_checkpoints(id.user_id, id.identity_id)
+        .await?
+        .into_iter()
+        .collect())
 }
 
 pub async fn save(

@@ -226,6 +226,15 @@ pub struct Counters {
     pub stepped: Mutex<Vec<ReportedMessage>>,
     /// Mailboxes that could not be synced, and why.
     pub mailbox_errors: Mutex<Vec<ReportedMailbox>>,
+    /// Mailboxes considered by a sync, skipped on their STATUS (no
+    /// EXAMINE), and opened.
+    pub folders_checked: AtomicU64,
+    pub folders_skipped: AtomicU64,
+    pub folders_examined: AtomicU64,
+    /// Flag changes and expunges recorded from QRESYNC answers.
+    pub changes_recorded: AtomicU64,
+    /// IMAP commands this job sent (see [`crate::imap::tallied`]).
+    pub imap_commands: Arc<AtomicU64>,
 }
 
 impl Counters {
@@ -246,6 +255,11 @@ impl Counters {
         r.stepped_over = self.stepped_over.load(Ordering::Relaxed);
         r.stepped = lock(&self.stepped).clone();
         r.mailbox_errors = lock(&self.mailbox_errors).clone();
+        r.folders_checked = self.folders_checked.load(Ordering::Relaxed);
+        r.folders_skipped = self.folders_skipped.load(Ordering::Relaxed);
+        r.folders_examined = self.folders_examined.load(Ordering::Relaxed);
+        r.changes_recorded = self.changes_recorded.load(Ordering::Relaxed);
+        r.imap_commands = self.imap_commands.load(Ordering::Relaxed);
     }
 
     /// Note a message stepped over by this job.

@@ -487,11 +487,13 @@ async fn watch_once(
     };
     let io = acc.io_timeout;
     let server = acc.server.as_str();
-    let caps = bounded(io, server, "CAPABILITY", session.capabilities()).await?;
-    if !caps.has_str("IDLE") {
+    if !conn.caps.idle {
         job::logout(&mut session, &acc).await;
         return Ok(SessionEnd::NoIdle);
     }
+    // ENABLE is refused once a mailbox is selected: now or never for this
+    // session, so the syncs it runs can record QRESYNC changes.
+    let qresync_on = conn.caps.qresync && job::enable_qresync(&mut session, &acc, stop).await?;
     // INBOX stays selected from here on (a live sync only EXAMINEs INBOX
     // again): whatever arrives after this is announced, at the latest when
     // the next IDLE starts.
@@ -505,7 +507,8 @@ async fn watch_once(
     let mut retry = Duration::from_secs(1);
     loop {
         if sync_at.is_some_and(|t| t <= Instant::now()) {
-            sync_at = match push_sync(ctx, key, slots, &mut session, &conn, stop).await {
+            let held = (&mut session, &conn, qresync_on);
+            sync_at = match push_sync(ctx, key, slots, held, stop).await {
                 Ended::Done => {
                     retry = Duration::from_secs(1);
                     None
@@ -550,6 +553,7 @@ async fn idle_until(
     until: Instant,
     stop: &mut Shutdown,
 ) -> Result<Wake, JobError> {
+    imap::sent("IDLE");
     let tag = bounded(io, server, "IDLE", session.run_command("IDLE")).await?;
     let mut news = false;
     // Up to the server's "+ idling".
@@ -645,8 +649,7 @@ async fn push_sync(
     ctx: &Ctx,
     key: Key,
     slots: &Arc<Semaphore>,
-    session: &mut ImapSession,
-    conn: &imap::ConnInfo,
+    (session, conn, qresync_on): (&mut ImapSession, &imap::ConnInfo, bool),
     stop: &mut Shutdown,
 ) -> Ended {
     let _slot = tokio::select! {
@@ -661,6 +664,7 @@ async fn push_sync(
     let scope = Scope {
         only: Some("INBOX"),
         held: Some((session, conn)),
+        qresync_on,
     };
     job::sync_scoped(ctx, req, Counters::new(), scope).await.1
 }

@@ -14,9 +14,11 @@ use super::account;
 use super::checkpoint;
 use super::context::{Counters, Ctx};
 use super::pipeline::{sync_mailbox, MailboxJob, SyncFrom};
+use super::resync;
 use super::{Busy, JobError, Missing};
 use crate::bus::wire::{orders, CacheOrder, JobReport};
-use crate::imap::{self, Account, ImapError, ImapSession};
+use crate::imap::fetch::Reader;
+use crate::imap::{self, status, Account, ImapError, ImapSession};
 use crate::metrics::InFlight;
 use crate::shutdown::{self, Shutdown};
 use crate::store::identity::{
@@ -107,6 +109,8 @@ pub struct Scope<'a> {
     /// A session already logged in (the IDLE one), used instead of a new
     /// connection and left open at the end.
     pub held: Option<(&'a mut ImapSession, &'a imap::ConnInfo)>,
+    /// QRESYNC was enabled on the held session.
+    pub qresync_on: bool,
 }
 
 /// Sync a stored identity. Never panics on bad data: every problem ends up
@@ -129,12 +133,19 @@ pub async fn sync_scoped(
     let mut rep = report(orders::SYNC, req.user_id, req.identity_id);
     ctx.metrics.syncs_started.inc();
     let started = std::time::Instant::now();
-    let result = sync_locked(ctx, &req, &counters, &mut rep, scope).await;
+    let result = imap::tallied(
+        counters.imap_commands.clone(),
+        sync_locked(ctx, &req, &counters, &mut rep, scope),
+    )
+    .await;
     conclude(&mut rep, &counters, &result);
     sync_metrics(ctx, &result, started);
     if rep.ok {
         tracing::info!(user = %req.user_id, identity = %req.identity_id, fetched = rep.fetched,
-            handed_off = rep.handed_off, "sync done");
+            handed_off = rep.handed_off, folders_checked = rep.folders_checked,
+            folders_skipped = rep.folders_skipped, folders_examined = rep.folders_examined,
+            changes_recorded = rep.changes_recorded, imap_commands = rep.imap_commands,
+            "sync done");
     } else if matches!(result, Err(JobError::Busy(_))) {
         ctx.busy_skips
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -558,6 +569,7 @@ async fn sync_identity_inner(
             session,
             acc: &acc,
             conn,
+            qresync_on: scope.qresync_on && !ours,
         };
         sync_mailboxes(ctx, id, remote, counters, scope.only, &stop).await
     }
@@ -578,11 +590,29 @@ struct Remote<'a> {
     session: &'a mut ImapSession,
     acc: &'a Account,
     conn: &'a imap::ConnInfo,
+    /// QRESYNC was enabled on it already (an IDLE session enables it before
+    /// selecting INBOX: ENABLE is refused once a mailbox is selected).
+    qresync_on: bool,
+}
+
+/// `[mailbox]` if the identity syncs it (directly or through `*`), else none.
+fn one_of(id: &Identity, mailbox: &str) -> Vec<String> {
+    let listed = id.mailboxes();
+    let named =
+        |m: &String| m == mailbox || (checkpoint::is_inbox(m) && checkpoint::is_inbox(mailbox));
+    let star = listed.iter().any(|m| m == "*") && checkpoint::is_inbox(mailbox);
+    if star || listed.iter().any(named) {
+        vec![mailbox.to_string()]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Sync each mailbox of the identity in turn from its checkpoint. A folder
 /// the server will not open is recorded as that folder's error and the
 /// others go on; folder errors of folders no longer synced are cleared.
+/// A folder whose STATUS shows it unchanged is not opened at all (see
+/// [`resync`]).
 async fn sync_mailboxes(
     ctx: &Ctx,
     id: &Identity,
@@ -591,24 +621,25 @@ async fn sync_mailboxes(
     only: Option<&str>,
     stop: &Shutdown,
 ) -> Result<(), JobError> {
-    let Remote { session, acc, conn } = remote;
+    let Remote {
+        session,
+        acc,
+        conn,
+        qresync_on,
+    } = remote;
     let display = if id.display_name.is_empty() {
         id.identifier.as_str()
     } else {
         id.display_name.as_str()
     };
-    let mut mailboxes = match only {
-        // INBOX is always among the folders of `*`: no LIST for a wake-up.
-        Some(m) if id.mailboxes().iter().any(|x| x == "*") && checkpoint::is_inbox(m) => {
-            vec![m.to_string()]
-        }
-        _ => mailboxes_of(id, session, acc, stop).await?,
+    let (mailboxes, statuses) = match only {
+        // A wake-up: no LIST, and no STATUS of the mailbox the session has
+        // selected (RFC 3501 §6.3.10 advises against it); the server just
+        // said it changed.
+        Some(m) => (one_of(id, m), status::Statuses::default()),
+        None => mailboxes_of(id, session, acc, conn, stop).await?,
     };
     let known = ctx.store.mailbox_errors(id.user_id, id.identity_id).await?;
-    if let Some(m) = only {
-        // Folder errors of the others stay as they are.
-        mailboxes.retain(|x| x == m);
-    }
     for gone in known
         .iter()
         .filter(|k| only.is_none() && !mailboxes.contains(&k.mailbox))
@@ -617,11 +648,39 @@ async fn sync_mailboxes(
             .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
             .await?;
     }
+    let last = ctx
+        .store
+        .mailbox_statuses(id.user_id, id.identity_id)
+        .await?;
+    let last = resync::known(last);
+    let failures = ctx
+        .store
+        .message_failures(id.user_id, id.identity_id)
+        .await?;
+    let retrying = resync::retrying(failures);
+    let checkpoints = checkpoint::load_others(ctx, id).await?;
+    let mut qresync = qresync_on;
+    Counters::add(&counters.folders_checked, mailboxes.len() as u64);
     for mailbox in &mailboxes {
         if stop.is_triggered() {
             return Err(JobError::Interrupted("stopped between mailboxes".into()));
         }
-        let from = match checkpoint::load(ctx, id, mailbox).await? {
+        let cp = match checkpoints.get(mailbox) {
+            Some(cp) if !checkpoint::is_inbox(mailbox) => Some(*cp),
+            _ => checkpoint::load(ctx, id, mailbox).await?,
+        };
+        let earlier = known.iter().find(|k| &k.mailbox == mailbox);
+        let key = status::key(mailbox);
+        let last = last.get(&key);
+        let trouble = earlier.is_some() || retrying.contains(mailbox);
+        if resync::skippable(cp, statuses.get(&key), last, trouble) {
+            Counters::add(&counters.folders_skipped, 1);
+            continue;
+        }
+        if conn.caps.qresync && !qresync {
+            qresync = enable_qresync(session, acc, stop).await?;
+        }
+        let from = match cp {
             Some(cp) => SyncFrom::Resume(cp),
             None => SyncFrom::First,
         };
@@ -634,10 +693,15 @@ async fn sync_mailboxes(
             conn,
             mailbox,
             from,
+            qresync: if qresync {
+                resync::qresync_from(cp, last)
+            } else {
+                None
+            },
             counters,
             stop: stop.clone(),
         };
-        let earlier = known.iter().find(|k| &k.mailbox == mailbox);
+        Counters::add(&counters.folders_examined, 1);
         match sync_mailbox(&job, session).await {
             Ok(()) => {
                 if earlier.is_some() {
@@ -652,27 +716,99 @@ async fn sync_mailboxes(
             Err(e) => return Err(e),
         }
     }
+    tracing::info!(identity = %id.identity_id,
+        checked = mailboxes.len(),
+        skipped = counters.folders_skipped.load(std::sync::atomic::Ordering::Relaxed),
+        examined = counters.folders_examined.load(std::sync::atomic::Ordering::Relaxed),
+        qresync, "folders checked");
     Ok(())
 }
 
+/// `ENABLE QRESYNC` (RFC 7162 §3.2.3), once per session and only when a
+/// folder is about to be opened. `false` when the server refused it: the
+/// sync goes on as it would without QRESYNC.
+pub(crate) async fn enable_qresync(
+    session: &mut ImapSession,
+    acc: &Account,
+    stop: &Shutdown,
+) -> Result<bool, JobError> {
+    let mut reader = Reader::new(session, &acc.server, acc.io_timeout, stop.clone());
+    match reader.run_checked("ENABLE QRESYNC", "ENABLE", |_| {}).await {
+        Ok(()) => Ok(true),
+        Err(ImapError::Interrupted) => Err(JobError::Interrupted(
+            "stopped while waiting on the server".into(),
+        )),
+        Err(e @ ImapError::Protocol { .. }) => {
+            tracing::warn!(error = %e, "QRESYNC not enabled: flag changes and expunges not recorded");
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The mailboxes to sync: `infos.mailboxes`, where `*` means every
-/// selectable folder but Junk and Trash, listed anew at each sync.
+/// selectable folder but Junk and Trash, listed anew at each sync; and the
+/// server's STATUS of each, asked in the same round trip when the server
+/// has LIST-STATUS. A status that cannot be had is only left out (the
+/// mailbox is then opened as before); a refused folder listing is an error.
 async fn mailboxes_of(
     id: &Identity,
     session: &mut ImapSession,
     acc: &Account,
+    conn: &imap::ConnInfo,
     stop: &Shutdown,
-) -> Result<Vec<String>, JobError> {
+) -> Result<(Vec<String>, status::Statuses), JobError> {
     let listed = id.mailboxes();
+    let caps = conn.caps;
+    let server = acc.server.as_str();
+    let interrupted = || JobError::Interrupted("stopped while listing folders".into());
     if listed.iter().any(|m| m == "*") {
-        let mut stop = stop.clone();
+        if caps.list_status {
+            let mut reader = Reader::new(session, server, acc.io_timeout, stop.clone());
+            match status::list_with_status(&mut reader, caps).await {
+                Ok((folders, statuses)) => {
+                    return Ok((imap::folders::syncable_names(server, folders), statuses))
+                }
+                Err(ImapError::Interrupted) => return Err(interrupted()),
+                Err(e @ ImapError::Protocol { .. }) => {
+                    tracing::warn!(error = %e, "LIST-STATUS failed: listing folders without it")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut stop2 = stop.clone();
         let folders = tokio::select! {
-            r = imap::folders::syncable(session, &acc.server, acc.io_timeout) => r?,
-            _ = stop.wait() => return Err(JobError::Interrupted("stopped while listing folders".into())),
+            r = imap::folders::list_known(session, server, acc.io_timeout, caps) => r?,
+            _ = stop2.wait() => return Err(interrupted()),
         };
-        return Ok(folders);
+        let names = imap::folders::syncable_names(server, folders);
+        let statuses = statuses_of(session, acc, caps, &names, stop).await?;
+        return Ok((names, statuses));
     }
-    Ok(listed)
+    let statuses = statuses_of(session, acc, caps, &listed, stop).await?;
+    Ok((listed, statuses))
+}
+
+/// The STATUS of `names`; a server error leaves them all without one.
+async fn statuses_of(
+    session: &mut ImapSession,
+    acc: &Account,
+    caps: imap::Extensions,
+    names: &[String],
+    stop: &Shutdown,
+) -> Result<status::Statuses, JobError> {
+    let mut reader = Reader::new(session, &acc.server, acc.io_timeout, stop.clone());
+    match status::statuses(&mut reader, caps, names).await {
+        Ok(st) => Ok(st),
+        Err(ImapError::Interrupted) => Err(JobError::Interrupted(
+            "stopped while asking folder statuses".into(),
+        )),
+        Err(e @ ImapError::Protocol { .. }) => {
+            tracing::warn!(error = %e, "STATUS failed: every folder is opened");
+            Ok(status::Statuses::new())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Record an error of one folder: shown by listremotes and in the report,
@@ -708,7 +844,8 @@ pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>
     let identity_id = fullfetch_identity(&req.server, &req.login);
     let mut rep = report(orders::FULLFETCH, req.user_id, identity_id);
     rep.mailboxes = vec![req.mailbox.clone()];
-    let result = async {
+    let tally = counters.imap_commands.clone();
+    let result = imap::tallied(tally, async {
         let acc = account::from_order(ctx, &req.server, &req.login, &req.password)?;
         let connecting = std::time::Instant::now();
         let (mut session, conn) = imap::connect(&acc).await?;
@@ -724,22 +861,25 @@ pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>
             conn: &conn,
             mailbox: &req.mailbox,
             from: SyncFrom::FullFetch,
+            qresync: None,
             counters: &counters,
             stop: ctx.shutdown.clone(),
         };
         let r = sync_mailbox(&job, &mut session).await;
         logout(&mut session, &acc).await;
         r
-    }
+    })
     .await;
     conclude(&mut rep, &counters, &result);
     tracing::info!(user = %req.user_id, server = %req.server, fetched = rep.fetched,
+        imap_commands = rep.imap_commands,
         handed_off = rep.handed_off, failed = rep.failed, error = %rep.error, "fullfetch done");
     rep
 }
 
 /// LOGOUT, politely and briefly: the work is done whatever it answers.
 pub(crate) async fn logout(session: &mut ImapSession, acc: &Account) {
+    imap::sent("LOGOUT");
     let _ = tokio::time::timeout(
         acc.io_timeout.min(std::time::Duration::from_secs(5)),
         session.logout(),

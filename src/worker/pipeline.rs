@@ -41,15 +41,17 @@ use uuid::Uuid;
 
 use super::checkpoint;
 use super::context::{Counters, Ctx};
+use super::resync;
 use super::tracker::Tracker;
 use super::JobError;
 use crate::bus::wire::{orders, ProcessRaw, ProcessRawReply};
 use crate::bus::BusError;
-use crate::imap::fetch::{uid_set, MailboxInfo, Reader};
+use crate::imap::fetch::{uid_set, Changes, MailboxInfo, Reader};
 use crate::imap::headers::{self, FetchedMeta};
 use crate::imap::{ConnInfo, ImapError, ImapSession};
 use crate::shutdown::Shutdown;
 use crate::store::raw_message::{raw_message_id, RawMessage};
+use crate::store::resync::MailboxStatus;
 use crate::store::state::{Checkpoint, MessageFailure};
 
 /// Where a mailbox's fetch starts.
@@ -76,6 +78,9 @@ pub struct MailboxJob<'a> {
     /// UTF-8; encoded for the wire by the IMAP layer.
     pub mailbox: &'a str,
     pub from: SyncFrom,
+    /// `(uidvalidity, modseq)` to EXAMINE `(QRESYNC ...)` from, on a
+    /// session where QRESYNC is enabled (see [`super::resync`]).
+    pub qresync: Option<(u32, u64)>,
     pub counters: &'a Counters,
     /// Fires on shutdown, a lost lock or the job deadline.
     pub stop: Shutdown,
@@ -138,9 +143,25 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
     let ctx = job.ctx;
     let io = ctx.settings.imap.io_timeout();
     let mut reader = Reader::new(session, job.server, io, job.stop.clone());
-    let mb = reader.examine(job.mailbox).await.map_err(imap_err)?;
+    let mut changes = Changes::with_cap(resync::MAX_CHANGES);
+    let mb = match job.qresync {
+        Some((v, m)) => {
+            reader
+                .examine_qresync(job.mailbox, v, m, &mut changes)
+                .await
+        }
+        // Tracked on a CONDSTORE server: HIGHESTMODSEQ for the next sync.
+        None if job.tracked() && job.conn.caps.condstore => {
+            reader.examine_condstore(job.mailbox).await
+        }
+        None => reader.examine(job.mailbox).await,
+    }
+    .map_err(imap_err)?;
     let uidvalidity = mb.uidvalidity;
     let base = start_after(job, uidvalidity);
+    if job.tracked() && job.qresync.is_some_and(|(v, _)| v == uidvalidity) {
+        record_changes(job, uidvalidity, base, &changes).await?;
+    }
     let save = |cp: u32| async move {
         if !job.tracked() {
             return Ok(());
@@ -160,6 +181,7 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
         if job.tracked() && !known {
             save(base).await?;
         }
+        save_status(job, mb).await?;
         return Ok(());
     }
     let mut failures = earlier_failures(job, uidvalidity).await?;
@@ -195,7 +217,56 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
             "stopped before the end of the mailbox".into(),
         ));
     }
+    // Only a clean end is remembered as the mailbox's state: with a retry
+    // pending, the next sync must open it again.
+    if tracker.complete() && failures.values().all(|f| f.stepped_over) {
+        save_status(job, mb).await?;
+    }
     Ok(())
+}
+
+/// Remember what EXAMINE said, once the mailbox synced cleanly: the next
+/// sync compares the server's STATUS with it (see [`super::resync`]).
+async fn save_status(job: &MailboxJob<'_>, mb: MailboxInfo) -> Result<(), JobError> {
+    if !job.tracked() || mb.uidvalidity == 0 {
+        return Ok(());
+    }
+    let st = MailboxStatus {
+        uidvalidity: mb.uidvalidity,
+        uidnext: mb.uid_next.unwrap_or(0),
+        messages: mb.exists,
+        highestmodseq: resync::modseq(mb.highestmodseq),
+    };
+    let ctx = job.ctx;
+    settle(|| resync::save_status(ctx, job.user_id, job.identity_id, job.mailbox, st)).await
+}
+
+/// Record the flag changes and expunges a QRESYNC EXAMINE reported for the
+/// messages handed off already (UIDs up to `base`).
+async fn record_changes(
+    job: &MailboxJob<'_>,
+    uidvalidity: u32,
+    base: u32,
+    changes: &Changes,
+) -> Result<(), JobError> {
+    if changes.dropped > 0 {
+        tracing::warn!(
+            mailbox = job.mailbox,
+            dropped = changes.dropped,
+            kept = resync::MAX_CHANGES,
+            "more flag changes and expunges than are recorded at once: the rest are not recorded"
+        );
+    }
+    let rows = resync::changes_of(job.mailbox, uidvalidity, base, changes);
+    if !rows.is_empty() {
+        tracing::info!(
+            mailbox = job.mailbox,
+            changes = rows.len(),
+            "recording flag changes and expunges"
+        );
+    }
+    let ctx = job.ctx;
+    settle(|| resync::record(ctx, job.counters, job.user_id, job.identity_id, &rows)).await
 }
 
 /// The UID after which this sync starts: the checkpoint, unless the

@@ -176,6 +176,7 @@ async fn file_in_sent(
     let mut special = None;
     let mut by_name = None;
     {
+        crate::imap::sent("LIST");
         let mut names = tokio::time::timeout(io, session.list(Some(""), Some("*")))
             .await
             .map_err(|_| "LIST timed out".to_string())?
@@ -199,6 +200,7 @@ async fn file_in_sent(
         .or(by_name)
         .ok_or("the remote account has no Sent mailbox")?;
     let when = format!("\"{}\"", date.format("%d-%b-%Y %H:%M:%S +0000"));
+    crate::imap::sent("APPEND");
     tokio::time::timeout(
         io,
         session.append(&mailbox, Some("(\\Seen)"), Some(&when), raw),
