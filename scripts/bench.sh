@@ -639,11 +639,13 @@ commands_json() {
         jq -Rn 'reduce (inputs | split("\t")) as $l ({}; .[$l[0]] += ($l[1] | tonumber))'
 }
 
-# usage: commands_delta BEFORE AFTER → the commands sent in between, and their sum
+# usage: commands_delta BEFORE AFTER → the commands sent in between, and
+# their sum. (Before a worker's first command its /metrics has no such
+# family yet: a null BEFORE counts as none sent.)
 commands_delta() {
-    jq -nc --argjson a "$1" --argjson b "$2" 'if $a == null or $b == null
+    jq -nc --argjson a "$1" --argjson b "$2" 'if $b == null
         then {commands: null, commands_total: null}
-        else ($b | to_entries | map({key, value: (.value - ($a[.key] // 0))})
+        else ($b | to_entries | map({key, value: (.value - (($a // {})[.key] // 0))})
               | map(select(.value > 0)) | from_entries) as $d
              | {commands: $d, commands_total: ([$d[]] | add // 0)} end'
 }
