@@ -93,8 +93,9 @@ async fn run(cfg: &str, username: &str) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "Over store_settings.raw_size_limit, in the object store (S3): {} messages, {}",
+        "Over store_settings.raw_size_limit, in the object store (S3): {} message{}, {}",
         in_s3.len(),
+        if in_s3.len() == 1 { "" } else { "s" },
         human(s3_bytes)
     );
     for s in &in_s3 {

@@ -247,10 +247,8 @@ async fn status_one_by_one_and_in_one_list_answer_the_same() {
 }
 
 /// The benchmark goal: a no-change resync of 200 folders in a few round
-/// trips. Ignored by default (it creates 200 Dovecot folders); run with
-/// `cargo test --test tests resync::two_hundred -- --ignored --nocapture`.
+/// trips (`make bench` measures its time; here only the commands count).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
 async fn two_hundred_folders_resync_without_a_change_in_a_few_commands() {
     let tag = unique("rs5");
     let settings = worker_settings(&tag);

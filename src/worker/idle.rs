@@ -258,21 +258,34 @@ impl Watcher {
         let mut free: Vec<Key> = wanted.difference(&leased).copied().collect();
         fastrand::shuffle(&mut free);
         let want = (target - self.held.len()).min(CLAIMS_PER_ROUND);
-        let mut taken = 0;
-        for k in free {
-            if taken == want {
-                break;
-            }
-            let now = Utc::now();
-            if self
-                .ctx
-                .store
-                .take_idle_lease(k, &me, now, self.lease_secs())
-                .await?
-            {
-                self.start(k, now);
-                taken += 1;
-            }
+        // Claimed side by side (each is a Paxos round); a lost race only
+        // means that identity is someone else's.
+        let store = &self.ctx.store;
+        let ttl = self.lease_secs();
+        let won: Vec<(Key, DateTime<Utc>)> = futures::stream::iter(free.into_iter().take(want))
+            .map(|k| {
+                let me = me.as_str();
+                async move {
+                    let now = Utc::now();
+                    (k, now, store.take_idle_lease(k, me, now, ttl).await)
+                }
+            })
+            .buffer_unordered(RENEWALS_AT_ONCE)
+            .filter_map(|(k, now, r)| async move {
+                match r {
+                    Ok(true) => Some((k, now)),
+                    Ok(false) => None,
+                    Err(e) => {
+                        tracing::warn!(identity = %k.1, error = %e, "cannot take an IDLE lease");
+                        None
+                    }
+                }
+            })
+            .collect()
+            .await;
+        let taken = won.len();
+        for (k, since) in won {
+            self.start(k, since);
         }
         let watched = leased.len() + taken;
         if wanted.len() > watched && self.held.len() >= budget {
