@@ -53,6 +53,16 @@ impl Drop for OptedIn {
     }
 }
 
+/// A worker process, killed with SIGKILL however the test ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn live_settings(tag: &str) -> caliopen_imap::config::WorkerSettings {
     let mut s = worker_settings(tag);
     s.imap.idle = IdleMode::Identity;
@@ -155,13 +165,15 @@ async fn a_killed_idle_holder_is_replaced_by_another_worker() {
 
     // The first holder: a worker process, killed with SIGKILL below.
     let cfg = worker_yaml(&tag, "  idle: identity\n  idle_lease_secs: 6\n");
-    let mut first = Command::new(bin())
-        .args(["worker", "-c", cfg.to_str().unwrap(), "start"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = Killed(
+        Command::new(bin())
+            .args(["worker", "-c", cfg.to_str().unwrap(), "start"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     within("the first worker's sync", lda.wait_seen(1)).await;
     let held_by_first = lease_owner(&store, id.identity_id)
         .await
@@ -171,8 +183,8 @@ async fn a_killed_idle_holder_is_replaced_by_another_worker() {
     // leaves it alone (it is leased), then takes it once the first is dead.
     let second = start_worker(live_settings(&tag)).await;
     assert_ne!(held_by_first, second.ctx.worker_id);
-    first.kill().unwrap();
-    let _ = first.wait();
+    first.0.kill().unwrap();
+    let _ = first.0.wait();
     within("the second worker taking the lease", async {
         while lease_owner(&store, id.identity_id).await.as_deref()
             != Some(second.ctx.worker_id.as_str())
