@@ -284,3 +284,43 @@ async fn two_hundred_folders_resync_without_a_change_in_a_few_commands() {
     assert_eq!((rep.folders_skipped, rep.folders_examined), (199, 0));
     assert!(rep.imap_commands <= 5, "{rep:?}");
 }
+
+/// Mail deleted before a sync saw it (a server-side filter, another
+/// client) leaves UIDNEXT above the checkpoint for good; the folder is
+/// still skipped once a clean sync has seen that UIDNEXT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_whose_newest_mail_went_unseen_is_skipped_after_one_sync() {
+    let tag = unique("rs6");
+    let settings = worker_settings(&tag);
+    let _lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, login, id) = folders_account(st, &[("INBOX", 3)], "INBOX").await;
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert_eq!((rep.ok, rep.fetched), (true, 3), "{rep:?}");
+
+    // UID 4 comes and goes between two syncs.
+    fill(&login, "INBOX", 1, 200);
+    doveadm(
+        &["expunge", "-u", &login, "mailbox", "INBOX", "uid", "4"],
+        None,
+    );
+    // UIDNEXT moved: the folder is opened once, and nothing is there.
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert_eq!(
+        (rep.ok, rep.folders_examined, rep.fetched),
+        (true, 1, 0),
+        "{rep:?}"
+    );
+    // From then on nothing changed, though UIDNEXT (5) stays past the
+    // checkpoint's last UID + 1 (4).
+    for _ in 0..2 {
+        let rep = sync_once(&ctx, user, id.identity_id).await;
+        assert!(rep.ok, "{rep:?}");
+        assert_eq!(
+            (rep.folders_skipped, rep.folders_examined, rep.fetched),
+            (1, 0, 0),
+            "{rep:?}"
+        );
+    }
+}

@@ -19,6 +19,9 @@ use super::{col, decode, Store, StoreError};
 pub struct MailboxStatus {
     pub uidvalidity: u32,
     pub uidnext: u32,
+    /// The checkpoint that sync reached: a checkpoint set back since (by
+    /// hand, to fetch again) must not be skipped over.
+    pub lastseenuid: u32,
     pub messages: u32,
     /// `None` from a server without CONDSTORE.
     pub highestmodseq: Option<u64>,
@@ -36,10 +39,11 @@ pub struct MessageChange {
     pub expunged: bool,
 }
 
-const SELECT_STATUSES: &str = "SELECT mailbox, uidvalidity, uidnext, messages, highestmodseq \
+const SELECT_STATUSES: &str =
+    "SELECT mailbox, uidvalidity, uidnext, lastseenuid, messages, highestmodseq \
      FROM {ks}.imap_mailbox_status WHERE user_id = ? AND identity_id = ?";
 const SAVE_STATUS: &str = "UPDATE {ks}.imap_mailbox_status SET uidvalidity = ?, uidnext = ?, \
-     messages = ?, highestmodseq = ?, checked_at = ? \
+     lastseenuid = ?, messages = ?, highestmodseq = ?, checked_at = ? \
      WHERE user_id = ? AND identity_id = ? AND mailbox = ?";
 const DELETE_STATUSES: &str = "DELETE FROM {ks}.imap_mailbox_status \
      WHERE user_id = ? AND identity_id = ?";
@@ -77,6 +81,7 @@ impl Store {
                     MailboxStatus {
                         uidvalidity: u32_of(col(r, "uidvalidity", W)?)?,
                         uidnext: u32_of(col(r, "uidnext", W)?)?,
+                        lastseenuid: u32_of(col(r, "lastseenuid", W)?)?,
                         messages: u32_of(col(r, "messages", W)?)?,
                         highestmodseq: modseq
                             .map(|m| u64::try_from(m).map_err(|e| decode(W, e)))
@@ -102,6 +107,7 @@ impl Store {
             query_values!(
                 st.uidvalidity as i64,
                 st.uidnext as i64,
+                st.lastseenuid as i64,
                 st.messages as i64,
                 modseq,
                 at,

@@ -181,7 +181,7 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
         if job.tracked() && !known {
             save(base).await?;
         }
-        save_status(job, mb).await?;
+        save_status(job, mb, base).await?;
         return Ok(());
     }
     let mut failures = earlier_failures(job, uidvalidity).await?;
@@ -220,20 +220,25 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
     // Only a clean end is remembered as the mailbox's state: with a retry
     // pending, the next sync must open it again.
     if tracker.complete() && failures.values().all(|f| f.stepped_over) {
-        save_status(job, mb).await?;
+        save_status(job, mb, reached).await?;
     }
     Ok(())
 }
 
 /// Remember what EXAMINE said, once the mailbox synced cleanly: the next
 /// sync compares the server's STATUS with it (see [`super::resync`]).
-async fn save_status(job: &MailboxJob<'_>, mb: MailboxInfo) -> Result<(), JobError> {
+async fn save_status(
+    job: &MailboxJob<'_>,
+    mb: MailboxInfo,
+    lastseenuid: u32,
+) -> Result<(), JobError> {
     if !job.tracked() || mb.uidvalidity == 0 {
         return Ok(());
     }
     let st = MailboxStatus {
         uidvalidity: mb.uidvalidity,
         uidnext: mb.uid_next.unwrap_or(0),
+        lastseenuid,
         messages: mb.exists,
         highestmodseq: resync::modseq(mb.highestmodseq),
     };

@@ -5,7 +5,8 @@
 //! (one LIST-STATUS, or STATUS per mailbox: see [`crate::imap::status`]).
 //! A mailbox is skipped, with no EXAMINE, only when all of this holds:
 //! it was synced before (a checkpoint), its UIDVALIDITY is the one of the
-//! checkpoint, its UIDNEXT shows no UID past the checkpoint, no message of
+//! checkpoint, its UIDNEXT shows no UID past the checkpoint (or is the one
+//! recorded at its last clean sync: mail deleted unseen), no message of
 //! it waits for a retry, it has no folder error on record, and, on a
 //! CONDSTORE server, its HIGHESTMODSEQ is the one recorded at its last
 //! clean sync. Anything else (no answer, an answer we cannot read, a
@@ -74,7 +75,14 @@ pub fn skippable(
     if uidvalidity == 0 || uidvalidity != cp.uidvalidity {
         return false;
     }
-    if u64::from(uidnext) > u64::from(cp.lastseenuid) + 1 {
+    // No UID past the checkpoint, or none given out since the last clean
+    // sync: mail deleted before any sync saw it (a server-side filter,
+    // another client) leaves UIDNEXT above the checkpoint for good.
+    let none_past_checkpoint = u64::from(uidnext) <= u64::from(cp.lastseenuid) + 1;
+    let none_since_last = last.is_some_and(|l| {
+        l.uidvalidity == uidvalidity && l.uidnext == uidnext && cp.lastseenuid >= l.lastseenuid
+    });
+    if !(none_past_checkpoint || none_since_last) {
         return false;
     }
     match modseq(now.highestmodseq) {
@@ -193,6 +201,7 @@ mod tests {
         MailboxStatus {
             uidvalidity: v,
             uidnext: 5,
+            lastseenuid: 4,
             messages: 4,
             highestmodseq: modseq,
         }
@@ -265,6 +274,41 @@ mod tests {
         // No CONDSTORE: UIDs decide.
         assert!(skippable(cp(7, 4), Some(&now(7, 5, None)), None, false));
         assert!(skippable(cp(7, 4), Some(&now(7, 5, Some(0))), None, false));
+        // UIDs given out and expunged before any sync saw them: UIDNEXT
+        // stays past the checkpoint, and is the one of the last clean sync.
+        let unseen = MailboxStatus {
+            uidnext: 9,
+            ..last(7, Some(40))
+        };
+        assert!(skippable(
+            cp(7, 4),
+            Some(&now(7, 9, Some(40))),
+            Some(&unseen),
+            false
+        ));
+        assert!(!skippable(
+            cp(7, 4),
+            Some(&now(7, 10, Some(40))),
+            Some(&unseen),
+            false
+        ));
+        assert!(!skippable(
+            cp(7, 4),
+            Some(&now(7, 9, Some(40))),
+            Some(&l),
+            false
+        ));
+        // ... unless the checkpoint was set back since (to fetch again).
+        let rewound = MailboxStatus {
+            lastseenuid: 8,
+            ..unseen
+        };
+        assert!(!skippable(
+            cp(7, 4),
+            Some(&now(7, 9, Some(40))),
+            Some(&rewound),
+            false
+        ));
         // The checkpoint at the very top of the UID space.
         assert!(skippable(
             cp(7, u32::MAX),
