@@ -4,25 +4,13 @@
 
 use std::time::Duration;
 
-use caliopen_imap::imap::{self, folders, utf7, Account, Auth, ImapError, Security};
+use caliopen_imap::imap::{self, folders, utf7, Account, ImapError};
 use caliopen_imap::shutdown::Shutdown;
 
-use crate::util::{doveadm, imaps_server, stack, unique};
+use crate::util::{doveadm, imaps_server, unique};
 
 fn account(login: &str) -> Account {
-    Account {
-        server: imaps_server(),
-        security: Security::Tls,
-        auth: Auth::Login {
-            user: login.to_string(),
-            password: stack().password.clone(),
-        },
-        ca_files: vec![stack().ca_file.clone().into()],
-        pin: None,
-        allow_plaintext_loopback: false,
-        connect_timeout: Duration::from_secs(10),
-        io_timeout: Duration::from_secs(30),
-    }
+    crate::util::dovecot_account(login)
 }
 
 const IO: Duration = Duration::from_secs(30);

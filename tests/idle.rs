@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use caliopen_imap::config::IdleMode;
-use caliopen_imap::imap::{self, Account, Auth, Security};
+use caliopen_imap::imap;
 use caliopen_imap::store::identity::infos;
 use caliopen_imap::store::Store;
 use tokio::sync::Mutex;
@@ -75,19 +75,7 @@ fn live_settings(tag: &str) -> caliopen_imap::config::WorkerSettings {
 
 /// Append one message to `login`'s INBOX over IMAP, as a mail client would.
 async fn append(login: &str, n: usize) {
-    let acc = Account {
-        server: imaps_server(),
-        security: Security::Tls,
-        auth: Auth::Login {
-            user: login.to_string(),
-            password: stack().password.clone(),
-        },
-        ca_files: vec![stack().ca_file.clone().into()],
-        pin: None,
-        allow_plaintext_loopback: false,
-        connect_timeout: Duration::from_secs(30),
-        io_timeout: Duration::from_secs(30),
-    };
+    let acc = dovecot_account(login);
     let (mut session, _) = imap::connect(&acc).await.expect("log in to append");
     session
         .append("INBOX", None, None, message(n, 200))

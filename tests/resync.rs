@@ -191,26 +191,13 @@ async fn qresync_records_a_flag_change_and_an_expunge_without_fetching_a_body() 
 /// folder is absent from either answer, never an error.
 #[tokio::test]
 async fn status_one_by_one_and_in_one_list_answer_the_same() {
-    use caliopen_imap::imap::{self, fetch::Reader, status, Account, Auth, Security};
+    use caliopen_imap::imap::{self, fetch::Reader, status};
     use caliopen_imap::shutdown::Shutdown;
-    use std::time::Duration;
 
     let login = unique("rs4");
     fill(&login, "INBOX", 2, 200);
     fill(&login, "Entwürfe", 1, 200);
-    let acc = Account {
-        server: imaps_server(),
-        security: Security::Tls,
-        auth: Auth::Login {
-            user: login.clone(),
-            password: stack().password.clone(),
-        },
-        ca_files: vec![stack().ca_file.clone().into()],
-        pin: None,
-        allow_plaintext_loopback: false,
-        connect_timeout: Duration::from_secs(10),
-        io_timeout: Duration::from_secs(30),
-    };
+    let acc = dovecot_account(&login);
     // More than one pipelined group of STATUS commands (50 a group).
     let many: Vec<String> = (0..60).map(|i| format!("g{i:02}")).collect();
     let mut args = vec!["mailbox", "create", "-u", &login];

@@ -143,6 +143,25 @@ pub fn imaps_server() -> String {
     format!("{}:{}", stack().imap_host, stack().imaps_port)
 }
 
+/// The account of Dovecot user `login` on the stack, as a mail client of
+/// the tests would use it (IMAPS, the stack's CA).
+pub fn dovecot_account(login: &str) -> caliopen_imap::imap::Account {
+    use caliopen_imap::imap::{Account, Auth, Security};
+    Account {
+        server: imaps_server(),
+        security: Security::Tls,
+        auth: Auth::Login {
+            user: login.to_string(),
+            password: stack().password.clone(),
+        },
+        ca_files: vec![stack().ca_file.clone().into()],
+        pin: None,
+        allow_plaintext_loopback: false,
+        connect_timeout: Duration::from_secs(10),
+        io_timeout: Duration::from_secs(30),
+    }
+}
+
 /// Worker settings for the stack, with subjects of this test only.
 pub fn worker_settings(tag: &str) -> WorkerSettings {
     let s = stack();
