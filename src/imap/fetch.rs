@@ -362,15 +362,7 @@ impl<'a> Reader<'a> {
             return Ok(None);
         }
         let read = step_raw(self.io, &mut self.stop, self.session.read_response()).await;
-        let resp = match read {
-            Step::Done(Ok(Some(r))) => r,
-            Step::Done(Ok(None)) => {
-                return Err(protocol(self.server, during, "connection closed".into()))
-            }
-            Step::Done(Err(e)) => return Err(protocol(self.server, during, e.to_string())),
-            Step::TimedOut => return Err(timeout(self.server, during)),
-            Step::Stopped => return Err(ImapError::Interrupted),
-        };
+        let resp = response(self.server, during, read)?;
         match resp.parsed() {
             Response::Done {
                 tag: t,
@@ -444,15 +436,7 @@ impl<'a> Reader<'a> {
         while left > 0 {
             let read = step_raw(self.io, &mut self.stop, self.session.read_response()).await;
             let during = "pipelined commands";
-            let resp = match read {
-                Step::Done(Ok(Some(r))) => r,
-                Step::Done(Ok(None)) => {
-                    return Err(protocol(self.server, during, "connection closed".into()))
-                }
-                Step::Done(Err(e)) => return Err(protocol(self.server, during, e.to_string())),
-                Step::TimedOut => return Err(timeout(self.server, during)),
-                Step::Stopped => return Err(ImapError::Interrupted),
-            };
+            let resp = response(self.server, during, read)?;
             match resp.parsed() {
                 Response::Done {
                     tag,
@@ -625,6 +609,39 @@ fn within(whole: &[u8], part: &[u8]) -> Option<Range<usize>> {
     let start = (part.as_ptr() as usize).checked_sub(whole.as_ptr() as usize)?;
     let end = start.checked_add(part.len())?;
     (end <= whole.len()).then_some(start..end)
+}
+
+/// The response one bounded read brought, or why there is none: the
+/// connection closed, the read failed or timed out, the stop token fired.
+fn response<R, E: std::fmt::Display>(
+    server: &str,
+    during: &str,
+    read: Step<Result<Option<R>, E>>,
+) -> Result<R, ImapError> {
+    match read {
+        Step::Done(Ok(Some(r))) => Ok(r),
+        Step::Done(Ok(None)) => Err(protocol(server, during, "connection closed".into())),
+        Step::Done(Err(e)) => Err(protocol(server, during, e.to_string())),
+        Step::TimedOut => Err(timeout(server, during)),
+        Step::Stopped => Err(ImapError::Interrupted),
+    }
+}
+
+/// The next response on `session`, passed to `f`: bounded by `io` but not
+/// by a stop token, for IDLE, whose way out (DONE and its answer) must be
+/// read even when stopping.
+pub async fn next_response<T>(
+    session: &mut ImapSession,
+    server: &str,
+    io: Duration,
+    during: &str,
+    f: impl FnOnce(&Response<'_>) -> T,
+) -> Result<T, ImapError> {
+    let read = match tokio::time::timeout(io, session.read_response()).await {
+        Ok(r) => Step::Done(r),
+        Err(_) => Step::TimedOut,
+    };
+    response(server, during, read).map(|r| f(r.parsed()))
 }
 
 /// How one bounded wait ended.

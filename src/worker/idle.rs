@@ -43,7 +43,7 @@ use super::context::{Counters, Ctx};
 use super::job::{self, Ended, Scope, SyncRequest};
 use super::JobError;
 use crate::config::IdleMode;
-use crate::imap::fetch::Reader;
+use crate::imap::fetch::{self, Reader};
 use crate::imap::{self, ImapError, ImapSession};
 use crate::shutdown::{self, Shutdown};
 use crate::store::identity::{infos, IdentityKind, Protocol, Status as IdStatus};
@@ -651,10 +651,7 @@ async fn next(
     during: &str,
     tag: &RequestId,
 ) -> Result<Seen, JobError> {
-    match bounded(io, server, during, session.read_response()).await? {
-        Some(resp) => Ok(classify(resp.parsed(), tag)),
-        None => Err(broken(server, during, "the server closed the connection")),
-    }
+    Ok(fetch::next_response(session, server, io, during, |r| classify(r, tag)).await?)
 }
 
 /// Sync INBOX over the IDLE session, in one of the worker's job slots.
