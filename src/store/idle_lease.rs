@@ -14,7 +14,7 @@ use cdrs_tokio::query_values;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{col, decode, Store, StoreError};
+use super::{col, decode, ttl, Store, StoreError};
 
 /// The owner written for an identity whose server has no IDLE: no worker
 /// tries it again until the row lapses.
@@ -33,10 +33,6 @@ const WORKERS: &str = "SELECT worker, held, budget FROM {ks}.imap_idle_worker WH
 const GONE: &str = "DELETE FROM {ks}.imap_idle_worker WHERE bucket = 0 AND worker = ?";
 
 const PAGE: i32 = 5000;
-
-fn ttl(secs: u64) -> i32 {
-    secs.min(i32::MAX as u64) as i32
-}
 
 /// One lease row as read by the scan.
 #[derive(Debug, Clone, PartialEq, Eq)]

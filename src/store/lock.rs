@@ -20,7 +20,7 @@ use cdrs_tokio::query_values;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{col, Store, StoreError};
+use super::{col, ttl, Store, StoreError};
 
 const TAKE: &str = "INSERT INTO {ks}.imap_sync_lock (user_id, identity_id, owner, since) \
      VALUES (?, ?, ?, ?) IF NOT EXISTS USING TTL ?";
@@ -35,10 +35,6 @@ const READ: &str = "SELECT owner, since, WRITETIME(owner) AS renewed, TTL(owner)
      FROM {ks}.imap_sync_lock WHERE user_id = ? AND identity_id = ?";
 const PUT_AT: &str = "INSERT INTO {ks}.imap_sync_lock (user_id, identity_id, owner, since) \
      VALUES (?, ?, ?, ?) USING TTL ? AND TIMESTAMP ?";
-
-fn ttl(secs: u64) -> i32 {
-    secs.min(i32::MAX as u64) as i32
-}
 
 /// A sync lock as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

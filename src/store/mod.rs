@@ -467,6 +467,11 @@ fn body_rows(env: Envelope, what: &str) -> Result<Vec<Row>, StoreError> {
     Ok(body.into_rows().unwrap_or_default())
 }
 
+/// A TTL in seconds as CQL's `USING TTL ?` takes it (an int), capped.
+pub(crate) fn ttl(secs: u64) -> i32 {
+    secs.min(i32::MAX as u64) as i32
+}
+
 pub(crate) fn decode(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Decode {
         what: first_words(what),
