@@ -197,11 +197,11 @@ impl Watcher {
             self.wanted = wanted(&self.ctx).await?;
             self.scanned = Some(Instant::now());
         }
-        let wanted = self.wanted.clone();
+        let wanted_n = self.wanted.len();
         let gone: Vec<Key> = self
             .held
             .keys()
-            .filter(|k| !wanted.contains(*k))
+            .filter(|k| !self.wanted.contains(*k))
             .copied()
             .collect();
         for k in gone {
@@ -236,7 +236,7 @@ impl Watcher {
             .filter(|w| w.worker != me)
             .collect();
         let room_elsewhere: usize = others.iter().map(|w| w.budget as usize).sum();
-        let target = share(wanted.len(), others.len() + 1, room_elsewhere, budget);
+        let target = share(wanted_n, others.len() + 1, room_elsewhere, budget);
 
         if self.held.len() > target {
             let surplus: Vec<Key> = self
@@ -255,7 +255,7 @@ impl Watcher {
             }
             return Ok(());
         }
-        let mut free: Vec<Key> = wanted.difference(&leased).copied().collect();
+        let mut free: Vec<Key> = self.wanted.difference(&leased).copied().collect();
         fastrand::shuffle(&mut free);
         let want = (target - self.held.len()).min(CLAIMS_PER_ROUND);
         // Claimed side by side (each is a Paxos round); a lost race only
@@ -288,14 +288,14 @@ impl Watcher {
             self.start(k, since);
         }
         let watched = leased.len() + taken;
-        if wanted.len() > watched && self.held.len() >= budget {
+        if wanted_n > watched && self.held.len() >= budget {
             let quiet = self
                 .short_warned
                 .is_some_and(|t| t.elapsed() < Duration::from_secs(300));
             if !quiet {
                 self.short_warned = Some(Instant::now());
                 tracing::warn!(
-                    wanted = wanted.len(),
+                    wanted = wanted_n,
                     watched,
                     budget,
                     "live sync: the workers' IDLE budgets (imap.idle_max) do not cover every \
