@@ -493,6 +493,8 @@ enum Script {
     /// Announces LIST-STATUS and CONDSTORE, then answers every LIST and
     /// STATUS with `BAD`.
     StatusRefused,
+    /// Lists INBOX and a folder whose name is not valid modified UTF-7.
+    BadFolderName,
 }
 
 /// A small scripted IMAP server on loopback (plaintext, allowed for
@@ -550,6 +552,10 @@ async fn scripted_server_with(script: Script, on_login: Option<OnLogin>) -> u16 
                         && (cmd.starts_with("LIST") || cmd.starts_with("STATUS"))
                     {
                         "BAD not today"
+                    } else if matches!(script, Script::BadFolderName) && cmd.starts_with("LIST") {
+                        out.extend_from_slice(b"* LIST () \"/\" INBOX\r\n");
+                        out.extend_from_slice(b"* LIST () \"/\" \"bad&AEE-\"\r\n");
+                        "OK done"
                     } else if cmd.starts_with("EXAMINE") {
                         out.extend_from_slice(
                             b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 3] n\r\n",
@@ -855,4 +861,53 @@ async fn a_go_worker_taking_the_marker_after_our_lock_makes_ours_stand_down() {
         ctx.store.sync_lock(user, identity).await.unwrap().is_none(),
         "our lock released"
     );
+}
+
+/// A folder whose name the server sent in a form that is not valid
+/// modified UTF-7 cannot be opened or stored by name: it is a visible
+/// error of that folder (the row, the `--wait` result, `imapctl status`),
+/// and the other folders sync on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_name_that_is_not_modified_utf7_is_a_folder_error() {
+    let (ctx, _t, user, identity, lda) =
+        scripted_account(&unique("f18"), Script::BadFolderName).await;
+    ctx.store
+        .merge_infos(
+            user,
+            identity,
+            [(infos::MAILBOXES.to_string(), "*".to_string())].into(),
+        )
+        .await
+        .unwrap();
+    let rep = sync_once(&ctx, user, identity).await;
+    assert!(!rep.ok, "{rep:?}");
+    let bad: Vec<_> = rep
+        .mailbox_errors
+        .iter()
+        .filter(|m| m.mailbox == "bad&AEE-")
+        .collect();
+    assert_eq!(bad.len(), 1, "{rep:?}");
+    assert!(bad[0].reason.contains("modified UTF-7"), "{rep:?}");
+    assert_eq!(
+        lda.seen.lock().unwrap().len(),
+        1,
+        "INBOX synced all the same"
+    );
+
+    let rows = ctx.store.mailbox_errors(user, identity).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].mailbox, "bad&AEE-");
+    let first = rows[0].first_error;
+    let id = ctx.store.identity(user, identity).await.unwrap().unwrap();
+    let row = caliopen_imap::ctl::status::row(&ctx.store, &ctx.settings, &id, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(!row.healthy, "{:?}", row.problems);
+    assert_eq!(row.folder_errors[0].mailbox, "bad&AEE-");
+
+    // The next sync lists it again: the error stays, from the same date.
+    let rep = sync_once(&ctx, user, identity).await;
+    assert_eq!(rep.mailbox_errors.len(), 1, "{rep:?}");
+    let rows = ctx.store.mailbox_errors(user, identity).await.unwrap();
+    assert_eq!((rows.len(), rows[0].first_error), (1, first), "{rows:?}");
 }

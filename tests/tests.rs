@@ -13,6 +13,7 @@ mod ctl;
 mod dispatch;
 mod folders;
 mod idle;
+mod mailboxes;
 mod objects;
 mod ops;
 mod poller;

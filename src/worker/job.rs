@@ -18,11 +18,12 @@ use super::resync;
 use super::{Busy, JobError, Missing};
 use crate::bus::wire::{orders, CacheOrder, JobReport};
 use crate::imap::fetch::Reader;
+use crate::imap::folders::Undecodable;
 use crate::imap::{self, status, Account, ImapError, ImapSession};
 use crate::metrics::InFlight;
 use crate::shutdown::{self, Shutdown};
 use crate::store::identity::{
-    time_text, ErrorStreak, Identity, Status, SyncingMarker, PROTOCOL_EMAIL,
+    mailbox_key, time_text, ErrorStreak, Identity, Status, SyncingMarker, PROTOCOL_EMAIL,
 };
 use crate::store::raw_message::fullfetch_identity;
 
@@ -226,6 +227,7 @@ async fn sync_locked(
     // From here on, every path releases the lock.
     let key = (id.user_id, id.identity_id);
     ctx.note_lock(key, true);
+    let whole = scope.only.is_none();
     let result = async {
         let id = claim_marker(ctx, req, &marker).await?;
         rep.mailboxes = id.mailboxes();
@@ -249,18 +251,21 @@ async fn sync_locked(
     let _ = store
         .set_last_check(id.user_id, id.identity_id, Utc::now())
         .await;
-    record_outcome(ctx, &id, counters, &result).await;
+    record_outcome(ctx, &id, counters, &result, whole).await;
     release(ctx, key, marker_ours).await;
     result
 }
 
 /// Record how a sync ended on the identity: its error, or messages left
-/// to retry, or a clean end that clears the error streak.
+/// to retry, or a clean end that clears the error streak. Only a sync of
+/// every folder (`whole`) clears it: the streak may come from a folder a
+/// sync of INBOX alone (an IDLE wake-up) never looked at.
 async fn record_outcome(
     ctx: &Ctx,
     id: &Identity,
     counters: &Counters,
     result: &Result<(), JobError>,
+    whole: bool,
 ) {
     let left = counters.failed.load(std::sync::atomic::Ordering::Relaxed);
     match result {
@@ -275,9 +280,10 @@ async fn record_outcome(
                 tracing::error!(error = %e2, "cannot record the sync error on the identity");
             }
         }
-        Ok(()) => {
+        Ok(()) if whole => {
             let _ = clear_errors(ctx, id).await;
         }
+        Ok(()) => {}
         Err(e) => {
             if let Err(e2) = record_error(ctx, id, e).await {
                 tracing::error!(error = %e2, "cannot record the sync error on the identity");
@@ -602,7 +608,7 @@ fn one_of(id: &Identity, mailbox: &str) -> Vec<String> {
         |m: &String| m == mailbox || (checkpoint::is_inbox(m) && checkpoint::is_inbox(mailbox));
     let star = listed.iter().any(|m| m == "*") && checkpoint::is_inbox(mailbox);
     if star || listed.iter().any(named) {
-        vec![mailbox.to_string()]
+        vec![mailbox_key(mailbox).to_string()]
     } else {
         Vec::new()
     }
@@ -632,22 +638,23 @@ async fn sync_mailboxes(
     } else {
         id.display_name.as_str()
     };
-    let (mailboxes, statuses) = match only {
+    let (mailboxes, statuses, undecodable) = match only {
         // A wake-up: no LIST, and no STATUS of the mailbox the session has
         // selected (RFC 3501 §6.3.10 advises against it); the server just
         // said it changed.
-        Some(m) => (one_of(id, m), status::Statuses::default()),
+        Some(m) => (one_of(id, m), status::Statuses::default(), Vec::new()),
         None => mailboxes_of(id, session, acc, conn, stop).await?,
     };
     let known = ctx.store.mailbox_errors(id.user_id, id.identity_id).await?;
-    for gone in known
-        .iter()
-        .filter(|k| only.is_none() && !mailboxes.contains(&k.mailbox))
-    {
-        ctx.store
-            .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
-            .await?;
-    }
+    listing_errors(
+        ctx,
+        id,
+        only.is_none(),
+        (&mailboxes, &undecodable),
+        &known,
+        counters,
+    )
+    .await?;
     let last = ctx
         .store
         .mailbox_statuses(id.user_id, id.identity_id)
@@ -724,6 +731,31 @@ async fn sync_mailboxes(
     Ok(())
 }
 
+/// The folder errors a listing settles: those of folders no longer synced
+/// are cleared (only by a sync of every folder, `whole`), and a listed
+/// folder whose name does not decode is an error of that folder.
+async fn listing_errors(
+    ctx: &Ctx,
+    id: &Identity,
+    whole: bool,
+    (mailboxes, undecodable): (&[String], &[Undecodable]),
+    known: &[crate::store::state::MailboxError],
+    counters: &Counters,
+) -> Result<(), JobError> {
+    let listed =
+        |m: &str| mailboxes.iter().any(|n| n == m) || undecodable.iter().any(|u| u.wire == m);
+    for gone in known.iter().filter(|k| whole && !listed(&k.mailbox)) {
+        ctx.store
+            .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
+            .await?;
+    }
+    for u in undecodable {
+        let earlier = known.iter().find(|k| k.mailbox == u.wire);
+        folder_failed(ctx, id, &u.wire, earlier, &u.reason, counters).await?;
+    }
+    Ok(())
+}
+
 /// `ENABLE QRESYNC` (RFC 7162 §3.2.3), once per session and only when a
 /// folder is about to be opened. `false` when the server refused it: the
 /// sync goes on as it would without QRESYNC.
@@ -751,13 +783,15 @@ pub(crate) async fn enable_qresync(
 /// server's STATUS of each, asked in the same round trip when the server
 /// has LIST-STATUS. A status that cannot be had is only left out (the
 /// mailbox is then opened as before); a refused folder listing is an error.
+/// Listed folders whose names do not decode come apart, to be recorded as
+/// folder errors.
 async fn mailboxes_of(
     id: &Identity,
     session: &mut ImapSession,
     acc: &Account,
     conn: &imap::ConnInfo,
     stop: &Shutdown,
-) -> Result<(Vec<String>, status::Statuses), JobError> {
+) -> Result<(Vec<String>, status::Statuses, Vec<Undecodable>), JobError> {
     let listed = id.mailboxes();
     let caps = conn.caps;
     let server = acc.server.as_str();
@@ -767,7 +801,8 @@ async fn mailboxes_of(
             let mut reader = Reader::new(session, server, acc.io_timeout, stop.clone());
             match status::list_with_status(&mut reader, caps).await {
                 Ok((folders, statuses)) => {
-                    return Ok((imap::folders::syncable_names(server, folders), statuses))
+                    let (names, bad) = imap::folders::syncable_names(server, folders);
+                    return Ok((names, statuses, bad));
                 }
                 Err(ImapError::Interrupted) => return Err(interrupted()),
                 Err(e @ ImapError::Protocol { .. }) => {
@@ -781,12 +816,12 @@ async fn mailboxes_of(
             r = imap::folders::list_known(session, server, acc.io_timeout, caps) => r?,
             _ = stop2.wait() => return Err(interrupted()),
         };
-        let names = imap::folders::syncable_names(server, folders);
+        let (names, bad) = imap::folders::syncable_names(server, folders);
         let statuses = statuses_of(session, acc, caps, &names, stop).await?;
-        return Ok((names, statuses));
+        return Ok((names, statuses, bad));
     }
     let statuses = statuses_of(session, acc, caps, &listed, stop).await?;
-    Ok((listed, statuses))
+    Ok((listed, statuses, Vec::new()))
 }
 
 /// The STATUS of `names`; a server error leaves them all without one.
