@@ -258,3 +258,31 @@ async fn adding_a_worker_spreads_the_sessions() {
     second.stop().await;
     first.stop().await;
 }
+
+/// A session dropped on the way (a NAT forgetting it) is noticed by TCP
+/// keepalive within minutes, not at the next re-IDLE: every IMAP socket has
+/// it on, over implicit TLS and STARTTLS alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_imap_connection_has_tcp_keepalive() {
+    let login = unique("keepalive");
+    let tls = dovecot_account(&login);
+    let mut starttls = tls.clone();
+    starttls.server = format!("{}:{}", stack().imap_host, stack().starttls_port);
+    starttls.security = imap::Security::StartTls;
+    for acc in [tls, starttls] {
+        let (mut session, _) = imap::connect(&acc).await.expect("log in");
+        let ka = session
+            .get_ref()
+            .keepalive()
+            .expect("socket options readable")
+            .unwrap_or_else(|| panic!("no SO_KEEPALIVE on {:?}", acc.security));
+        // A dead peer is noticed within a couple of minutes.
+        assert!(ka.idle <= Duration::from_secs(60), "{ka:?}");
+        assert!(ka.probes >= 1, "{ka:?}");
+        assert!(
+            ka.idle + ka.interval * ka.probes <= Duration::from_secs(150),
+            "{ka:?}"
+        );
+        let _ = session.logout().await;
+    }
+}
