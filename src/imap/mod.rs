@@ -14,6 +14,7 @@ pub mod connect;
 pub mod fetch;
 pub mod folders;
 pub mod headers;
+pub mod news;
 pub mod oauth;
 pub mod status;
 pub mod tls;

@@ -19,7 +19,9 @@
 //! connection through the ordinary path ([`job::sync_scoped`]): the same
 //! sync lock, marker, pipeline and checkpoint, so exactly-once holds exactly
 //! as for an order. It also syncs once when the session starts (mail that
-//! came while nobody watched), re-enters IDLE every `idle_renew_secs` (under
+//! came while nobody watched), and again at once when INBOX grew while a
+//! sync ran ([`imap::news`]: the server may say so only inside the sync's
+//! answers), re-enters IDLE every `idle_renew_secs` (under
 //! RFC 2177's 29 minutes), retries a sync another one held or one that
 //! failed, and reconnects with backoff when the connection breaks. A server
 //! without IDLE is recorded (a lease row owned by [`NO_IDLE_OWNER`] for an
@@ -519,21 +521,14 @@ async fn watch_once(
     let mut sync_at = Some(Instant::now());
     let mut retry = Duration::from_secs(1);
     loop {
-        if sync_at.is_some_and(|t| t <= Instant::now()) {
+        // A loop: a sync that saw INBOX grow asks for another at once.
+        while sync_at.is_some_and(|t| t <= Instant::now()) && !stop.is_triggered() {
             let held = (&mut session, &conn, qresync_on);
-            sync_at = match push_sync(ctx, key, slots, held, stop).await {
-                Ended::Done => {
-                    retry = Duration::from_secs(1);
-                    None
-                }
-                // Another sync holds the identity; it may have passed INBOX
-                // already, so ours runs once it is over.
-                Ended::Busy => Some(Instant::now() + retry.min(Duration::from_secs(15))),
-                Ended::Failed => Some(Instant::now() + retry),
-            };
-            if sync_at.is_some() {
-                retry = (retry * 2).min(MAX_BACKOFF);
+            let (ended, grew) = push_sync(ctx, key, slots, held, stop).await;
+            if grew {
+                ctx.metrics.idle_wakeups.inc();
             }
+            sync_at = next_sync(ended, grew, &mut retry);
         }
         if stop.is_triggered() {
             job::logout(&mut session, &acc).await;
@@ -553,6 +548,27 @@ async fn watch_once(
             }
         }
     }
+}
+
+/// When to sync again after a sync that ended so, `grew` saying whether
+/// INBOX grew while it ran; `retry` is the backoff of syncs that did not
+/// go through.
+fn next_sync(ended: Ended, grew: bool, retry: &mut Duration) -> Option<Instant> {
+    let now = Instant::now();
+    let at = match ended {
+        // INBOX grew, said only inside the sync's answers (the next IDLE
+        // owes no word of it): again, now.
+        Ended::Done => {
+            *retry = Duration::from_secs(1);
+            return grew.then_some(now);
+        }
+        // Another sync holds the identity; it may have passed INBOX
+        // already, so ours runs once it is over.
+        Ended::Busy => now + (*retry).min(Duration::from_secs(15)),
+        Ended::Failed => now + *retry,
+    };
+    *retry = (*retry * 2).min(MAX_BACKOFF);
+    Some(at)
 }
 
 /// One IDLE: enter it, wait for new mail, `until` or the stop token, then
@@ -654,17 +670,18 @@ async fn next(
     Ok(fetch::next_response(session, server, io, during, |r| classify(r, tag)).await?)
 }
 
-/// Sync INBOX over the IDLE session, in one of the worker's job slots.
+/// Sync INBOX over the IDLE session, in one of the worker's job slots;
+/// and whether INBOX grew past what that sync opened (see [`imap::news`]).
 async fn push_sync(
     ctx: &Ctx,
     key: Key,
     slots: &Arc<Semaphore>,
     (session, conn, qresync_on): (&mut ImapSession, &imap::ConnInfo, bool),
     stop: &mut Shutdown,
-) -> Ended {
+) -> (Ended, bool) {
     let _slot = tokio::select! {
         p = slots.clone().acquire_owned() => p,
-        _ = stop.wait() => return Ended::Busy,
+        _ = stop.wait() => return (Ended::Busy, false),
     };
     let req = SyncRequest {
         user_id: key.0,
@@ -676,7 +693,10 @@ async fn push_sync(
         held: Some((session, conn)),
         qresync_on,
     };
-    job::sync_scoped(ctx, req, Counters::new(), scope).await.1
+    let news = imap::news::Watch::new();
+    let sync = job::sync_scoped(ctx, req, Counters::new(), scope);
+    let ended = imap::news::watched(news.clone(), sync).await.1;
+    (ended, news.grew())
 }
 
 /// One IMAP step bounded by the I/O timeout.
