@@ -63,6 +63,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const CLAIMS_PER_ROUND: usize = 200;
 /// Lease renewals in flight at once.
 const RENEWALS_AT_ONCE: usize = 32;
+/// Syncs in a row run at once because INBOX grew during the one before;
+/// the next ones wait as a failed sync's retry does.
+const GROWN_AT_ONCE: u32 = 10;
 /// How long a server without IDLE is left to polling before it is asked again.
 const NO_IDLE_RECHECK_SECS: u64 = 3600;
 const SCAN_PAGE: i32 = 5000;
@@ -519,7 +522,7 @@ async fn watch_once(
     let renew = ctx.settings.imap.idle_renew();
     // Sync once first: mail may have come while nobody watched.
     let mut sync_at = Some(Instant::now());
-    let mut retry = Duration::from_secs(1);
+    let mut pace = Pace::new();
     loop {
         // A loop: a sync that saw INBOX grow asks for another at once.
         while sync_at.is_some_and(|t| t <= Instant::now()) && !stop.is_triggered() {
@@ -528,7 +531,7 @@ async fn watch_once(
             if grew {
                 ctx.metrics.idle_wakeups.inc();
             }
-            sync_at = next_sync(ended, grew, &mut retry);
+            sync_at = pace.next(ended, grew);
         }
         if stop.is_triggered() {
             job::logout(&mut session, &acc).await;
@@ -550,25 +553,50 @@ async fn watch_once(
     }
 }
 
-/// When to sync again after a sync that ended so, `grew` saying whether
-/// INBOX grew while it ran; `retry` is the backoff of syncs that did not
-/// go through.
-fn next_sync(ended: Ended, grew: bool, retry: &mut Duration) -> Option<Instant> {
-    let now = Instant::now();
-    let at = match ended {
-        // INBOX grew, said only inside the sync's answers (the next IDLE
-        // owes no word of it): again, now.
-        Ended::Done => {
-            *retry = Duration::from_secs(1);
-            return grew.then_some(now);
+/// When a session syncs next: the backoff of syncs that did not go
+/// through, and how many syncs in a row INBOX grew during.
+struct Pace {
+    retry: Duration,
+    grown: u32,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            retry: Duration::from_secs(1),
+            grown: 0,
         }
-        // Another sync holds the identity; it may have passed INBOX
-        // already, so ours runs once it is over.
-        Ended::Busy => now + (*retry).min(Duration::from_secs(15)),
-        Ended::Failed => now + *retry,
-    };
-    *retry = (*retry * 2).min(MAX_BACKOFF);
-    Some(at)
+    }
+
+    /// When to sync again after a sync that ended so, `grew` saying
+    /// whether INBOX grew while it ran.
+    fn next(&mut self, ended: Ended, grew: bool) -> Option<Instant> {
+        let now = Instant::now();
+        let at = match ended {
+            Ended::Done if !grew => {
+                *self = Pace::new();
+                return None;
+            }
+            // INBOX grew, said only inside the sync's answers (the next
+            // IDLE owes no word of it): again, now; after
+            // GROWN_AT_ONCE in a row (a flood, or a server that says so
+            // wrongly), with the backoff.
+            Ended::Done => {
+                self.grown += 1;
+                if self.grown <= GROWN_AT_ONCE {
+                    self.retry = Duration::from_secs(1);
+                    return Some(now);
+                }
+                now + self.retry
+            }
+            // Another sync holds the identity; it may have passed INBOX
+            // already, so ours runs once it is over.
+            Ended::Busy => now + self.retry.min(Duration::from_secs(15)),
+            Ended::Failed => now + self.retry,
+        };
+        self.retry = (self.retry * 2).min(MAX_BACKOFF);
+        Some(at)
+    }
 }
 
 /// One IDLE: enter it, wait for new mail, `until` or the stop token, then
@@ -728,7 +756,38 @@ fn broken(server: &str, during: &str, reason: impl std::fmt::Display) -> JobErro
 
 #[cfg(test)]
 mod tests {
-    use super::share;
+    use super::{share, Ended, Instant, Pace, GROWN_AT_ONCE};
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sync_that_saw_inbox_grow_is_followed_by_another_within_bounds() {
+        let mut pace = Pace::new();
+        let now = Instant::now();
+        assert_eq!(pace.next(Ended::Done, false), None);
+        for _ in 0..GROWN_AT_ONCE {
+            assert_eq!(pace.next(Ended::Done, true), Some(now), "at once");
+        }
+        // Growth every time: a flood, or a server that says so wrongly.
+        assert_eq!(
+            pace.next(Ended::Done, true),
+            Some(now + Duration::from_secs(1))
+        );
+        assert_eq!(
+            pace.next(Ended::Done, true),
+            Some(now + Duration::from_secs(2))
+        );
+        // A sync that saw nothing new ends it.
+        assert_eq!(pace.next(Ended::Done, false), None);
+        assert_eq!(pace.next(Ended::Done, true), Some(now));
+        assert_eq!(
+            pace.next(Ended::Failed, false),
+            Some(now + Duration::from_secs(1))
+        );
+        assert_eq!(
+            pace.next(Ended::Failed, false),
+            Some(now + Duration::from_secs(2))
+        );
+    }
 
     #[test]
     fn sessions_are_shared_evenly_within_budgets() {
