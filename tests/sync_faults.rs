@@ -482,7 +482,7 @@ async fn a_worker_with_no_trust_roots_refuses_to_start() {
 
 /// How the scripted server answers the commands of one sync.
 #[derive(Clone, Copy)]
-enum Script {
+pub(crate) enum Script {
     /// Announces 100 bytes for UID 1, then sends a 200 KB body.
     UnderReportedSize,
     /// `UID SEARCH` answered `NO`.
@@ -495,33 +495,127 @@ enum Script {
     StatusRefused,
     /// Lists INBOX and a folder whose name is not valid modified UTF-7.
     BadFolderName,
+    /// Offers IDLE. INBOX holds UID 1 until the first body FETCH, during
+    /// which UID 2 arrives: announced only as `* 2 EXISTS` inside that
+    /// FETCH answer, never again (no IDLE announces anything).
+    NewMailDuringFetch,
+}
+
+/// What a scripted server has seen, for tests to wait on.
+#[derive(Default)]
+pub(crate) struct Seen {
+    /// [`Script::NewMailDuringFetch`]: UID 2 has arrived.
+    arrived: std::sync::atomic::AtomicBool,
+    /// IDLE commands received after UID 2 arrived.
+    pub(crate) idles_after_arrival: std::sync::atomic::AtomicUsize,
+}
+
+/// [`Script::NewMailDuringFetch`]'s answer to a mailbox command, if it is one.
+fn new_mail_during_fetch(cmd: &str, seen: &Seen, out: &mut Vec<u8>) -> Option<&'static str> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let arrived = seen.arrived.load(SeqCst);
+    let uids: &[u32] = if arrived { &[1, 2] } else { &[1] };
+    // The UIDs a command names (`1`, `2:*`, `1:2`), among those present.
+    let asked = |set: &str| -> Vec<u32> {
+        let set = set.split(' ').next().unwrap_or("");
+        let (lo, hi) = set.split_once(':').unwrap_or((set, set));
+        let lo: u32 = lo.parse().unwrap_or(0);
+        let hi: u32 = hi.parse().unwrap_or(u32::MAX);
+        uids.iter()
+            .copied()
+            .filter(|u| (lo..=hi).contains(u))
+            .collect()
+    };
+    if cmd.starts_with("CAPABILITY") {
+        out.extend_from_slice(b"* CAPABILITY IMAP4rev1 IDLE\r\n");
+    } else if cmd.starts_with("EXAMINE") {
+        let n = uids.len();
+        out.extend_from_slice(
+            format!(
+                "* {n} EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT {}] n\r\n",
+                n + 1
+            )
+            .as_bytes(),
+        );
+        return Some("OK [READ-ONLY] done");
+    } else if let Some(set) = cmd.strip_prefix("UID SEARCH UID ") {
+        let found: Vec<String> = asked(set).iter().map(u32::to_string).collect();
+        out.extend_from_slice(format!("* SEARCH {}\r\n", found.join(" ")).as_bytes());
+    } else if let Some(set) = cmd.strip_prefix("UID FETCH ") {
+        for u in asked(set) {
+            let m = message(u as usize, 300);
+            if cmd.contains("RFC822.SIZE") {
+                out.extend_from_slice(
+                    format!("* {u} FETCH (UID {u} RFC822.SIZE {})\r\n", m.len()).as_bytes(),
+                );
+            } else {
+                out.extend_from_slice(
+                    format!("* {u} FETCH (UID {u} FLAGS () BODY[] {{{}}}\r\n", m.len()).as_bytes(),
+                );
+                out.extend_from_slice(&m);
+                out.extend_from_slice(b")\r\n");
+            }
+        }
+        if !cmd.contains("RFC822.SIZE") && !arrived {
+            seen.arrived.store(true, SeqCst);
+            out.extend_from_slice(b"* 2 EXISTS\r\n");
+        }
+    } else {
+        return None;
+    }
+    Some("OK done")
 }
 
 /// A small scripted IMAP server on loopback (plaintext, allowed for
 /// loopback only), standing in for remote servers whose misbehaviour
 /// Dovecot cannot be made to show. Mailbox: UIDs 1 and 2, UIDVALIDITY 7.
 /// Run at the scripted server's LOGIN, before it answers.
-type OnLogin = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+pub(crate) type OnLogin = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
 async fn scripted_server_with(script: Script, on_login: Option<OnLogin>) -> u16 {
+    scripted_server(script, on_login).await.0
+}
+
+/// [`scripted_server_with`], and what the server sees.
+pub(crate) async fn scripted_server(script: Script, on_login: Option<OnLogin>) -> (u16, Arc<Seen>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let small = message(2, 300);
     let big = message(1, 200_000);
+    let seen = Arc::new(Seen::default());
+    let seen_out = seen.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             let (small, big) = (small.clone(), big.clone());
             let on_login = on_login.clone();
+            let seen = seen.clone();
             tokio::spawn(async move {
                 let (r, mut w) = s.into_split();
                 let mut lines = BufReader::new(r).lines();
                 let _ = w
                     .write_all(b"* OK [CAPABILITY IMAP4rev1] scripted\r\n")
                     .await;
+                let mut idling: Option<String> = None;
                 while let Ok(Some(line)) = lines.next_line().await {
+                    // DONE ends an IDLE (RFC 2177), which announced nothing.
+                    if let Some(tag) = idling.take() {
+                        let _ = w
+                            .write_all(format!("{tag} OK idle done\r\n").as_bytes())
+                            .await;
+                        continue;
+                    }
                     let (tag, rest) = line.split_once(' ').unwrap_or((&line, ""));
                     let cmd = rest.to_ascii_uppercase();
+                    if cmd == "IDLE" {
+                        if seen.arrived.load(std::sync::atomic::Ordering::SeqCst) {
+                            seen.idles_after_arrival
+                                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        idling = Some(tag.to_string());
+                        let _ = w.write_all(b"+ idling\r\n").await;
+                        continue;
+                    }
                     let mut out: Vec<u8> = Vec::new();
                     let body = |out: &mut Vec<u8>, uid: u32, data: &[u8]| {
                         out.extend_from_slice(
@@ -540,7 +634,13 @@ async fn scripted_server_with(script: Script, on_login: Option<OnLogin>) -> u16 
                         }
                     }
                     let status_refused = matches!(script, Script::StatusRefused);
-                    let done = if cmd.starts_with("CAPABILITY") && status_refused {
+                    let live = matches!(script, Script::NewMailDuringFetch);
+                    let done = if let Some(done) = live
+                        .then(|| new_mail_during_fetch(&cmd, &seen, &mut out))
+                        .flatten()
+                    {
+                        done
+                    } else if cmd.starts_with("CAPABILITY") && status_refused {
                         out.extend_from_slice(
                             b"* CAPABILITY IMAP4rev1 LIST-EXTENDED LIST-STATUS CONDSTORE\r\n",
                         );
@@ -608,7 +708,7 @@ async fn scripted_server_with(script: Script, on_login: Option<OnLogin>) -> u16 
             });
         }
     });
-    port
+    (port, seen_out)
 }
 
 /// An identity on the scripted server, and a context allowed to reach it.

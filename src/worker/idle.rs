@@ -19,7 +19,9 @@
 //! connection through the ordinary path ([`job::sync_scoped`]): the same
 //! sync lock, marker, pipeline and checkpoint, so exactly-once holds exactly
 //! as for an order. It also syncs once when the session starts (mail that
-//! came while nobody watched), re-enters IDLE every `idle_renew_secs` (under
+//! came while nobody watched), and again at once when INBOX grew while a
+//! sync ran ([`imap::news`]: the server may say so only inside the sync's
+//! answers), re-enters IDLE every `idle_renew_secs` (under
 //! RFC 2177's 29 minutes), retries a sync another one held or one that
 //! failed, and reconnects with backoff when the connection breaks. A server
 //! without IDLE is recorded (a lease row owned by [`NO_IDLE_OWNER`] for an
@@ -61,6 +63,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const CLAIMS_PER_ROUND: usize = 200;
 /// Lease renewals in flight at once.
 const RENEWALS_AT_ONCE: usize = 32;
+/// Syncs in a row run at once because INBOX grew during the one before;
+/// the next ones wait as a failed sync's retry does.
+const GROWN_AT_ONCE: u32 = 10;
 /// How long a server without IDLE is left to polling before it is asked again.
 const NO_IDLE_RECHECK_SECS: u64 = 3600;
 const SCAN_PAGE: i32 = 5000;
@@ -517,23 +522,16 @@ async fn watch_once(
     let renew = ctx.settings.imap.idle_renew();
     // Sync once first: mail may have come while nobody watched.
     let mut sync_at = Some(Instant::now());
-    let mut retry = Duration::from_secs(1);
+    let mut pace = Pace::new();
     loop {
-        if sync_at.is_some_and(|t| t <= Instant::now()) {
+        // A loop: a sync that saw INBOX grow asks for another at once.
+        while sync_at.is_some_and(|t| t <= Instant::now()) && !stop.is_triggered() {
             let held = (&mut session, &conn, qresync_on);
-            sync_at = match push_sync(ctx, key, slots, held, stop).await {
-                Ended::Done => {
-                    retry = Duration::from_secs(1);
-                    None
-                }
-                // Another sync holds the identity; it may have passed INBOX
-                // already, so ours runs once it is over.
-                Ended::Busy => Some(Instant::now() + retry.min(Duration::from_secs(15))),
-                Ended::Failed => Some(Instant::now() + retry),
-            };
-            if sync_at.is_some() {
-                retry = (retry * 2).min(MAX_BACKOFF);
+            let (ended, grew) = push_sync(ctx, key, slots, held, stop).await;
+            if grew {
+                ctx.metrics.idle_wakeups.inc();
             }
+            sync_at = pace.next(ended, grew);
         }
         if stop.is_triggered() {
             job::logout(&mut session, &acc).await;
@@ -552,6 +550,52 @@ async fn watch_once(
                 return Ok(SessionEnd::Stopped);
             }
         }
+    }
+}
+
+/// When a session syncs next: the backoff of syncs that did not go
+/// through, and how many syncs in a row INBOX grew during.
+struct Pace {
+    retry: Duration,
+    grown: u32,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            retry: Duration::from_secs(1),
+            grown: 0,
+        }
+    }
+
+    /// When to sync again after a sync that ended so, `grew` saying
+    /// whether INBOX grew while it ran.
+    fn next(&mut self, ended: Ended, grew: bool) -> Option<Instant> {
+        let now = Instant::now();
+        let at = match ended {
+            Ended::Done if !grew => {
+                *self = Pace::new();
+                return None;
+            }
+            // INBOX grew, said only inside the sync's answers (the next
+            // IDLE owes no word of it): again, now; after
+            // GROWN_AT_ONCE in a row (a flood, or a server that says so
+            // wrongly), with the backoff.
+            Ended::Done => {
+                self.grown += 1;
+                if self.grown <= GROWN_AT_ONCE {
+                    self.retry = Duration::from_secs(1);
+                    return Some(now);
+                }
+                now + self.retry
+            }
+            // Another sync holds the identity; it may have passed INBOX
+            // already, so ours runs once it is over.
+            Ended::Busy => now + self.retry.min(Duration::from_secs(15)),
+            Ended::Failed => now + self.retry,
+        };
+        self.retry = (self.retry * 2).min(MAX_BACKOFF);
+        Some(at)
     }
 }
 
@@ -654,17 +698,18 @@ async fn next(
     Ok(fetch::next_response(session, server, io, during, |r| classify(r, tag)).await?)
 }
 
-/// Sync INBOX over the IDLE session, in one of the worker's job slots.
+/// Sync INBOX over the IDLE session, in one of the worker's job slots;
+/// and whether INBOX grew past what that sync opened (see [`imap::news`]).
 async fn push_sync(
     ctx: &Ctx,
     key: Key,
     slots: &Arc<Semaphore>,
     (session, conn, qresync_on): (&mut ImapSession, &imap::ConnInfo, bool),
     stop: &mut Shutdown,
-) -> Ended {
+) -> (Ended, bool) {
     let _slot = tokio::select! {
         p = slots.clone().acquire_owned() => p,
-        _ = stop.wait() => return Ended::Busy,
+        _ = stop.wait() => return (Ended::Busy, false),
     };
     let req = SyncRequest {
         user_id: key.0,
@@ -676,7 +721,10 @@ async fn push_sync(
         held: Some((session, conn)),
         qresync_on,
     };
-    job::sync_scoped(ctx, req, Counters::new(), scope).await.1
+    let news = imap::news::Watch::new();
+    let sync = job::sync_scoped(ctx, req, Counters::new(), scope);
+    let ended = imap::news::watched(news.clone(), sync).await.1;
+    (ended, news.grew())
 }
 
 /// One IMAP step bounded by the I/O timeout.
@@ -708,7 +756,38 @@ fn broken(server: &str, during: &str, reason: impl std::fmt::Display) -> JobErro
 
 #[cfg(test)]
 mod tests {
-    use super::share;
+    use super::{share, Ended, Instant, Pace, GROWN_AT_ONCE};
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sync_that_saw_inbox_grow_is_followed_by_another_within_bounds() {
+        let mut pace = Pace::new();
+        let now = Instant::now();
+        assert_eq!(pace.next(Ended::Done, false), None);
+        for _ in 0..GROWN_AT_ONCE {
+            assert_eq!(pace.next(Ended::Done, true), Some(now), "at once");
+        }
+        // Growth every time: a flood, or a server that says so wrongly.
+        assert_eq!(
+            pace.next(Ended::Done, true),
+            Some(now + Duration::from_secs(1))
+        );
+        assert_eq!(
+            pace.next(Ended::Done, true),
+            Some(now + Duration::from_secs(2))
+        );
+        // A sync that saw nothing new ends it.
+        assert_eq!(pace.next(Ended::Done, false), None);
+        assert_eq!(pace.next(Ended::Done, true), Some(now));
+        assert_eq!(
+            pace.next(Ended::Failed, false),
+            Some(now + Duration::from_secs(1))
+        );
+        assert_eq!(
+            pace.next(Ended::Failed, false),
+            Some(now + Duration::from_secs(2))
+        );
+    }
 
     #[test]
     fn sessions_are_shared_evenly_within_budgets() {
