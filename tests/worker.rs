@@ -1189,3 +1189,64 @@ async fn keywords_are_stored_lowercase_as_the_go_worker_did() {
         "header {b64}"
     );
 }
+
+/// A `need_job` the poller does not answer waits its 5 s timeout; the
+/// worker keeps reading orders meanwhile (issue 21, item 3). A poller
+/// stand-in holds the worker's first pull unanswered; an order sent then
+/// is answered; only then does the stand-in answer the pull, with a job,
+/// and the worker runs it: the pull was still waiting. Had the pull held
+/// up the order loop, the order's answer would have come after the pull's
+/// timeout, and the job, answered too late, would never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_job_pull_does_not_hold_up_the_orders() {
+    use caliopen_imap::bus::wire::Job;
+    use futures::StreamExt;
+    let tag = unique("w21");
+    let settings = worker_settings(&tag);
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let st = store().await;
+    let (user, _login, id) = mailbox_account(&st, 2, 300).await;
+    // A poller stand-in that answers nothing until told.
+    let poller = async_nats::connect(&stack().nats_url).await.unwrap();
+    let mut pulls = poller
+        .subscribe(settings.nats_topic_poller.clone())
+        .await
+        .unwrap();
+    poller.flush().await.unwrap();
+    // The worker pulls as it starts (a free slot, no throttle yet).
+    let w = start_worker(settings.clone()).await;
+    let pull = tokio::time::timeout(Duration::from_secs(30), pulls.next())
+        .await
+        .expect("the worker never pulled a job")
+        .unwrap();
+    let pull_reply = pull.reply.expect("need_job is a request");
+
+    let test = ImapOrder {
+        order: "test".into(),
+        user_id: user.to_string(),
+        ..Default::default()
+    };
+    let rep: JobReport = bus()
+        .await
+        .request(&settings.nats_topic_sender, &test, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(rep.ok, "{rep:?}");
+
+    let job = Job {
+        message_id: String::new(),
+        order: "sync".into(),
+        identity_id: id.identity_id.to_string(),
+        user_id: user.to_string(),
+    };
+    poller
+        .publish(pull_reply, serde_json::to_vec(&job).unwrap().into())
+        .await
+        .unwrap();
+    poller.flush().await.unwrap();
+    // The bound only keeps a failure from hanging.
+    tokio::time::timeout(Duration::from_secs(60), lda.wait_seen(2))
+        .await
+        .expect("the pulled job never ran: the order was read only after the pull gave up");
+    w.stop().await;
+}
