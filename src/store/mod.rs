@@ -18,6 +18,7 @@ pub mod message;
 pub mod objects;
 pub mod raw_message;
 pub mod resync;
+pub mod sent;
 pub mod state;
 pub mod user;
 
