@@ -288,7 +288,8 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
         }
     }
 
-    // No new work from here on.
+    // No new work from here on; a pull still waiting gives its slot back.
+    drop(pulling);
     let _ = orders.unsubscribe().await;
     // The live sync stops on the same shutdown (or right now, if the
     // subscription was lost) and releases its leases.
