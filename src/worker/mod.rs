@@ -29,6 +29,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -246,6 +247,10 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
     let mut room: Option<OwnedSemaphorePermit> = None;
     let mut jobs = JoinSet::new();
     let mut pulls = Pulls::new(s.imap.poll_throttle(), s.workers);
+    // The `need_job` in flight (one at a time), with the slot it holds. It
+    // waits in its own branch: a poller slow to answer (up to the request's
+    // 5 s timeout) never holds up the reading of orders.
+    let mut pulling: Option<BoxFuture<'static, Pulled>> = None;
     let mut lost = false;
     // Live sync runs beside the orders, in the same job slots.
     let (end_live, live_stop) = crate::shutdown::channel();
@@ -272,13 +277,19 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                 };
                 spawn_order(&ctx, &mut jobs, &pools, msg, room.take());
             }
-            _ = tokio::time::sleep_until(pull_at), if pools.slots.available_permits() > 0 => {
-                pull(&ctx, &pools, &mut pulls, &mut jobs).await;
+            _ = tokio::time::sleep_until(pull_at),
+                if pulling.is_none() && pools.slots.available_permits() > 0 => {
+                pulling = start_pull(&ctx, &pools, &mut pulls);
+            }
+            (job, permit) = async { pulling.as_mut().expect("guarded").await }, if pulling.is_some() => {
+                pulling = None;
+                run_pulled(&ctx, &mut pulls, &mut jobs, job, permit);
             }
         }
     }
 
-    // No new work from here on.
+    // No new work from here on; a pull still waiting gives its slot back.
+    drop(pulling);
     let _ = orders.unsubscribe().await;
     // The live sync stops on the same shutdown (or right now, if the
     // subscription was lost) and releases its leases.
@@ -329,13 +340,29 @@ fn spawn_order(
     });
 }
 
-/// Ask the poller for a job for a free slot, and run it in that slot.
-async fn pull(ctx: &Ctx, pools: &Pools, pulls: &mut Pulls, jobs: &mut JoinSet<()>) {
-    let Ok(permit) = pools.slots.clone().try_acquire_owned() else {
-        return; // taken by an order meanwhile
-    };
+/// A pull's answer and the job slot it held while waiting for it.
+type Pulled = (Option<Job>, OwnedSemaphorePermit);
+
+/// Take a free slot and ask the poller for a job for it; `None` when an
+/// order took the slot meanwhile. The slot stays taken until the answer:
+/// a job runs in it, or it is freed when there is none.
+fn start_pull(ctx: &Ctx, pools: &Pools, pulls: &mut Pulls) -> Option<BoxFuture<'static, Pulled>> {
+    let permit = pools.slots.clone().try_acquire_owned().ok()?;
     pulls.sent();
-    match pull_job(ctx).await {
+    let ctx = ctx.clone();
+    Some(Box::pin(async move { (pull_job(&ctx).await, permit) }))
+}
+
+/// Run a pulled job in the slot its pull held; with none, free the slot
+/// and pull again only a throttle period later.
+fn run_pulled(
+    ctx: &Ctx,
+    pulls: &mut Pulls,
+    jobs: &mut JoinSet<()>,
+    job: Option<Job>,
+    permit: OwnedSemaphorePermit,
+) {
+    match job {
         Some(job) => {
             let ctx = ctx.clone();
             jobs.spawn(async move {
