@@ -516,3 +516,26 @@ async fn pull_job(ctx: &Ctx) -> Option<Job> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_object_store_never_makes_the_worker_unready() {
+        let checked = |store, objects| Checked { store, objects };
+        assert!(readiness(&checked(None, None)).is_err());
+        let down = readiness(&checked(Some(Err("no host".into())), None)).unwrap_err();
+        assert!(down.contains("no host"), "{down}");
+        let ok = readiness(&checked(Some(Ok(())), None)).unwrap();
+        assert_eq!(ok, "ready: NATS and Cassandra answer");
+        let s3_down = readiness(&checked(Some(Ok(())), Some(Err("refused".into())))).unwrap();
+        assert!(
+            s3_down.contains("refused") && s3_down.contains("messages over raw_size_limit wait"),
+            "{s3_down}"
+        );
+        assert!(readiness(&checked(Some(Ok(())), Some(Ok(()))))
+            .unwrap()
+            .contains("object store answer"));
+    }
+}
