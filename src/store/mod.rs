@@ -10,6 +10,7 @@
 //! `scripts/stack.sh` (or an operator). A missing table therefore shows up as
 //! a clear error naming the statement, not as a silent schema change.
 
+pub mod health;
 pub mod identity;
 pub mod idle_lease;
 pub mod lease;
@@ -86,6 +87,8 @@ struct Inner {
     renewing: tokio::sync::Mutex<()>,
     /// When the last renewal was tried.
     last_renewal: Mutex<Option<std::time::Instant>>,
+    /// Queries sent by [`Store::ping`] (readiness checks), for tests.
+    pings: std::sync::atomic::AtomicU64,
 }
 
 /// A session and the statements prepared on it.
@@ -127,6 +130,7 @@ impl Store {
                 stalls: AtomicU32::new(0),
                 renewing: tokio::sync::Mutex::new(()),
                 last_renewal: Mutex::new(None),
+                pings: Default::default(),
             }),
         })
     }
@@ -333,8 +337,16 @@ impl Store {
         Ok((rows, next))
     }
 
+    /// Queries [`Store::ping`] has sent so far.
+    pub fn pings(&self) -> u64 {
+        self.inner.pings.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A cheap query proving the session works (used by readiness checks).
     pub async fn ping(&self) -> Result<(), StoreError> {
+        self.inner
+            .pings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let r = self
             .conn()
             .session

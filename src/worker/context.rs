@@ -94,6 +94,25 @@ impl Ctx {
         self
     }
 
+    /// The largest message this worker can keep, and what says so (for the
+    /// reason of a message over it): `imap.max_message_size`, or
+    /// `raw_size_limit` when no object store is configured (a larger message
+    /// has nowhere to go). A message over it is stepped over at once, since
+    /// no retry can succeed.
+    pub fn message_limit(&self) -> (u64, String) {
+        let s = &self.settings;
+        let limit = s.store_settings.raw_size_limit;
+        if self.objects.is_none() && s.imap.max_message_size > limit {
+            let why = format!(
+                "store_settings.raw_size_limit ({limit} bytes) and no object store is configured"
+            );
+            (limit, why)
+        } else {
+            let max = s.imap.max_message_size;
+            (max, format!("imap.max_message_size ({max} bytes)"))
+        }
+    }
+
     /// Store a fetched raw message, in its row or in the object store
     /// (then its row), as its size asks.
     pub async fn save_raw_message(

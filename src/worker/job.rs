@@ -90,6 +90,7 @@ fn report(order: &str, user: Uuid, identity: Uuid) -> JobReport {
 fn conclude(rep: &mut JobReport, counters: &Counters, result: &Result<(), JobError>) {
     counters.fill(rep);
     rep.interrupted = matches!(result, Err(e) if e.is_interrupted());
+    rep.busy = matches!(result, Err(JobError::Busy(_)));
     rep.outage = matches!(
         result,
         Err(JobError::Outage(_) | JobError::Store(_) | JobError::Bus(_))

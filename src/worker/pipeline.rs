@@ -17,7 +17,8 @@
 //! - handed off, already delivered, or expunged from the server: done;
 //! - refused by the processor, or still on the server but unfetchable: one
 //!   try; after `max_message_tries` it is stepped over and listed;
-//! - larger than `max_message_size` (announced or real): stepped over at
+//! - larger than `max_message_size` (announced or real), or than
+//!   `raw_size_limit` when no object store is configured: stepped over at
 //!   once, since no retry can succeed;
 //! - an outage of ours (no processor, NATS or Cassandra failing): the
 //!   mailbox stops there, the checkpoint stays before it, no try is counted;
@@ -483,7 +484,7 @@ async fn sizes_and_refusals(
     batch: &[u32],
     tx: &mpsc::Sender<Fetched>,
 ) -> Result<Option<(BTreeMap<u32, u32>, HashSet<u32>)>, ImapError> {
-    let max = job.ctx.settings.imap.max_message_size;
+    let (max, setting) = job.ctx.message_limit();
     let (sizes, _) = reader.sizes(batch).await?;
     let in_batch: HashSet<u32> = batch.iter().copied().collect();
     let mut seen = HashSet::new();
@@ -495,8 +496,7 @@ async fn sizes_and_refusals(
         }
         if size as u64 > max {
             refused.insert(uid);
-            let reason =
-                format!("message of {size} bytes exceeds imap.max_message_size ({max} bytes)");
+            let reason = format!("message of {size} bytes exceeds {setting}");
             if !send(job, tx, uid, Item::Refused(reason)).await {
                 return Ok(None);
             }
@@ -525,7 +525,7 @@ async fn bodies(
     if to_fetch.is_empty() {
         return Ok(Some((received, None)));
     }
-    let max = job.ctx.settings.imap.max_message_size;
+    let (max, setting) = job.ctx.message_limit();
     let mut bodies = reader.bodies(&to_fetch, job.conn.gmail).await?;
     // Servers send in UID order as a rule; the next expected is the
     // smallest not received yet.
@@ -550,8 +550,7 @@ async fn bodies(
         job.ctx.metrics.fetched_bytes.inc_by(b.data.len() as u64);
         let item = if b.data.len() as u64 > max {
             Item::Refused(format!(
-                "message of {} bytes (the server announced less) exceeds \
-                 imap.max_message_size ({max} bytes)",
+                "message of {} bytes (the server announced less) exceeds {setting}",
                 b.data.len()
             ))
         } else {
