@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use caliopen_imap::shutdown::Trigger;
-use caliopen_imap::store::identity::infos;
+use caliopen_imap::store::identity::{infos, SyncingMarker};
 use caliopen_imap::store::raw_message::raw_message_id;
-use caliopen_imap::worker::context::Ctx;
+use caliopen_imap::worker::context::{Ctx, SyncHold};
 use uuid::Uuid;
 
 use crate::util::*;
@@ -1010,4 +1010,91 @@ async fn a_folder_name_that_is_not_modified_utf7_is_a_folder_error() {
     assert_eq!(rep.mailbox_errors.len(), 1, "{rep:?}");
     let rows = ctx.store.mailbox_errors(user, identity).await.unwrap();
     assert_eq!((rows.len(), rows[0].first_error), (1, first), "{rows:?}");
+}
+
+/// The lock row's owner and the `syncing` marker (text, owner) as stored now.
+async fn lock_and_marker(
+    st: &caliopen_imap::store::Store,
+    user: Uuid,
+    identity: Uuid,
+) -> (Option<String>, String, String) {
+    let lock = st.sync_lock(user, identity).await.unwrap().map(|l| l.owner);
+    let id = st.identity(user, identity).await.unwrap().unwrap();
+    let (text, owner) = (id.info(infos::SYNCING), id.info(infos::SYNCING_OWNER));
+    (lock, text.to_string(), owner.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_release_of_an_earlier_sync_leaves_a_later_syncs_lock_and_marker() {
+    let tag = unique("f18");
+    let mut settings = worker_settings(&tag);
+    settings.imap.in_flight = 1;
+    let lda = lda_with_delay(&settings.lda.in_topic, Duration::from_millis(300), |_| {
+        false
+    })
+    .await;
+    let (ctx, _t) = context(settings).await;
+    let st = ctx.store.clone();
+    let (user, login, id) = mailbox_account(&st, 1, 300).await;
+    let identity = id.identity_id;
+
+    // Sync A of this process: what it holds while it runs.
+    let c = ctx.clone();
+    let a = tokio::spawn(async move { sync_once(&c, user, identity).await });
+    lda.wait_seen(1).await;
+    let (a_lock, a_marker, a_owner) = lock_and_marker(&st, user, identity).await;
+    let a_lock = a_lock.expect("sync A holds the lock");
+    assert!(a.await.unwrap().ok);
+
+    // Sync B of the same process, running.
+    fill(&login, "INBOX", 20, 300);
+    let c = ctx.clone();
+    let b = tokio::spawn(async move { sync_once(&c, user, identity).await });
+    lda.wait_seen(2).await;
+    let (b_lock, b_marker, b_owner) = lock_and_marker(&st, user, identity).await;
+    assert!(b_lock.is_some(), "sync B holds the lock");
+
+    assert_ne!(
+        b_lock.as_deref(),
+        Some(a_lock.as_str()),
+        "one owner per sync"
+    );
+    assert!(
+        a_lock.starts_with(&format!("{}/", ctx.worker_id)),
+        "named after the worker: {a_lock}"
+    );
+
+    // A's release, retried late in the background (Cassandra was away when
+    // A ended), lands now.
+    assert_eq!(a_owner, a_lock, "the marker names the lock's owner");
+    let a_hold = SyncHold {
+        key: (user, identity),
+        owner: a_lock,
+        marker: a_marker,
+    };
+    ctx.release_lock(&a_hold, true).await.unwrap();
+
+    assert_eq!(
+        lock_and_marker(&st, user, identity).await,
+        (b_lock, b_marker, b_owner),
+        "sync B's lock and marker are left as they were"
+    );
+    // A sync of another worker loses the lock race to B: its marker,
+    // written before its Paxos round, stays over B's for B to clear.
+    let loser = SyncingMarker::text_of(chrono::Utc::now());
+    st.merge_infos(
+        user,
+        identity,
+        SyncingMarker::entries(&loser, "another-worker/1"),
+    )
+    .await
+    .unwrap();
+    let rep = b.await.unwrap();
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.handed_off, 20);
+    assert_eq!(
+        lock_and_marker(&st, user, identity).await,
+        (None, String::new(), String::new()),
+        "B released its lock and cleared the marker left over its own"
+    );
 }

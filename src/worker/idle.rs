@@ -43,6 +43,7 @@ use uuid::Uuid;
 use super::account;
 use super::context::{Counters, Ctx};
 use super::job::{self, Ended, Scope, SyncRequest};
+use super::renewal::{self, Renewal};
 use super::JobError;
 use crate::config::IdleMode;
 use crate::imap::fetch::{self, Reader};
@@ -159,23 +160,26 @@ impl Watcher {
         let store = &self.ctx.store;
         let me = self.ctx.worker_id.as_str();
         let ttl = self.lease_secs();
-        let due: Vec<(Key, DateTime<Utc>)> = self.held.iter().map(|(k, h)| (*k, h.since)).collect();
-        let results: Vec<(Key, Result<bool, StoreError>)> = futures::stream::iter(due)
-            .map(|(k, since)| async move { (k, store.renew_idle_lease(k, me, since, ttl).await) })
-            .buffer_unordered(RENEWALS_AT_ONCE)
-            .collect()
-            .await;
         let give_up = self.ctx.settings.imap.idle_lease() / 2;
+        let due: Vec<(Key, DateTime<Utc>, Instant)> = self
+            .held
+            .iter()
+            .map(|(k, h)| (*k, h.since, h.renewed))
+            .collect();
+        let results = renew_leases(due, give_up, |k, since| {
+            store.renew_idle_lease(k, me, since, ttl)
+        })
+        .await;
         for (k, r) in results {
             let lost = match r {
-                Ok(true) => {
+                Renewal::Renewed { sent } => {
                     if let Some(h) = self.held.get_mut(&k) {
-                        h.renewed = Instant::now();
+                        h.renewed = sent;
                     }
                     None
                 }
-                Ok(false) => Some("the IDLE lease was lost".to_string()),
-                Err(e)
+                Renewal::Lost => Some("the IDLE lease was lost".to_string()),
+                Renewal::Failed(e)
                     if self
                         .held
                         .get(&k)
@@ -183,10 +187,18 @@ impl Watcher {
                 {
                     Some(format!("cannot renew the IDLE lease: {e}"))
                 }
-                Err(e) => {
+                Renewal::Failed(e) => {
                     tracing::warn!(identity = %k.1, error = %e, "cannot renew the IDLE lease yet");
                     None
                 }
+                Renewal::OutOfTime { waited } if waited.is_zero() => {
+                    Some("cannot renew the IDLE lease for half its life".to_string())
+                }
+                Renewal::OutOfTime { waited } => Some(format!(
+                    "cannot renew the IDLE lease: no answer within the {} ms left before \
+                     half its life since its last renewal",
+                    waited.as_millis()
+                )),
             };
             if let Some(why) = lost {
                 tracing::warn!(identity = %k.1, reason = %why, "stopping the IDLE session");
@@ -414,6 +426,32 @@ impl Watcher {
 fn share(wanted: usize, workers: usize, room_elsewhere: usize, budget: usize) -> usize {
     let even = wanted.div_ceil(workers.max(1));
     even.max(wanted.saturating_sub(room_elsewhere)).min(budget)
+}
+
+/// Renew the leases `due` (key, start, last renewal) side by side, each
+/// bounded by the time left before half the lease's life since its last
+/// renewal ([`renewal::renew_before`]): one renewal that hangs can neither
+/// outlive its lease nor hold up the others and the round.
+async fn renew_leases<F, Fut, E>(
+    due: Vec<(Key, DateTime<Utc>, Instant)>,
+    give_up: Duration,
+    renew: F,
+) -> Vec<(Key, Renewal<E>)>
+where
+    F: Fn(Key, DateTime<Utc>) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, E>>,
+{
+    let renew = &renew;
+    futures::stream::iter(due)
+        .map(|(k, since, renewed)| async move {
+            (
+                k,
+                renewal::renew_before(renewed + give_up, renew(k, since)).await,
+            )
+        })
+        .buffer_unordered(RENEWALS_AT_ONCE)
+        .collect()
+        .await
 }
 
 /// The identities that want an IDLE session now.
@@ -756,8 +794,38 @@ fn broken(server: &str, during: &str, reason: impl std::fmt::Display) -> JobErro
 
 #[cfg(test)]
 mod tests {
-    use super::{share, Ended, Instant, Pace, GROWN_AT_ONCE};
-    use std::time::Duration;
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_renewal_that_never_answers_is_abandoned_before_the_lease_lapses() {
+        let lease = Duration::from_secs(30);
+        let last = Instant::now();
+        // A round a third of the lease later: one renewal hangs, one answers.
+        tokio::time::advance(lease / 3).await;
+        let (hung, fine) = ((Uuid::nil(), Uuid::nil()), (Uuid::nil(), Uuid::max()));
+        let due = vec![(hung, Utc::now(), last), (fine, Utc::now(), last)];
+        let round = renew_leases(due, lease / 2, |k, _| async move {
+            if k == hung {
+                std::future::pending::<Result<bool, String>>().await
+            } else {
+                Ok(true)
+            }
+        });
+        let results = tokio::time::timeout(lease - lease / 3, round)
+            .await
+            .expect("the round ends before the hung lease could lapse");
+        assert!(last.elapsed() <= lease / 2, "{:?}", last.elapsed());
+        let of = |k| results.iter().find(|(key, _)| *key == k).map(|(_, r)| r);
+        assert!(
+            matches!(of(hung), Some(Renewal::OutOfTime { .. })),
+            "{results:?}"
+        );
+        assert!(
+            matches!(of(fine), Some(Renewal::Renewed { .. })),
+            "{results:?}"
+        );
+    }
+
 
     #[tokio::test(start_paused = true)]
     async fn a_sync_that_saw_inbox_grow_is_followed_by_another_within_bounds() {

@@ -12,8 +12,9 @@ use uuid::Uuid;
 
 use super::account;
 use super::checkpoint;
-use super::context::{Counters, Ctx};
+use super::context::{Counters, Ctx, SyncHold};
 use super::pipeline::{sync_mailbox, MailboxJob, SyncFrom};
+use super::renewal;
 use super::resync;
 use super::{Busy, JobError, Missing};
 use crate::bus::wire::{orders, CacheOrder, JobReport};
@@ -214,11 +215,17 @@ async fn sync_locked(
     // Caliopen's marker goes first, before the lock's Paxos round: a Go
     // worker that reads it from now on stands down (see `claim_marker`).
     let since = Utc::now();
-    let marker = SyncingMarker::text_of(since);
-    write_marker(ctx, req, &marker).await?;
+    let hold = SyncHold {
+        key: (id.user_id, id.identity_id),
+        owner: ctx.sync_owner(),
+        marker: SyncingMarker::text_of(since),
+    };
+    write_marker(ctx, &hold).await?;
     let ttl = ctx.settings.imap.lock_ttl_secs;
+    // The lock lives its TTL from no earlier than this.
+    let taken = tokio::time::Instant::now();
     if !store
-        .take_sync_lock(id.user_id, id.identity_id, &ctx.worker_id, since, ttl)
+        .take_sync_lock(id.user_id, id.identity_id, &hold.owner, since, ttl)
         .await?
     {
         // The marker stays: the winner owns the identity's marker now and
@@ -226,14 +233,13 @@ async fn sync_locked(
         return Err(Busy::LockHeld.into());
     }
     // From here on, every path releases the lock.
-    let key = (id.user_id, id.identity_id);
-    ctx.note_lock(key, true);
+    ctx.note_lock(&hold, true);
     let whole = scope.only.is_none();
     let result = async {
-        let id = claim_marker(ctx, req, &marker).await?;
+        let id = claim_marker(ctx, req, &hold).await?;
         rep.mailboxes = id.mailboxes();
-        let r = run_renewing(ctx, &id, since, |stop| {
-            sync_identity_inner(ctx, &id, &req.password, &marker, counters, scope, stop)
+        let r = run_renewing(ctx, &hold, (since, taken), |stop| {
+            sync_identity_inner(ctx, &id, &req.password, &hold, counters, scope, stop)
         })
         .await;
         Ok::<_, JobError>((id, r))
@@ -253,7 +259,7 @@ async fn sync_locked(
         .set_last_check(id.user_id, id.identity_id, Utc::now())
         .await;
     record_outcome(ctx, &id, counters, &result, whole).await;
-    release(ctx, key, marker_ours).await;
+    release(ctx, hold, marker_ours).await;
     result
 }
 
@@ -333,13 +339,15 @@ fn go_marker_check(id: &Identity) -> Result<(), JobError> {
 }
 
 /// Write Caliopen's `syncing` marker, a value unique to this sync (RFC 3339
-/// with nanoseconds, which Go's parser accepts), with our worker id beside it.
-async fn write_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<(), JobError> {
+/// with nanoseconds, which Go's parser accepts), with the sync's owner
+/// (our worker id and the sync's number) beside it.
+async fn write_marker(ctx: &Ctx, hold: &SyncHold) -> Result<(), JobError> {
+    let (user, identity) = hold.key;
     ctx.store
         .merge_infos(
-            req.user_id,
-            req.identity_id,
-            SyncingMarker::entries(marker, &ctx.worker_id),
+            user,
+            identity,
+            SyncingMarker::entries(&hold.marker, &hold.owner),
         )
         .await?;
     Ok(())
@@ -354,7 +362,7 @@ enum Marker {
     /// with a marker in its place: a Go worker (it writes `syncing`, or the
     /// whole `infos` map) read the identity before ours landed.
     TakenByGo,
-    /// Another of our workers wrote after us (it lost the lock race).
+    /// Another sync of ours wrote after us (it lost the lock race).
     OtherOfOurs,
     /// Only a `syncing` without owner: a Go worker's, of any age.
     GoWorkers,
@@ -381,17 +389,17 @@ fn go_took_it() -> JobError {
 /// from is never older than the last sync's) and check the marker: ours,
 /// go on; taken by a Go worker, or a fresh Go marker, stand down; written
 /// over by another of ours or cleared, write ours again and check once more.
-async fn claim_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<Identity, JobError> {
+async fn claim_marker(ctx: &Ctx, req: &SyncRequest, hold: &SyncHold) -> Result<Identity, JobError> {
     for attempt in 0..2 {
         let id = load_identity(ctx, req.user_id, req.identity_id).await?;
-        match marker_of(&id, &ctx.worker_id, marker) {
+        match marker_of(&id, &hold.owner, &hold.marker) {
             Marker::Ours => return Ok(id),
             Marker::TakenByGo => return Err(go_took_it()),
             Marker::GoWorkers => go_marker_check(&id)?,
             Marker::OtherOfOurs | Marker::Absent => {}
         }
         if attempt == 0 {
-            write_marker(ctx, req, marker).await?;
+            write_marker(ctx, hold).await?;
         }
     }
     Err(Busy::MarkerKeepsChanging.into())
@@ -402,9 +410,9 @@ async fn claim_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<Iden
 /// own only later, and replaces the whole `infos` map when it does (so our
 /// `syncing_owner` disappears). Another of our workers that lost the lock
 /// race may have written its own marker: that one is harmless.
-async fn marker_still_ours(ctx: &Ctx, id: &Identity, marker: &str) -> Result<(), JobError> {
+async fn marker_still_ours(ctx: &Ctx, id: &Identity, hold: &SyncHold) -> Result<(), JobError> {
     let now = load_identity(ctx, id.user_id, id.identity_id).await?;
-    match marker_of(&now, &ctx.worker_id, marker) {
+    match marker_of(&now, &hold.owner, &hold.marker) {
         Marker::Ours | Marker::OtherOfOurs => Ok(()),
         Marker::TakenByGo | Marker::GoWorkers | Marker::Absent => Err(go_took_it()),
     }
@@ -416,8 +424,8 @@ async fn marker_still_ours(ctx: &Ctx, id: &Identity, marker: &str) -> Result<(),
 /// TTL stops, so it ends before another worker could take the lock.
 async fn run_renewing<F, Fut>(
     ctx: &Ctx,
-    id: &Identity,
-    since: DateTime<Utc>,
+    hold: &SyncHold,
+    (since, taken): (DateTime<Utc>, tokio::time::Instant),
     work: F,
 ) -> Result<(), JobError>
 where
@@ -427,7 +435,7 @@ where
     let (trigger, stop) = shutdown::channel();
     let trigger = Arc::new(trigger);
     let why: Why = Arc::default();
-    let renewer = spawn_lock_renewal(ctx, id, since, trigger.clone(), why.clone());
+    let renewer = spawn_lock_renewal(ctx, hold, (since, taken), trigger.clone(), why.clone());
     let deadline = tokio::time::Instant::now() + ctx.settings.imap.job_deadline();
     let mut shutdown = ctx.shutdown.clone();
     let work = work(stop);
@@ -463,63 +471,41 @@ where
 /// Why a job's stop token fired; the first reason wins.
 type Why = Arc<std::sync::Mutex<Option<String>>>;
 
-/// Renew the sync lock every third of its TTL in a task of its own; when
+/// Renew the sync lock in a task of its own ([`renewal::keep_lock`]); when
 /// it is lost, or cannot be renewed for half the TTL, say why and fire
 /// `trigger`.
 fn spawn_lock_renewal(
     ctx: &Ctx,
-    id: &Identity,
-    since: DateTime<Utc>,
+    hold: &SyncHold,
+    (since, taken): (DateTime<Utc>, tokio::time::Instant),
     trigger: Arc<shutdown::Trigger>,
     why: Why,
 ) -> tokio::task::JoinHandle<()> {
     let ttl = ctx.settings.imap.lock_ttl_secs;
     let ctx = ctx.clone();
-    let (user, identity) = (id.user_id, id.identity_id);
+    let ((user, identity), owner) = (hold.key, hold.owner.clone());
     tokio::spawn(async move {
-        let every = Duration::from_secs(ttl / 3);
-        let give_up = Duration::from_secs(ttl / 2);
-        let mut renewed = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(every.min(Duration::from_secs(5)).max(every / 2)).await;
-            if renewed.elapsed() < every {
-                continue;
-            }
-            let stop_with = match ctx
-                .store
-                .renew_sync_lock(user, identity, &ctx.worker_id, since, ttl)
-                .await
-            {
-                Ok(true) => {
-                    renewed = tokio::time::Instant::now();
-                    None
-                }
-                Ok(false) => Some("the sync lock was lost (cleared or lapsed)".to_string()),
-                Err(e) if renewed.elapsed() >= give_up => {
-                    Some(format!("cannot renew the sync lock: {e}"))
-                }
-                Err(e) => {
-                    tracing::warn!(identity = %identity, error = %e, "cannot renew the sync lock yet");
-                    None
-                }
-            };
-            if let Some(reason) = stop_with {
-                tracing::warn!(identity = %identity, reason = %reason, "stopping the sync");
-                why.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(reason);
-                trigger.trigger();
-                return;
-            }
-        }
+        let reason = renewal::keep_lock(Duration::from_secs(ttl), taken, || {
+            ctx.store
+                .renew_sync_lock(user, identity, &owner, since, ttl)
+        })
+        .await;
+        tracing::warn!(identity = %identity, reason = %reason, "stopping the sync");
+        why.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(reason);
+        trigger.trigger();
     })
 }
 
 /// Release the lock and, when it is still ours, the marker; when Cassandra
 /// cannot be reached, keep trying in the background for a while (the lock
-/// row also lapses by itself).
-async fn release(ctx: &Ctx, key: (Uuid, Uuid), marker_ours: bool) {
-    if let Err(e) = ctx.release_lock(key, marker_ours).await {
+/// row also lapses by itself). A retry that lands late touches only this
+/// sync's own lock and marker (`hold`'s owner and value), never those of a
+/// later sync of the identity, in this process or another.
+async fn release(ctx: &Ctx, hold: SyncHold, marker_ours: bool) {
+    let key = hold.key;
+    if let Err(e) = ctx.release_lock(&hold, marker_ours).await {
         tracing::warn!(identity = %key.1, error = %e, "cannot release the sync lock yet: retrying in the background");
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -527,7 +513,7 @@ async fn release(ctx: &Ctx, key: (Uuid, Uuid), marker_ours: bool) {
             let until = tokio::time::Instant::now() + Duration::from_secs(600);
             while tokio::time::Instant::now() < until {
                 tokio::time::sleep(delay).await;
-                match ctx.release_lock(key, marker_ours).await {
+                match ctx.release_lock(&hold, marker_ours).await {
                     Ok(()) => {
                         tracing::info!(identity = %key.1, "sync lock released");
                         return;
@@ -544,7 +530,7 @@ async fn sync_identity_inner(
     ctx: &Ctx,
     id: &Identity,
     password: &str,
-    marker: &str,
+    hold: &SyncHold,
     counters: &Arc<Counters>,
     scope: Scope<'_>,
     mut stop: Shutdown,
@@ -571,7 +557,7 @@ async fn sync_identity_inner(
         }
     };
     let result = async {
-        marker_still_ours(ctx, id, marker).await?;
+        marker_still_ours(ctx, id, hold).await?;
         let remote = Remote {
             session,
             acc: &acc,
