@@ -301,7 +301,7 @@ pub fn metric(text: &str, series: &str) -> f64 {
 }
 
 /// The address a JSON-logging daemon said it serves metrics on.
-fn served_addr(log: &Path) -> String {
+pub fn served_addr(log: &Path) -> String {
     let logs = std::fs::read_to_string(log).unwrap();
     logs.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -454,7 +454,7 @@ impl Relay {
 }
 
 /// Poll `/readyz` until its status is `want` (bounded; not a timing test).
-async fn readyz_becomes(addr: &str, want: u16) -> String {
+pub async fn readyz_becomes(addr: &str, want: u16) -> String {
     let mut last = String::new();
     for _ in 0..300 {
         let (code, body) = get(addr, "/readyz").await;
