@@ -247,3 +247,25 @@ async fn caliopen_entrypoints_run_in_the_image_sync_and_stop_on_sigterm() {
         assert_eq!(c.read(pid_file), "", "{pid_file} after the stop");
     }
 }
+
+/// deploy/compose.yaml runs the image `make image` tags, with Caliopen's
+/// entrypoint commands (a version bump or an edit there shows here).
+#[test]
+fn compose_file_runs_the_image_make_image_builds_with_caliopens_commands() {
+    let compose = std::fs::read_to_string(root().join("deploy/compose.yaml")).unwrap();
+    let want = format!(
+        "${{CALIOPEN_IMAP_IMAGE:-caliopen-imap:{}}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let images: Vec<&str> = compose
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: "))
+        .collect();
+    assert_eq!(images, [want.as_str(); 3]);
+    for cmd in [
+        "[imapworker, start, -c, imapworker, --configpath, /etc/caliopen, -p, /imapworker.pid]",
+        "[idpoller, start, -c, idpoller, --configpath, /etc/caliopen, -p, /idpoller.pid]",
+    ] {
+        assert!(compose.contains(&format!("command: {cmd}")), "{cmd}");
+    }
+}
