@@ -117,6 +117,18 @@ impl Drop for Container {
     }
 }
 
+/// Wait until `c`'s daemon listens on `addr` (bounded, not a timing assertion).
+async fn listening(addr: &str, c: &Container) {
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        assert!(c.running(), "the daemon exited:\n{}", c.logs());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("nothing listens on {addr}:\n{}", c.logs());
+}
+
 /// A port free on loopback now (for the daemons' HTTP server).
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -233,7 +245,9 @@ async fn caliopen_entrypoints_run_in_the_image_sync_and_stop_on_sigterm() {
             "/idpoller.pid",
         ],
     );
-    let ready = readyz_becomes(&format!("127.0.0.1:{pport}"), 200).await;
+    let paddr = format!("127.0.0.1:{pport}");
+    listening(&paddr, &poller).await;
+    let ready = readyz_becomes(&paddr, 200).await;
     assert!(ready.contains("ready: leading"), "{ready}");
 
     for (c, pid_file, stopped) in [
