@@ -9,6 +9,10 @@
 //! the [`PidFile`] is dropped, which `app` does after the daemon's shutdown
 //! path has finished, and only while it still holds our pid.
 //!
+//! A stale file in a folder we may not write (the container image's `/`,
+//! where its user owns only the pid files) is overwritten in place, and
+//! emptied rather than removed at exit.
+//!
 //! Liveness is read from `/proc/<pid>` (Linux, where these daemons run),
 //! and a live pid counts only when that process is one of ours: its
 //! executable or its `argv[0]` is named `caliopen-imap`, `imapworker`,
@@ -56,12 +60,20 @@ impl PidFile {
                         }
                     }
                     tracing::info!(file = %path.display(), "replacing a stale pid file");
-                    std::fs::remove_file(path).map_err(|e| {
-                        Failure::Failed(format!(
-                            "pid file {}: cannot remove the stale file: {e}",
-                            path.display()
-                        ))
-                    })?;
+                    match std::fs::remove_file(path) {
+                        Ok(()) => {}
+                        // A folder we may not write (`/` for a container's
+                        // non-root user) holding a file we may: reuse it.
+                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                            return rewrite_in_place(path, pid);
+                        }
+                        Err(e) => {
+                            return Err(Failure::Failed(format!(
+                                "pid file {}: cannot remove the stale file: {e}",
+                                path.display()
+                            )))
+                        }
+                    }
                 }
                 Err(e) => {
                     return Err(Failure::Failed(format!(
@@ -82,11 +94,36 @@ impl Drop for PidFile {
     fn drop(&mut self) {
         // Someone may have replaced it (a forced second start): leave theirs.
         if read_pid(&self.path) == Some(self.pid) {
-            if let Err(e) = std::fs::remove_file(&self.path) {
+            let gone = match std::fs::remove_file(&self.path) {
+                // Not removable (see `rewrite_in_place`): an empty file is
+                // stale for the next start.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    std::fs::write(&self.path, b"")
+                }
+                other => other,
+            };
+            if let Err(e) = gone {
                 tracing::warn!(file = %self.path.display(), error = %e, "cannot remove the pid file");
             }
         }
     }
+}
+
+/// Overwrite a stale pid file we cannot remove, as in a container image
+/// whose non-root user owns `/imapworker.pid` but not `/`. Not atomic
+/// against a second start on the same file, as the Go daemons' write was not.
+fn rewrite_in_place(path: &Path, pid: u32) -> Result<PidFile, Failure> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Failure::Failed(format!("pid file {}: cannot write: {e}", path.display())))?;
+    f.write_all(format!("{pid}\n").as_bytes())
+        .map_err(|e| Failure::Failed(format!("pid file {}: cannot write: {e}", path.display())))?;
+    Ok(PidFile {
+        path: path.to_path_buf(),
+        pid,
+    })
 }
 
 fn read_pid(path: &Path) -> Option<u32> {

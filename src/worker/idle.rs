@@ -826,7 +826,6 @@ mod tests {
         );
     }
 
-
     #[tokio::test(start_paused = true)]
     async fn a_sync_that_saw_inbox_grow_is_followed_by_another_within_bounds() {
         let mut pace = Pace::new();
