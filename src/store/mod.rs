@@ -658,7 +658,9 @@ mod tests {
         let mut lwts = 0;
         for (file, cql) in &all {
             let p = statement(cql, QueryValues::SimpleValues(vec![]), Consistency::Quorum).build();
-            let lwt = cql.contains(" IF NOT EXISTS") || cql.contains(" IF owner = ?");
+            let lwt = cql.contains(" IF NOT EXISTS")
+                || cql.contains(" IF owner = ?")
+                || cql.contains(" IF infos['syncing'] = ?");
             if lwt {
                 lwts += 1;
                 assert!(!p.is_idempotent, "{file}: {cql}");
@@ -668,8 +670,9 @@ mod tests {
                 assert_eq!(p.query_params.serial_consistency, None, "{file}: {cql}");
             }
         }
-        // The sync lock, the IDLE lease and the poller lease: take, renew, release.
-        assert_eq!(lwts, 9, "{all:#?}");
+        // The sync lock, the IDLE lease and the poller lease: take, renew,
+        // release; and the clearing of our own `syncing` marker.
+        assert_eq!(lwts, 10, "{all:#?}");
         assert!(all.len() > 40, "templates found: {}", all.len());
     }
 
