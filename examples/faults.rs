@@ -1044,7 +1044,7 @@ impl Case {
         }
     }
 
-    /// Count everything into `row` (see the README's Fault suite section).
+    /// Count everything into `row` (see docs/faults.md).
     async fn count(&self, store: &Store, standin: &Standin, row: &mut Row) -> Result<()> {
         let (uids, uv) = mailbox_uids(&self.env, &self.login)?;
         if uv != self.uidvalidity {

@@ -106,4 +106,4 @@ grep -E '^caliopen_imap_(syncs_ended_total|messages_(fetched|handed_off|already_
 exec 3<&-
 
 say "Where a real Prometheus would find it"
-echo "scrape http://$METRICS/metrics with the rules in $PWD/deploy/prometheus/caliopen-imap.rules.yml (README \"Alerts\")"
+echo "scrape http://$METRICS/metrics with the rules in $PWD/deploy/prometheus/caliopen-imap.rules.yml (docs/operations.md, \"Alerts\")"

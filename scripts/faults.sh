@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fault suite (README, "Fault suite"): builds the binary and the harness
+# The fault suite (docs/faults.md): builds the binary and the harness
 # (examples/faults.rs), gives the harness a keyspace of its own, and runs it
 # against the local stack. Its table goes to stdout (and to
 # target/faults/<tag>/table.md); the daemons' logs stay in that folder.

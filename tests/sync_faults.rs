@@ -2,7 +2,7 @@
 //! silent, a message vanishes mid-sync, a folder is missing or named in
 //! UTF-8, a message is too large, two orders for one identity arrive at
 //! once, a worker died holding the lock. Each test names the guarantee it
-//! proves (README, "What a sync guarantees").
+//! proves (docs/guarantees.md).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

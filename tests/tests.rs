@@ -12,6 +12,7 @@ mod bus;
 mod config;
 mod ctl;
 mod dispatch;
+mod docs;
 mod folders;
 mod idle;
 mod image;

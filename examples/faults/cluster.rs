@@ -360,7 +360,7 @@ pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
     // A lightweight transaction (lock, leases) is never sent again by the
     // driver: one that met the dead node may stop its sync. Any other
     // statement is idempotent and goes to the next node: a running sync
-    // must carry on (README, "Running on a cluster").
+    // must carry on (docs/operations.md, "Running on a cluster").
     // A session the driver left with no node (see the renewals below)
     // fails its statement at once, idempotent or not.
     let (no_node, cassandra): (Vec<&str>, Vec<&str>) = outages

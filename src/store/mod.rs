@@ -371,7 +371,7 @@ impl Store {
 /// when the configured level is a LOCAL_ one, so a deployment that keeps its
 /// requests inside one data centre keeps its Paxos rounds there too. On a
 /// cluster, with writes at QUORUM or LOCAL_QUORUM, two workers then can
-/// never both win a lock, whichever node each of them reaches (README,
+/// never both win a lock, whichever node each of them reaches (docs/operations.md,
 /// "Running on a cluster").
 ///
 /// Every other statement is marked idempotent: a read, or a write of a row
