@@ -6,13 +6,15 @@
 #   make faults  the fault suite (kill -9, restarts, ...); faults-quick: small
 #   make faults-cluster  3-node Cassandra (RF 3) + 3-node NATS, 2 workers and
 #                2 pollers; kills a node of each and the leading poller (opt-in)
+#   make soak    the whole system under mixed load and faults, SOAK_MINUTES
+#                (30) on a private stack; writes SOAK.md (test runs 3 minutes)
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build release test unit lint demo bench bench-large faults faults-quick faults-cluster \
+.PHONY: all build release test unit lint demo bench bench-large faults faults-quick faults-cluster soak \
         install uninstall stack-up stack-down stack-status clean fuzz
 
 all: build
@@ -23,10 +25,12 @@ build:
 release:
 	$(CARGO) build --release --bins --examples
 
-# Style first (cheap), then the quick fault scenarios, then unit and
+# Style first (cheap), then the quick fault scenarios and a 3-minute soak
+# (on its own private stack, report in target/soak/), then unit and
 # integration tests on the real stack (last, so the run closes on their summary).
 test: lint stack-up
 	bash scripts/faults.sh --quick
+	SOAK_MINUTES=3 bash scripts/soak.sh --quick
 	$(CARGO) test --lib --test tests
 
 unit:
@@ -64,6 +68,14 @@ faults-quick: stack-up
 # stops everything it started on exit. About 5 minutes on 2 cores.
 faults-cluster: stack-up
 	bash scripts/faults-cluster.sh
+
+# The whole system, long, under mixed load and faults (README, "Soak"), on
+# a private stack of its own (other ports, .stack-soak/), stopped at the
+# end. SOAK_MINUTES (30), SOAK_SEED, SOAK_RATE; writes SOAK.md and
+# soak-latency.svg; exit 1 when a required zero is not zero.
+SOAK_MINUTES ?= 30
+soak:
+	SOAK_MINUTES=$(SOAK_MINUTES) bash scripts/soak.sh
 
 # The binary and its three program names.
 install: release
