@@ -26,6 +26,8 @@ export STACK_NATS_PORT=24222 STACK_NATS_MONITOR_PORT=28222 \
     STACK_CASSANDRA_JMX_PORT=27199 STACK_IMAPS_PORT=20993 \
     STACK_IMAP_STARTTLS_PORT=20143 STACK_S3_PORT=29000 \
     STACK_CASSANDRA_HEAP=${STACK_CASSANDRA_HEAP:-768M}
+# Stopped however the run ends (Ctrl-C, a failed build) unless kept.
+[ "${SOAK_KEEP_STACK:-0}" = 1 ] || trap 'bash scripts/stack.sh down' EXIT
 bash scripts/stack.sh up
 # shellcheck source=/dev/null
 . "$CALIOPEN_IMAP_STACK_DIR/env"
@@ -43,5 +45,4 @@ fi
 export CALIOPEN_IMAP_BIN=$REPO_ROOT/target/$PROFILE/caliopen-imap
 rc=0
 "target/$PROFILE/examples/soak" || rc=$?
-[ "${SOAK_KEEP_STACK:-0}" = 1 ] || bash scripts/stack.sh down
 exit $rc

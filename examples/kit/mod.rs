@@ -196,11 +196,13 @@ pub fn rss_kb(pid: u32) -> u64 {
             .unwrap_or(0)
     }
 }
+
 /// Pids of the daemons this run started, for the clean-up on Ctrl-C.
 pub static STARTED_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 /// The stack service this run has stopped and not yet started again.
 pub static DOWN: Mutex<Option<String>> = Mutex::new(None);
 
+/// Start `launch.bin ARGS` with `denv`, its output appended to `log`.
 pub fn spawn_daemon(
     launch: &Launch,
     args: &[String],

@@ -69,7 +69,7 @@ pub struct Injected {
 
 /// The faults and when each starts (seconds since the load started): about
 /// one every 75 s between 10% and 85% of the run, every kind once before
-/// any twice, in a seeded order; at least 4.
+/// any twice, in a seeded order; at least 4, a worker's kill -9 among them.
 pub fn schedule(env: &Env) -> Vec<(f64, Kind)> {
     let secs = env.minutes * 60.0;
     let count = ((secs / 75.0).round() as usize).max(4);
@@ -81,6 +81,10 @@ pub fn schedule(env: &Env) -> Vec<(f64, Kind)> {
         kinds.extend(round);
     }
     kinds.truncate(count);
+    // A short run draws only a few: a worker's kill -9 is always one.
+    if !kinds.contains(&Kind::Kill9Worker) {
+        kinds[0] = Kind::Kill9Worker;
+    }
     let (from, to) = (secs * 0.10, secs * 0.85);
     let step = (to - from) / count as f64;
     kinds

@@ -113,10 +113,15 @@ async fn run(env: Env) -> Result<i32> {
     }
     let bound = Duration::from_secs(if env.quick { 360 } else { 900 });
     let not_synced = checks::final_sync(&client, &idents, bound).await;
-    let (checks, notes) = verify(
+    let found = verify(
         &env, &mut fleet, &store, &recorder, &idents, &load, not_synced,
     )
     .await?;
+    let mut checks = table(&found, &load);
+    let mut notes = notes(&found, &load);
+    let (rss_checks, rss_notes) = checks::rss_growth(&load.rss, load.secs, env.minutes >= 20.0);
+    checks.extend(rss_checks);
+    notes.extend(rss_notes);
     let seen = seen_by_msg(&recorder);
     let samples = latency::samples(&load.gen.lock().unwrap().appended, &seen, load.t0);
     let rep = report::Report {
@@ -174,7 +179,9 @@ async fn load(
     ));
     let plan = faults::schedule(env);
     let mut rng = fastrand::Rng::with_seed(env.seed ^ 0xD0);
-    let (mut faults, mut rss, mut next, mut sampled) = (Vec::new(), Vec::new(), 0, -10.0);
+    let pids = Arc::new(Mutex::new(fleet.pids()));
+    let sampler = tokio::spawn(sample_rss(pids.clone(), stop.clone(), t0));
+    let (mut faults, mut next) = (Vec::new(), 0);
     while t0.elapsed() < env.run_for() {
         let now = t0.elapsed().as_secs_f64();
         if next < plan.len() && now >= plan[next].0 {
@@ -201,21 +208,17 @@ async fn load(
                 end,
                 note,
             });
+            *pids.lock().unwrap() = fleet.pids();
             continue;
         }
         fleet.watch().await?;
-        if now - sampled >= 10.0 {
-            sampled = now;
-            for (k, d) in fleet.all().enumerate() {
-                let name = format!("{} {}", d.name, if k < 3 { k + 1 } else { k - 2 });
-                rss.push((name, now, d.rss_kb(), d.restarts));
-            }
-        }
+        *pids.lock().unwrap() = fleet.pids();
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     stop.store(true, Ordering::Relaxed);
     let secs = t0.elapsed().as_secs_f64();
     let _ = task.await;
+    let rss = sampler.await.unwrap_or_default();
     Ok(Load {
         t0,
         secs,
@@ -223,6 +226,27 @@ async fn load(
         rss,
         gen,
     })
+}
+
+/// Every 10 s until `stop`, the RSS of each daemon (by the pids the load
+/// loop keeps current), apart from that loop so a long fault leaves no gap.
+async fn sample_rss(
+    pids: Arc<Mutex<Vec<setup::Running>>>,
+    stop: Arc<AtomicBool>,
+    t0: Instant,
+) -> Vec<Rss> {
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let now = t0.elapsed().as_secs_f64();
+        for (name, pid, restarts) in pids.lock().unwrap().iter() {
+            let kb = pid.map(kit::rss_kb).unwrap_or(0);
+            if kb > 0 {
+                out.push((name.clone(), now, kb, *restarts));
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    out
 }
 
 fn seen_by_msg(recorder: &Recorder) -> HashMap<Uuid, Vec<Instant>> {
@@ -233,7 +257,22 @@ fn seen_by_msg(recorder: &Recorder) -> HashMap<Uuid, Vec<Instant>> {
     m
 }
 
-/// Every check of the run, and notes saying what lies behind the numbers.
+/// What the checks found, before it is put in the table.
+struct Findings {
+    t: checks::Tally,
+    handoffs: u64,
+    at_fault: u64,
+    outside: u64,
+    not_synced: Vec<String>,
+    locked: Vec<String>,
+    unhealthy: u64,
+    disabled: u64,
+    problems: Vec<String>,
+    panics: Vec<String>,
+    crashes: u32,
+}
+
+/// Look at everything once the final sync is over; stops the workers.
 async fn verify(
     env: &Env,
     fleet: &mut Fleet,
@@ -242,8 +281,7 @@ async fn verify(
     idents: &[Ident],
     load: &Load,
     not_synced: Vec<String>,
-) -> Result<(Vec<Check>, Vec<String>)> {
-    let mut notes = Vec::new();
+) -> Result<Findings> {
     let locked = checks::locked(store, idents, Duration::from_secs(90)).await?;
     let (unhealthy, disabled, problems) = checks::health(env)?;
     let mut crashes = 0;
@@ -259,97 +297,109 @@ async fn verify(
         checks::tally_one(store, &p, id, &seen, &mut t).await?;
     }
     let (at_fault, outside) = checks::repeats(&seen, load.t0, &load.faults);
-    let panics = checks::panics(env);
-    let (rss_checks, rss_notes) = checks::rss_growth(&load.rss, load.secs, env.minutes >= 20.0);
+    Ok(Findings {
+        t,
+        handoffs: seen.values().map(|v| v.len() as u64).sum(),
+        at_fault,
+        outside,
+        not_synced,
+        locked,
+        unhealthy,
+        disabled,
+        problems,
+        panics: checks::panics(env),
+        crashes,
+    })
+}
+
+/// The report's table: (check, value, zero required).
+fn table(f: &Findings, load: &Load) -> Vec<Check> {
     let g = load.gen.lock().unwrap();
-    let c = Check::new;
-    let mut out = vec![
-        c(
+    let failed_faults = load.faults.iter().filter(|x| x.note.starts_with("FAILED"));
+    let rows: [(&str, u64, bool); 20] = [
+        (
             "messages present at the end in synced folders",
-            t.expected,
+            f.t.expected,
             false,
         ),
-        c("of those, not stored", t.not_stored, true),
-        c("of those, stored but not delivered", t.undelivered, true),
-        c(
+        ("of those, not stored", f.t.not_stored, true),
+        ("of those, stored but not delivered", f.t.undelivered, true),
+        (
             "of those, delivered but never handed off",
-            t.never_seen,
+            f.t.never_seen,
             true,
         ),
-        c(
+        (
             "rows no folder could have given (duplicates)",
-            t.foreign,
+            f.t.foreign,
             true,
         ),
-        c("rows stored in all", t.rows, false),
-        c(
+        ("rows stored in all", f.t.rows, false),
+        (
             "undelivered rows of messages gone since",
-            t.undelivered_gone,
+            f.t.undelivered_gone,
             false,
         ),
-        c(
-            "hand-offs in all",
-            seen.values().map(|v| v.len() as u64).sum(),
-            false,
-        ),
-        c("repeated hand-offs at a fault", at_fault, false),
-        c("repeated hand-offs outside any fault", outside, true),
-        c(
+        ("hand-offs in all", f.handoffs, false),
+        ("repeated hand-offs at a fault", f.at_fault, false),
+        ("repeated hand-offs outside any fault", f.outside, true),
+        (
             "identities the final sync could not finish",
-            not_synced.len() as u64,
+            f.not_synced.len() as u64,
             true,
         ),
-        c(
+        (
             "identities still locked at the end",
-            locked.len() as u64,
+            f.locked.len() as u64,
             true,
         ),
-        c(
+        (
             "identities unhealthy at the end (imapctl status)",
-            unhealthy,
+            f.unhealthy,
             true,
         ),
-        c("identities disabled at the end", disabled, true),
-        c("panics in the daemons' logs", panics.len() as u64, true),
-        c(
+        ("identities disabled at the end", f.disabled, true),
+        ("panics in the daemons' logs", f.panics.len() as u64, true),
+        (
             "daemon exits not injected (restarted)",
-            crashes as u64,
+            f.crashes as u64,
             true,
         ),
-        c("faults injected", load.faults.len() as u64, false),
-        c(
+        ("faults injected", load.faults.len() as u64, false),
+        (
             "faults that could not be injected",
-            load.faults
-                .iter()
-                .filter(|f| f.note.starts_with("FAILED"))
-                .count() as u64,
+            failed_faults.count() as u64,
             false,
         ),
-        c("messages appended", g.appended.len() as u64, false),
-        c(
+        ("messages appended", g.appended.len() as u64, false),
+        (
             "generator errors (actions refused during faults)",
             g.errors,
             false,
         ),
     ];
-    out.extend(rss_checks);
-    notes.push(format!(
-        "generator actions: {:?}; ticks skipped (all {} slots busy): {}",
-        g.counts, 12, g.skipped
-    ));
+    rows.iter().map(|(n, v, z)| Check::new(n, *v, *z)).collect()
+}
+
+/// Notes under the table: what lies behind the numbers.
+fn notes(f: &Findings, load: &Load) -> Vec<String> {
+    let g = load.gen.lock().unwrap();
+    let mut notes = vec![format!(
+        "generator actions: {:?}; ticks skipped (every action slot busy): {}",
+        g.counts, g.skipped
+    )];
     if let Some(e) = &g.last_error {
         notes.push(format!("last generator error: {e}"));
     }
     for (what, list) in [
-        ("not finished", &not_synced),
-        ("locked", &locked),
-        ("unhealthy", &problems),
-        ("panic", &panics),
+        ("not finished", &f.not_synced),
+        ("locked", &f.locked),
+        ("unhealthy", &f.problems),
+        ("panic", &f.panics),
     ] {
         for l in list.iter().take(10) {
             notes.push(format!("{what}: {l}"));
         }
     }
-    notes.extend(rss_notes);
-    Ok((out, notes))
+    notes
 }

@@ -54,6 +54,8 @@ impl Env {
             _ => fastrand::u64(..1_000_000),
         };
         let work = repo.join("target/soak").join(format!("run-{seed}"));
+        // A replayed seed starts with no log of the run before.
+        let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
         let default_report = if quick {
             repo.join("target/soak/SOAK-quick.md")
@@ -283,6 +285,9 @@ pub struct Fleet {
     pub pollers: Vec<Daemon>,
 }
 
+/// A daemon as the RSS sampler sees it: (name, pid, restarts so far).
+pub type Running = (String, Option<u32>, u32);
+
 pub const WORKER_READY: &str = "imapworker ready";
 /// Both pollers log it at start, leader or standby.
 pub const POLLER_READY: &str = "waiting for the lease";
@@ -324,6 +329,19 @@ impl Fleet {
 
     pub fn all(&mut self) -> impl Iterator<Item = &mut Daemon> {
         self.workers.iter_mut().chain(self.pollers.iter_mut())
+    }
+
+    /// Each daemon's name, pid and restarts, for the RSS sampler.
+    pub fn pids(&self) -> Vec<Running> {
+        let named = |v: &Vec<Daemon>| -> Vec<Running> {
+            v.iter()
+                .enumerate()
+                .map(|(k, d)| (format!("{} {}", d.name, k + 1), d.pid(), d.restarts))
+                .collect()
+        };
+        let mut all = named(&self.workers);
+        all.extend(named(&self.pollers));
+        all
     }
 
     /// Restart whatever exited on its own (each counted as a crash).
