@@ -80,7 +80,7 @@ impl Action {
 }
 
 /// The actions in flight at once, at most.
-const SLOTS: usize = 12;
+const SLOTS: usize = 24;
 
 /// Act at `env.rate` per second until `stop`, then wait for the actions
 /// still running.

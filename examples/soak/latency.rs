@@ -74,3 +74,26 @@ pub fn fmt(s: Option<Stats>) -> String {
         None => "no sample".into(),
     }
 }
+
+/// Per minute of the run (by APPEND time): (minute, IDLE p50 and max,
+/// polled p50 and max), for the report's table beside the picture.
+pub fn per_minute(samples: &[Sample]) -> Vec<(usize, Option<Stats>, Option<Stats>)> {
+    let last = samples.iter().map(|s| s.at_min as usize).max().unwrap_or(0);
+    (0..=last)
+        .map(|m| {
+            let in_minute: Vec<Sample> = samples
+                .iter()
+                .filter(|s| s.at_min as usize == m)
+                .copied()
+                .collect();
+            (m, stats(&in_minute, true), stats(&in_minute, false))
+        })
+        .collect()
+}
+
+/// "p50 / max" of a minute's class, or a dash.
+pub fn brief(s: &Option<Stats>) -> String {
+    s.as_ref()
+        .map(|s| format!("{:.1} / {:.1} ({})", s.p50, s.max, s.n))
+        .unwrap_or_else(|| "—".into())
+}

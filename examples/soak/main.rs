@@ -384,9 +384,13 @@ fn table(f: &Findings, load: &Load) -> Vec<Check> {
 /// Notes under the table: what lies behind the numbers.
 fn notes(f: &Findings, load: &Load) -> Vec<String> {
     let g = load.gen.lock().unwrap();
+    let done: u64 = g.counts.values().sum();
     let mut notes = vec![format!(
-        "generator actions: {:?}; ticks skipped (every action slot busy): {}",
-        g.counts, g.skipped
+        "generator: {done} actions in {:.0} s ({:.1}/s); {:?}; ticks skipped (every action slot busy): {}",
+        load.secs,
+        done as f64 / load.secs.max(1.0),
+        g.counts,
+        g.skipped
     )];
     if let Some(e) = &g.last_error {
         notes.push(format!("last generator error: {e}"));

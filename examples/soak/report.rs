@@ -75,6 +75,26 @@ impl Report<'_> {
         let _ = writeln!(o, "\n![latency over time]({svg_name})\n");
         let _ = writeln!(
             o,
+            "| minute (of the APPEND) | IDLE p50 / max, s (messages) | polled p50 / max, s (messages) | faults starting |\n|---|---|---|---|"
+        );
+        for (m, idle, polled) in latency::per_minute(self.samples) {
+            let starting: Vec<String> = self
+                .faults
+                .iter()
+                .filter(|f| (f.start / 60.0) as usize == m)
+                .map(|f| f.kind.label())
+                .collect();
+            let _ = writeln!(
+                o,
+                "| {m} | {} | {} | {} |",
+                latency::brief(&idle),
+                latency::brief(&polled),
+                starting.join(", ")
+            );
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
             "## Faults injected\n\n| at (s) | fault | lasted (s) | note |\n|---|---|---|---|"
         );
         for f in self.faults {
