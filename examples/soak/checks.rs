@@ -210,14 +210,9 @@ pub fn repeats(seen: &HashMap<Uuid, Vec<Instant>>, t0: Instant, faults: &[Inject
 
 /// `imapctl status --all --json`: (unhealthy, disabled, problems seen).
 pub fn health(env: &Env) -> Result<(u64, u64, Vec<String>)> {
-    let (_, out) = faults::ctl(env, &["status", "--all", "--json"])?;
-    let start = out
-        .find('[')
-        .ok_or_else(|| anyhow!("status: no JSON: {out}"))?;
-    let end = out
-        .rfind(']')
-        .ok_or_else(|| anyhow!("status: no JSON: {out}"))?;
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&out[start..=end])?;
+    let (_, out, err) = faults::ctl(env, &["status", "--all", "--json"])?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out)
+        .map_err(|e| anyhow!("imapctl status --all --json: {e}: {out}{err}"))?;
     let (mut unhealthy, mut disabled, mut problems) = (0, 0, Vec::new());
     for r in rows {
         if r["healthy"] != true {

@@ -212,12 +212,12 @@ impl Targets<'_> {
     /// `caliopen-imap ctl -c config/imapworker.yaml ARGS` on this stack;
     /// its output (stdout and stderr) and exit code.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
-        ctl(self.env, args).map(|(code, out)| format!("exit {code}: {out}"))
+        ctl(self.env, args).map(|(code, out, err)| format!("exit {code}: {out}{err}"))
     }
 }
 
-/// Run imapctl on this stack: (exit code, stdout + stderr).
-pub fn ctl(env: &Env, args: &[&str]) -> Result<(i32, String)> {
+/// Run imapctl on this stack: (exit code, stdout, stderr).
+pub fn ctl(env: &Env, args: &[&str]) -> Result<(i32, String, String)> {
     let cfg = env.launch.repo.join("config/imapworker.yaml");
     let out = std::process::Command::new(&env.launch.bin)
         .arg("ctl")
@@ -228,9 +228,11 @@ pub fn ctl(env: &Env, args: &[&str]) -> Result<(i32, String)> {
         .current_dir(&env.launch.repo)
         .output()
         .context("cannot run imapctl")?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.code().unwrap_or(-1), text))
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 async fn stop(d: &mut kit::Daemon, kill9: bool) -> Result<()> {
