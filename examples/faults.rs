@@ -42,7 +42,7 @@ mod kit;
 #[path = "../tests/support/processor.rs"]
 mod processor;
 
-use kit::{fnv, order_sync, var, var_or, Daemon, Launch, Outcome, DOWN, STARTED_PIDS};
+use kit::{fnv, order_sync, var, var_or, Daemon, Launch, Outcome, DOWN};
 use processor::{Answer, Pace};
 
 // ------------------------------------------------------------------ settings
@@ -414,26 +414,6 @@ impl Standin {
 }
 
 // ------------------------------------------------------------------ daemons
-
-/// On SIGINT/SIGTERM: stop our daemons (by pid, when the pid is still ours)
-/// and start again a service we had stopped, so the shared stack is whole.
-fn clean_up_after_signal(env: &Env) {
-    for pid in STARTED_PIDS.lock().unwrap().iter() {
-        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if cmd.contains("caliopen-imap") {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    }
-    if let Some(service) = DOWN.lock().unwrap().take() {
-        eprintln!("[faults] interrupted: starting {service} again");
-        let _ = std::process::Command::new("bash")
-            .arg(env.repo.join("scripts/stack.sh"))
-            .args(["start", &service])
-            .status();
-    }
-}
 
 async fn start_worker(env: &Env) -> Result<Daemon> {
     start_daemon(env, "worker", env.daemon_env(), "imapworker ready").await
@@ -1600,8 +1580,8 @@ fn main() -> Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = run(env.clone(), settings) => r,
-            _ = tokio::signal::ctrl_c() => { clean_up_after_signal(&env); std::process::exit(130) }
-            _ = term.recv() => { clean_up_after_signal(&env); std::process::exit(143) }
+            _ = tokio::signal::ctrl_c() => { kit::clean_up(&env.launch()); std::process::exit(130) }
+            _ = term.recv() => { kit::clean_up(&env.launch()); std::process::exit(143) }
         }
     })
 }

@@ -202,6 +202,26 @@ pub static STARTED_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 /// The stack service this run has stopped and not yet started again.
 pub static DOWN: Mutex<Option<String>> = Mutex::new(None);
 
+/// On SIGINT/SIGTERM: stop our daemons (by pid, when the pid is still
+/// ours) and start again a service we had stopped, so the stack is whole.
+pub fn clean_up(launch: &Launch) {
+    for pid in STARTED_PIDS.lock().unwrap().iter() {
+        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmd.contains("caliopen-imap") {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+    if let Some(service) = DOWN.lock().unwrap().take() {
+        eprintln!("[{}] interrupted: starting {service} again", launch.tag);
+        let _ = std::process::Command::new("bash")
+            .arg(launch.repo.join("scripts/stack.sh"))
+            .args(["start", &service])
+            .status();
+    }
+}
+
 /// Start `launch.bin ARGS` with `denv`, its output appended to `log`.
 pub fn spawn_daemon(
     launch: &Launch,

@@ -44,30 +44,11 @@ fn main() -> Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = run(env.clone()) => r,
-            _ = tokio::signal::ctrl_c() => { clean_up(&env); Ok(130) }
-            _ = term.recv() => { clean_up(&env); Ok(143) }
+            _ = tokio::signal::ctrl_c() => { kit::clean_up(&env.launch); Ok(130) }
+            _ = term.recv() => { kit::clean_up(&env.launch); Ok(143) }
         }
     })?;
     std::process::exit(code)
-}
-
-/// On SIGINT/SIGTERM: kill our daemons (by pid, when still ours) and start
-/// again a service we had stopped.
-fn clean_up(env: &Env) {
-    for pid in kit::STARTED_PIDS.lock().unwrap().iter() {
-        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if cmd.contains("caliopen-imap") {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    }
-    if let Some(service) = kit::DOWN.lock().unwrap().take() {
-        let _ = std::process::Command::new("bash")
-            .arg(env.launch.repo.join("scripts/stack.sh"))
-            .args(["start", &service])
-            .status();
-    }
 }
 
 /// One RSS reading: (daemon, seconds since the load started, kB, restarts).
@@ -197,10 +178,13 @@ async fn load(
                 idents,
                 rng: &mut rng,
             };
-            let note = t
-                .inject(kind)
-                .await
-                .unwrap_or_else(|e| format!("FAILED: {e:#}"));
+            let note = match t.inject(kind).await {
+                Ok(note) => note,
+                Err(e) => {
+                    heal(env, recorder).await;
+                    format!("FAILED: {e:#}")
+                }
+            };
             let end = t0.elapsed().as_secs_f64();
             faults.push(Injected {
                 kind,
@@ -211,7 +195,9 @@ async fn load(
             *pids.lock().unwrap() = fleet.pids();
             continue;
         }
-        fleet.watch().await?;
+        if let Err(e) = fleet.watch().await {
+            eprintln!("[soak] a daemon could not be started again: {e:#}");
+        }
         *pids.lock().unwrap() = fleet.pids();
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
@@ -226,6 +212,20 @@ async fn load(
         rss,
         gen,
     })
+}
+
+/// After a fault that failed half-way: the service it stopped started
+/// again, the processor answering again.
+async fn heal(env: &Env, recorder: &Recorder) {
+    let down = kit::DOWN.lock().unwrap().clone();
+    if let Some(service) = down {
+        if let Err(e) = kit::stack(&env.launch.repo, "start", &service).await {
+            eprintln!("[soak] {service} could not be started again: {e:#}");
+        }
+    }
+    if let Err(e) = recorder.set(setup::Mode::Normal).await {
+        eprintln!("[soak] the processor stand-in could not answer again: {e:#}");
+    }
 }
 
 /// Every 10 s until `stop`, the RSS of each daemon (by the pids the load
