@@ -302,27 +302,12 @@ impl Standin {
     }
 
     async fn set_mode(&self, mode: Mode) -> Result<()> {
-        if let Some(t) = self.task.lock().unwrap().take() {
-            t.abort();
-        }
-        if mode == Mode::Absent {
-            // Make sure the server has dropped the subscription.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            self.client.flush().await?;
-            return Ok(());
-        }
-        let sub = self
-            .client
-            .queue_subscribe(self.subject.clone(), "SMTPqueue".into())
-            .await?;
-        self.client.flush().await?;
         let me = self.clone();
-        let task = tokio::spawn(processor::serve(self.client.clone(), sub, move |order| {
+        let decide = (mode == Mode::Normal).then_some(move |order: &processor::ProcessRaw| {
             let delay = me.record(order.user_id, order.message_id);
             (Answer::Ok, Pace::Each(delay))
-        }));
-        *self.task.lock().unwrap() = Some(task);
-        Ok(())
+        });
+        kit::switch_standin(&self.client, &self.subject, &self.task, decide).await
     }
 
     /// Record one request; returns how long to wait before answering.

@@ -252,6 +252,41 @@ pub fn spawn_daemon(
     Ok(child)
 }
 
+// ------------------------------------------------------------------ stand-in
+
+/// Switch the processor stand-in (for Caliopen's processor, outside this
+/// project): its answering `task` is stopped, then, with `decide`, it is
+/// subscribed again on `subject` in Caliopen's queue group and answers
+/// with `decide`; without, it stays away (NATS answers "no responders").
+pub async fn switch_standin<F>(
+    client: &async_nats::Client,
+    subject: &str,
+    task: &Mutex<Option<tokio::task::JoinHandle<()>>>,
+    decide: Option<F>,
+) -> Result<()>
+where
+    F: FnMut(&crate::processor::ProcessRaw) -> (crate::processor::Answer, crate::processor::Pace)
+        + Send
+        + 'static,
+{
+    if let Some(t) = task.lock().unwrap().take() {
+        t.abort();
+    }
+    let Some(decide) = decide else {
+        // Make sure the server has dropped the subscription.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client.flush().await?;
+        return Ok(());
+    };
+    let sub = client
+        .queue_subscribe(subject.to_string(), "SMTPqueue".into())
+        .await?;
+    client.flush().await?;
+    let serving = tokio::spawn(crate::processor::serve(client.clone(), sub, decide));
+    *task.lock().unwrap() = Some(serving);
+    Ok(())
+}
+
 // ------------------------------------------------------------------ Dovecot
 
 /// `doveadm -c CONF ARGS...`; its stdout, or its stderr as the error.

@@ -16,7 +16,7 @@ use caliopen_imap::store::Store;
 use futures::StreamExt;
 use uuid::Uuid;
 
-use crate::kit::{var, var_or, Daemon, Launch};
+use crate::kit::{self, var, var_or, Daemon, Launch};
 use crate::processor::{self, Answer, Pace};
 
 /// The folders an identity may have besides INBOX; one has a UTF-8 name.
@@ -395,32 +395,18 @@ impl Recorder {
     }
 
     pub async fn set(&self, mode: Mode) -> Result<()> {
-        if let Some(t) = self.task.lock().unwrap().take() {
-            t.abort();
-        }
         *self.delay.lock().unwrap() = match mode {
             Mode::Slow(d) => d,
             _ => Duration::ZERO,
         };
-        if mode == Mode::Absent {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            self.client.flush().await?;
-            return Ok(());
-        }
-        let sub = self
-            .client
-            .queue_subscribe("inboundSMTP".to_string(), "SMTPqueue".into())
-            .await?;
-        self.client.flush().await?;
         let (seen, delay) = (self.seen.clone(), self.delay.clone());
-        let task = tokio::spawn(processor::serve(self.client.clone(), sub, move |o| {
+        let decide = (mode != Mode::Absent).then_some(move |o: &processor::ProcessRaw| {
             seen.lock().unwrap().push(Handoff {
                 at: Instant::now(),
                 msg: o.message_id,
             });
             (Answer::Ok, Pace::Each(*delay.lock().unwrap()))
-        }));
-        *self.task.lock().unwrap() = Some(task);
-        Ok(())
+        });
+        kit::switch_standin(&self.client, "inboundSMTP", &self.task, decide).await
     }
 }
