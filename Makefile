@@ -8,6 +8,9 @@
 #                2 pollers; kills a node of each and the leading poller (opt-in)
 #   make soak    the whole system under mixed load and faults, SOAK_MINUTES
 #                (30) on a private stack; writes SOAK.md (test runs 3 minutes)
+#   make image   the container image caliopen-imap:<version> (podman or docker,
+#                FROM scratch, Containerfile); deploy/compose.yaml runs it
+#   make rules   promtool check/test of the Prometheus rules in deploy/prometheus
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
@@ -15,7 +18,7 @@ CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .PHONY: all build release test unit lint demo bench bench-large faults faults-quick faults-cluster soak \
-        install uninstall stack-up stack-down stack-status clean fuzz
+        install uninstall stack-up stack-down stack-status clean fuzz image image-if-podman rules
 
 all: build
 
@@ -25,13 +28,15 @@ build:
 release:
 	$(CARGO) build --release --bins --examples
 
-# Style first (cheap), then the quick fault scenarios and a 3-minute soak
-# (on its own private stack, report in target/soak/), then unit and
-# integration tests on the real stack (last, so the run closes on their summary).
-test: lint stack-up
+# Style and the alert rules first (cheap), an image where podman is (its
+# test in tests/image.rs skips otherwise), then the quick fault scenarios
+# and a 3-minute soak (on its own private stack, report in target/soak/),
+# then unit and integration tests on the real stack (last, so the run
+# closes on their summary).
+test: lint rules image-if-podman stack-up
 	bash scripts/faults.sh --quick
 	SOAK_MINUTES=3 bash scripts/soak.sh --quick
-	$(CARGO) test --lib --test tests
+	CALIOPEN_IMAP_IMAGE=$(TEST_IMAGE) $(CARGO) test --lib --test tests
 
 unit:
 	$(CARGO) test --lib
@@ -48,6 +53,32 @@ bench:
 
 bench-large:
 	bash scripts/bench.sh --large
+
+# The container image (see Containerfile and deploy/image.sh).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+IMAGE ?= caliopen-imap:$(VERSION)
+image:
+	$(CARGO) build --release --bin caliopen-imap
+	IMAGE=$(IMAGE) bash deploy/image.sh target/release/caliopen-imap
+
+# make test's image: the same files around the debug binary the tests build
+# anyway (a release build would add minutes to CI), tagged apart.
+TEST_IMAGE = caliopen-imap:test
+image-if-podman:
+	@if command -v podman >/dev/null; then \
+		$(CARGO) build --bin caliopen-imap && \
+		IMAGE=$(TEST_IMAGE) bash deploy/image.sh target/debug/caliopen-imap; \
+	else echo "image: podman not installed, no image built (tests/image.rs skips)"; fi
+
+# The Prometheus rules: syntax, then their unit tests (Debian's prometheus
+# package brings promtool; .ci/run installs it).
+rules:
+	@if ! command -v promtool >/dev/null; then \
+		echo "rules: promtool not installed (apt-get install prometheus): not checked"; \
+	else \
+		promtool check rules deploy/prometheus/caliopen-imap.rules.yml && \
+		cd deploy/prometheus && promtool test rules caliopen-imap.test.yml; \
+	fi
 
 # Fuzzers (nightly + cargo-fuzz, installed if missing): on demand, not in CI.
 FUZZ_SECS ?= 300

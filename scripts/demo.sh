@@ -104,3 +104,6 @@ exec 3<>"/dev/tcp/${METRICS%:*}/${METRICS#*:}"
 printf 'GET /metrics HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n' "$METRICS" >&3
 grep -E '^caliopen_imap_(syncs_ended_total|messages_(fetched|handed_off|already_delivered)_total|fetched_bytes_total|sync_seconds_(sum|count)|jobs_in_flight|job_slots)( |\{)' <&3 || true
 exec 3<&-
+
+say "Where a real Prometheus would find it"
+echo "scrape http://$METRICS/metrics with the rules in $PWD/deploy/prometheus/caliopen-imap.rules.yml (README \"Alerts\")"

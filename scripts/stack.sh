@@ -13,6 +13,10 @@
 #   scripts/stack.sh s3-up|s3-down|s3-status
 #                            the S3 server alone (tests start a private one
 #                            with their own CALIOPEN_IMAP_STACK_DIR and port)
+#   scripts/stack.sh s3-admin ARGS...
+#                            `versitygw admin ARGS...` as the root key, for a
+#                            server started with STACK_S3_ADMIN_PORT set (its
+#                            users and bucket owners: keys limited to a bucket)
 #
 # State (configs, data, logs, pid files, TLS material) lives in
 # $CALIOPEN_IMAP_STACK_DIR (default: <repo>/.stack). Downloaded Cassandra jars
@@ -71,6 +75,9 @@ S3_ACCESS_KEY=${STACK_S3_ACCESS_KEY:-caliopen-imap}
 S3_SECRET_KEY=${STACK_S3_SECRET_KEY:-caliopen-imap-local-secret}
 S3_BUCKET=${STACK_S3_BUCKET:-caliopen-raw-messages}
 S3_REGION=us-east-1
+# Set: the S3 server keeps users (internal IAM in $S3_DIR/iam) and serves its
+# admin API on this port (tests of keys limited to their bucket).
+S3_ADMIN_PORT=${STACK_S3_ADMIN_PORT:-}
 EMPTY_SHA256=e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855
 
 # Debian's JDK 17, explicitly: Cassandra 5.0 does not run on JDK 24+ (another
@@ -698,10 +705,16 @@ s3_start() {
     require_free_ports "$S3_PORT"
     mkdir -p "$S3_DIR/data"
     rm -f "$S3_DIR/s3.pid"
+    local iam=()
+    if [ -n "$S3_ADMIN_PORT" ]; then
+        require_free_ports "$S3_ADMIN_PORT"
+        mkdir -p "$S3_DIR/iam"
+        iam=(--iam-dir "$S3_DIR/iam" --admin-port "$HOST:$S3_ADMIN_PORT")
+    fi
     # Credentials through the environment, not the command line (ps).
     ROOT_ACCESS_KEY="$S3_ACCESS_KEY" ROOT_SECRET_KEY="$S3_SECRET_KEY" \
         spawn "$S3_DIR/s3.pid" "$S3_DIR/s3.log" \
-        "$S3_BIN" --port "$HOST:$S3_PORT" --region "$S3_REGION" posix "$S3_DIR/data"
+        "$S3_BIN" --port "$HOST:$S3_PORT" --region "$S3_REGION" "${iam[@]}" posix "$S3_DIR/data"
     local i
     for i in $(seq 100); do
         s3_ready && break
@@ -933,5 +946,10 @@ case ${1:-} in
     s3-up)     cmd_s3_up ;;
     s3-down)   cmd_s3_down ;;
     s3-status) s3_status_row ;;
-    *)      echo "usage: $0 up|down|status|env|stop SERVICE|start SERVICE|s3-up|s3-down|s3-status" >&2; exit 2 ;;
+    s3-admin)
+        [ -n "$S3_ADMIN_PORT" ] || die "s3-admin needs STACK_S3_ADMIN_PORT (the port s3-up gave the admin API)"
+        shift
+        ADMIN_ACCESS_KEY="$S3_ACCESS_KEY" ADMIN_SECRET_KEY="$S3_SECRET_KEY" \
+            "$S3_BIN" admin --er "http://$HOST:$S3_ADMIN_PORT" "$@" ;;
+    *)      echo "usage: $0 up|down|status|env|stop SERVICE|start SERVICE|s3-up|s3-down|s3-status|s3-admin ARGS" >&2; exit 2 ;;
 esac

@@ -9,7 +9,16 @@
 //! the [`PidFile`] is dropped, which `app` does after the daemon's shutdown
 //! path has finished, and only while it still holds our pid.
 //!
-//! Liveness is read from `/proc/<pid>` (Linux, where these daemons run).
+//! A stale file in a folder we may not write (the container image's `/`,
+//! where its user owns only the pid files) is overwritten in place, and
+//! emptied rather than removed at exit.
+//!
+//! Liveness is read from `/proc/<pid>` (Linux, where these daemons run),
+//! and a live pid counts only when that process is one of ours: its
+//! executable or its `argv[0]` is named `caliopen-imap`, `imapworker`,
+//! `idpoller` or `imapctl` (or as our own executable). After a reboot, or in
+//! a container whose pid file survived on a volume, the pid is often some
+//! unrelated program's, which must not block the start.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -42,7 +51,7 @@ impl PidFile {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     if let Some(other) = read_pid(path) {
-                        if other != pid && alive(other) {
+                        if other != pid && ours(other) {
                             return Err(Failure::Conflict(format!(
                                 "pid file {} names process {other}, which is running: \
                                  stop it first, or give another --pid-file",
@@ -51,12 +60,20 @@ impl PidFile {
                         }
                     }
                     tracing::info!(file = %path.display(), "replacing a stale pid file");
-                    std::fs::remove_file(path).map_err(|e| {
-                        Failure::Failed(format!(
-                            "pid file {}: cannot remove the stale file: {e}",
-                            path.display()
-                        ))
-                    })?;
+                    match std::fs::remove_file(path) {
+                        Ok(()) => {}
+                        // A folder we may not write (`/` for a container's
+                        // non-root user) holding a file we may: reuse it.
+                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                            return rewrite_in_place(path, pid);
+                        }
+                        Err(e) => {
+                            return Err(Failure::Failed(format!(
+                                "pid file {}: cannot remove the stale file: {e}",
+                                path.display()
+                            )))
+                        }
+                    }
                 }
                 Err(e) => {
                     return Err(Failure::Failed(format!(
@@ -77,19 +94,80 @@ impl Drop for PidFile {
     fn drop(&mut self) {
         // Someone may have replaced it (a forced second start): leave theirs.
         if read_pid(&self.path) == Some(self.pid) {
-            if let Err(e) = std::fs::remove_file(&self.path) {
+            let gone = match std::fs::remove_file(&self.path) {
+                // Not removable (see `rewrite_in_place`): an empty file is
+                // stale for the next start.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    std::fs::write(&self.path, b"")
+                }
+                other => other,
+            };
+            if let Err(e) = gone {
                 tracing::warn!(file = %self.path.display(), error = %e, "cannot remove the pid file");
             }
         }
     }
 }
 
+/// Overwrite a stale pid file we cannot remove, as in a container image
+/// whose non-root user owns `/imapworker.pid` but not `/`. Not atomic
+/// against a second start on the same file, as the Go daemons' write was not.
+fn rewrite_in_place(path: &Path, pid: u32) -> Result<PidFile, Failure> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| Failure::Failed(format!("pid file {}: cannot write: {e}", path.display())))?;
+    f.write_all(format!("{pid}\n").as_bytes())
+        .map_err(|e| Failure::Failed(format!("pid file {}: cannot write: {e}", path.display())))?;
+    Ok(PidFile {
+        path: path.to_path_buf(),
+        pid,
+    })
+}
+
 fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-fn alive(pid: u32) -> bool {
-    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+/// The names this program runs under: the multi-call binary and the three
+/// names of Caliopen's binaries it stands in for.
+const OUR_NAMES: [&str; 4] = ["caliopen-imap", "imapworker", "idpoller", "imapctl"];
+
+/// Is `pid` a live process of this program? When `/proc` cannot say what it
+/// runs (another user's process under `hidepid`), it is taken as ours: a
+/// refused start is better than two daemons on one file.
+fn ours(pid: u32) -> bool {
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    if pid == 0 || !dir.exists() {
+        return false;
+    }
+    let exe = std::fs::read_link(dir.join("exe"));
+    let cmdline = std::fs::read(dir.join("cmdline"));
+    if let Ok(exe) = &exe {
+        // An upgraded binary shows as "/path (deleted)".
+        let exe = exe.to_string_lossy();
+        let exe = Path::new(exe.trim_end_matches(" (deleted)"));
+        if is_our_name(exe) || std::env::current_exe().is_ok_and(|me| me == exe) {
+            return true;
+        }
+    }
+    if let Ok(cmdline) = &cmdline {
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        if is_our_name(Path::new(&*String::from_utf8_lossy(argv0))) {
+            return true;
+        }
+    }
+    exe.is_err() && cmdline.is_err()
+}
+
+/// Is the file name of `path` one of [`OUR_NAMES`], or our own executable's?
+fn is_our_name(path: &Path) -> bool {
+    let Some(name) = path.file_name() else {
+        return false;
+    };
+    OUR_NAMES.iter().any(|n| name == *n)
+        || std::env::current_exe().is_ok_and(|me| me.file_name() == Some(name))
 }
 
 #[cfg(test)]
@@ -125,14 +203,49 @@ mod tests {
         assert!(!p.exists());
     }
 
+    /// A live process started as `name` (a symlink to `sleep`), killed on drop.
+    struct Named(std::process::Child);
+
+    impl Named {
+        fn start(name: &str) -> Named {
+            let dir = tmp(&format!("bin-{name}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let link = dir.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink("/bin/sleep", &link).unwrap();
+            Named(std::process::Command::new(&link).arg("60").spawn().unwrap())
+        }
+    }
+
+    impl Drop for Named {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     #[test]
-    fn a_live_pid_refuses() {
+    fn a_live_daemon_of_ours_refuses() {
         let p = tmp("c");
-        // pid 1 is always alive, and never us in a test.
-        std::fs::write(&p, "1\n").unwrap();
+        let other = Named::start("imapworker");
+        let pid = other.0.id();
+        std::fs::write(&p, format!("{pid}\n")).unwrap();
         let err = PidFile::create(&p).unwrap_err();
         assert!(matches!(err, Failure::Conflict(_)), "{err}");
-        assert_eq!(read_pid(&p), Some(1), "the live file is left alone");
+        assert_eq!(read_pid(&p), Some(pid), "the live file is left alone");
         std::fs::remove_file(&p).unwrap();
+    }
+
+    /// After a reboot or in a container the pid is often some other
+    /// program's: not ours, so the file is stale.
+    #[test]
+    fn a_live_unrelated_process_does_not_block() {
+        let p = tmp("d");
+        let other = Named::start("sleep");
+        std::fs::write(&p, format!("{}\n", other.0.id())).unwrap();
+        let f = PidFile::create(&p).unwrap();
+        assert_eq!(read_pid(&p), Some(std::process::id()));
+        drop(f);
+        assert!(!p.exists());
     }
 }

@@ -1133,3 +1133,34 @@ async fn syncremote_wait_behind_a_long_sync_is_not_taken_for_a_dead_worker() {
     assert!(first.await.unwrap().ok);
     w.stop().await;
 }
+
+/// A sync that did not run because another one holds the identity is a
+/// conflict (4), as for the other commands that meet the lock, not a
+/// failure of the account (1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncremote_wait_while_another_worker_syncs_is_a_conflict() {
+    let tag = unique("c8");
+    let cfg = worker_yaml(&tag, "");
+    let w = start_worker(worker_settings(&tag)).await;
+    let st = w.ctx.store.clone();
+    let (user, _) = new_user(&st).await;
+    let login = unique("dove");
+    let id = new_identity(&st, user, &login, &imaps_server(), &stack().password).await;
+    let (u, i) = (user, id.identity_id);
+    assert!(st
+        .take_sync_lock(u, i, "worker-elsewhere", chrono::Utc::now(), 60)
+        .await
+        .unwrap());
+    let out = sync_wait(&cfg, user, &login).await;
+    assert_fails(&out, 4, "already running on another worker");
+    assert!(
+        text(&out.stderr).contains("not run"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(st
+        .release_sync_lock(u, i, "worker-elsewhere")
+        .await
+        .unwrap());
+    w.stop().await;
+}

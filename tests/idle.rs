@@ -14,6 +14,7 @@ use caliopen_imap::store::Store;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
+use crate::sync_faults::{scripted_server, Script};
 use crate::util::*;
 
 /// One live-sync test at a time (see the module doc).
@@ -142,6 +143,49 @@ async fn an_append_reaches_the_processor_with_no_sync_order() {
     assert_eq!(lease_owner(&store, id.identity_id).await, None);
 }
 
+/// Mail that arrives while a push sync runs, announced by the server only
+/// inside that sync's FETCH answer (`* 2 EXISTS`) and never again at the
+/// next IDLE, is synced before the session goes back to IDLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mail_announced_during_a_push_sync_is_synced_before_idle_again() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let _one = ONE_AT_A_TIME.lock().await;
+    let store = store().await;
+    let tag = unique("idlerace");
+    let mut settings = live_settings(&tag);
+    settings.imap.allow_plaintext_loopback = true;
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (port, server) = scripted_server(Script::NewMailDuringFetch, None).await;
+    let (user, _) = new_user(&store).await;
+    let server_addr = format!("127.0.0.1:{port}");
+    let id = new_identity(&store, user, &unique("s"), &server_addr, "pw").await;
+    store
+        .merge_infos(
+            user,
+            id.identity_id,
+            [(infos::SECURITY.to_string(), "plain".to_string())].into(),
+        )
+        .await
+        .unwrap();
+    let _opted = OptedIn::new(&store, user, id.identity_id).await;
+
+    let w = start_worker(settings).await;
+    // The session's first sync fetches UID 1, and UID 2 arrives meanwhile;
+    // wait for the session to be back in IDLE after that.
+    within("IDLE after the new mail arrived", async {
+        while server.idles_after_arrival.load(SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let seen = lda.seen.lock().unwrap().len();
+    w.stop().await;
+    assert_eq!(
+        seen, 2,
+        "UID 2, announced inside the FETCH answer, handed off before IDLE again"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_idle_holder_is_replaced_by_another_worker() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -257,4 +301,32 @@ async fn adding_a_worker_spreads_the_sessions() {
     .await;
     second.stop().await;
     first.stop().await;
+}
+
+/// A session dropped on the way (a NAT forgetting it) is noticed by TCP
+/// keepalive within minutes, not at the next re-IDLE: every IMAP socket has
+/// it on, over implicit TLS and STARTTLS alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_imap_connection_has_tcp_keepalive() {
+    let login = unique("keepalive");
+    let tls = dovecot_account(&login);
+    let mut starttls = tls.clone();
+    starttls.server = format!("{}:{}", stack().imap_host, stack().starttls_port);
+    starttls.security = imap::Security::StartTls;
+    for acc in [tls, starttls] {
+        let (mut session, _) = imap::connect(&acc).await.expect("log in");
+        let ka = session
+            .get_ref()
+            .keepalive()
+            .expect("socket options readable")
+            .unwrap_or_else(|| panic!("no SO_KEEPALIVE on {:?}", acc.security));
+        // A dead peer is noticed within a couple of minutes.
+        assert!(ka.idle <= Duration::from_secs(60), "{ka:?}");
+        assert!(ka.probes >= 1, "{ka:?}");
+        assert!(
+            ka.idle + ka.interval * ka.probes <= Duration::from_secs(150),
+            "{ka:?}"
+        );
+        let _ = session.logout().await;
+    }
 }

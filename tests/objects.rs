@@ -202,17 +202,21 @@ async fn the_limit_is_strictly_greater_as_in_caliopen() {
 struct PrivateS3 {
     dir: std::path::PathBuf,
     port: u16,
+    /// Set: the server keeps users, managed on this port (`s3-admin`).
+    admin_port: Option<u16>,
     s3: S3,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
 }
 
 impl PrivateS3 {
     fn new() -> PrivateS3 {
         let dir = std::env::temp_dir().join(unique("caliopen-imap-s3-"));
         std::fs::create_dir_all(&dir).unwrap();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = free_port();
         let s3 = S3 {
             endpoint: format!("127.0.0.1:{port}"),
             access_key: "private-access".into(),
@@ -220,12 +224,38 @@ impl PrivateS3 {
             bucket: "private-raw".into(),
             python: stack().s3.python.clone(),
         };
-        PrivateS3 { dir, port, s3 }
+        PrivateS3 {
+            dir,
+            port,
+            admin_port: None,
+            s3,
+        }
+    }
+
+    /// A server that keeps users: keys limited to buckets can be made.
+    fn with_users() -> PrivateS3 {
+        let mut s = PrivateS3::new();
+        s.admin_port = Some(free_port());
+        s
+    }
+
+    /// `versitygw admin ARGS` as the root key.
+    fn admin(&self, args: &[&str]) {
+        self.stack_sh_args("s3-admin", args);
     }
 
     fn stack_sh(&self, cmd: &str) {
-        let out = Command::new(root().join("scripts/stack.sh"))
+        self.stack_sh_args(cmd, &[]);
+    }
+
+    fn stack_sh_args(&self, cmd: &str, args: &[&str]) {
+        let mut c = Command::new(root().join("scripts/stack.sh"));
+        if let Some(p) = self.admin_port {
+            c.env("STACK_S3_ADMIN_PORT", p.to_string());
+        }
+        let out = c
             .arg(cmd)
+            .args(args)
             .env("CALIOPEN_IMAP_STACK_DIR", &self.dir)
             .env("STACK_S3_PORT", self.port.to_string())
             .env("STACK_S3_ACCESS_KEY", &self.s3.access_key)
@@ -235,7 +265,8 @@ impl PrivateS3 {
             .unwrap();
         assert!(
             out.status.success(),
-            "stack.sh {cmd}: {}",
+            "stack.sh {cmd} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -320,22 +351,79 @@ async fn s3_down_mid_sync_is_our_outage_and_loses_nothing() {
     assert_is_fetched(&curl_get(&private.s3, &uri), &bodies[1], "uid 2");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn worker_refuses_to_start_when_large_mail_has_nowhere_to_go() {
-    let tag = unique("s3c");
-    // No object store, but messages may exceed raw_size_limit.
-    let yaml = worker_yaml(&tag, "");
+/// A worker configuration without an object store, whose messages may be
+/// larger than `raw_size_limit` (as Caliopen's Go worker accepts it).
+fn yaml_without_object_store(tag: &str) -> std::path::PathBuf {
+    let yaml = worker_yaml(tag, "");
     let text = std::fs::read_to_string(&yaml).unwrap();
     let text = text.replace(
         &format!("endpoint: \"{}\"", stack().s3.endpoint),
         "endpoint: \"\"",
     );
     std::fs::write(&yaml, text).unwrap();
-    let out = run(&["worker", "-c", yaml.to_str().unwrap(), "start"], &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", text_of(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no object store is configured"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    yaml
+}
+
+/// Caliopen's Go worker starts and fails each large message; ours starts,
+/// warns, and steps such a message over (next test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_an_object_store_starts_and_warns() {
+    let tag = unique("s3c");
+    let yaml = yaml_without_object_store(&tag);
+    let log = std::env::temp_dir().join(unique("s3c-log"));
+    let mut worker = Command::new(bin())
+        .args(["worker", "-c", yaml.to_str().unwrap(), "start"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let subject = worker_settings(&tag).nats_topic_sender;
+    wait_until_worker_answers(&subject, &mut worker).await;
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let said = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        said.lines()
+            .any(|l| l.contains("WARN") && l.contains("no object store is configured")),
+        "{said}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_object_store_large_mail_is_stepped_over_and_listed() {
+    let tag = unique("s3h");
+    let mut settings = worker_settings(&tag);
+    settings.store_settings.object_store_settings.endpoint = String::new();
+    let limit = settings.store_settings.raw_size_limit as usize;
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (ctx, _t) = context(settings).await;
+    let st = &ctx.store;
+    let (user, _) = new_user(st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 1, 1000);
+    fill(&login, "INBOX", 1, limit + 1000);
+    fill(&login, "INBOX", 1, 1000);
+    let id = new_identity(st, user, &login, &imaps_server(), &stack().password).await;
+    let (_, _, uidvalidity) = mailbox_status(&login, "INBOX");
+
+    let rep = sync_once(&ctx, user, id.identity_id).await;
+    assert_eq!((rep.handed_off, rep.stepped_over), (2, 1), "{rep:?}");
+    assert!(!rep.outage, "not an outage: no retry can succeed {rep:?}");
+    assert_eq!(rep.stepped.len(), 1, "{rep:?}");
+    assert_eq!(rep.stepped[0].uid, 2);
+    let reason = &rep.stepped[0].reason;
+    assert!(
+        reason.contains("raw_size_limit") && reason.contains("no object store"),
+        "{reason}"
+    );
+    assert_eq!(lda.seen.lock().unwrap().len(), 2);
+    let failures = st.message_failures(user, id.identity_id).await.unwrap();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(failures[0].stepped_over && failures[0].uid == 2);
+    let large = raw_message_id(user, id.identity_id, "INBOX", uidvalidity, 2);
+    assert_eq!(st.raw_message_delivered(large).await.unwrap(), None);
 }
 
 fn text_of(out: &std::process::Output) -> String {
@@ -509,4 +597,170 @@ async fn deliver_files_a_sent_message_whose_raw_is_in_s3() {
         "the full message filed in Sent"
     );
     w.stop().await;
+}
+
+/// A worker configuration on the stack whose object store is `s3`.
+fn yaml_with_s3(tag: &str, extra: &str, s3: &S3) -> std::path::PathBuf {
+    let yaml = worker_yaml(tag, extra);
+    let ours = &stack().s3;
+    let text = std::fs::read_to_string(&yaml)
+        .unwrap()
+        .replace(
+            &format!("endpoint: \"{}\"", ours.endpoint),
+            &format!("endpoint: \"{}\"", s3.endpoint),
+        )
+        .replace(
+            &format!("access_key: \"{}\"", ours.access_key),
+            &format!("access_key: \"{}\"", s3.access_key),
+        )
+        .replace(
+            &format!("secret_key: \"{}\"", ours.secret_key),
+            &format!("secret_key: \"{}\"", s3.secret_key),
+        )
+        .replace(
+            &format!("raw_messages: \"{}\"", ours.bucket),
+            &format!("raw_messages: \"{}\"", s3.bucket),
+        );
+    std::fs::write(&yaml, text).unwrap();
+    yaml
+}
+
+/// `syncremote --wait` of one identity through the binary.
+async fn syncremote_wait(
+    cfg: &std::path::Path,
+    user: Uuid,
+    identity: Uuid,
+) -> std::process::Output {
+    let cfg = cfg.to_str().unwrap().to_string();
+    tokio::task::spawn_blocking(move || {
+        run(
+            &[
+                "ctl",
+                "-c",
+                &cfg,
+                "syncremote",
+                "--userid",
+                &user.to_string(),
+                "--remoteid",
+                &identity.to_string(),
+                "--wait",
+            ],
+            &[],
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// A key that may use its bucket and nothing else: it cannot list the
+/// server's buckets (here: the bucket is shared with it, not its own, so
+/// ListBuckets does not show it) nor create one. The start-up check asks
+/// about the bucket itself (HEAD), as Caliopen's `BucketExists` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_limited_to_its_bucket_starts_and_stores_large_mail() {
+    let private = PrivateS3::with_users();
+    private.stack_sh("s3-up");
+    let limited = S3 {
+        access_key: "limited-access".into(),
+        secret_key: "limited-secret-key".into(),
+        bucket: "shared-raw".into(),
+        ..private.s3.clone()
+    };
+    let (key, secret) = (&limited.access_key, &limited.secret_key);
+    private.admin(&["create-user", "-a", key, "-s", secret, "-r", "user"]);
+    let root_key = &private.s3.access_key;
+    private.admin(&[
+        "create-bucket",
+        "--bucket",
+        &limited.bucket,
+        "--owner",
+        root_key,
+        "--grant-full-control",
+        key,
+        "--object-ownership",
+        "BucketOwnerPreferred",
+    ]);
+    let tag = unique("s3i");
+    let cfg = yaml_with_s3(&tag, "log_format: json\n", &limited);
+    let _lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+    let (child, _log) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || crate::ops::spawn_worker(&cfg, &[], "imapworker ready"))
+            .await
+            .unwrap()
+    };
+    let st = store().await;
+    let (user, _) = new_user(&st).await;
+    let login = unique("dove");
+    let bodies = fill(&login, "INBOX", 1, 2 * MB);
+    let id = new_identity(&st, user, &login, &imaps_server(), &stack().password).await;
+    let (_, _, uidvalidity) = mailbox_status(&login, "INBOX");
+    let out = syncremote_wait(&cfg, user, id.identity_id).await;
+    tokio::task::spawn_blocking(move || crate::ops::sigterm(child))
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text_of(&out));
+    let large = raw_message_id(user, id.identity_id, "INBOX", uidvalidity, 1);
+    let uri = format!("s3://shared-raw/{large}");
+    assert_is_fetched(&curl_get(&limited, &uri), &bodies[0], "uid 1");
+}
+
+/// S3 is needed only for messages over `raw_size_limit`: unreachable at
+/// start, it keeps no one from starting; `/readyz` and `imapctl status` say
+/// that large messages wait, and the small ones arrive meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_unreachable_at_start_keeps_the_worker_from_nothing_but_large_mail() {
+    let nowhere = S3 {
+        endpoint: format!("127.0.0.1:{}", free_port()),
+        ..stack().s3.clone()
+    };
+    let tag = unique("s3j");
+    let extra = "log_format: json\nmetrics_addr: 127.0.0.1:0\n";
+    let cfg = yaml_with_s3(&tag, extra, &nowhere);
+    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+    let (child, log) = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || crate::ops::spawn_worker(&cfg, &[], "imapworker ready"))
+            .await
+            .unwrap()
+    };
+    let addr = crate::ops::served_addr(&log);
+    let st = store().await;
+    let (user, _) = new_user(&st).await;
+    let login = unique("dove");
+    fill(&login, "INBOX", 1, 1000);
+    fill(&login, "INBOX", 1, 2 * MB);
+    let id = new_identity(&st, user, &login, &imaps_server(), &stack().password).await;
+    let ready = crate::ops::readyz_becomes(&addr, 200).await;
+    let out = syncremote_wait(&cfg, user, id.identity_id).await;
+    let status = {
+        let cfg = cfg.to_str().unwrap().to_string();
+        let u = user.to_string();
+        tokio::task::spawn_blocking(move || {
+            run(&["ctl", "-c", &cfg, "status", "--userid", &u], &[])
+        })
+        .await
+        .unwrap()
+    };
+    tokio::task::spawn_blocking(move || crate::ops::sigterm(child))
+        .await
+        .unwrap();
+    assert!(
+        ready.contains("messages over raw_size_limit wait"),
+        "{ready}"
+    );
+    // The small message arrived; the large one waits (an outage of ours,
+    // nothing stepped over), as when S3 goes away mid-run.
+    assert_eq!(out.status.code(), Some(5), "{}", text_of(&out));
+    assert_eq!(lda.seen.lock().unwrap().len(), 1);
+    assert!(st
+        .message_failures(user, id.identity_id)
+        .await
+        .unwrap()
+        .is_empty());
+    let said = text_of(&status);
+    assert!(
+        said.contains("messages over raw_size_limit (1048576 bytes) wait until it answers"),
+        "{said}"
+    );
 }

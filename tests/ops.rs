@@ -301,7 +301,7 @@ pub fn metric(text: &str, series: &str) -> f64 {
 }
 
 /// The address a JSON-logging daemon said it serves metrics on.
-fn served_addr(log: &Path) -> String {
+pub fn served_addr(log: &Path) -> String {
     let logs = std::fs::read_to_string(log).unwrap();
     logs.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -310,7 +310,7 @@ fn served_addr(log: &Path) -> String {
         .unwrap_or_else(|| panic!("no metrics address in {logs}"))
 }
 
-async fn get(addr: &str, path: &str) -> (u16, String) {
+pub async fn get(addr: &str, path: &str) -> (u16, String) {
     let (a, p) = (addr.to_string(), path.to_string());
     tokio::task::spawn_blocking(move || http_get(&a, &p))
         .await
@@ -454,7 +454,7 @@ impl Relay {
 }
 
 /// Poll `/readyz` until its status is `want` (bounded; not a timing test).
-async fn readyz_becomes(addr: &str, want: u16) -> String {
+pub async fn readyz_becomes(addr: &str, want: u16) -> String {
     let mut last = String::new();
     for _ in 0..300 {
         let (code, body) = get(addr, "/readyz").await;
@@ -724,5 +724,42 @@ fn service_units_pass_systemd_analyze_verify() {
         "{}{}",
         text(&out.stdout),
         text(&out.stderr)
+    );
+}
+
+/// `/readyz` answers from a state refreshed in the background: a burst of
+/// probes costs at most one Cassandra query per refresh period, not one
+/// each (each held a connection while it waited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_readiness_probes_queries_cassandra_once_per_refresh() {
+    use caliopen_imap::worker::Probe;
+    let tag = unique("ops9");
+    let (ctx, _t) = context(worker_settings(&tag)).await;
+    let probe = Probe::new(ctx.metrics.clone());
+    probe.attach(ctx.clone());
+    let addr = caliopen_imap::http::start("127.0.0.1:0", probe, ctx.shutdown.clone())
+        .await
+        .unwrap()
+        .to_string();
+    readyz_becomes(&addr, 200).await;
+    let before = ctx.store.pings();
+    let started = std::time::Instant::now();
+    let probes: Vec<_> = (0..60)
+        .map(|_| {
+            let a = addr.clone();
+            tokio::task::spawn_blocking(move || http_get(&a, "/readyz"))
+        })
+        .collect();
+    for p in probes {
+        let (code, body) = p.await.unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
+    // A periodic task runs at most floor(t / period) + 1 times in t.
+    let refresh = caliopen_imap::store::health::REFRESH.as_secs_f64();
+    let periods = (started.elapsed().as_secs_f64() / refresh).floor() as u64 + 1;
+    let queries = ctx.store.pings() - before;
+    assert!(
+        queries <= periods,
+        "{queries} queries for 60 probes within {periods} refresh period(s)"
     );
 }

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::util::*;
 
-fn poller_yaml(tag: &str, lease: &str) -> PathBuf {
+pub fn poller_yaml(tag: &str, lease: &str) -> PathBuf {
     let s = stack();
     let text = format!(
         "scan_interval: 2\nremote_protocols: [mastodon]\nstore_settings:\n  hosts: [\"{}\"]\n\

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use caliopen_imap::shutdown::Trigger;
-use caliopen_imap::store::identity::infos;
+use caliopen_imap::store::identity::{infos, SyncingMarker};
 use caliopen_imap::store::raw_message::raw_message_id;
-use caliopen_imap::worker::context::Ctx;
+use caliopen_imap::worker::context::{Ctx, SyncHold};
 use uuid::Uuid;
 
 use crate::util::*;
@@ -482,7 +482,7 @@ async fn a_worker_with_no_trust_roots_refuses_to_start() {
 
 /// How the scripted server answers the commands of one sync.
 #[derive(Clone, Copy)]
-enum Script {
+pub(crate) enum Script {
     /// Announces 100 bytes for UID 1, then sends a 200 KB body.
     UnderReportedSize,
     /// `UID SEARCH` answered `NO`.
@@ -493,33 +493,129 @@ enum Script {
     /// Announces LIST-STATUS and CONDSTORE, then answers every LIST and
     /// STATUS with `BAD`.
     StatusRefused,
+    /// Lists INBOX and a folder whose name is not valid modified UTF-7.
+    BadFolderName,
+    /// Offers IDLE. INBOX holds UID 1 until the first body FETCH, during
+    /// which UID 2 arrives: announced only as `* 2 EXISTS` inside that
+    /// FETCH answer, never again (no IDLE announces anything).
+    NewMailDuringFetch,
+}
+
+/// What a scripted server has seen, for tests to wait on.
+#[derive(Default)]
+pub(crate) struct Seen {
+    /// [`Script::NewMailDuringFetch`]: UID 2 has arrived.
+    arrived: std::sync::atomic::AtomicBool,
+    /// IDLE commands received after UID 2 arrived.
+    pub(crate) idles_after_arrival: std::sync::atomic::AtomicUsize,
+}
+
+/// [`Script::NewMailDuringFetch`]'s answer to a mailbox command, if it is one.
+fn new_mail_during_fetch(cmd: &str, seen: &Seen, out: &mut Vec<u8>) -> Option<&'static str> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let arrived = seen.arrived.load(SeqCst);
+    let uids: &[u32] = if arrived { &[1, 2] } else { &[1] };
+    // The UIDs a command names (`1`, `2:*`, `1:2`), among those present.
+    let asked = |set: &str| -> Vec<u32> {
+        let set = set.split(' ').next().unwrap_or("");
+        let (lo, hi) = set.split_once(':').unwrap_or((set, set));
+        let lo: u32 = lo.parse().unwrap_or(0);
+        let hi: u32 = hi.parse().unwrap_or(u32::MAX);
+        uids.iter()
+            .copied()
+            .filter(|u| (lo..=hi).contains(u))
+            .collect()
+    };
+    if cmd.starts_with("CAPABILITY") {
+        out.extend_from_slice(b"* CAPABILITY IMAP4rev1 IDLE\r\n");
+    } else if cmd.starts_with("EXAMINE") {
+        let n = uids.len();
+        out.extend_from_slice(
+            format!(
+                "* {n} EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT {}] n\r\n",
+                n + 1
+            )
+            .as_bytes(),
+        );
+        return Some("OK [READ-ONLY] done");
+    } else if let Some(set) = cmd.strip_prefix("UID SEARCH UID ") {
+        let found: Vec<String> = asked(set).iter().map(u32::to_string).collect();
+        out.extend_from_slice(format!("* SEARCH {}\r\n", found.join(" ")).as_bytes());
+    } else if let Some(set) = cmd.strip_prefix("UID FETCH ") {
+        for u in asked(set) {
+            let m = message(u as usize, 300);
+            if cmd.contains("RFC822.SIZE") {
+                out.extend_from_slice(
+                    format!("* {u} FETCH (UID {u} RFC822.SIZE {})\r\n", m.len()).as_bytes(),
+                );
+            } else {
+                out.extend_from_slice(
+                    format!("* {u} FETCH (UID {u} FLAGS () BODY[] {{{}}}\r\n", m.len()).as_bytes(),
+                );
+                out.extend_from_slice(&m);
+                out.extend_from_slice(b")\r\n");
+            }
+        }
+        if !cmd.contains("RFC822.SIZE") && !arrived {
+            seen.arrived.store(true, SeqCst);
+            out.extend_from_slice(b"* 2 EXISTS\r\n");
+        }
+    } else {
+        return None;
+    }
+    Some("OK done")
 }
 
 /// A small scripted IMAP server on loopback (plaintext, allowed for
 /// loopback only), standing in for remote servers whose misbehaviour
 /// Dovecot cannot be made to show. Mailbox: UIDs 1 and 2, UIDVALIDITY 7.
 /// Run at the scripted server's LOGIN, before it answers.
-type OnLogin = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+pub(crate) type OnLogin = Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
 async fn scripted_server_with(script: Script, on_login: Option<OnLogin>) -> u16 {
+    scripted_server(script, on_login).await.0
+}
+
+/// [`scripted_server_with`], and what the server sees.
+pub(crate) async fn scripted_server(script: Script, on_login: Option<OnLogin>) -> (u16, Arc<Seen>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let small = message(2, 300);
     let big = message(1, 200_000);
+    let seen = Arc::new(Seen::default());
+    let seen_out = seen.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             let (small, big) = (small.clone(), big.clone());
             let on_login = on_login.clone();
+            let seen = seen.clone();
             tokio::spawn(async move {
                 let (r, mut w) = s.into_split();
                 let mut lines = BufReader::new(r).lines();
                 let _ = w
                     .write_all(b"* OK [CAPABILITY IMAP4rev1] scripted\r\n")
                     .await;
+                let mut idling: Option<String> = None;
                 while let Ok(Some(line)) = lines.next_line().await {
+                    // DONE ends an IDLE (RFC 2177), which announced nothing.
+                    if let Some(tag) = idling.take() {
+                        let _ = w
+                            .write_all(format!("{tag} OK idle done\r\n").as_bytes())
+                            .await;
+                        continue;
+                    }
                     let (tag, rest) = line.split_once(' ').unwrap_or((&line, ""));
                     let cmd = rest.to_ascii_uppercase();
+                    if cmd == "IDLE" {
+                        if seen.arrived.load(std::sync::atomic::Ordering::SeqCst) {
+                            seen.idles_after_arrival
+                                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        idling = Some(tag.to_string());
+                        let _ = w.write_all(b"+ idling\r\n").await;
+                        continue;
+                    }
                     let mut out: Vec<u8> = Vec::new();
                     let body = |out: &mut Vec<u8>, uid: u32, data: &[u8]| {
                         out.extend_from_slice(
@@ -538,7 +634,13 @@ async fn scripted_server_with(script: Script, on_login: Option<OnLogin>) -> u16 
                         }
                     }
                     let status_refused = matches!(script, Script::StatusRefused);
-                    let done = if cmd.starts_with("CAPABILITY") && status_refused {
+                    let live = matches!(script, Script::NewMailDuringFetch);
+                    let done = if let Some(done) = live
+                        .then(|| new_mail_during_fetch(&cmd, &seen, &mut out))
+                        .flatten()
+                    {
+                        done
+                    } else if cmd.starts_with("CAPABILITY") && status_refused {
                         out.extend_from_slice(
                             b"* CAPABILITY IMAP4rev1 LIST-EXTENDED LIST-STATUS CONDSTORE\r\n",
                         );
@@ -550,6 +652,10 @@ async fn scripted_server_with(script: Script, on_login: Option<OnLogin>) -> u16 
                         && (cmd.starts_with("LIST") || cmd.starts_with("STATUS"))
                     {
                         "BAD not today"
+                    } else if matches!(script, Script::BadFolderName) && cmd.starts_with("LIST") {
+                        out.extend_from_slice(b"* LIST () \"/\" INBOX\r\n");
+                        out.extend_from_slice(b"* LIST () \"/\" \"bad&AEE-\"\r\n");
+                        "OK done"
                     } else if cmd.starts_with("EXAMINE") {
                         out.extend_from_slice(
                             b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n* OK [UIDNEXT 3] n\r\n",
@@ -602,7 +708,7 @@ async fn scripted_server_with(script: Script, on_login: Option<OnLogin>) -> u16 
             });
         }
     });
-    port
+    (port, seen_out)
 }
 
 /// An identity on the scripted server, and a context allowed to reach it.
@@ -854,5 +960,141 @@ async fn a_go_worker_taking_the_marker_after_our_lock_makes_ours_stand_down() {
     assert!(
         ctx.store.sync_lock(user, identity).await.unwrap().is_none(),
         "our lock released"
+    );
+}
+
+/// A folder whose name the server sent in a form that is not valid
+/// modified UTF-7 cannot be opened or stored by name: it is a visible
+/// error of that folder (the row, the `--wait` result, `imapctl status`),
+/// and the other folders sync on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_name_that_is_not_modified_utf7_is_a_folder_error() {
+    let (ctx, _t, user, identity, lda) =
+        scripted_account(&unique("f18"), Script::BadFolderName).await;
+    ctx.store
+        .merge_infos(
+            user,
+            identity,
+            [(infos::MAILBOXES.to_string(), "*".to_string())].into(),
+        )
+        .await
+        .unwrap();
+    let rep = sync_once(&ctx, user, identity).await;
+    assert!(!rep.ok, "{rep:?}");
+    let bad: Vec<_> = rep
+        .mailbox_errors
+        .iter()
+        .filter(|m| m.mailbox == "bad&AEE-")
+        .collect();
+    assert_eq!(bad.len(), 1, "{rep:?}");
+    assert!(bad[0].reason.contains("modified UTF-7"), "{rep:?}");
+    assert_eq!(
+        lda.seen.lock().unwrap().len(),
+        1,
+        "INBOX synced all the same"
+    );
+
+    let rows = ctx.store.mailbox_errors(user, identity).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].mailbox, "bad&AEE-");
+    let first = rows[0].first_error;
+    let id = ctx.store.identity(user, identity).await.unwrap().unwrap();
+    let row = caliopen_imap::ctl::status::row(&ctx.store, &ctx.settings, &id, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(!row.healthy, "{:?}", row.problems);
+    assert_eq!(row.folder_errors[0].mailbox, "bad&AEE-");
+
+    // The next sync lists it again: the error stays, from the same date.
+    let rep = sync_once(&ctx, user, identity).await;
+    assert_eq!(rep.mailbox_errors.len(), 1, "{rep:?}");
+    let rows = ctx.store.mailbox_errors(user, identity).await.unwrap();
+    assert_eq!((rows.len(), rows[0].first_error), (1, first), "{rows:?}");
+}
+
+/// The lock row's owner and the `syncing` marker (text, owner) as stored now.
+async fn lock_and_marker(
+    st: &caliopen_imap::store::Store,
+    user: Uuid,
+    identity: Uuid,
+) -> (Option<String>, String, String) {
+    let lock = st.sync_lock(user, identity).await.unwrap().map(|l| l.owner);
+    let id = st.identity(user, identity).await.unwrap().unwrap();
+    let (text, owner) = (id.info(infos::SYNCING), id.info(infos::SYNCING_OWNER));
+    (lock, text.to_string(), owner.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_release_of_an_earlier_sync_leaves_a_later_syncs_lock_and_marker() {
+    let tag = unique("f18");
+    let mut settings = worker_settings(&tag);
+    settings.imap.in_flight = 1;
+    let lda = lda_with_delay(&settings.lda.in_topic, Duration::from_millis(300), |_| {
+        false
+    })
+    .await;
+    let (ctx, _t) = context(settings).await;
+    let st = ctx.store.clone();
+    let (user, login, id) = mailbox_account(&st, 1, 300).await;
+    let identity = id.identity_id;
+
+    // Sync A of this process: what it holds while it runs.
+    let c = ctx.clone();
+    let a = tokio::spawn(async move { sync_once(&c, user, identity).await });
+    lda.wait_seen(1).await;
+    let (a_lock, a_marker, a_owner) = lock_and_marker(&st, user, identity).await;
+    let a_lock = a_lock.expect("sync A holds the lock");
+    assert!(a.await.unwrap().ok);
+
+    // Sync B of the same process, running.
+    fill(&login, "INBOX", 20, 300);
+    let c = ctx.clone();
+    let b = tokio::spawn(async move { sync_once(&c, user, identity).await });
+    lda.wait_seen(2).await;
+    let (b_lock, b_marker, b_owner) = lock_and_marker(&st, user, identity).await;
+    assert!(b_lock.is_some(), "sync B holds the lock");
+
+    assert_ne!(
+        b_lock.as_deref(),
+        Some(a_lock.as_str()),
+        "one owner per sync"
+    );
+    assert!(
+        a_lock.starts_with(&format!("{}/", ctx.worker_id)),
+        "named after the worker: {a_lock}"
+    );
+
+    // A's release, retried late in the background (Cassandra was away when
+    // A ended), lands now.
+    assert_eq!(a_owner, a_lock, "the marker names the lock's owner");
+    let a_hold = SyncHold {
+        key: (user, identity),
+        owner: a_lock,
+        marker: a_marker,
+    };
+    ctx.release_lock(&a_hold, true).await.unwrap();
+
+    assert_eq!(
+        lock_and_marker(&st, user, identity).await,
+        (b_lock, b_marker, b_owner),
+        "sync B's lock and marker are left as they were"
+    );
+    // A sync of another worker loses the lock race to B: its marker,
+    // written before its Paxos round, stays over B's for B to clear.
+    let loser = SyncingMarker::text_of(chrono::Utc::now());
+    st.merge_infos(
+        user,
+        identity,
+        SyncingMarker::entries(&loser, "another-worker/1"),
+    )
+    .await
+    .unwrap();
+    let rep = b.await.unwrap();
+    assert!(rep.ok, "{rep:?}");
+    assert_eq!(rep.handed_off, 20);
+    assert_eq!(
+        lock_and_marker(&st, user, identity).await,
+        (None, String::new(), String::new()),
+        "B released its lock and cleared the marker left over its own"
     );
 }

@@ -7,12 +7,15 @@
 
 mod util;
 
+mod alerts;
 mod bus;
 mod config;
 mod ctl;
 mod dispatch;
 mod folders;
 mod idle;
+mod image;
+mod mailboxes;
 mod objects;
 mod ops;
 mod poller;

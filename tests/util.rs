@@ -604,7 +604,7 @@ pub async fn wait_until_worker_answers(subject: &str, worker: &mut std::process:
 
 /// Wait until a worker answers a `test` order on `subject`, asking `alive`
 /// between tries; fails when it says no, or after 30 s.
-async fn wait_for_worker(subject: &str, mut alive: impl FnMut() -> bool) {
+pub async fn wait_for_worker(subject: &str, mut alive: impl FnMut() -> bool) {
     use caliopen_imap::bus::wire::{ImapOrder, JobReport};
     let b = bus().await;
     let started = std::time::Instant::now();

@@ -1189,3 +1189,157 @@ async fn keywords_are_stored_lowercase_as_the_go_worker_did() {
         "header {b64}"
     );
 }
+
+/// A `need_job` the poller does not answer waits its 5 s timeout; the
+/// worker keeps reading orders meanwhile (issue 21, item 3). A poller
+/// stand-in holds the worker's first pull unanswered; an order sent then
+/// is answered; only then does the stand-in answer the pull, with a job,
+/// and the worker runs it: the pull was still waiting. Had the pull held
+/// up the order loop, the order's answer would have come after the pull's
+/// timeout, and the job, answered too late, would never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_job_pull_does_not_hold_up_the_orders() {
+    use caliopen_imap::bus::wire::Job;
+    use futures::StreamExt;
+    let tag = unique("w21");
+    let settings = worker_settings(&tag);
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let st = store().await;
+    let (user, _login, id) = mailbox_account(&st, 2, 300).await;
+    // A poller stand-in that answers nothing until told.
+    let poller = async_nats::connect(&stack().nats_url).await.unwrap();
+    let mut pulls = poller
+        .subscribe(settings.nats_topic_poller.clone())
+        .await
+        .unwrap();
+    poller.flush().await.unwrap();
+    // The worker pulls as it starts (a free slot, no throttle yet).
+    let w = start_worker(settings.clone()).await;
+    let pull = tokio::time::timeout(Duration::from_secs(30), pulls.next())
+        .await
+        .expect("the worker never pulled a job")
+        .unwrap();
+    let pull_reply = pull.reply.expect("need_job is a request");
+
+    let test = ImapOrder {
+        order: "test".into(),
+        user_id: user.to_string(),
+        ..Default::default()
+    };
+    let rep: JobReport = bus()
+        .await
+        .request(&settings.nats_topic_sender, &test, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(rep.ok, "{rep:?}");
+
+    let job = Job {
+        message_id: String::new(),
+        order: "sync".into(),
+        identity_id: id.identity_id.to_string(),
+        user_id: user.to_string(),
+    };
+    poller
+        .publish(pull_reply, serde_json::to_vec(&job).unwrap().into())
+        .await
+        .unwrap();
+    poller.flush().await.unwrap();
+    // The bound only keeps a failure from hanging.
+    tokio::time::timeout(Duration::from_secs(60), lda.wait_seen(2))
+        .await
+        .expect("the pulled job never ran: the order was read only after the pull gave up");
+    w.stop().await;
+}
+
+/// The SMTP sender sent the message, then filing it in Sent failed (here:
+/// the remote login is refused): the requester gets an error and sends the
+/// order again. The retry must not send the message a second time: it only
+/// files it, and answers with the sender's first reply. A third order,
+/// once all is done, does nothing again (issue 21, item 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_deliver_never_sends_the_message_twice() {
+    use caliopen_imap::store::identity::creds;
+    use futures::StreamExt;
+    let tag = unique("w22");
+    let settings = worker_settings(&tag);
+    let w = start_worker(settings.clone()).await;
+    let st = w.ctx.store.clone();
+    let (user, login, id) = mailbox_account(&st, 0, 0).await;
+    // A stand-in for Caliopen's SMTP sender (outside this project) that
+    // counts what it sends.
+    let smtp = async_nats::connect(&stack().nats_url).await.unwrap();
+    let mut sub = smtp
+        .subscribe(settings.lda.out_topic.clone())
+        .await
+        .unwrap();
+    smtp.flush().await.unwrap();
+    let sends = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = sends.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if let Some(r) = m.reply {
+                let answer = format!(r#"{{"error":false,"message":"sent #{n}"}}"#);
+                let _ = smtp.publish(r, answer.into_bytes().into()).await;
+            }
+        }
+    });
+    let raw_id = Uuid::new_v4();
+    let message_id = Uuid::new_v4();
+    st.insert_raw_message(user, raw_id, message(1, 400))
+        .await
+        .unwrap();
+    st.insert_message(user, message_id, raw_id, chrono::Utc::now())
+        .await
+        .unwrap();
+    let set_password = |p: &str| {
+        let st = st.clone();
+        let p = p.to_string();
+        async move {
+            st.merge_credentials(
+                user,
+                id.identity_id,
+                [(creds::PASSWORD_IN.to_string(), p)].into(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let b = bus().await;
+    let order = serde_json::json!({"order": "deliver", "user_id": user.to_string(), "identity_id": id.identity_id.to_string(), "message_id": message_id.to_string()});
+    let deliver = || async {
+        b.request::<_, serde_json::Value>(
+            &settings.nats_topic_sender,
+            &order,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap()
+    };
+
+    set_password("not-the-password").await;
+    let reply = deliver().await;
+    assert_eq!(reply["error"], true, "{reply}");
+    assert_eq!(sends.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(mailbox_status(&login, "Sent").0, 0);
+
+    set_password(&stack().password).await;
+    let reply = deliver().await;
+    assert_eq!(
+        reply,
+        serde_json::json!({"error": false, "message": "sent #1"}),
+        "the retry answers with the first send's reply"
+    );
+    assert_eq!(
+        sends.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the retry sent the message again"
+    );
+    assert_eq!(mailbox_status(&login, "Sent").0, 1, "filed in Sent");
+
+    let reply = deliver().await;
+    assert_eq!(reply["error"], false, "{reply}");
+    assert_eq!(sends.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(mailbox_status(&login, "Sent").0, 1, "filed once");
+    w.stop().await;
+}

@@ -21,6 +21,8 @@ const LEADER_READY: &str = "this poller is the leader";
 const STANDBY_READY: &str = "waiting for the lease";
 const SERVED: &str = "caliopen_idpoller_need_job_total{result=\"served\"}";
 const LEASE_HELD: &str = "caliopen_idpoller_lease_held";
+/// The tables written only by lightweight transactions.
+const LWT_TABLES: [&str; 3] = ["imap_sync_lock", "imap_idle_lease", "idpoller_lease"];
 
 /// Pid files of the cluster's servers, from the driver script.
 fn pid_files(var_name: &str) -> Result<Vec<PathBuf>> {
@@ -351,16 +353,42 @@ pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
         .iter()
         .map(|l| std::fs::read_to_string(l).unwrap_or_default())
         .collect();
-    let outages = text
+    let outages: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("sync ended with errors") && l.contains("outage=true"))
-        .count();
+        .collect();
+    // A lightweight transaction (lock, leases) is never sent again by the
+    // driver: one that met the dead node may stop its sync. Any other
+    // statement is idempotent and goes to the next node: a running sync
+    // must carry on (README, "Running on a cluster").
+    // A session the driver left with no node (see the renewals below)
+    // fails its statement at once, idempotent or not.
+    let (no_node, cassandra): (Vec<&str>, Vec<&str>) = outages
+        .iter()
+        .filter(|l| l.contains("Cassandra"))
+        .partition(|l| l.contains("No nodes available"));
+    let (by_lwt, by_cassandra): (Vec<&str>, Vec<&str>) = cassandra
+        .iter()
+        .partition(|l| LWT_TABLES.iter().any(|t| l.contains(t)));
+    if !by_cassandra.is_empty() {
+        row.failures.push(format!(
+            "{} syncs stopped by a failed Cassandra statement that the driver could have sent to another node",
+            by_cassandra.len()
+        ));
+        for l in by_cassandra.iter().take(3) {
+            row.notes.push(format!("stopped: {l}"));
+        }
+    }
     let renewals = text
         .lines()
         .filter(|l| l.contains("no node left to send to: opening a new one"))
         .count();
     row.notes.push(format!(
-        "syncs ended by an outage on our side (then resumed by a later job): {outages}; Cassandra sessions replaced because the driver had no node left: {renewals} (the killed poller's log not counted)"
+        "syncs ended by an outage on our side (then resumed by a later job): {} in all; by a Cassandra statement other than a lightweight transaction (required 0): {}; by a lightweight transaction (lock or lease, never resent): {}; by a session left with no node: {}; Cassandra sessions replaced because the driver had no node left: {renewals} (the killed poller's log not counted)",
+        outages.len(),
+        by_cassandra.len(),
+        by_lwt.len(),
+        no_node.len()
     ));
     for w in workers {
         row.crashes += w.stop().await?;

@@ -172,6 +172,10 @@ pub struct JobReport {
     /// saved, the rest waits for the next sync.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub interrupted: bool,
+    /// The sync did not run: another sync of the identity holds it (its
+    /// lock, or a Go worker's `syncing` marker). Not a failure: a conflict.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub busy: bool,
     /// The job stopped on an outage of ours (processor, NATS, Cassandra,
     /// object store), not of the remote account: nothing was stepped over.
     #[serde(skip_serializing_if = "std::ops::Not::not")]

@@ -302,12 +302,22 @@ async fn final_report(
 
 /// The exit code and the text of a final report.
 ///
+/// - not run because another sync holds the identity: 4, conflict, as for
+///   the other commands that meet the lock (one line: that sync does the
+///   work; `imapctl status` shows its lock);
 /// - interrupted by the worker's shutdown, or stopped on an outage of ours
 ///   (processor, NATS, Cassandra): 5, unavailable; running it again later
 ///   finishes the work;
 /// - failed, messages left to retry or stepped over, mailboxes not synced: 1;
 /// - else 0.
 pub fn outcome(what: &str, r: &JobReport) -> (u8, String) {
+    if r.busy {
+        let why = r.error.strip_prefix("skipped: ").unwrap_or(&r.error);
+        let text = format!(
+            "{what}: not run: {why}; that sync fetches the mail (imapctl status shows its lock)"
+        );
+        return (error::code::CONFLICT, text);
+    }
     let mut text = summary(what, r);
     for m in r.stepped.iter().take(MAX_LISTED) {
         text.push_str(&format!(

@@ -12,7 +12,7 @@ mod listremotes;
 mod locks;
 mod removeremote;
 mod retry;
-mod status;
+pub mod status;
 mod syncremote;
 mod unlock;
 

@@ -41,7 +41,7 @@ use crate::bus::{Bus, BusError};
 use crate::cli::RetryArgs;
 use crate::config::WorkerSettings;
 use crate::error;
-use crate::store::identity::Identity;
+use crate::store::identity::{mailbox_key, Identity};
 use crate::store::raw_message::raw_message_id;
 use crate::store::state::MessageFailure;
 use crate::store::Store;
@@ -274,7 +274,9 @@ async fn of_this_identity(
     let Some((mailbox, uid)) = fetched_place(&data) else {
         return Ok(None);
     };
-    let Some(gens) = generations.get(&mailbox) else {
+    // Keyed by the INBOX spelling of today; the id by the one it was
+    // fetched under (a row fetched as `inbox` before INBOX had one).
+    let Some(gens) = generations.get(mailbox_key(&mailbox)) else {
         return Ok(None);
     };
     let Some(v) = gens
@@ -305,7 +307,7 @@ async fn generations(
 ) -> anyhow::Result<HashMap<String, BTreeSet<u32>>> {
     let mut out: HashMap<String, BTreeSet<u32>> = HashMap::new();
     for f in failures {
-        out.entry(f.mailbox.clone())
+        out.entry(mailbox_key(&f.mailbox).to_string())
             .or_default()
             .insert(f.uidvalidity);
     }

@@ -22,6 +22,13 @@
 //! schedule exists only in the leader's memory, and asking it over NATS for
 //! every identity would cost more than this read.
 //!
+//! It also says when messages over `raw_size_limit` cannot be stored now:
+//! the object store does not answer (they wait in their mailbox, and the
+//! sync that meets one stops there as an outage of ours), or none is
+//! configured (they are stepped over). One line on stdout after the table,
+//! on stderr with `--json`; it does not change the exit code, which is about
+//! identities.
+//!
 //! `--all` pages through `user_identity` (the poller's scan) and prints each
 //! page as it comes, so memory stays bounded at 100k identities; a table's
 //! column widths are therefore per page.
@@ -383,9 +390,50 @@ pub async fn run(a: StatusArgs, s: &WorkerSettings) -> anyhow::Result<ExitCode> 
         }
     }
     printer.end()?;
+    if let Some(note) = large_messages_note(s).await {
+        if a.json {
+            eprintln!("imapctl: {note}");
+        } else {
+            println!("{note}");
+        }
+    }
     Ok(if printer.unhealthy > 0 {
         ExitCode::from(error::code::FAILED)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Why messages over `raw_size_limit` cannot be stored now, if they cannot:
+/// the worker's start-up check (a HEAD on the bucket), made from here.
+async fn large_messages_note(s: &WorkerSettings) -> Option<String> {
+    const WAIT: Duration = Duration::from_secs(5);
+    let limit = s.store_settings.raw_size_limit;
+    let objects = match crate::store::objects::from_worker_settings(s) {
+        Ok(o) => o,
+        Err(e) => return Some(format!("object store: {e}")),
+    };
+    let Some(objects) = objects else {
+        return crate::store::objects::without_store_warning(s, None).map(|_| {
+            format!(
+                "no object store is configured: messages over raw_size_limit ({limit} bytes) \
+                 are stepped over"
+            )
+        });
+    };
+    let why = match tokio::time::timeout(WAIT, objects.bucket_exists()).await {
+        Ok(Ok(true)) => return None,
+        Ok(Ok(false)) => format!(
+            "bucket {:?} does not exist yet (a worker creates it)",
+            objects.bucket_name()
+        ),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!(
+            "the object store did not answer within {} s",
+            WAIT.as_secs()
+        ),
+    };
+    Some(format!(
+        "{why}: messages over raw_size_limit ({limit} bytes) wait until it answers"
+    ))
 }

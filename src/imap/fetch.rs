@@ -14,6 +14,9 @@
 //! timeout and ended early by the job's stop token, so a slow or silent
 //! server never holds a job past a shutdown.
 //!
+//! Every untagged response read on the way is shown to [`super::news`]:
+//! an EXISTS inside a FETCH answer may be the only word of new mail.
+//!
 //! Mailbox names are UTF-8 everywhere in this project and encoded to
 //! modified UTF-7 (RFC 3501 §5.1.3) only here, on the wire.
 
@@ -188,6 +191,7 @@ impl<'a> Reader<'a> {
             Step::TimedOut => return Err(timeout(&server, &during)),
             Step::Stopped => return Err(ImapError::Interrupted),
         };
+        super::news::opened(mb.exists);
         Ok(MailboxInfo {
             uidvalidity: mb.uid_validity.unwrap_or(0),
             uid_next: mb.uid_next,
@@ -250,7 +254,10 @@ impl<'a> Reader<'a> {
             .await
             .map_err(|e| rename(e, &during))?;
         match status {
-            Ok(()) => Ok(info),
+            Ok(()) => {
+                super::news::opened(info.exists);
+                Ok(info)
+            }
             Err(reason) => Err(ImapError::Mailbox {
                 server: self.server.to_string(),
                 mailbox: mailbox.to_string(),
@@ -392,6 +399,7 @@ impl<'a> Reader<'a> {
                 ),
             )),
             parsed => {
+                super::news::seen(parsed);
                 let out = f(parsed, resp.borrow_owner());
                 Ok(Some((out, resp.into_owner())))
             }
@@ -470,7 +478,10 @@ impl<'a> Reader<'a> {
                         .unwrap_or("(no reason given)");
                     return Err(protocol(self.server, during, format!("BYE {why}")));
                 }
-                parsed => on(parsed),
+                parsed => {
+                    super::news::seen(parsed);
+                    on(parsed)
+                }
             }
         }
         if let Some(reason) = bad {

@@ -16,6 +16,7 @@ use async_imap::imap_proto::{MailboxDatum, NameAttribute, Response};
 use super::fetch::Reader;
 use super::{utf7, ImapError, ImapSession};
 use crate::shutdown::Shutdown;
+use crate::store::identity::mailbox_key;
 
 /// More folders than any real account has; a server listing more is
 /// refused rather than held in memory.
@@ -152,8 +153,9 @@ pub async fn list_known(
 /// The UTF-8 names `mailboxes: *` syncs: selectable, neither `\Junk` nor
 /// `\Trash`, INBOX first and the rest sorted.
 ///
-/// A name that is not valid modified UTF-7 is left out with a warning: it
-/// could be neither stored as UTF-8 nor asked for again. A refused LIST is
+/// A name that is not valid modified UTF-7 is left out: it could be
+/// neither stored as UTF-8 nor asked for again ([`syncable_names`] says
+/// which, for the caller to record as folder errors). A refused LIST is
 /// an error, never an empty account.
 pub async fn syncable(
     session: &mut ImapSession,
@@ -161,32 +163,47 @@ pub async fn syncable(
     io_timeout: Duration,
 ) -> Result<Vec<String>, ImapError> {
     let folders = list(session, server, io_timeout).await?;
-    Ok(syncable_names(server, folders))
+    Ok(syncable_names(server, folders).0)
 }
 
-/// The filtering and ordering of [`syncable`], apart so it is testable.
-pub fn syncable_names(server: &str, folders: Vec<Folder>) -> Vec<String> {
+/// A syncable folder whose name the server sent in a form that does not
+/// decode: it cannot be opened or stored by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecodable {
+    /// The name as the server sent it.
+    pub wire: String,
+    /// Why it does not decode.
+    pub reason: String,
+}
+
+/// The filtering and ordering of [`syncable`], apart so it is testable;
+/// with the syncable folders whose names do not decode.
+pub fn syncable_names(server: &str, folders: Vec<Folder>) -> (Vec<String>, Vec<Undecodable>) {
     let mut names: Vec<String> = Vec::new();
+    let mut bad = Vec::new();
     for f in folders {
         if !f.syncable() {
             continue;
         }
         match f.name {
-            Ok(name) => names.push(name),
-            Err(e) => tracing::warn!(server, "folder skipped: {e}"),
+            Ok(name) => names.push(mailbox_key(&name).to_string()),
+            Err(e) => {
+                tracing::warn!(server, "folder not synced: {e}");
+                bad.push(Undecodable {
+                    wire: f.wire,
+                    reason: format!("{e}: the folder cannot be opened or stored by this name"),
+                });
+            }
         }
     }
-    // INBOX is case-insensitive (RFC 3501 §5.1); servers send it as they like.
+    // INBOX is case-insensitive (RFC 3501 §5.1); servers send it as they
+    // like, and it is spelled `INBOX` from here on.
     names.sort_by(|a, b| {
-        let (ai, bi) = (is_inbox(a), is_inbox(b));
+        let (ai, bi) = (a == "INBOX", b == "INBOX");
         bi.cmp(&ai).then_with(|| a.cmp(b))
     });
     names.dedup();
-    names
-}
-
-fn is_inbox(name: &str) -> bool {
-    name.eq_ignore_ascii_case("INBOX")
+    (names, bad)
 }
 
 #[cfg(test)]
@@ -214,9 +231,13 @@ mod tests {
             folder("bad&AEE-", &[]),
             folder("Inbox", &[]),
         ];
+        let (names, bad) = syncable_names("s", folders);
         assert_eq!(
-            syncable_names("s", folders),
-            ["Inbox", "Archive", "Entwürfe", "Sent", "a.b", "日本語"]
+            names,
+            ["INBOX", "Archive", "Entwürfe", "Sent", "a.b", "日本語"]
         );
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(bad[0].wire, "bad&AEE-");
+        assert!(bad[0].reason.contains("modified UTF-7"), "{bad:?}");
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! [`fetch`] reads a mailbox with every command's tagged status checked, and
 //! holds the one bounded, stoppable IMAP step every reader uses; [`status`]
-//! asks how every mailbox stands without opening it (STATUS, LIST-STATUS).
+//! asks how every mailbox stands without opening it (STATUS, LIST-STATUS);
+//! [`news`] notes new mail announced inside a sync's answers.
 //! Every command sent is counted ([`sent`]). The worker's sync pipeline
 //! drives the fetch and owns the checkpoint logic; this module only knows
 //! how to talk to a server safely.
@@ -14,6 +15,7 @@ pub mod connect;
 pub mod fetch;
 pub mod folders;
 pub mod headers;
+pub mod news;
 pub mod oauth;
 pub mod status;
 pub mod tls;

@@ -53,11 +53,7 @@ pub type Statuses = HashMap<String, FolderStatus>;
 
 /// The key of `name` in [`Statuses`]: INBOX is case-insensitive.
 pub fn key(name: &str) -> String {
-    if name.eq_ignore_ascii_case("INBOX") {
-        "INBOX".to_string()
-    } else {
-        name.to_string()
-    }
+    crate::store::identity::mailbox_key(name).to_string()
 }
 
 /// The STATUS items asked for: HIGHESTMODSEQ only of a CONDSTORE server.

@@ -34,6 +34,7 @@ use crate::cli::PollerArgs;
 use crate::config::{self, PollerSettings};
 use crate::metrics::PollerMetrics;
 use crate::shutdown::Shutdown;
+use crate::store::health::Health;
 use crate::store::{Store, StoreError};
 use schedule::{Kind, Schedule};
 
@@ -59,7 +60,8 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
-    let _ = probe.parts.set((store.clone(), bus.clone()));
+    let health = Health::spawn(store.clone(), None, shutdown.clone());
+    let _ = probe.parts.set((health, bus.clone()));
     let path = config::config_path(args.config.as_deref(), "idpoller");
     let owner = format!(
         "{}-{}-{:04x}",
@@ -117,7 +119,7 @@ impl Drop for Leading {
 struct Probe {
     metrics: Arc<PollerMetrics>,
     /// Set once Cassandra and NATS were reached.
-    parts: OnceLock<(Store, Bus)>,
+    parts: OnceLock<(Health, Bus)>,
 }
 
 impl crate::http::Probe for Probe {
@@ -125,21 +127,23 @@ impl crate::http::Probe for Probe {
         self.metrics.encode()
     }
 
-    /// Ready when NATS is connected and Cassandra answers; says whether
+    /// Ready when NATS is connected and Cassandra answered the last
+    /// background check (no query per probe); says whether
     /// this poller leads or stands by (both are ready).
     fn ready(&self) -> futures::future::BoxFuture<'_, Result<String, String>> {
         Box::pin(async move {
-            let Some((store, bus)) = self.parts.get() else {
+            let Some((health, bus)) = self.parts.get() else {
                 return Err("not ready: connecting to Cassandra and NATS".into());
             };
             let nats = bus.client().connection_state();
             if nats != async_nats::connection::State::Connected {
                 return Err(format!("not ready: NATS is {nats:?}"));
             }
-            match tokio::time::timeout(Duration::from_secs(3), store.ping()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(format!("not ready: {e}")),
-                Err(_) => return Err("not ready: Cassandra did not answer within 3 s".into()),
+            // The last background check: no query here (store::health).
+            match health.last().store {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(format!("not ready: {e}")),
+                None => return Err("not ready: waiting for Cassandra's first answer".into()),
             }
             let role = if self.metrics.lease_held.get() == 1 {
                 "leading"

@@ -216,6 +216,18 @@ impl ErrorStreak {
     }
 }
 
+/// The name a mailbox goes by wherever it feeds an id or a state row
+/// (raw message ids, checkpoints, high-water marks, failure and error
+/// rows): `INBOX` in any case is one mailbox (RFC 3501 §5.1) and is always
+/// spelled `INBOX`; every other name is case-sensitive and kept as it is.
+pub fn mailbox_key(name: &str) -> &str {
+    if name.eq_ignore_ascii_case("INBOX") {
+        "INBOX"
+    } else {
+        name
+    }
+}
+
 /// Caliopen's `syncing` marker and our `syncing_owner` beside it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyncingMarker<'a> {
@@ -341,15 +353,16 @@ impl Identity {
         self.info(infos::LASTSEENUID).trim().parse().unwrap_or(0)
     }
 
-    /// Mailboxes to sync: `infos.mailboxes` (comma-separated), default INBOX.
+    /// Mailboxes to sync: `infos.mailboxes` (comma-separated), default
+    /// INBOX; INBOX in any case is spelled `INBOX` (see [`mailbox_key`]).
     pub fn mailboxes(&self) -> Vec<String> {
-        let list: Vec<String> = self
-            .info(infos::MAILBOXES)
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect();
+        let mut list: Vec<String> = Vec::new();
+        for name in self.info(infos::MAILBOXES).split(',').map(str::trim) {
+            let name = mailbox_key(name);
+            if !name.is_empty() && !list.iter().any(|m| m == name) {
+                list.push(name.to_string());
+            }
+        }
         if list.is_empty() {
             vec!["INBOX".into()]
         } else {
@@ -689,5 +702,11 @@ mod tests {
         id.infos
             .insert(infos::MAILBOXES.into(), "INBOX, Archive ,".into());
         assert_eq!(id.mailboxes(), vec!["INBOX", "Archive"]);
+        // INBOX is one mailbox in any case; other names keep their case.
+        id.infos.insert(
+            infos::MAILBOXES.into(),
+            "inbox,Archive,Inbox,archive".into(),
+        );
+        assert_eq!(id.mailboxes(), vec!["INBOX", "Archive", "archive"]);
     }
 }

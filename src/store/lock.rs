@@ -9,7 +9,11 @@
 //! blocking its identities within a minute, while a live one keeps its lock
 //! however long the sync runs. It is released with `DELETE ... IF owner = ?`,
 //! so a worker can only release (or renew) its own lock.
-//! `infos.syncing` is still written for Caliopen's readers (see `job.rs`).
+//! The owner is unique to one sync (the worker's id and the number of the
+//! sync in that process), so a late release of an earlier sync of the same
+//! worker can never remove a later one's lock.
+//! `infos.syncing` is still written for Caliopen's readers (see `job.rs`),
+//! and cleared with a condition on its value and owner for the same reason.
 //!
 //! imapctl reads the row ([`Store::sync_lock`]) to show a running sync and
 //! clears a lock whose owner stopped renewing it
@@ -31,6 +35,12 @@ const RENEW: &str = "UPDATE {ks}.imap_sync_lock USING TTL ? SET owner = ?, since
 const RELEASE: &str = "DELETE FROM {ks}.imap_sync_lock WHERE user_id = ? AND identity_id = ? \
      IF owner = ?";
 
+// Caliopen's marker, removed only as the sync that wrote it left it: a later
+// sync's marker (another `syncing` or `syncing_owner`) stays.
+const CLEAR_MARKER: &str = "UPDATE {ks}.user_identity SET infos = infos - ? \
+     WHERE user_id = ? AND identity_id = ? \
+     IF infos['syncing'] = ? AND infos['syncing_owner'] = ?";
+
 const READ: &str = "SELECT owner, since, WRITETIME(owner) AS renewed, TTL(owner) AS expires_in \
      FROM {ks}.imap_sync_lock WHERE user_id = ? AND identity_id = ?";
 const PUT_AT: &str = "INSERT INTO {ks}.imap_sync_lock (user_id, identity_id, owner, since) \
@@ -39,7 +49,7 @@ const PUT_AT: &str = "INSERT INTO {ks}.imap_sync_lock (user_id, identity_id, own
 /// A sync lock as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockInfo {
-    /// Who holds it: a worker id, or `imapctl-removeremote-<pid>`.
+    /// Who holds it: `<worker id>/<sync number>`, or `imapctl-removeremote-<pid>`.
     pub owner: String,
     /// When the sync took it.
     pub since: Option<DateTime<Utc>>,
@@ -154,5 +164,23 @@ impl Store {
     ) -> Result<bool, StoreError> {
         self.lwt(RELEASE, query_values!(user_id, identity_id, owner))
             .await
+    }
+
+    /// Remove Caliopen's `syncing` marker (and `syncing_owner`) if they are
+    /// still `text` and `owner`, as one sync wrote them; `true` when removed.
+    pub async fn clear_syncing_marker(
+        &self,
+        user_id: Uuid,
+        identity_id: Uuid,
+        text: &str,
+        owner: &str,
+    ) -> Result<bool, StoreError> {
+        use super::identity::infos;
+        let keys = vec![infos::SYNCING.to_string(), infos::SYNCING_OWNER.to_string()];
+        self.lwt(
+            CLEAR_MARKER,
+            query_values!(keys, user_id, identity_id, text, owner),
+        )
+        .await
     }
 }

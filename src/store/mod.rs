@@ -10,6 +10,7 @@
 //! `scripts/stack.sh` (or an operator). A missing table therefore shows up as
 //! a clear error naming the statement, not as a silent schema change.
 
+pub mod health;
 pub mod identity;
 pub mod idle_lease;
 pub mod lease;
@@ -18,6 +19,7 @@ pub mod message;
 pub mod objects;
 pub mod raw_message;
 pub mod resync;
+pub mod sent;
 pub mod state;
 pub mod user;
 
@@ -85,6 +87,8 @@ struct Inner {
     renewing: tokio::sync::Mutex<()>,
     /// When the last renewal was tried.
     last_renewal: Mutex<Option<std::time::Instant>>,
+    /// Queries sent by [`Store::ping`] (readiness checks), for tests.
+    pings: std::sync::atomic::AtomicU64,
 }
 
 /// A session and the statements prepared on it.
@@ -126,6 +130,7 @@ impl Store {
                 stalls: AtomicU32::new(0),
                 renewing: tokio::sync::Mutex::new(()),
                 last_renewal: Mutex::new(None),
+                pings: Default::default(),
             }),
         })
     }
@@ -237,26 +242,16 @@ impl Store {
         Ok(p)
     }
 
-    /// Run a statement with positional values at the configured consistency.
+    /// Run a statement with positional values at the configured consistency
+    /// (see [`statement`] for what the driver is told about it).
     pub(crate) async fn exec(
         &self,
         template: &'static str,
         values: QueryValues,
     ) -> Result<Envelope, StoreError> {
-        self.exec_as(template, values, false).await
-    }
-
-    /// [`Store::exec`]; `lwt` adds the serial consistency of a lightweight
-    /// transaction ([`statement_params`]).
-    async fn exec_as(
-        &self,
-        template: &'static str,
-        values: QueryValues,
-        lwt: bool,
-    ) -> Result<Envelope, StoreError> {
         let conn = self.conn();
         let prepared = self.prepared(&conn, template).await?;
-        let params = statement_params(values, self.inner.consistency, lwt);
+        let params = statement(template, values, self.inner.consistency).build();
         self.send(&conn, &prepared, &params, template).await
     }
 
@@ -307,7 +302,7 @@ impl Store {
         template: &'static str,
         values: QueryValues,
     ) -> Result<bool, StoreError> {
-        let env = self.exec_as(template, values, true).await?;
+        let env = self.exec(template, values).await?;
         let rows = body_rows(env, template)?;
         match rows.first() {
             None => Ok(false),
@@ -325,10 +320,8 @@ impl Store {
     ) -> Result<(Vec<Row>, Option<cdrs_tokio::types::CBytes>), StoreError> {
         let conn = self.conn();
         let prepared = self.prepared(&conn, template).await?;
-        let mut params = StatementParamsBuilder::new()
-            .with_values(values)
-            .with_consistency(self.inner.consistency)
-            .with_page_size(page_size);
+        let mut params =
+            statement(template, values, self.inner.consistency).with_page_size(page_size);
         if let Some(s) = state {
             params = params.with_paging_state(s);
         }
@@ -344,8 +337,16 @@ impl Store {
         Ok((rows, next))
     }
 
+    /// Queries [`Store::ping`] has sent so far.
+    pub fn pings(&self) -> u64 {
+        self.inner.pings.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A cheap query proving the session works (used by readiness checks).
     pub async fn ping(&self) -> Result<(), StoreError> {
+        self.inner
+            .pings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let r = self
             .conn()
             .session
@@ -363,27 +364,47 @@ impl Store {
 
 /// The parameters of one statement. Every statement runs at the configured
 /// `consistency_level` (for a lightweight transaction, that is the level of
-/// its commit). A lightweight transaction (`lwt`: our `IF ...` statements,
-/// the sync lock and the poller lease) also names its serial consistency,
-/// the level of its Paxos round, rather than leave it to the server's
-/// default: SERIAL (a majority of all replicas), or LOCAL_SERIAL when the
-/// configured level is a LOCAL_ one, so a deployment that keeps its
+/// its commit). A lightweight transaction ([`conditional`]: our `IF ...`
+/// statements, the sync lock and the leases) also names its serial
+/// consistency, the level of its Paxos round, rather than leave it to the
+/// server's default: SERIAL (a majority of all replicas), or LOCAL_SERIAL
+/// when the configured level is a LOCAL_ one, so a deployment that keeps its
 /// requests inside one data centre keeps its Paxos rounds there too. On a
 /// cluster, with writes at QUORUM or LOCAL_QUORUM, two workers then can
 /// never both win a lock, whichever node each of them reaches (README,
 /// "Running on a cluster").
-fn statement_params(values: QueryValues, consistency: Consistency, lwt: bool) -> StatementParams {
+///
+/// Every other statement is marked idempotent: a read, or a write of a row
+/// keyed by deterministic ids whose values are the same when written twice
+/// (no counter, no list; a map merged key by key). The driver's retry policy
+/// sends an idempotent statement to the next node when the one it went to
+/// fails (a connection lost with the node's death, an overloaded node);
+/// any other it fails at once, which stops a running sync with an outage.
+/// A lightweight transaction is never marked: run again, its Paxos round
+/// may read its own first write and report it not applied.
+fn statement(
+    template: &str,
+    values: QueryValues,
+    consistency: Consistency,
+) -> StatementParamsBuilder {
+    let lwt = conditional(template);
     let b = StatementParamsBuilder::new()
         .with_values(values)
-        .with_consistency(consistency);
+        .with_consistency(consistency)
+        .idempotent(!lwt);
     if !lwt {
-        return b.build();
+        return b;
     }
     let serial = match consistency {
         Consistency::LocalQuorum | Consistency::LocalOne => Consistency::LocalSerial,
         _ => Consistency::Serial,
     };
-    b.with_serial_consistency(serial).build()
+    b.with_serial_consistency(serial)
+}
+
+/// Is `cql` a lightweight transaction (`... IF NOT EXISTS`, `... IF owner = ?`)?
+fn conditional(cql: &str) -> bool {
+    cql.split_whitespace().any(|w| w.eq_ignore_ascii_case("IF"))
 }
 
 /// Open a driver session: (session, "host:port,..." for messages, consistency).
@@ -580,12 +601,104 @@ mod tests {
             (Consistency::LocalQuorum, Consistency::LocalSerial),
             (Consistency::LocalOne, Consistency::LocalSerial),
         ] {
-            let p = statement_params(QueryValues::SimpleValues(vec![]), level, true);
+            let lwt = "UPDATE {ks}.t SET a = ? WHERE k = ? IF a = ?";
+            let p = statement(lwt, QueryValues::SimpleValues(vec![]), level).build();
             assert_eq!(p.query_params.consistency, level);
             assert_eq!(p.query_params.serial_consistency, Some(serial), "{level:?}");
-            let p = statement_params(QueryValues::SimpleValues(vec![]), level, false);
+            let plain = "UPDATE {ks}.t SET a = ? WHERE k = ?";
+            let p = statement(plain, QueryValues::SimpleValues(vec![]), level).build();
             assert_eq!(p.query_params.consistency, level);
             assert_eq!(p.query_params.serial_consistency, None);
+        }
+    }
+
+    /// Every CQL template (`const X: &str = "... {ks} ..."`) of the store's
+    /// files, as the store prepares it (line continuations joined).
+    fn store_templates() -> Vec<(String, String)> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let src = std::fs::read_to_string(&path).unwrap();
+            let file = path.file_name().unwrap().to_string_lossy().to_string();
+            for part in src.split(": &str =").skip(1) {
+                let Some(open) = part.find('"') else { continue };
+                let body = &part[open + 1..];
+                let Some(close) = body.find('"') else {
+                    continue;
+                };
+                let lit = &body[..close];
+                if !lit.contains("{ks}") {
+                    continue;
+                }
+                let cql: String = lit
+                    .split("\\\n")
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                out.push((file.clone(), cql));
+            }
+        }
+        out
+    }
+
+    /// The driver sends a statement again to another node, after the node
+    /// it went to died with it (an I/O error), only when the statement is
+    /// marked idempotent (cdrs-tokio's default retry policy); otherwise
+    /// the running sync stops with an outage. Every statement of ours but
+    /// the lightweight transactions is idempotent: reads, and writes of
+    /// rows keyed by deterministic ids, whose values (maps merged key by
+    /// key included) are the same when written twice. A lightweight
+    /// transaction is not (its second round may see its own first one), so
+    /// it is never marked.
+    #[test]
+    fn writes_keyed_by_their_ids_are_idempotent_to_the_driver_and_lightweight_transactions_are_not()
+    {
+        let all = store_templates();
+        let mut lwts = 0;
+        for (file, cql) in &all {
+            let p = statement(cql, QueryValues::SimpleValues(vec![]), Consistency::Quorum).build();
+            let lwt = cql.contains(" IF NOT EXISTS")
+                || cql.contains(" IF owner = ?")
+                || cql.contains(" IF infos['syncing'] = ?");
+            if lwt {
+                lwts += 1;
+                assert!(!p.is_idempotent, "{file}: {cql}");
+                assert!(p.query_params.serial_consistency.is_some(), "{file}: {cql}");
+            } else {
+                assert!(p.is_idempotent, "{file}: {cql}");
+                assert_eq!(p.query_params.serial_consistency, None, "{file}: {cql}");
+            }
+        }
+        // The sync lock, the IDLE lease and the poller lease: take, renew,
+        // release; and the clearing of our own `syncing` marker.
+        assert_eq!(lwts, 10, "{all:#?}");
+        assert!(all.len() > 40, "templates found: {}", all.len());
+    }
+
+    /// What makes a write not idempotent besides a condition: a counter
+    /// (`c = c + 1`) or a list append. The schema has neither, and the only
+    /// self-relative updates are merges into the `map<text,text>` columns
+    /// `infos` and `credentials` (CONTRACT §3), which give the same map
+    /// when repeated.
+    #[test]
+    fn no_statement_increments_a_counter_or_appends_to_a_list() {
+        let schema = include_str!("../../config/schema.cql").to_lowercase();
+        assert!(
+            !schema.contains("counter"),
+            "a counter column in schema.cql"
+        );
+        assert!(!schema.contains("list<"), "a list column in schema.cql");
+        for (file, cql) in store_templates() {
+            let words: Vec<&str> = cql.split_whitespace().collect();
+            for w in words.windows(4) {
+                if w[1] == "=" && w[0] == w[2] {
+                    assert!(
+                        matches!(w[0], "infos" | "credentials") && matches!(w[3], "+" | "-"),
+                        "{file}: {cql}"
+                    );
+                }
+            }
         }
     }
 }

@@ -95,23 +95,32 @@ pub fn needed(s: &WorkerSettings) -> bool {
 }
 
 /// The object store the settings ask for: `Ok(None)` when none is configured
-/// (no endpoint) and none is [`needed`]; an error when one is needed but
-/// missing or unsupported, so a worker never drops large mail silently.
+/// (no endpoint); an error when the one configured is unsupported. Without
+/// one, a message over `raw_size_limit` cannot be kept and is stepped over
+/// as oversize (see [`without_store_warning`]), as Caliopen's Go worker
+/// fails it ("Object too large to fit into cassandra").
 pub fn from_worker_settings(s: &WorkerSettings) -> Result<Option<Objects>, ObjectError> {
     let st = &s.store_settings;
-    let configured = !st.object_store_settings.endpoint.trim().is_empty();
-    if !configured && !needed(s) {
+    if st.object_store_settings.endpoint.trim().is_empty() {
         return Ok(None);
     }
-    if !configured {
-        return Err(ObjectError::Config(format!(
+    Objects::new(st).map(Some)
+}
+
+/// What to warn about at start-up when messages may exceed `raw_size_limit`
+/// and no object store is configured; `None` when that cannot happen.
+pub fn without_store_warning(s: &WorkerSettings, objects: Option<&Objects>) -> Option<String> {
+    (objects.is_none() && needed(s)).then(|| {
+        format!(
             "imap.max_message_size ({}) exceeds store_settings.raw_size_limit ({}) but no object \
              store is configured (store_settings.object_store_settings.endpoint is empty): \
-             configure S3, or set imap.max_message_size to at most raw_size_limit",
-            s.imap.max_message_size, st.raw_size_limit
-        )));
-    }
-    Objects::new(st).map(Some)
+             messages over {} bytes will be stepped over and listed; configure S3, or set \
+             imap.max_message_size to at most raw_size_limit",
+            s.imap.max_message_size,
+            s.store_settings.raw_size_limit,
+            s.store_settings.raw_size_limit
+        )
+    })
 }
 
 impl Objects {
@@ -168,15 +177,36 @@ impl Objects {
         format!("s3://{}/{key}", self.bucket.name)
     }
 
-    /// Create the bucket when it does not exist yet (start-up).
+    /// Does the bucket exist, and may our key use it? A HEAD on the bucket
+    /// (S3's HeadBucket, what minio-go's `BucketExists` sends for Caliopen's
+    /// Go code): a key limited to its own bucket may ask that, while
+    /// ListBuckets needs a right over the whole server and may not list a
+    /// bucket shared with the key.
+    pub async fn bucket_exists(&self) -> Result<bool, ObjectError> {
+        let name = &self.bucket.name;
+        // "/" is the bucket itself: `HEAD /<bucket>/`.
+        let code = match self.bucket.head_object("/").await {
+            Ok((_, code)) => code,
+            Err(S3Error::HttpFailWithBody(code, _)) => code,
+            Err(e) => return Err(s3_err("head bucket", name, e)),
+        };
+        match code {
+            200..=299 => Ok(true),
+            404 => Ok(false),
+            403 => Err(s3_err(
+                "head bucket",
+                name,
+                "HTTP 403: this key may not use the bucket",
+            )),
+            c => Err(s3_err("head bucket", name, format!("HTTP {c}"))),
+        }
+    }
+
+    /// Create the bucket when it does not exist yet (start-up, and each
+    /// health check: see [`super::health`]).
     pub async fn ensure_bucket(&self) -> Result<(), ObjectError> {
         let name = self.bucket.name.clone();
-        if self
-            .bucket
-            .exists()
-            .await
-            .map_err(|e| s3_err("list buckets", &name, e))?
-        {
+        if self.bucket_exists().await? {
             return Ok(());
         }
         // As S3 (and minio-go, Caliopen's client) want it: no location
@@ -445,12 +475,19 @@ mod tests {
 
     #[test]
     fn needed_only_when_messages_can_exceed_the_limit() {
-        assert!(from_worker_settings(&settings("", 100, 100))
-            .unwrap()
-            .is_none());
-        let e = from_worker_settings(&settings("", 101, 100)).unwrap_err();
-        assert!(e.to_string().contains("no object store"), "{e}");
+        let none = settings("", 100, 100);
+        assert!(from_worker_settings(&none).unwrap().is_none());
+        assert_eq!(without_store_warning(&none, None), None);
+        // Starts all the same, with a warning.
+        let over = settings("", 101, 100);
+        assert!(from_worker_settings(&over).unwrap().is_none());
+        let w = without_store_warning(&over, None).unwrap();
+        assert!(
+            w.contains("no object store") && w.contains("stepped over"),
+            "{w}"
+        );
         let o = from_worker_settings(&settings("127.0.0.1:9", 101, 100)).unwrap();
+        assert_eq!(without_store_warning(&over, o.as_ref()), None);
         assert_eq!(o.unwrap().uri("k"), "s3://raw/k");
     }
 

@@ -2,7 +2,7 @@
 //! the worker's id, the shutdown token, and the memory budget for message
 //! bodies in flight. Plus the counters a job fills and reports.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -31,12 +31,15 @@ pub struct Ctx {
     pub settings: Arc<WorkerSettings>,
     pub store: Store,
     pub bus: Bus,
-    /// `hostname-pid-random`: names this process in locks and job pulls.
+    /// `hostname-pid-random`: names this process in IDLE leases and job
+    /// pulls, and begins the owner of each of its syncs ([`Ctx::sync_owner`]).
     pub worker_id: String,
     pub shutdown: Shutdown,
-    /// Identities whose sync lock this process holds, so the locks of jobs
+    /// The sync locks this process holds, by owner, so the locks of jobs
     /// abandoned at the end of the shutdown grace can still be released.
-    pub locks: Arc<Mutex<HashSet<(Uuid, Uuid)>>>,
+    pub locks: Arc<Mutex<HashMap<String, SyncHold>>>,
+    /// Syncs started by this process: numbers each sync's owner.
+    syncs: Arc<AtomicU64>,
     /// Jobs skipped because their identity was busy (locked elsewhere).
     pub busy_skips: Arc<AtomicU64>,
     /// What `/metrics` shows.
@@ -80,6 +83,7 @@ impl Ctx {
             worker_id,
             shutdown,
             locks: Arc::default(),
+            syncs: Arc::default(),
             busy_skips: Arc::default(),
             metrics,
             objects: None,
@@ -92,6 +96,25 @@ impl Ctx {
     pub fn with_objects(mut self, objects: Option<Objects>) -> Ctx {
         self.objects = objects;
         self
+    }
+
+    /// The largest message this worker can keep, and what says so (for the
+    /// reason of a message over it): `imap.max_message_size`, or
+    /// `raw_size_limit` when no object store is configured (a larger message
+    /// has nowhere to go). A message over it is stepped over at once, since
+    /// no retry can succeed.
+    pub fn message_limit(&self) -> (u64, String) {
+        let s = &self.settings;
+        let limit = s.store_settings.raw_size_limit;
+        if self.objects.is_none() && s.imap.max_message_size > limit {
+            let why = format!(
+                "store_settings.raw_size_limit ({limit} bytes) and no object store is configured"
+            );
+            (limit, why)
+        } else {
+            let max = s.imap.max_message_size;
+            (max, format!("imap.max_message_size ({max} bytes)"))
+        }
     }
 
     /// Store a fetched raw message, in its row or in the object store
@@ -122,58 +145,104 @@ impl Ctx {
         load_raw_message(&self.store, self.objects.as_ref(), raw_msg_id).await
     }
 
-    /// Note that this process holds (`true`) or released (`false`) the
-    /// sync lock of an identity.
-    pub fn note_lock(&self, key: (Uuid, Uuid), held: bool) {
+    /// The owner of a new sync's lock and marker: this worker's id, `/`,
+    /// and the sync's number in this process. Unique to the sync, so what
+    /// one sync left behind (a release retried late) can never undo a later
+    /// sync of the same identity in the same process.
+    pub fn sync_owner(&self) -> String {
+        let n = self.syncs.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("{}/{n}", self.worker_id)
+    }
+
+    /// Note that this process holds (`true`) or released (`false`) a sync
+    /// lock.
+    pub fn note_lock(&self, hold: &SyncHold, held: bool) {
         let mut set = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         if held {
-            set.insert(key);
+            set.insert(hold.owner.clone(), hold.clone());
         } else {
-            set.remove(&key);
+            set.remove(&hold.owner);
         }
     }
 
     /// Release every lock still noted (after jobs were abandoned).
     pub async fn release_noted_locks(&self) {
-        let keys: Vec<(Uuid, Uuid)> = self
+        let holds: Vec<SyncHold> = self
             .locks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drain()
+            .map(|(_, h)| h)
             .collect();
-        for key in keys {
-            match self.release_lock(key, true).await {
-                Ok(()) => tracing::info!(identity = %key.1, "lock of an abandoned sync released"),
+        for hold in holds {
+            let identity = hold.key.1;
+            match self.release_lock(&hold, true).await {
+                Ok(()) => {
+                    tracing::info!(identity = %identity, "lock of an abandoned sync released")
+                }
                 Err(e) => {
-                    tracing::error!(identity = %key.1, error = %e, "cannot release the lock of an abandoned sync")
+                    tracing::error!(identity = %identity, error = %e, "cannot release the lock of an abandoned sync")
                 }
             }
         }
     }
 
-    /// Release this process's sync lock of (user, identity) and, with
-    /// `clear_marker`, Caliopen's `syncing` marker; forget the note when
-    /// both succeed.
+    /// Release the sync lock `hold` names and, with `clear_marker`,
+    /// Caliopen's `syncing` marker if it is still the one that sync wrote;
+    /// forget the note when both succeed. A lock or marker of another sync
+    /// (a later one of this process included) is left alone.
     pub async fn release_lock(
         &self,
-        key: (Uuid, Uuid),
+        hold: &SyncHold,
         clear_marker: bool,
     ) -> Result<(), crate::store::StoreError> {
-        use crate::store::identity::infos;
-        let (user, identity) = key;
-        let released = self
-            .store
-            .release_sync_lock(user, identity, &self.worker_id)
-            .await;
+        let (user, identity) = hold.key;
+        // The marker first, while the lock may still be ours (see `clear_marker`).
         let cleared = if clear_marker {
-            self.store
-                .remove_infos(user, identity, &[infos::SYNCING, infos::SYNCING_OWNER])
-                .await
+            self.clear_marker(hold).await
         } else {
             Ok(())
         };
+        let released = self
+            .store
+            .release_sync_lock(user, identity, &hold.owner)
+            .await;
         released.and(cleared)?;
-        self.note_lock(key, false);
+        self.note_lock(hold, false);
+        Ok(())
+    }
+
+    /// Clear the `syncing` marker `hold`'s sync wrote, if it is still
+    /// there. A sync of ours that lost the lock race to this one wrote its
+    /// own over ours and left it for the winner to clear: that one is
+    /// cleared too, but only while our lock row still stands, so no later
+    /// sync can have taken the lock and claimed its marker; and only as read
+    /// (a conditional write), so a marker written since stays.
+    async fn clear_marker(&self, hold: &SyncHold) -> Result<(), crate::store::StoreError> {
+        let (user, identity) = hold.key;
+        let st = &self.store;
+        if st
+            .clear_syncing_marker(user, identity, &hold.marker, &hold.owner)
+            .await?
+        {
+            return Ok(());
+        }
+        let ours = st.sync_lock(user, identity).await?;
+        if ours.is_none_or(|l| l.owner != hold.owner) {
+            return Ok(());
+        }
+        let Some(id) = st.identity(user, identity).await? else {
+            return Ok(());
+        };
+        // An empty owner is a Go worker's; our own owner under another
+        // value is a Go worker's write too (see `job::marker_of`).
+        if let Some(m) = id
+            .syncing()
+            .filter(|m| !m.owner.is_empty() && m.owner != hold.owner)
+        {
+            st.clear_syncing_marker(user, identity, m.text, m.owner)
+                .await?;
+        }
         Ok(())
     }
 
@@ -210,6 +279,17 @@ impl Ctx {
             .await
             .expect("the memory budget semaphore is never closed")
     }
+}
+
+/// A sync lock held by one sync, with the marker that sync wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncHold {
+    /// (user_id, identity_id).
+    pub key: (Uuid, Uuid),
+    /// The lock's owner, also written as `syncing_owner` ([`Ctx::sync_owner`]).
+    pub owner: String,
+    /// The `syncing` value the sync wrote.
+    pub marker: String,
 }
 
 /// Live counts of one job, readable while it runs (progress replies).

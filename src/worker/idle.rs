@@ -19,7 +19,9 @@
 //! connection through the ordinary path ([`job::sync_scoped`]): the same
 //! sync lock, marker, pipeline and checkpoint, so exactly-once holds exactly
 //! as for an order. It also syncs once when the session starts (mail that
-//! came while nobody watched), re-enters IDLE every `idle_renew_secs` (under
+//! came while nobody watched), and again at once when INBOX grew while a
+//! sync ran ([`imap::news`]: the server may say so only inside the sync's
+//! answers), re-enters IDLE every `idle_renew_secs` (under
 //! RFC 2177's 29 minutes), retries a sync another one held or one that
 //! failed, and reconnects with backoff when the connection breaks. A server
 //! without IDLE is recorded (a lease row owned by [`NO_IDLE_OWNER`] for an
@@ -41,6 +43,7 @@ use uuid::Uuid;
 use super::account;
 use super::context::{Counters, Ctx};
 use super::job::{self, Ended, Scope, SyncRequest};
+use super::renewal::{self, Renewal};
 use super::JobError;
 use crate::config::IdleMode;
 use crate::imap::fetch::{self, Reader};
@@ -61,6 +64,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const CLAIMS_PER_ROUND: usize = 200;
 /// Lease renewals in flight at once.
 const RENEWALS_AT_ONCE: usize = 32;
+/// Syncs in a row run at once because INBOX grew during the one before;
+/// the next ones wait as a failed sync's retry does.
+const GROWN_AT_ONCE: u32 = 10;
 /// How long a server without IDLE is left to polling before it is asked again.
 const NO_IDLE_RECHECK_SECS: u64 = 3600;
 const SCAN_PAGE: i32 = 5000;
@@ -154,23 +160,26 @@ impl Watcher {
         let store = &self.ctx.store;
         let me = self.ctx.worker_id.as_str();
         let ttl = self.lease_secs();
-        let due: Vec<(Key, DateTime<Utc>)> = self.held.iter().map(|(k, h)| (*k, h.since)).collect();
-        let results: Vec<(Key, Result<bool, StoreError>)> = futures::stream::iter(due)
-            .map(|(k, since)| async move { (k, store.renew_idle_lease(k, me, since, ttl).await) })
-            .buffer_unordered(RENEWALS_AT_ONCE)
-            .collect()
-            .await;
         let give_up = self.ctx.settings.imap.idle_lease() / 2;
+        let due: Vec<(Key, DateTime<Utc>, Instant)> = self
+            .held
+            .iter()
+            .map(|(k, h)| (*k, h.since, h.renewed))
+            .collect();
+        let results = renew_leases(due, give_up, |k, since| {
+            store.renew_idle_lease(k, me, since, ttl)
+        })
+        .await;
         for (k, r) in results {
             let lost = match r {
-                Ok(true) => {
+                Renewal::Renewed { sent } => {
                     if let Some(h) = self.held.get_mut(&k) {
-                        h.renewed = Instant::now();
+                        h.renewed = sent;
                     }
                     None
                 }
-                Ok(false) => Some("the IDLE lease was lost".to_string()),
-                Err(e)
+                Renewal::Lost => Some("the IDLE lease was lost".to_string()),
+                Renewal::Failed(e)
                     if self
                         .held
                         .get(&k)
@@ -178,10 +187,18 @@ impl Watcher {
                 {
                     Some(format!("cannot renew the IDLE lease: {e}"))
                 }
-                Err(e) => {
+                Renewal::Failed(e) => {
                     tracing::warn!(identity = %k.1, error = %e, "cannot renew the IDLE lease yet");
                     None
                 }
+                Renewal::OutOfTime { waited } if waited.is_zero() => {
+                    Some("cannot renew the IDLE lease for half its life".to_string())
+                }
+                Renewal::OutOfTime { waited } => Some(format!(
+                    "cannot renew the IDLE lease: no answer within the {} ms left before \
+                     half its life since its last renewal",
+                    waited.as_millis()
+                )),
             };
             if let Some(why) = lost {
                 tracing::warn!(identity = %k.1, reason = %why, "stopping the IDLE session");
@@ -411,6 +428,32 @@ fn share(wanted: usize, workers: usize, room_elsewhere: usize, budget: usize) ->
     even.max(wanted.saturating_sub(room_elsewhere)).min(budget)
 }
 
+/// Renew the leases `due` (key, start, last renewal) side by side, each
+/// bounded by the time left before half the lease's life since its last
+/// renewal ([`renewal::renew_before`]): one renewal that hangs can neither
+/// outlive its lease nor hold up the others and the round.
+async fn renew_leases<F, Fut, E>(
+    due: Vec<(Key, DateTime<Utc>, Instant)>,
+    give_up: Duration,
+    renew: F,
+) -> Vec<(Key, Renewal<E>)>
+where
+    F: Fn(Key, DateTime<Utc>) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, E>>,
+{
+    let renew = &renew;
+    futures::stream::iter(due)
+        .map(|(k, since, renewed)| async move {
+            (
+                k,
+                renewal::renew_before(renewed + give_up, renew(k, since)).await,
+            )
+        })
+        .buffer_unordered(RENEWALS_AT_ONCE)
+        .collect()
+        .await
+}
+
 /// The identities that want an IDLE session now.
 async fn wanted(ctx: &Ctx) -> Result<HashSet<Key>, StoreError> {
     let all = ctx.settings.imap.idle == IdleMode::All;
@@ -517,23 +560,16 @@ async fn watch_once(
     let renew = ctx.settings.imap.idle_renew();
     // Sync once first: mail may have come while nobody watched.
     let mut sync_at = Some(Instant::now());
-    let mut retry = Duration::from_secs(1);
+    let mut pace = Pace::new();
     loop {
-        if sync_at.is_some_and(|t| t <= Instant::now()) {
+        // A loop: a sync that saw INBOX grow asks for another at once.
+        while sync_at.is_some_and(|t| t <= Instant::now()) && !stop.is_triggered() {
             let held = (&mut session, &conn, qresync_on);
-            sync_at = match push_sync(ctx, key, slots, held, stop).await {
-                Ended::Done => {
-                    retry = Duration::from_secs(1);
-                    None
-                }
-                // Another sync holds the identity; it may have passed INBOX
-                // already, so ours runs once it is over.
-                Ended::Busy => Some(Instant::now() + retry.min(Duration::from_secs(15))),
-                Ended::Failed => Some(Instant::now() + retry),
-            };
-            if sync_at.is_some() {
-                retry = (retry * 2).min(MAX_BACKOFF);
+            let (ended, grew) = push_sync(ctx, key, slots, held, stop).await;
+            if grew {
+                ctx.metrics.idle_wakeups.inc();
             }
+            sync_at = pace.next(ended, grew);
         }
         if stop.is_triggered() {
             job::logout(&mut session, &acc).await;
@@ -552,6 +588,52 @@ async fn watch_once(
                 return Ok(SessionEnd::Stopped);
             }
         }
+    }
+}
+
+/// When a session syncs next: the backoff of syncs that did not go
+/// through, and how many syncs in a row INBOX grew during.
+struct Pace {
+    retry: Duration,
+    grown: u32,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            retry: Duration::from_secs(1),
+            grown: 0,
+        }
+    }
+
+    /// When to sync again after a sync that ended so, `grew` saying
+    /// whether INBOX grew while it ran.
+    fn next(&mut self, ended: Ended, grew: bool) -> Option<Instant> {
+        let now = Instant::now();
+        let at = match ended {
+            Ended::Done if !grew => {
+                *self = Pace::new();
+                return None;
+            }
+            // INBOX grew, said only inside the sync's answers (the next
+            // IDLE owes no word of it): again, now; after
+            // GROWN_AT_ONCE in a row (a flood, or a server that says so
+            // wrongly), with the backoff.
+            Ended::Done => {
+                self.grown += 1;
+                if self.grown <= GROWN_AT_ONCE {
+                    self.retry = Duration::from_secs(1);
+                    return Some(now);
+                }
+                now + self.retry
+            }
+            // Another sync holds the identity; it may have passed INBOX
+            // already, so ours runs once it is over.
+            Ended::Busy => now + self.retry.min(Duration::from_secs(15)),
+            Ended::Failed => now + self.retry,
+        };
+        self.retry = (self.retry * 2).min(MAX_BACKOFF);
+        Some(at)
     }
 }
 
@@ -654,17 +736,18 @@ async fn next(
     Ok(fetch::next_response(session, server, io, during, |r| classify(r, tag)).await?)
 }
 
-/// Sync INBOX over the IDLE session, in one of the worker's job slots.
+/// Sync INBOX over the IDLE session, in one of the worker's job slots;
+/// and whether INBOX grew past what that sync opened (see [`imap::news`]).
 async fn push_sync(
     ctx: &Ctx,
     key: Key,
     slots: &Arc<Semaphore>,
     (session, conn, qresync_on): (&mut ImapSession, &imap::ConnInfo, bool),
     stop: &mut Shutdown,
-) -> Ended {
+) -> (Ended, bool) {
     let _slot = tokio::select! {
         p = slots.clone().acquire_owned() => p,
-        _ = stop.wait() => return Ended::Busy,
+        _ = stop.wait() => return (Ended::Busy, false),
     };
     let req = SyncRequest {
         user_id: key.0,
@@ -676,7 +759,10 @@ async fn push_sync(
         held: Some((session, conn)),
         qresync_on,
     };
-    job::sync_scoped(ctx, req, Counters::new(), scope).await.1
+    let news = imap::news::Watch::new();
+    let sync = job::sync_scoped(ctx, req, Counters::new(), scope);
+    let ended = imap::news::watched(news.clone(), sync).await.1;
+    (ended, news.grew())
 }
 
 /// One IMAP step bounded by the I/O timeout.
@@ -708,7 +794,67 @@ fn broken(server: &str, during: &str, reason: impl std::fmt::Display) -> JobErro
 
 #[cfg(test)]
 mod tests {
-    use super::share;
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_renewal_that_never_answers_is_abandoned_before_the_lease_lapses() {
+        let lease = Duration::from_secs(30);
+        let last = Instant::now();
+        // A round a third of the lease later: one renewal hangs, one answers.
+        tokio::time::advance(lease / 3).await;
+        let (hung, fine) = ((Uuid::nil(), Uuid::nil()), (Uuid::nil(), Uuid::max()));
+        let due = vec![(hung, Utc::now(), last), (fine, Utc::now(), last)];
+        let round = renew_leases(due, lease / 2, |k, _| async move {
+            if k == hung {
+                std::future::pending::<Result<bool, String>>().await
+            } else {
+                Ok(true)
+            }
+        });
+        let results = tokio::time::timeout(lease - lease / 3, round)
+            .await
+            .expect("the round ends before the hung lease could lapse");
+        assert!(last.elapsed() <= lease / 2, "{:?}", last.elapsed());
+        let of = |k| results.iter().find(|(key, _)| *key == k).map(|(_, r)| r);
+        assert!(
+            matches!(of(hung), Some(Renewal::OutOfTime { .. })),
+            "{results:?}"
+        );
+        assert!(
+            matches!(of(fine), Some(Renewal::Renewed { .. })),
+            "{results:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sync_that_saw_inbox_grow_is_followed_by_another_within_bounds() {
+        let mut pace = Pace::new();
+        let now = Instant::now();
+        assert_eq!(pace.next(Ended::Done, false), None);
+        for _ in 0..GROWN_AT_ONCE {
+            assert_eq!(pace.next(Ended::Done, true), Some(now), "at once");
+        }
+        // Growth every time: a flood, or a server that says so wrongly.
+        assert_eq!(
+            pace.next(Ended::Done, true),
+            Some(now + Duration::from_secs(1))
+        );
+        assert_eq!(
+            pace.next(Ended::Done, true),
+            Some(now + Duration::from_secs(2))
+        );
+        // A sync that saw nothing new ends it.
+        assert_eq!(pace.next(Ended::Done, false), None);
+        assert_eq!(pace.next(Ended::Done, true), Some(now));
+        assert_eq!(
+            pace.next(Ended::Failed, false),
+            Some(now + Duration::from_secs(1))
+        );
+        assert_eq!(
+            pace.next(Ended::Failed, false),
+            Some(now + Duration::from_secs(2))
+        );
+    }
 
     #[test]
     fn sessions_are_shared_evenly_within_budgets() {

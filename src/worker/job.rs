@@ -12,17 +12,19 @@ use uuid::Uuid;
 
 use super::account;
 use super::checkpoint;
-use super::context::{Counters, Ctx};
+use super::context::{Counters, Ctx, SyncHold};
 use super::pipeline::{sync_mailbox, MailboxJob, SyncFrom};
+use super::renewal;
 use super::resync;
 use super::{Busy, JobError, Missing};
 use crate::bus::wire::{orders, CacheOrder, JobReport};
 use crate::imap::fetch::Reader;
+use crate::imap::folders::Undecodable;
 use crate::imap::{self, status, Account, ImapError, ImapSession};
 use crate::metrics::InFlight;
 use crate::shutdown::{self, Shutdown};
 use crate::store::identity::{
-    time_text, ErrorStreak, Identity, Status, SyncingMarker, PROTOCOL_EMAIL,
+    mailbox_key, time_text, ErrorStreak, Identity, Status, SyncingMarker, PROTOCOL_EMAIL,
 };
 use crate::store::raw_message::fullfetch_identity;
 
@@ -89,6 +91,7 @@ fn report(order: &str, user: Uuid, identity: Uuid) -> JobReport {
 fn conclude(rep: &mut JobReport, counters: &Counters, result: &Result<(), JobError>) {
     counters.fill(rep);
     rep.interrupted = matches!(result, Err(e) if e.is_interrupted());
+    rep.busy = matches!(result, Err(JobError::Busy(_)));
     rep.outage = matches!(
         result,
         Err(JobError::Outage(_) | JobError::Store(_) | JobError::Bus(_))
@@ -212,11 +215,17 @@ async fn sync_locked(
     // Caliopen's marker goes first, before the lock's Paxos round: a Go
     // worker that reads it from now on stands down (see `claim_marker`).
     let since = Utc::now();
-    let marker = SyncingMarker::text_of(since);
-    write_marker(ctx, req, &marker).await?;
+    let hold = SyncHold {
+        key: (id.user_id, id.identity_id),
+        owner: ctx.sync_owner(),
+        marker: SyncingMarker::text_of(since),
+    };
+    write_marker(ctx, &hold).await?;
     let ttl = ctx.settings.imap.lock_ttl_secs;
+    // The lock lives its TTL from no earlier than this.
+    let taken = tokio::time::Instant::now();
     if !store
-        .take_sync_lock(id.user_id, id.identity_id, &ctx.worker_id, since, ttl)
+        .take_sync_lock(id.user_id, id.identity_id, &hold.owner, since, ttl)
         .await?
     {
         // The marker stays: the winner owns the identity's marker now and
@@ -224,13 +233,13 @@ async fn sync_locked(
         return Err(Busy::LockHeld.into());
     }
     // From here on, every path releases the lock.
-    let key = (id.user_id, id.identity_id);
-    ctx.note_lock(key, true);
+    ctx.note_lock(&hold, true);
+    let whole = scope.only.is_none();
     let result = async {
-        let id = claim_marker(ctx, req, &marker).await?;
+        let id = claim_marker(ctx, req, &hold).await?;
         rep.mailboxes = id.mailboxes();
-        let r = run_renewing(ctx, &id, since, |stop| {
-            sync_identity_inner(ctx, &id, &req.password, &marker, counters, scope, stop)
+        let r = run_renewing(ctx, &hold, (since, taken), |stop| {
+            sync_identity_inner(ctx, &id, &req.password, &hold, counters, scope, stop)
         })
         .await;
         Ok::<_, JobError>((id, r))
@@ -249,18 +258,21 @@ async fn sync_locked(
     let _ = store
         .set_last_check(id.user_id, id.identity_id, Utc::now())
         .await;
-    record_outcome(ctx, &id, counters, &result).await;
-    release(ctx, key, marker_ours).await;
+    record_outcome(ctx, &id, counters, &result, whole).await;
+    release(ctx, hold, marker_ours).await;
     result
 }
 
 /// Record how a sync ended on the identity: its error, or messages left
-/// to retry, or a clean end that clears the error streak.
+/// to retry, or a clean end that clears the error streak. Only a sync of
+/// every folder (`whole`) clears it: the streak may come from a folder a
+/// sync of INBOX alone (an IDLE wake-up) never looked at.
 async fn record_outcome(
     ctx: &Ctx,
     id: &Identity,
     counters: &Counters,
     result: &Result<(), JobError>,
+    whole: bool,
 ) {
     let left = counters.failed.load(std::sync::atomic::Ordering::Relaxed);
     match result {
@@ -275,9 +287,10 @@ async fn record_outcome(
                 tracing::error!(error = %e2, "cannot record the sync error on the identity");
             }
         }
-        Ok(()) => {
+        Ok(()) if whole => {
             let _ = clear_errors(ctx, id).await;
         }
+        Ok(()) => {}
         Err(e) => {
             if let Err(e2) = record_error(ctx, id, e).await {
                 tracing::error!(error = %e2, "cannot record the sync error on the identity");
@@ -326,13 +339,15 @@ fn go_marker_check(id: &Identity) -> Result<(), JobError> {
 }
 
 /// Write Caliopen's `syncing` marker, a value unique to this sync (RFC 3339
-/// with nanoseconds, which Go's parser accepts), with our worker id beside it.
-async fn write_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<(), JobError> {
+/// with nanoseconds, which Go's parser accepts), with the sync's owner
+/// (our worker id and the sync's number) beside it.
+async fn write_marker(ctx: &Ctx, hold: &SyncHold) -> Result<(), JobError> {
+    let (user, identity) = hold.key;
     ctx.store
         .merge_infos(
-            req.user_id,
-            req.identity_id,
-            SyncingMarker::entries(marker, &ctx.worker_id),
+            user,
+            identity,
+            SyncingMarker::entries(&hold.marker, &hold.owner),
         )
         .await?;
     Ok(())
@@ -347,7 +362,7 @@ enum Marker {
     /// with a marker in its place: a Go worker (it writes `syncing`, or the
     /// whole `infos` map) read the identity before ours landed.
     TakenByGo,
-    /// Another of our workers wrote after us (it lost the lock race).
+    /// Another sync of ours wrote after us (it lost the lock race).
     OtherOfOurs,
     /// Only a `syncing` without owner: a Go worker's, of any age.
     GoWorkers,
@@ -374,17 +389,17 @@ fn go_took_it() -> JobError {
 /// from is never older than the last sync's) and check the marker: ours,
 /// go on; taken by a Go worker, or a fresh Go marker, stand down; written
 /// over by another of ours or cleared, write ours again and check once more.
-async fn claim_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<Identity, JobError> {
+async fn claim_marker(ctx: &Ctx, req: &SyncRequest, hold: &SyncHold) -> Result<Identity, JobError> {
     for attempt in 0..2 {
         let id = load_identity(ctx, req.user_id, req.identity_id).await?;
-        match marker_of(&id, &ctx.worker_id, marker) {
+        match marker_of(&id, &hold.owner, &hold.marker) {
             Marker::Ours => return Ok(id),
             Marker::TakenByGo => return Err(go_took_it()),
             Marker::GoWorkers => go_marker_check(&id)?,
             Marker::OtherOfOurs | Marker::Absent => {}
         }
         if attempt == 0 {
-            write_marker(ctx, req, marker).await?;
+            write_marker(ctx, hold).await?;
         }
     }
     Err(Busy::MarkerKeepsChanging.into())
@@ -395,9 +410,9 @@ async fn claim_marker(ctx: &Ctx, req: &SyncRequest, marker: &str) -> Result<Iden
 /// own only later, and replaces the whole `infos` map when it does (so our
 /// `syncing_owner` disappears). Another of our workers that lost the lock
 /// race may have written its own marker: that one is harmless.
-async fn marker_still_ours(ctx: &Ctx, id: &Identity, marker: &str) -> Result<(), JobError> {
+async fn marker_still_ours(ctx: &Ctx, id: &Identity, hold: &SyncHold) -> Result<(), JobError> {
     let now = load_identity(ctx, id.user_id, id.identity_id).await?;
-    match marker_of(&now, &ctx.worker_id, marker) {
+    match marker_of(&now, &hold.owner, &hold.marker) {
         Marker::Ours | Marker::OtherOfOurs => Ok(()),
         Marker::TakenByGo | Marker::GoWorkers | Marker::Absent => Err(go_took_it()),
     }
@@ -409,8 +424,8 @@ async fn marker_still_ours(ctx: &Ctx, id: &Identity, marker: &str) -> Result<(),
 /// TTL stops, so it ends before another worker could take the lock.
 async fn run_renewing<F, Fut>(
     ctx: &Ctx,
-    id: &Identity,
-    since: DateTime<Utc>,
+    hold: &SyncHold,
+    (since, taken): (DateTime<Utc>, tokio::time::Instant),
     work: F,
 ) -> Result<(), JobError>
 where
@@ -420,7 +435,7 @@ where
     let (trigger, stop) = shutdown::channel();
     let trigger = Arc::new(trigger);
     let why: Why = Arc::default();
-    let renewer = spawn_lock_renewal(ctx, id, since, trigger.clone(), why.clone());
+    let renewer = spawn_lock_renewal(ctx, hold, (since, taken), trigger.clone(), why.clone());
     let deadline = tokio::time::Instant::now() + ctx.settings.imap.job_deadline();
     let mut shutdown = ctx.shutdown.clone();
     let work = work(stop);
@@ -456,63 +471,41 @@ where
 /// Why a job's stop token fired; the first reason wins.
 type Why = Arc<std::sync::Mutex<Option<String>>>;
 
-/// Renew the sync lock every third of its TTL in a task of its own; when
+/// Renew the sync lock in a task of its own ([`renewal::keep_lock`]); when
 /// it is lost, or cannot be renewed for half the TTL, say why and fire
 /// `trigger`.
 fn spawn_lock_renewal(
     ctx: &Ctx,
-    id: &Identity,
-    since: DateTime<Utc>,
+    hold: &SyncHold,
+    (since, taken): (DateTime<Utc>, tokio::time::Instant),
     trigger: Arc<shutdown::Trigger>,
     why: Why,
 ) -> tokio::task::JoinHandle<()> {
     let ttl = ctx.settings.imap.lock_ttl_secs;
     let ctx = ctx.clone();
-    let (user, identity) = (id.user_id, id.identity_id);
+    let ((user, identity), owner) = (hold.key, hold.owner.clone());
     tokio::spawn(async move {
-        let every = Duration::from_secs(ttl / 3);
-        let give_up = Duration::from_secs(ttl / 2);
-        let mut renewed = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(every.min(Duration::from_secs(5)).max(every / 2)).await;
-            if renewed.elapsed() < every {
-                continue;
-            }
-            let stop_with = match ctx
-                .store
-                .renew_sync_lock(user, identity, &ctx.worker_id, since, ttl)
-                .await
-            {
-                Ok(true) => {
-                    renewed = tokio::time::Instant::now();
-                    None
-                }
-                Ok(false) => Some("the sync lock was lost (cleared or lapsed)".to_string()),
-                Err(e) if renewed.elapsed() >= give_up => {
-                    Some(format!("cannot renew the sync lock: {e}"))
-                }
-                Err(e) => {
-                    tracing::warn!(identity = %identity, error = %e, "cannot renew the sync lock yet");
-                    None
-                }
-            };
-            if let Some(reason) = stop_with {
-                tracing::warn!(identity = %identity, reason = %reason, "stopping the sync");
-                why.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get_or_insert(reason);
-                trigger.trigger();
-                return;
-            }
-        }
+        let reason = renewal::keep_lock(Duration::from_secs(ttl), taken, || {
+            ctx.store
+                .renew_sync_lock(user, identity, &owner, since, ttl)
+        })
+        .await;
+        tracing::warn!(identity = %identity, reason = %reason, "stopping the sync");
+        why.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(reason);
+        trigger.trigger();
     })
 }
 
 /// Release the lock and, when it is still ours, the marker; when Cassandra
 /// cannot be reached, keep trying in the background for a while (the lock
-/// row also lapses by itself).
-async fn release(ctx: &Ctx, key: (Uuid, Uuid), marker_ours: bool) {
-    if let Err(e) = ctx.release_lock(key, marker_ours).await {
+/// row also lapses by itself). A retry that lands late touches only this
+/// sync's own lock and marker (`hold`'s owner and value), never those of a
+/// later sync of the identity, in this process or another.
+async fn release(ctx: &Ctx, hold: SyncHold, marker_ours: bool) {
+    let key = hold.key;
+    if let Err(e) = ctx.release_lock(&hold, marker_ours).await {
         tracing::warn!(identity = %key.1, error = %e, "cannot release the sync lock yet: retrying in the background");
         let ctx = ctx.clone();
         tokio::spawn(async move {
@@ -520,7 +513,7 @@ async fn release(ctx: &Ctx, key: (Uuid, Uuid), marker_ours: bool) {
             let until = tokio::time::Instant::now() + Duration::from_secs(600);
             while tokio::time::Instant::now() < until {
                 tokio::time::sleep(delay).await;
-                match ctx.release_lock(key, marker_ours).await {
+                match ctx.release_lock(&hold, marker_ours).await {
                     Ok(()) => {
                         tracing::info!(identity = %key.1, "sync lock released");
                         return;
@@ -537,7 +530,7 @@ async fn sync_identity_inner(
     ctx: &Ctx,
     id: &Identity,
     password: &str,
-    marker: &str,
+    hold: &SyncHold,
     counters: &Arc<Counters>,
     scope: Scope<'_>,
     mut stop: Shutdown,
@@ -564,7 +557,7 @@ async fn sync_identity_inner(
         }
     };
     let result = async {
-        marker_still_ours(ctx, id, marker).await?;
+        marker_still_ours(ctx, id, hold).await?;
         let remote = Remote {
             session,
             acc: &acc,
@@ -602,7 +595,7 @@ fn one_of(id: &Identity, mailbox: &str) -> Vec<String> {
         |m: &String| m == mailbox || (checkpoint::is_inbox(m) && checkpoint::is_inbox(mailbox));
     let star = listed.iter().any(|m| m == "*") && checkpoint::is_inbox(mailbox);
     if star || listed.iter().any(named) {
-        vec![mailbox.to_string()]
+        vec![mailbox_key(mailbox).to_string()]
     } else {
         Vec::new()
     }
@@ -632,22 +625,23 @@ async fn sync_mailboxes(
     } else {
         id.display_name.as_str()
     };
-    let (mailboxes, statuses) = match only {
+    let (mailboxes, statuses, undecodable) = match only {
         // A wake-up: no LIST, and no STATUS of the mailbox the session has
         // selected (RFC 3501 §6.3.10 advises against it); the server just
         // said it changed.
-        Some(m) => (one_of(id, m), status::Statuses::default()),
+        Some(m) => (one_of(id, m), status::Statuses::default(), Vec::new()),
         None => mailboxes_of(id, session, acc, conn, stop).await?,
     };
     let known = ctx.store.mailbox_errors(id.user_id, id.identity_id).await?;
-    for gone in known
-        .iter()
-        .filter(|k| only.is_none() && !mailboxes.contains(&k.mailbox))
-    {
-        ctx.store
-            .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
-            .await?;
-    }
+    listing_errors(
+        ctx,
+        id,
+        only.is_none(),
+        (&mailboxes, &undecodable),
+        &known,
+        counters,
+    )
+    .await?;
     let last = ctx
         .store
         .mailbox_statuses(id.user_id, id.identity_id)
@@ -724,6 +718,31 @@ async fn sync_mailboxes(
     Ok(())
 }
 
+/// The folder errors a listing settles: those of folders no longer synced
+/// are cleared (only by a sync of every folder, `whole`), and a listed
+/// folder whose name does not decode is an error of that folder.
+async fn listing_errors(
+    ctx: &Ctx,
+    id: &Identity,
+    whole: bool,
+    (mailboxes, undecodable): (&[String], &[Undecodable]),
+    known: &[crate::store::state::MailboxError],
+    counters: &Counters,
+) -> Result<(), JobError> {
+    let listed =
+        |m: &str| mailboxes.iter().any(|n| n == m) || undecodable.iter().any(|u| u.wire == m);
+    for gone in known.iter().filter(|k| whole && !listed(&k.mailbox)) {
+        ctx.store
+            .clear_mailbox_error(id.user_id, id.identity_id, &gone.mailbox)
+            .await?;
+    }
+    for u in undecodable {
+        let earlier = known.iter().find(|k| k.mailbox == u.wire);
+        folder_failed(ctx, id, &u.wire, earlier, &u.reason, counters).await?;
+    }
+    Ok(())
+}
+
 /// `ENABLE QRESYNC` (RFC 7162 §3.2.3), once per session and only when a
 /// folder is about to be opened. `false` when the server refused it: the
 /// sync goes on as it would without QRESYNC.
@@ -751,13 +770,15 @@ pub(crate) async fn enable_qresync(
 /// server's STATUS of each, asked in the same round trip when the server
 /// has LIST-STATUS. A status that cannot be had is only left out (the
 /// mailbox is then opened as before); a refused folder listing is an error.
+/// Listed folders whose names do not decode come apart, to be recorded as
+/// folder errors.
 async fn mailboxes_of(
     id: &Identity,
     session: &mut ImapSession,
     acc: &Account,
     conn: &imap::ConnInfo,
     stop: &Shutdown,
-) -> Result<(Vec<String>, status::Statuses), JobError> {
+) -> Result<(Vec<String>, status::Statuses, Vec<Undecodable>), JobError> {
     let listed = id.mailboxes();
     let caps = conn.caps;
     let server = acc.server.as_str();
@@ -767,7 +788,8 @@ async fn mailboxes_of(
             let mut reader = Reader::new(session, server, acc.io_timeout, stop.clone());
             match status::list_with_status(&mut reader, caps).await {
                 Ok((folders, statuses)) => {
-                    return Ok((imap::folders::syncable_names(server, folders), statuses))
+                    let (names, bad) = imap::folders::syncable_names(server, folders);
+                    return Ok((names, statuses, bad));
                 }
                 Err(ImapError::Interrupted) => return Err(interrupted()),
                 Err(e @ ImapError::Protocol { .. }) => {
@@ -781,12 +803,12 @@ async fn mailboxes_of(
             r = imap::folders::list_known(session, server, acc.io_timeout, caps) => r?,
             _ = stop2.wait() => return Err(interrupted()),
         };
-        let names = imap::folders::syncable_names(server, folders);
+        let (names, bad) = imap::folders::syncable_names(server, folders);
         let statuses = statuses_of(session, acc, caps, &names, stop).await?;
-        return Ok((names, statuses));
+        return Ok((names, statuses, bad));
     }
     let statuses = statuses_of(session, acc, caps, &listed, stop).await?;
-    Ok((listed, statuses))
+    Ok((listed, statuses, Vec::new()))
 }
 
 /// The STATUS of `names`; a server error leaves them all without one.

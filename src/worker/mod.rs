@@ -21,6 +21,7 @@ pub mod idle;
 pub mod job;
 pub mod orders;
 pub mod pipeline;
+pub mod renewal;
 pub mod resync;
 pub mod tracker;
 
@@ -29,6 +30,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -41,6 +43,7 @@ use crate::cli::{WorkerArgs, WorkerCmd};
 use crate::config::WorkerSettings;
 use crate::imap::ImapError;
 use crate::shutdown::Shutdown;
+use crate::store::health::{Checked, Health};
 use crate::store::{Store, StoreError};
 use account::AccountError;
 use context::Ctx;
@@ -156,15 +159,15 @@ pub async fn run(
     crate::imap::tls::check_trust(&settings.imap.ca_file).map_err(crate::error::Failure::Config)?;
     // Served before the services answer, so /readyz can say they do not.
     let metrics = crate::metrics::WorkerMetrics::new();
-    let probe = Arc::new(Probe {
-        metrics: metrics.clone(),
-        ctx: std::sync::OnceLock::new(),
-    });
+    let probe = Probe::new(metrics.clone());
     if !settings.metrics_addr.trim().is_empty() {
         crate::http::start(&settings.metrics_addr, probe.clone(), shutdown.clone()).await?;
     }
     let objects = crate::store::objects::from_worker_settings(&settings)
         .map_err(|e| crate::error::Failure::Config(e.to_string()))?;
+    if let Some(w) = crate::store::objects::without_store_warning(&settings, objects.as_ref()) {
+        tracing::warn!("{w}");
+    }
     let store = Store::connect_retrying(&settings.store_settings, shutdown.clone()).await?;
     let bus = Bus::connect(
         &settings.nats_url,
@@ -173,29 +176,40 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
-    if let Some(o) = &objects {
-        // Caliopen creates the bucket at start-up when missing; if the store
-        // cannot be reached, say so now rather than at the first large message.
-        o.ensure_bucket()
-            .await
-            .map_err(|e| crate::error::Failure::Unavailable(e.to_string()))?;
-    }
     let ctx = Ctx::with_metrics(settings, store, bus, shutdown, metrics).with_objects(objects);
-    let _ = probe.ctx.set(ctx.clone());
+    probe.attach(ctx.clone());
     serve(ctx).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// What the worker's `/metrics` and `/readyz` answer.
-struct Probe {
+pub struct Probe {
     metrics: Arc<crate::metrics::WorkerMetrics>,
     /// Set once NATS and Cassandra were reached.
-    ctx: std::sync::OnceLock<Ctx>,
+    parts: std::sync::OnceLock<(Ctx, Health)>,
+}
+
+impl Probe {
+    /// Served before the services answer: not ready until [`Probe::attach`].
+    pub fn new(metrics: Arc<crate::metrics::WorkerMetrics>) -> Arc<Probe> {
+        Arc::new(Probe {
+            metrics,
+            parts: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// NATS and Cassandra were reached: from now on, check Cassandra and
+    /// the object store in the background (which also creates the bucket
+    /// when missing, as Caliopen does at start-up) until shutdown.
+    pub fn attach(&self, ctx: Ctx) {
+        let health = Health::spawn(ctx.store.clone(), ctx.objects.clone(), ctx.shutdown.clone());
+        let _ = self.parts.set((ctx, health));
+    }
 }
 
 impl crate::http::Probe for Probe {
     fn metrics(&self) -> String {
-        if let Some(ctx) = self.ctx.get() {
+        if let Some((ctx, _)) = self.parts.get() {
             self.metrics
                 .memory_in_use_bytes
                 .set(ctx.memory_in_use() as i64);
@@ -203,23 +217,38 @@ impl crate::http::Probe for Probe {
         self.metrics.encode()
     }
 
-    /// Ready when NATS is connected and Cassandra answers a query.
+    /// Ready when NATS is connected and Cassandra answered the last check;
+    /// no query is made here (see [`crate::store::health`]).
     fn ready(&self) -> futures::future::BoxFuture<'_, Result<String, String>> {
         Box::pin(async move {
-            let Some(ctx) = self.ctx.get() else {
+            let Some((ctx, health)) = self.parts.get() else {
                 return Err("not ready: connecting to Cassandra and NATS".into());
             };
             let nats = ctx.bus.client().connection_state();
             if nats != async_nats::connection::State::Connected {
                 return Err(format!("not ready: NATS is {nats:?}"));
             }
-            match tokio::time::timeout(Duration::from_secs(3), ctx.store.ping()).await {
-                Ok(Ok(())) => Ok("ready: NATS and Cassandra answer".into()),
-                Ok(Err(e)) => Err(format!("not ready: {e}")),
-                Err(_) => Err("not ready: Cassandra did not answer within 3 s".into()),
-            }
+            readiness(&health.last())
         })
     }
+}
+
+/// The `/readyz` answer once NATS is connected. The object store does not
+/// make the worker unready: only messages over `raw_size_limit` need it.
+fn readiness(c: &Checked) -> Result<String, String> {
+    match &c.store {
+        None => return Err("not ready: waiting for Cassandra's first answer".into()),
+        Some(Err(e)) => return Err(format!("not ready: {e}")),
+        Some(Ok(())) => {}
+    }
+    Ok(match &c.objects {
+        None => "ready: NATS and Cassandra answer".into(),
+        Some(Ok(())) => "ready: NATS, Cassandra and the object store answer".into(),
+        Some(Err(e)) => format!(
+            "ready: NATS and Cassandra answer; the object store does not ({e}): \
+             messages over raw_size_limit wait until it does"
+        ),
+    })
 }
 
 /// The daemon loop; returns after a shutdown, once jobs have finished.
@@ -246,6 +275,10 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
     let mut room: Option<OwnedSemaphorePermit> = None;
     let mut jobs = JoinSet::new();
     let mut pulls = Pulls::new(s.imap.poll_throttle(), s.workers);
+    // The `need_job` in flight (one at a time), with the slot it holds. It
+    // waits in its own branch: a poller slow to answer (up to the request's
+    // 5 s timeout) never holds up the reading of orders.
+    let mut pulling: Option<BoxFuture<'static, Pulled>> = None;
     let mut lost = false;
     // Live sync runs beside the orders, in the same job slots.
     let (end_live, live_stop) = crate::shutdown::channel();
@@ -272,13 +305,19 @@ pub async fn serve(ctx: Ctx) -> anyhow::Result<()> {
                 };
                 spawn_order(&ctx, &mut jobs, &pools, msg, room.take());
             }
-            _ = tokio::time::sleep_until(pull_at), if pools.slots.available_permits() > 0 => {
-                pull(&ctx, &pools, &mut pulls, &mut jobs).await;
+            _ = tokio::time::sleep_until(pull_at),
+                if pulling.is_none() && pools.slots.available_permits() > 0 => {
+                pulling = start_pull(&ctx, &pools, &mut pulls);
+            }
+            (job, permit) = async { pulling.as_mut().expect("guarded").await }, if pulling.is_some() => {
+                pulling = None;
+                run_pulled(&ctx, &mut pulls, &mut jobs, job, permit);
             }
         }
     }
 
-    // No new work from here on.
+    // No new work from here on; a pull still waiting gives its slot back.
+    drop(pulling);
     let _ = orders.unsubscribe().await;
     // The live sync stops on the same shutdown (or right now, if the
     // subscription was lost) and releases its leases.
@@ -329,13 +368,29 @@ fn spawn_order(
     });
 }
 
-/// Ask the poller for a job for a free slot, and run it in that slot.
-async fn pull(ctx: &Ctx, pools: &Pools, pulls: &mut Pulls, jobs: &mut JoinSet<()>) {
-    let Ok(permit) = pools.slots.clone().try_acquire_owned() else {
-        return; // taken by an order meanwhile
-    };
+/// A pull's answer and the job slot it held while waiting for it.
+type Pulled = (Option<Job>, OwnedSemaphorePermit);
+
+/// Take a free slot and ask the poller for a job for it; `None` when an
+/// order took the slot meanwhile. The slot stays taken until the answer:
+/// a job runs in it, or it is freed when there is none.
+fn start_pull(ctx: &Ctx, pools: &Pools, pulls: &mut Pulls) -> Option<BoxFuture<'static, Pulled>> {
+    let permit = pools.slots.clone().try_acquire_owned().ok()?;
     pulls.sent();
-    match pull_job(ctx).await {
+    let ctx = ctx.clone();
+    Some(Box::pin(async move { (pull_job(&ctx).await, permit) }))
+}
+
+/// Run a pulled job in the slot its pull held; with none, free the slot
+/// and pull again only a throttle period later.
+fn run_pulled(
+    ctx: &Ctx,
+    pulls: &mut Pulls,
+    jobs: &mut JoinSet<()>,
+    job: Option<Job>,
+    permit: OwnedSemaphorePermit,
+) {
+    match job {
         Some(job) => {
             let ctx = ctx.clone();
             jobs.spawn(async move {
@@ -487,5 +542,28 @@ async fn pull_job(ctx: &Ctx) -> Option<Job> {
             tracing::warn!(error = %e, "cannot pull a job from the poller");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_object_store_never_makes_the_worker_unready() {
+        let checked = |store, objects| Checked { store, objects };
+        assert!(readiness(&checked(None, None)).is_err());
+        let down = readiness(&checked(Some(Err("no host".into())), None)).unwrap_err();
+        assert!(down.contains("no host"), "{down}");
+        let ok = readiness(&checked(Some(Ok(())), None)).unwrap();
+        assert_eq!(ok, "ready: NATS and Cassandra answer");
+        let s3_down = readiness(&checked(Some(Ok(())), Some(Err("refused".into())))).unwrap();
+        assert!(
+            s3_down.contains("refused") && s3_down.contains("messages over raw_size_limit wait"),
+            "{s3_down}"
+        );
+        assert!(readiness(&checked(Some(Ok(())), Some(Ok(()))))
+            .unwrap()
+            .contains("object store answer"));
     }
 }

@@ -17,7 +17,8 @@
 //! - handed off, already delivered, or expunged from the server: done;
 //! - refused by the processor, or still on the server but unfetchable: one
 //!   try; after `max_message_tries` it is stepped over and listed;
-//! - larger than `max_message_size` (announced or real): stepped over at
+//! - larger than `max_message_size` (announced or real), or than
+//!   `raw_size_limit` when no object store is configured: stepped over at
 //!   once, since no retry can succeed;
 //! - an outage of ours (no processor, NATS or Cassandra failing): the
 //!   mailbox stops there, the checkpoint stays before it, no try is counted;
@@ -50,6 +51,7 @@ use crate::imap::fetch::{uid_set, Changes, MailboxInfo, Reader};
 use crate::imap::headers::{self, FetchedMeta};
 use crate::imap::{ConnInfo, ImapError, ImapSession};
 use crate::shutdown::Shutdown;
+use crate::store::identity::mailbox_key;
 use crate::store::raw_message::{raw_message_id, RawMessage};
 use crate::store::resync::MailboxStatus;
 use crate::store::state::{Checkpoint, MessageFailure};
@@ -175,16 +177,17 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
     };
 
     let mut tracker = Tracker::new(base, new_uids(&mut reader, mb, base).await?);
+    let mut failures = earlier_failures(job, uidvalidity, base, tracker.uids()).await?;
     if tracker.is_empty() {
         // A new generation of the mailbox starts with a checkpoint.
         let known = matches!(job.from, SyncFrom::Resume(cp) if cp.uidvalidity == uidvalidity);
         if job.tracked() && !known {
             save(base).await?;
         }
+        // No message waits for a retry (any such is gone): a clean end.
         save_status(job, mb, base).await?;
         return Ok(());
     }
-    let mut failures = earlier_failures(job, uidvalidity).await?;
     for f in failures.values().filter(|f| f.stepped_over) {
         tracker.done(f.uid);
     }
@@ -341,25 +344,78 @@ where
     }
 }
 
-/// Earlier failures of this mailbox generation.
+/// Earlier failures of this mailbox generation, but the rows of messages
+/// this sync learns are gone, which it drops (see [`gone_failures`]).
+/// `present` are the UIDs above `base` that `UID SEARCH` found.
 async fn earlier_failures(
     job: &MailboxJob<'_>,
     uidvalidity: u32,
+    base: u32,
+    present: &[u32],
 ) -> Result<HashMap<u32, MessageFailure>, JobError> {
     let mut failures = HashMap::new();
-    if job.tracked() {
-        for f in job
-            .ctx
-            .store
-            .message_failures(job.user_id, job.identity_id)
-            .await?
-        {
-            if f.mailbox == job.mailbox && f.uidvalidity == uidvalidity {
-                failures.insert(f.uid, f);
-            }
-        }
+    if !job.tracked() {
+        return Ok(failures);
+    }
+    let store = &job.ctx.store;
+    // A row written under another spelling of INBOX is INBOX's.
+    let rows = store.message_failures(job.user_id, job.identity_id).await?;
+    let (mine, gone) = gone_failures(job.mailbox, uidvalidity, base, present, rows);
+    for f in &gone {
+        tracing::info!(
+            mailbox = job.mailbox,
+            uidvalidity = f.uidvalidity,
+            uid = f.uid,
+            tries = f.tries,
+            "message with a failure row gone from the server: row dropped"
+        );
+        let at = (
+            job.user_id,
+            job.identity_id,
+            &f.mailbox,
+            f.uidvalidity,
+            f.uid,
+        );
+        store
+            .clear_message_failure(at.0, at.1, at.2, at.3, at.4)
+            .await?;
+    }
+    Counters::add(&job.counters.gone, gone.len() as u64);
+    job.ctx.metrics.gone.inc_by(gone.len() as u64);
+    for f in mine {
+        failures.insert(f.uid, f);
     }
     Ok(failures)
+}
+
+/// Split the failure rows of `mailbox` into those of this generation that
+/// still stand, and those of messages known gone: waiting for a retry, and
+/// either above the checkpoint (`base`) and no longer found by `UID
+/// SEARCH` (`present`), or of an older generation (UIDVALIDITY changed).
+/// Such a row could never be retried, and would keep the folder from ever
+/// being skipped. Rows stepped over stay: they are listed for operators,
+/// and `imapctl retry` hands off their stored copies.
+fn gone_failures(
+    mailbox: &str,
+    uidvalidity: u32,
+    base: u32,
+    present: &[u32],
+    rows: Vec<MessageFailure>,
+) -> (Vec<MessageFailure>, Vec<MessageFailure>) {
+    let mut mine = Vec::new();
+    let mut gone = Vec::new();
+    for f in rows {
+        if mailbox_key(&f.mailbox) != mailbox {
+            continue;
+        }
+        let missing = f.uid > base && present.binary_search(&f.uid).is_err();
+        if !f.stepped_over && (f.uidvalidity != uidvalidity || missing) {
+            gone.push(f);
+        } else if f.uidvalidity == uidvalidity {
+            mine.push(f);
+        }
+    }
+    (mine, gone)
 }
 
 /// Read the previous high-water mark and save this run's. Returns the UID
@@ -428,7 +484,7 @@ async fn sizes_and_refusals(
     batch: &[u32],
     tx: &mpsc::Sender<Fetched>,
 ) -> Result<Option<(BTreeMap<u32, u32>, HashSet<u32>)>, ImapError> {
-    let max = job.ctx.settings.imap.max_message_size;
+    let (max, setting) = job.ctx.message_limit();
     let (sizes, _) = reader.sizes(batch).await?;
     let in_batch: HashSet<u32> = batch.iter().copied().collect();
     let mut seen = HashSet::new();
@@ -440,8 +496,7 @@ async fn sizes_and_refusals(
         }
         if size as u64 > max {
             refused.insert(uid);
-            let reason =
-                format!("message of {size} bytes exceeds imap.max_message_size ({max} bytes)");
+            let reason = format!("message of {size} bytes exceeds {setting}");
             if !send(job, tx, uid, Item::Refused(reason)).await {
                 return Ok(None);
             }
@@ -470,7 +525,7 @@ async fn bodies(
     if to_fetch.is_empty() {
         return Ok(Some((received, None)));
     }
-    let max = job.ctx.settings.imap.max_message_size;
+    let (max, setting) = job.ctx.message_limit();
     let mut bodies = reader.bodies(&to_fetch, job.conn.gmail).await?;
     // Servers send in UID order as a rule; the next expected is the
     // smallest not received yet.
@@ -495,8 +550,7 @@ async fn bodies(
         job.ctx.metrics.fetched_bytes.inc_by(b.data.len() as u64);
         let item = if b.data.len() as u64 > max {
             Item::Refused(format!(
-                "message of {} bytes (the server announced less) exceeds \
-                 imap.max_message_size ({max} bytes)",
+                "message of {} bytes (the server announced less) exceeds {setting}",
                 b.data.len()
             ))
         } else {
@@ -777,13 +831,14 @@ impl Consumer<'_, '_> {
     async fn done(&mut self, uid: u32) -> Result<(), JobError> {
         let job = self.job;
         self.tracker.done(uid);
-        if job.tracked() && self.failures.remove(&uid).is_some() {
+        // Cleared under the mailbox name it was written with.
+        if let Some(f) = self.failures.remove(&uid).filter(|_| job.tracked()) {
             job.ctx
                 .store
                 .clear_message_failure(
                     job.user_id,
                     job.identity_id,
-                    job.mailbox,
+                    &f.mailbox,
                     self.uidvalidity,
                     uid,
                 )
@@ -921,4 +976,38 @@ async fn store_and_hand_off(
 /// period, so the checkpoint and the lock release still fit in.
 fn shutdown_cut(grace: Duration) -> Duration {
     (grace / 2).clamp(Duration::from_secs(1), Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(mailbox: &str, uidvalidity: u32, uid: u32, stepped_over: bool) -> MessageFailure {
+        MessageFailure {
+            mailbox: mailbox.into(),
+            uidvalidity,
+            uid,
+            tries: 1,
+            last_error: String::new(),
+            stepped_over,
+        }
+    }
+
+    #[test]
+    fn only_rows_of_messages_known_gone_are_dropped() {
+        let rows = vec![
+            row("INBOX", 7, 5, false), // still found: stays
+            row("inbox", 7, 6, false), // INBOX's, gone: dropped
+            row("INBOX", 7, 8, true),  // stepped over: stays
+            row("INBOX", 6, 9, false), // an older generation: dropped
+            row("INBOX", 6, 10, true), // ... but stepped over: left alone
+            row("Work", 7, 6, false),  // another mailbox
+            row("INBOX", 7, 2, false), // at or below the checkpoint: stays
+        ];
+        let (mine, gone) = gone_failures("INBOX", 7, 4, &[5, 7], rows);
+        let uids = |v: &[MessageFailure]| v.iter().map(|f| f.uid).collect::<Vec<_>>();
+        assert_eq!(uids(&mine), [5, 8, 2]);
+        assert_eq!(uids(&gone), [6, 9]);
+        assert_eq!(gone[0].mailbox, "inbox", "cleared under its own spelling");
+    }
 }

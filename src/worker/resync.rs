@@ -46,12 +46,12 @@ pub fn known(rows: Vec<(String, MailboxStatus)>) -> Known {
         .collect()
 }
 
-/// The mailboxes with a message waiting for a retry.
+/// The mailboxes with a message waiting for a retry (INBOX spelled `INBOX`).
 pub fn retrying(failures: Vec<MessageFailure>) -> HashSet<String> {
     failures
         .into_iter()
         .filter(|f| !f.stepped_over)
-        .map(|f| f.mailbox)
+        .map(|f| crate::store::identity::mailbox_key(&f.mailbox).to_string())
         .collect()
 }
 

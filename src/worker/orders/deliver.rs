@@ -4,6 +4,11 @@
 //! The SMTP sender's reply is forwarded to the requester. Any failure on
 //! the way answers the contract's shape:
 //! `{"error": true, "message": "failed to handle order with error « … » "}`.
+//!
+//! Such an error makes the requester send the order again. So a message
+//! the sender sent is recorded at once (`imap_sent_message`, see
+//! `store/sent.rs`): the retry of a message whose copy in Sent failed only
+//! files that copy, and answers the sender's first reply.
 
 use std::time::Duration;
 
@@ -99,37 +104,97 @@ fn still_wanted(received: Instant, now: Instant) -> Result<(), String> {
     Ok(())
 }
 
+/// Send the message (unless an earlier order of it did), then file its
+/// copy in Sent (unless done already). Once the sender said "sent", the
+/// answer is never an error that a retry would turn into a second send
+/// unless that is recorded.
 async fn deliver(ctx: &Ctx, msg: &Message, req: DeliverRequest) -> Result<DeliveryReply, String> {
-    let DeliverRequest {
-        user,
-        identity,
+    let DeliverRequest { user, message, .. } = req;
+    let earlier = ctx
+        .store
+        .sent_message(user, message)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (reply, recorded) = match earlier {
+        Some(sent) if sent.filed => {
+            tracing::info!(user = %user, message = %message, "deliver of a message sent and filed already: nothing to do");
+            return Ok(sent_reply(sent.reply));
+        }
+        Some(sent) => {
+            tracing::info!(user = %user, message = %message, "deliver of a message sent already: filing its copy only");
+            (sent_reply(sent.reply), true)
+        }
+        None => {
+            let reply = send(ctx, msg).await?;
+            if reply.error {
+                return Ok(reply);
+            }
+            let recorded = match ctx.store.record_sent(user, message, &reply.message).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(user = %user, message = %message, error = %e, "sent, but cannot record it");
+                    false
+                }
+            };
+            (reply, recorded)
+        }
+    };
+    match file_copy(ctx, req).await {
+        Ok(()) => {
+            if let Err(e) = ctx.store.record_filed(user, message).await {
+                // A retry would file a second copy, never send again.
+                tracing::warn!(user = %user, message = %message, error = %e, "filed, but cannot record it");
+            }
+            Ok(reply)
+        }
+        Err(e) if recorded => Err(e),
+        Err(e) => {
+            // An error would make the requester send it again, unrecorded.
+            tracing::error!(user = %user, message = %message, error = %e, "sent, but its copy in Sent failed and the send could not be recorded: answering the sender's reply");
+            Ok(reply)
+        }
+    }
+}
+
+fn sent_reply(message: String) -> DeliveryReply {
+    DeliveryReply {
+        error: false,
         message,
-    } = req;
+    }
+}
+
+/// The order goes as it came to Caliopen's SMTP sender; its answer.
+async fn send(ctx: &Ctx, msg: &Message) -> Result<DeliveryReply, String> {
     let topic = &ctx.settings.lda.out_topic;
     if topic.is_empty() {
         return Err("LDAConfig.out_topic is empty: no SMTP sender to deliver through".into());
     }
-    // The order goes to the sender as it came.
     let sent = ctx
         .bus
         .request_raw(topic, msg.payload.clone(), SMTP_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
-    let reply: DeliveryReply = serde_json::from_slice(&sent.payload)
-        .map_err(|e| format!("bad reply from the SMTP sender: {e}"))?;
-    if reply.error {
-        return Ok(reply);
-    }
+    serde_json::from_slice(&sent.payload)
+        .map_err(|e| format!("bad reply from the SMTP sender: {e}"))
+}
+
+/// For a remote identity, APPEND the sent message to its Sent mailbox.
+async fn file_copy(ctx: &Ctx, req: DeliverRequest) -> Result<(), String> {
+    let DeliverRequest {
+        user,
+        identity,
+        message,
+    } = req;
     let Some(mut id) = ctx
         .store
         .identity(user, identity)
         .await
         .map_err(|e| e.to_string())?
     else {
-        return Ok(reply); // sent; no identity to file it for
+        return Ok(()); // sent; no identity to file it for
     };
     if id.kind != TYPE_REMOTE {
-        return Ok(reply);
+        return Ok(());
     }
     let (raw_id, date) = ctx
         .store
@@ -161,7 +226,7 @@ async fn deliver(ctx: &Ctx, msg: &Message, req: DeliverRequest) -> Result<Delive
     crate::worker::job::logout(&mut session, &acc).await;
     filed?;
     tracing::info!(user = %user, message = %message, "sent message filed in the remote Sent mailbox");
-    Ok(reply)
+    Ok(())
 }
 
 /// APPEND `raw` to the Sent mailbox: the one with the `\Sent` special use,

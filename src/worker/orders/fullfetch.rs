@@ -4,6 +4,7 @@
 use crate::bus::wire::{orders, ImapOrder, JobReport};
 use crate::bus::Message;
 use crate::config::split_host_port;
+use crate::store::identity::mailbox_key;
 use crate::worker::context::Ctx;
 use crate::worker::job::{self, FullFetchRequest};
 
@@ -16,10 +17,11 @@ pub(super) fn parse(o: &ImapOrder) -> Result<FullFetchRequest, String> {
     if o.password.is_empty() {
         return Err("missing password".into());
     }
+    // INBOX in any case is one mailbox: one spelling, one set of ids.
     let mailbox = if o.mailbox.trim().is_empty() {
         "INBOX".to_string()
     } else {
-        o.mailbox.clone()
+        mailbox_key(&o.mailbox).to_string()
     };
     Ok(FullFetchRequest {
         user_id,
