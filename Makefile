@@ -6,6 +6,8 @@
 #   make faults  the fault suite (kill -9, restarts, ...); faults-quick: small
 #   make faults-cluster  3-node Cassandra (RF 3) + 3-node NATS, 2 workers and
 #                2 pollers; kills a node of each and the leading poller (opt-in)
+#   make soak    the whole system under mixed load and faults, SOAK_MINUTES
+#                (30) on a private stack; writes SOAK.md (test runs 3 minutes)
 #   make image   the container image caliopen-imap:<version> (podman or docker,
 #                FROM scratch, Containerfile); deploy/compose.yaml runs it
 #   make rules   promtool check/test of the Prometheus rules in deploy/prometheus
@@ -15,7 +17,7 @@ BINDIR ?= $(PREFIX)/bin
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build release test unit lint demo bench bench-large faults faults-quick faults-cluster \
+.PHONY: all build release test unit lint demo bench bench-large faults faults-quick faults-cluster soak \
         install uninstall stack-up stack-down stack-status clean fuzz image image-if-podman rules
 
 all: build
@@ -27,11 +29,13 @@ release:
 	$(CARGO) build --release --bins --examples
 
 # Style and the alert rules first (cheap), an image where podman is (its
-# test in tests/image.rs skips otherwise), then the quick fault scenarios,
-# then unit and integration tests on the real stack (last, so the run closes
-# on their summary).
+# test in tests/image.rs skips otherwise), then the quick fault scenarios
+# and a 3-minute soak (on its own private stack, report in target/soak/),
+# then unit and integration tests on the real stack (last, so the run
+# closes on their summary).
 test: lint rules image-if-podman stack-up
 	bash scripts/faults.sh --quick
+	SOAK_MINUTES=3 bash scripts/soak.sh --quick
 	CALIOPEN_IMAP_IMAGE=$(TEST_IMAGE) $(CARGO) test --lib --test tests
 
 unit:
@@ -95,6 +99,14 @@ faults-quick: stack-up
 # stops everything it started on exit. About 5 minutes on 2 cores.
 faults-cluster: stack-up
 	bash scripts/faults-cluster.sh
+
+# The whole system, long, under mixed load and faults (README, "Soak"), on
+# a private stack of its own (other ports, .stack-soak/), stopped at the
+# end. SOAK_MINUTES (30), SOAK_SEED, SOAK_RATE; writes SOAK.md and
+# soak-latency.svg; exit 1 when a required zero is not zero.
+SOAK_MINUTES ?= 30
+soak:
+	SOAK_MINUTES=$(SOAK_MINUTES) bash scripts/soak.sh
 
 # The binary and its three program names.
 install: release

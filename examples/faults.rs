@@ -22,7 +22,6 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,15 +32,17 @@ use caliopen_imap::store::raw_message::raw_message_id;
 use caliopen_imap::store::Store;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 /// The cluster scenario (`make faults-cluster`, `FAULTS_CLUSTER=1`).
 #[path = "faults/cluster.rs"]
 mod cluster;
+#[path = "kit/mod.rs"]
+mod kit;
 #[path = "../tests/support/processor.rs"]
 mod processor;
 
+use kit::{fnv, order_sync, var, var_or, Daemon, Launch, Outcome, DOWN};
 use processor::{Answer, Pace};
 
 // ------------------------------------------------------------------ settings
@@ -76,19 +77,6 @@ struct Env {
     seed: u64,
     only: Option<Vec<String>>,
     keep: bool,
-}
-
-fn var(name: &str) -> Result<String> {
-    std::env::var(name).with_context(|| format!("${name} is not set (source the stack's env)"))
-}
-
-fn var_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => v
-            .parse()
-            .map_err(|_| anyhow!("${name}: not a valid value: {v:?}")),
-        _ => Ok(default),
-    }
 }
 
 impl Env {
@@ -141,6 +129,15 @@ impl Env {
                 .map(|s| s.split(',').map(|x| x.trim().to_string()).collect()),
             keep: var_or("FAULTS_KEEP", 0u8)? == 1,
         })
+    }
+
+    fn launch(&self) -> Launch {
+        Launch {
+            bin: self.bin.clone(),
+            repo: self.repo.clone(),
+            work: self.work.clone(),
+            tag: "faults",
+        }
     }
 
     fn mode(&self) -> &'static str {
@@ -305,27 +302,12 @@ impl Standin {
     }
 
     async fn set_mode(&self, mode: Mode) -> Result<()> {
-        if let Some(t) = self.task.lock().unwrap().take() {
-            t.abort();
-        }
-        if mode == Mode::Absent {
-            // Make sure the server has dropped the subscription.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            self.client.flush().await?;
-            return Ok(());
-        }
-        let sub = self
-            .client
-            .queue_subscribe(self.subject.clone(), "SMTPqueue".into())
-            .await?;
-        self.client.flush().await?;
         let me = self.clone();
-        let task = tokio::spawn(processor::serve(self.client.clone(), sub, move |order| {
+        let decide = (mode == Mode::Normal).then_some(move |order: &processor::ProcessRaw| {
             let delay = me.record(order.user_id, order.message_id);
             (Answer::Ok, Pace::Each(delay))
-        }));
-        *self.task.lock().unwrap() = Some(task);
-        Ok(())
+        });
+        kit::switch_standin(&self.client, &self.subject, &self.task, decide).await
     }
 
     /// Record one request; returns how long to wait before answering.
@@ -418,197 +400,6 @@ impl Standin {
 
 // ------------------------------------------------------------------ daemons
 
-/// A worker or poller subprocess the harness watches: an exit it did not
-/// cause is a crash.
-struct Daemon {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-    crashes: u32,
-    restarts: u32,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    ready: &'static str,
-}
-
-impl Daemon {
-    async fn spawn(
-        env: &Env,
-        name: &'static str,
-        args: Vec<String>,
-        denv: Vec<(String, String)>,
-        ready: &'static str,
-    ) -> Result<Daemon> {
-        // A log per daemon started (restarts append to it).
-        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let log = env.work.join(format!("{name}-{n}.log"));
-        let child = spawn_daemon(env, &args, &denv, &log)?;
-        let mut d = Daemon {
-            name,
-            child,
-            log,
-            crashes: 0,
-            restarts: 0,
-            args,
-            env: denv,
-            ready,
-        };
-        d.wait_ready().await?;
-        Ok(d)
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
-    /// Wait until the log (appended to across restarts) shows `ready` once
-    /// more than it did before this start.
-    async fn wait_ready(&mut self) -> Result<()> {
-        let want = self.restarts as usize + 1;
-        let until = Instant::now() + Duration::from_secs(180);
-        while Instant::now() < until {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            if text.matches(self.ready).count() >= want {
-                return Ok(());
-            }
-            if let Some(st) = self.child.try_wait()? {
-                bail!(
-                    "{} exited during start ({st}); log: {}",
-                    self.name,
-                    self.log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        bail!(
-            "{} not ready after 180 s; log: {}",
-            self.name,
-            self.log.display()
-        )
-    }
-
-    /// Has it exited on its own? Counts a crash and restarts it.
-    async fn check(&mut self, env: &Env) -> Result<()> {
-        if let Some(st) = self.child.try_wait()? {
-            self.crashes += 1;
-            eprintln!(
-                "[faults] CRASH: {} exited on its own ({st}); see {}",
-                self.name,
-                self.log.display()
-            );
-            self.restart(env).await?;
-        }
-        Ok(())
-    }
-
-    async fn restart(&mut self, env: &Env) -> Result<()> {
-        let _ = self.child.kill().await;
-        self.restarts += 1;
-        self.child = spawn_daemon(env, &self.args, &self.env, &self.log)?;
-        self.wait_ready().await
-    }
-
-    async fn kill9(&mut self) -> Result<()> {
-        self.child.kill().await?; // SIGKILL
-        Ok(())
-    }
-
-    /// SIGTERM; returns the exit status and how long the exit took.
-    async fn sigterm(&mut self, limit: Duration) -> Result<(Option<i32>, Duration)> {
-        let t = Instant::now();
-        if let Some(pid) = self.pid() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        match tokio::time::timeout(limit, self.child.wait()).await {
-            Ok(st) => Ok((st?.code(), t.elapsed())),
-            Err(_) => {
-                self.child.kill().await?;
-                Ok((None, t.elapsed()))
-            }
-        }
-    }
-
-    async fn stop(mut self) -> Result<u32> {
-        self.check_exit_only()?;
-        let _ = self.sigterm(Duration::from_secs(40)).await;
-        Ok(self.crashes)
-    }
-
-    fn check_exit_only(&mut self) -> Result<()> {
-        if self.child.try_wait()?.is_some() {
-            self.crashes += 1;
-        }
-        Ok(())
-    }
-
-    fn rss_kb(&self) -> u64 {
-        let Some(pid) = self.pid() else { return 0 };
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-/// Pids of the daemons this run started, for the clean-up on Ctrl-C.
-static STARTED_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-/// The stack service this run has stopped and not yet started again.
-static DOWN: Mutex<Option<String>> = Mutex::new(None);
-
-/// On SIGINT/SIGTERM: stop our daemons (by pid, when the pid is still ours)
-/// and start again a service we had stopped, so the shared stack is whole.
-fn clean_up_after_signal(env: &Env) {
-    for pid in STARTED_PIDS.lock().unwrap().iter() {
-        let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if cmd.contains("caliopen-imap") {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    }
-    if let Some(service) = DOWN.lock().unwrap().take() {
-        eprintln!("[faults] interrupted: starting {service} again");
-        let _ = std::process::Command::new("bash")
-            .arg(env.repo.join("scripts/stack.sh"))
-            .args(["start", &service])
-            .status();
-    }
-}
-
-fn spawn_daemon(
-    env: &Env,
-    args: &[String],
-    denv: &[(String, String)],
-    log: &Path,
-) -> Result<Child> {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let err = out.try_clone()?;
-    let child = Command::new(&env.bin)
-        .args(args)
-        .envs(denv.iter().cloned())
-        .env("CALIOPEN_IMAP_LOG", "info")
-        .env("NO_COLOR", "1")
-        .current_dir(&env.repo)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", env.bin.display()))?;
-    if let Some(pid) = child.id() {
-        STARTED_PIDS.lock().unwrap().push(pid);
-    }
-    Ok(child)
-}
-
 async fn start_worker(env: &Env) -> Result<Daemon> {
     start_daemon(env, "worker", env.daemon_env(), "imapworker ready").await
 }
@@ -631,7 +422,7 @@ async fn start_daemon(
     };
     let yaml = env.repo.join("config").join(file);
     Daemon::spawn(
-        env,
+        &env.launch(),
         mode,
         vec![
             mode.into(),
@@ -648,20 +439,11 @@ async fn start_daemon(
 // ------------------------------------------------------------------ Dovecot
 
 fn doveadm(env: &Env, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new("doveadm")
-        .arg("-c")
-        .arg(&env.dovecot_conf)
-        .args(args)
-        .output()
-        .context("cannot run doveadm")?;
-    if !out.status.success() {
-        bail!(
-            "doveadm {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    kit::doveadm(&env.dovecot_conf, args)
+}
+
+async fn stack(env: &Env, cmd: &str, service: &str) -> Result<()> {
+    kit::stack(&env.repo, cmd, service).await
 }
 
 fn maildir_of(env: &Env, user: &str) -> Result<PathBuf> {
@@ -768,118 +550,6 @@ fn mailbox_uids(env: &Env, user: &str) -> Result<(Vec<u32>, u32)> {
 }
 
 // ------------------------------------------------------------------ services
-
-/// `scripts/stack.sh stop|start SERVICE` on the stack given by
-/// $CALIOPEN_IMAP_STACK_DIR.
-async fn stack(env: &Env, cmd: &str, service: &str) -> Result<()> {
-    if cmd == "stop" {
-        *DOWN.lock().unwrap() = Some(service.to_string());
-    }
-    let st = Command::new("bash")
-        .arg(env.repo.join("scripts/stack.sh"))
-        .args([cmd, service])
-        .stdin(Stdio::null())
-        .status()
-        .await?;
-    if !st.success() {
-        bail!("scripts/stack.sh {cmd} {service} failed ({st})");
-    }
-    if cmd == "start" {
-        *DOWN.lock().unwrap() = None;
-    }
-    Ok(())
-}
-
-// ------------------------------------------------------------------ sync orders
-
-/// How one ordered sync ended, as the harness saw it.
-#[derive(Debug, Default, Clone)]
-struct Outcome {
-    report: Option<Value>,
-    /// No final report: the worker died, or stayed silent too long.
-    silent: bool,
-    no_responders: bool,
-}
-
-impl Outcome {
-    fn busy(&self) -> bool {
-        self.report.as_ref().is_some_and(|r| {
-            let e = r["error"].as_str().unwrap_or("");
-            e.contains("skipped") || e.contains("already running")
-        })
-    }
-    fn num(&self, k: &str) -> u64 {
-        self.report
-            .as_ref()
-            .and_then(|r| r[k].as_u64())
-            .unwrap_or(0)
-    }
-    fn complete(&self) -> bool {
-        self.report
-            .as_ref()
-            .is_some_and(|r| r["ok"] == true && self.num("failed") == 0 && self.num("fetched") == 0)
-    }
-}
-
-/// Send a sync order as a request and follow it to its final report;
-/// `idle` bounds the silence between two messages (progress or final).
-async fn order_sync(
-    client: async_nats::Client,
-    subject: String,
-    user: Uuid,
-    identity: Uuid,
-    idle: Duration,
-) -> Outcome {
-    let inbox = client.new_inbox();
-    let Ok(mut sub) = client.subscribe(inbox.clone()).await else {
-        return Outcome {
-            silent: true,
-            ..Default::default()
-        };
-    };
-    let order = json!({"order": "sync", "user_id": user.to_string(),
-        "identity_id": identity.to_string(), "login": "", "mailbox": "",
-        "password": "", "server": ""});
-    let payload = serde_json::to_vec(&order).unwrap_or_default();
-    if client
-        .publish_with_reply(subject, inbox, payload.into())
-        .await
-        .is_err()
-    {
-        return Outcome {
-            silent: true,
-            ..Default::default()
-        };
-    }
-    let _ = client.flush().await;
-    loop {
-        match tokio::time::timeout(idle, sub.next()).await {
-            Ok(Some(msg)) => {
-                if msg.status.is_some() {
-                    return Outcome {
-                        no_responders: true,
-                        ..Default::default()
-                    };
-                }
-                let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
-                if v["progress"] != true {
-                    return Outcome {
-                        report: Some(v),
-                        ..Default::default()
-                    };
-                }
-            }
-            _ => {
-                return Outcome {
-                    silent: true,
-                    ..Default::default()
-                }
-            }
-        }
-    }
-}
-
-// ------------------------------------------------------------------ a scenario
 
 /// What one scenario measured.
 #[derive(Default)]
@@ -1018,7 +688,7 @@ impl Case {
     ) -> Result<bool> {
         let mut ordered = 0;
         loop {
-            worker.check(&self.env).await?;
+            worker.check().await?;
             let o = self.order(client, Duration::from_secs(120)).await?;
             self.note(&o);
             ordered += 1;
@@ -1145,12 +815,6 @@ impl Drop for Case {
     }
 }
 
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 /// Shared by every scenario.
 struct Suite {
     env: Env,
@@ -1236,7 +900,7 @@ impl Suite {
             let t_fault = Instant::now();
             row.rounds += 1;
             case.snapshot(&self.store).await?;
-            worker.restart(&self.env).await?;
+            worker.restart().await?;
             // The next sync, ordered at once (refused while the lock holds).
             let (rec, job) = self.first_progress(&mut case, &mut worker, t_fault).await?;
             row.recover.push(rec);
@@ -1272,7 +936,7 @@ impl Suite {
         t_fault: Instant,
     ) -> Result<(Option<Duration>, Option<tokio::task::JoinHandle<Outcome>>)> {
         while t_fault.elapsed() < self.env.recover_max {
-            worker.check(&self.env).await?;
+            worker.check().await?;
             let fired = self.standin.trigger_after(case.user, 1);
             let mut job = case.order(&self.client, Duration::from_secs(300));
             tokio::select! {
@@ -1395,7 +1059,7 @@ impl Suite {
                 .push("the interrupted sync reported plain success".into());
         }
         case.snapshot(&self.store).await?;
-        worker.restart(&self.env).await?;
+        worker.restart().await?;
         row.recover
             .push(self.recover(&mut case, &mut worker, t_fault).await?);
         self.finish(case, worker, row).await
@@ -1430,7 +1094,7 @@ impl Suite {
             let o = wait_job(case.order(&self.client, Duration::from_secs(300))).await;
             case.note(&o);
             row.rounds += 1;
-            worker.check(&self.env).await?;
+            worker.check().await?;
         }
         let stepped_during: u64 = case
             .reports
@@ -1644,7 +1308,7 @@ impl Suite {
         if service != "cassandra" {
             case.snapshot(&store).await?;
         }
-        worker.check(&self.env).await?;
+        worker.check().await?;
         // Recovered: the first hand-off once the service is back (not one
         // already in flight while it was going down).
         let rec = self
@@ -1712,8 +1376,8 @@ impl Suite {
             }
             if i % 200 == 199 {
                 self.client.flush().await?;
-                worker.check(&self.env).await?;
-                poller.check(&self.env).await?;
+                worker.check().await?;
+                poller.check().await?;
             }
         }
         self.client.flush().await?;
@@ -1722,8 +1386,8 @@ impl Suite {
         while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), replies.next()).await {
             answered += 1;
         }
-        worker.check(&self.env).await?;
-        poller.check(&self.env).await?;
+        worker.check().await?;
+        poller.check().await?;
         let ok = self.answering(&worker, &poller).await;
         let (w1, p1) = (worker.rss_kb(), poller.rss_kb());
         row.rounds = 1;
@@ -1901,8 +1565,8 @@ fn main() -> Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = run(env.clone(), settings) => r,
-            _ = tokio::signal::ctrl_c() => { clean_up_after_signal(&env); std::process::exit(130) }
-            _ = term.recv() => { clean_up_after_signal(&env); std::process::exit(143) }
+            _ = tokio::signal::ctrl_c() => { kit::clean_up(&env.launch()); std::process::exit(130) }
+            _ = term.recv() => { kit::clean_up(&env.launch()); std::process::exit(143) }
         }
     })
 }

@@ -7,7 +7,7 @@
 #   scripts/stack.sh down    stop what `up` started
 #   scripts/stack.sh status  one line per service; exit 0 if all run, 3 if not
 #   scripts/stack.sh env     print the sourceable env file written by `up`
-#   scripts/stack.sh stop SERVICE    stop one service (nats, cassandra, dovecot)
+#   scripts/stack.sh stop SERVICE    stop one service (nats, cassandra, dovecot, s3)
 #   scripts/stack.sh start SERVICE   start it again and wait until it answers
 #                                    (used by the fault suite, scripts/faults.sh)
 #   scripts/stack.sh s3-up|s3-down|s3-status
@@ -907,7 +907,8 @@ cmd_stop() {
             pid=$(cass_pid); pid_matches "$pid" CassandraDaemon && terminate "$pid" 60
             rm -f "$CASS_DIR/cassandra.pid" ;;
         dovecot) dove_stop ;;
-        *) die "stop: expected nats, cassandra or dovecot, found '${1:-}'" ;;
+        s3) s3_stop ;;
+        *) die "stop: expected nats, cassandra, dovecot or s3, found '${1:-}'" ;;
     esac
     log "${1} stopped"
 }
@@ -921,7 +922,8 @@ cmd_start() {
             cass_running || cass_start
             cass_wait_ready ;;
         dovecot) dove_running && dove_ready || dove_start ;;
-        *) die "start: expected nats, cassandra or dovecot, found '${1:-}'" ;;
+        s3) s3_running && s3_ready || s3_start ;;
+        *) die "start: expected nats, cassandra, dovecot or s3, found '${1:-}'" ;;
     esac
     log "${1} running"
 }

@@ -188,10 +188,10 @@ pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
             .map(|c| suite.standin.distinct_of(c.user))
             .sum();
         for w in workers.iter_mut() {
-            w.check(env).await?;
+            w.check().await?;
         }
         for p in pollers.iter_mut().flatten() {
-            p.check(env).await?;
+            p.check().await?;
         }
         let next = kills.len();
         if next < points.len() && progress >= points[next] {
