@@ -537,27 +537,12 @@ async fn a_missing_bucket_is_created_at_start_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliver_files_a_sent_message_whose_raw_is_in_s3() {
-    use futures::StreamExt;
     let tag = unique("s3g");
     let settings = worker_settings(&tag);
     let w = start_worker(settings.clone()).await;
     let st = &w.ctx.store;
     let (user, login, id) = mailbox_account(st, 0, 0).await;
-    // A stand-in for Caliopen's SMTP sender (outside this project).
-    let smtp = async_nats::connect(&stack().nats_url).await.unwrap();
-    let mut sub = smtp
-        .subscribe(settings.lda.out_topic.clone())
-        .await
-        .unwrap();
-    smtp.flush().await.unwrap();
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            if let Some(r) = m.reply {
-                let ok = br#"{"error":false,"message":"sent by stand-in"}"#.to_vec();
-                let _ = smtp.publish(r, ok.into()).await;
-            }
-        }
-    });
+    smtp_sender_standin(&settings.lda.out_topic).await;
     // Caliopen stored the outgoing raw message in S3 (over the limit).
     let raw_id = Uuid::new_v4();
     let message_id = Uuid::new_v4();

@@ -660,3 +660,25 @@ pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()
 }
+
+/// A stand-in for Caliopen's SMTP sender (outside this project): it answers
+/// every `deliver` hand-off on `topic` with `{"error":false,"message":"sent #n"}`,
+/// n counting from 1, and counts the sends in the returned counter.
+pub async fn smtp_sender_standin(topic: &str) -> Arc<std::sync::atomic::AtomicUsize> {
+    use futures::StreamExt;
+    let smtp = async_nats::connect(&stack().nats_url).await.unwrap();
+    let mut sub = smtp.subscribe(topic.to_string()).await.unwrap();
+    smtp.flush().await.unwrap();
+    let sends = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = sends.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            if let Some(r) = m.reply {
+                let answer = format!(r#"{{"error":false,"message":"sent #{n}"}}"#);
+                let _ = smtp.publish(r, answer.into_bytes().into()).await;
+            }
+        }
+    });
+    sends
+}

@@ -991,7 +991,6 @@ async fn trace_logs_never_show_a_password_or_a_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliver_goes_through_while_a_slow_sync_holds_every_slot() {
-    use futures::StreamExt;
     use std::sync::atomic::{AtomicBool, Ordering};
     let tag = unique("w19");
     let mut settings = worker_settings(&tag);
@@ -1005,22 +1004,7 @@ async fn deliver_goes_through_while_a_slow_sync_holds_every_slot() {
     let w = start_worker(settings.clone()).await;
     let st = w.ctx.store.clone();
     let (user, login, id) = mailbox_account(&st, 30, 300).await;
-    // A stand-in for Caliopen's SMTP sender (outside this project).
-    let smtp = async_nats::connect(&stack().nats_url).await.unwrap();
-    let mut sub = smtp
-        .subscribe(settings.lda.out_topic.clone())
-        .await
-        .unwrap();
-    smtp.flush().await.unwrap();
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            if let Some(r) = m.reply {
-                let _ = smtp
-                    .publish(r, br#"{"error":false,"message":"sent"}"#.to_vec().into())
-                    .await;
-            }
-        }
-    });
+    smtp_sender_standin(&settings.lda.out_topic).await;
     let raw_id = Uuid::new_v4();
     let message_id = Uuid::new_v4();
     st.insert_raw_message(user, raw_id, message(1, 400))
@@ -1073,7 +1057,6 @@ async fn deliver_goes_through_while_a_slow_sync_holds_every_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliver_refreshes_an_expired_oauth2_token_before_filing_in_sent() {
-    use futures::StreamExt;
     let (port, rx) = token_endpoint().await;
     let tag = unique("w20");
     let settings = with_token_endpoint(worker_settings(&tag), port);
@@ -1081,22 +1064,7 @@ async fn deliver_refreshes_an_expired_oauth2_token_before_filing_in_sent() {
     let st = w.ctx.store.clone();
     let (user, _login, id) = mailbox_account(&st, 0, 0).await;
     expired_oauth2(&st, user, id.identity_id).await;
-    // A stand-in for Caliopen's SMTP sender (outside this project).
-    let smtp = async_nats::connect(&stack().nats_url).await.unwrap();
-    let mut sub = smtp
-        .subscribe(settings.lda.out_topic.clone())
-        .await
-        .unwrap();
-    smtp.flush().await.unwrap();
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            if let Some(r) = m.reply {
-                let _ = smtp
-                    .publish(r, br#"{"error":false,"message":"sent"}"#.to_vec().into())
-                    .await;
-            }
-        }
-    });
+    smtp_sender_standin(&settings.lda.out_topic).await;
     let raw_id = Uuid::new_v4();
     let message_id = Uuid::new_v4();
     st.insert_raw_message(user, raw_id, message(1, 400))
@@ -1259,31 +1227,12 @@ async fn an_unanswered_job_pull_does_not_hold_up_the_orders() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_deliver_never_sends_the_message_twice() {
     use caliopen_imap::store::identity::creds;
-    use futures::StreamExt;
     let tag = unique("w22");
     let settings = worker_settings(&tag);
     let w = start_worker(settings.clone()).await;
     let st = w.ctx.store.clone();
     let (user, login, id) = mailbox_account(&st, 0, 0).await;
-    // A stand-in for Caliopen's SMTP sender (outside this project) that
-    // counts what it sends.
-    let smtp = async_nats::connect(&stack().nats_url).await.unwrap();
-    let mut sub = smtp
-        .subscribe(settings.lda.out_topic.clone())
-        .await
-        .unwrap();
-    smtp.flush().await.unwrap();
-    let sends = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = sends.clone();
-    tokio::spawn(async move {
-        while let Some(m) = sub.next().await {
-            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            if let Some(r) = m.reply {
-                let answer = format!(r#"{{"error":false,"message":"sent #{n}"}}"#);
-                let _ = smtp.publish(r, answer.into_bytes().into()).await;
-            }
-        }
-    });
+    let sends = smtp_sender_standin(&settings.lda.out_topic).await;
     let raw_id = Uuid::new_v4();
     let message_id = Uuid::new_v4();
     st.insert_raw_message(user, raw_id, message(1, 400))
