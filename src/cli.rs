@@ -692,7 +692,7 @@ mod tests {
     }
 
     #[test]
-    fn ctl_go_short_flags() {
+    fn ctl_go_short_flags_of_addremote() {
         let h = hoist_globals(&s(&[
             "addremote",
             "-u",
@@ -731,6 +731,10 @@ mod tests {
             ),
             (Some("pw"), Some("Archive"), Some("Alice"))
         );
+    }
+
+    #[test]
+    fn ctl_go_short_flags_of_syncremote() {
         let h = hoist_globals(&s(&["syncremote", "-u", "alice", "-r", "r-1", "-p", "pw"]));
         let Parsed::Args(CtlArgs {
             cmd: CtlCmd::SyncRemote(a),
@@ -747,6 +751,10 @@ mod tests {
             ),
             (Some("alice"), Some("r-1"), Some("pw"))
         );
+    }
+
+    #[test]
+    fn ctl_go_short_flags_of_fullfetch() {
         let h = hoist_globals(&s(&[
             "fullfetch",
             "-u",
