@@ -42,6 +42,7 @@ unit:
 	$(CARGO) test --lib
 
 lint:
+	python3 scripts/modgraph.py --check
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 

@@ -40,6 +40,17 @@ pub fn top_level(first: &str) -> ExitCode {
     }
 }
 
+/// The log filter without `CALIOPEN_IMAP_LOG`: daemons `info`, the CLI
+/// `warn` so its own output stays readable; `-v` (the Go binaries'
+/// `--verbose`) makes it `debug`.
+fn default_log_filter(mode: Mode, verbose: bool) -> &'static str {
+    match mode {
+        _ if verbose => "debug",
+        Mode::Ctl => "warn",
+        _ => "info",
+    }
+}
+
 /// Run `mode` with `args` (the words after the mode); `prog` is how the user
 /// called it, for help texts and error messages.
 pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
@@ -49,20 +60,23 @@ pub fn run(mode: Mode, prog: &str, args: &[String]) -> ExitCode {
         println!("{} (caliopen-imap {VERSION})", mode.program());
         return ExitCode::SUCCESS;
     }
-    crate::logging::init(mode, hoisted.verbose);
+    crate::logging::init(default_log_filter(mode, hoisted.verbose));
     crate::imap::tls::install_provider();
     let args = &hoisted.args;
     let result = match mode {
         Mode::Worker => match cli::parse::<cli::WorkerArgs>(prog, args) {
-            Parsed::Exit(c) => return ExitCode::from(c),
+            Parsed::Helped => return ExitCode::SUCCESS,
+            Parsed::Misused => return ExitCode::from(code::USAGE),
             Parsed::Args(a) => worker(a, mode),
         },
         Mode::Poller => match cli::parse::<cli::PollerArgs>(prog, args) {
-            Parsed::Exit(c) => return ExitCode::from(c),
+            Parsed::Helped => return ExitCode::SUCCESS,
+            Parsed::Misused => return ExitCode::from(code::USAGE),
             Parsed::Args(a) => poller(a, mode),
         },
         Mode::Ctl => match cli::parse::<cli::CtlArgs>(prog, args) {
-            Parsed::Exit(c) => return ExitCode::from(c),
+            Parsed::Helped => return ExitCode::SUCCESS,
+            Parsed::Misused => return ExitCode::from(code::USAGE),
             Parsed::Args(a) => ctl(a, mode),
         },
     };

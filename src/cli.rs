@@ -397,12 +397,15 @@ pub struct RetryArgs {
 /// What parsing the command line gave.
 pub enum Parsed<T> {
     Args(T),
-    /// Help or an error was printed; exit with this code.
-    Exit(u8),
+    /// Help was printed (the caller exits with success).
+    Helped,
+    /// A usage error was printed (the caller exits with the usage code).
+    Misused,
 }
 
 /// Parse `args` (without the program name) for the command called `name`.
-/// Help goes to stdout with code 0; a usage error to stderr with code 2.
+/// Help goes to stdout ([`Parsed::Helped`]); a usage error to stderr as one
+/// line ([`Parsed::Misused`]).
 pub fn parse<T: FromArgs>(name: &str, args: &[String]) -> Parsed<T> {
     let args = split_equals(args);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -411,7 +414,7 @@ pub fn parse<T: FromArgs>(name: &str, args: &[String]) -> Parsed<T> {
         Err(early) => match early.status {
             Ok(()) => {
                 println!("{}", early.output);
-                Parsed::Exit(0)
+                Parsed::Helped
             }
             Err(()) => {
                 // One line, whatever argh's layout ("Required options not
@@ -422,7 +425,7 @@ pub fn parse<T: FromArgs>(name: &str, args: &[String]) -> Parsed<T> {
                     .collect::<Vec<_>>()
                     .join(" ");
                 eprintln!("{name}: {text} (see {name} --help)");
-                Parsed::Exit(crate::error::code::USAGE)
+                Parsed::Misused
             }
         },
     }
@@ -689,7 +692,7 @@ mod tests {
     }
 
     #[test]
-    fn ctl_go_short_flags() {
+    fn ctl_go_short_flags_of_addremote() {
         let h = hoist_globals(&s(&[
             "addremote",
             "-u",
@@ -728,6 +731,10 @@ mod tests {
             ),
             (Some("pw"), Some("Archive"), Some("Alice"))
         );
+    }
+
+    #[test]
+    fn ctl_go_short_flags_of_syncremote() {
         let h = hoist_globals(&s(&["syncremote", "-u", "alice", "-r", "r-1", "-p", "pw"]));
         let Parsed::Args(CtlArgs {
             cmd: CtlCmd::SyncRemote(a),
@@ -744,6 +751,10 @@ mod tests {
             ),
             (Some("alice"), Some("r-1"), Some("pw"))
         );
+    }
+
+    #[test]
+    fn ctl_go_short_flags_of_fullfetch() {
         let h = hoist_globals(&s(&[
             "fullfetch",
             "-u",

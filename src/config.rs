@@ -26,7 +26,23 @@ use figment::Figment;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::error::Failure;
+/// A configuration that cannot be found, read, parsed or accepted: one line
+/// naming the source, the key and what was expected. The edge (`error.rs`)
+/// maps it to the usage exit code; nothing here knows about exit codes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// `log_format`: how log lines are written (the logging module applies it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "CALIOPEN_IMAP_";
@@ -207,7 +223,7 @@ pub struct WorkerSettings {
     #[serde(rename = "LDAConfig")]
     pub lda: LdaConfig,
     /// `text` (default) or `json` lines; env `CALIOPEN_IMAP_LOG_FORMAT`.
-    pub log_format: crate::logging::LogFormat,
+    pub log_format: LogFormat,
     /// `host:port` of the HTTP server for `/metrics`, `/healthz`, `/readyz`;
     /// empty (the default): no server.
     pub metrics_addr: String,
@@ -588,7 +604,7 @@ pub struct PollerSettings {
     pub nats_queue: String,
     pub nats_topics: PollerTopics,
     /// `text` (default) or `json` lines; env `CALIOPEN_IMAP_LOG_FORMAT`.
-    pub log_format: crate::logging::LogFormat,
+    pub log_format: LogFormat,
     /// `host:port` of the HTTP server for `/metrics`, `/healthz`, `/readyz`;
     /// empty (the default): no server.
     pub metrics_addr: String,
@@ -700,7 +716,7 @@ pub fn locate(
     config: Option<&Path>,
     configpath: Option<&Path>,
     go_name: &str,
-) -> Result<Option<PathBuf>, Failure> {
+) -> Result<Option<PathBuf>, ConfigError> {
     let name = match (config, configpath) {
         (None, None) => return Ok(None),
         (Some(c), _) => {
@@ -729,7 +745,7 @@ pub fn locate(
         }
     }
     let searched: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    Err(Failure::Config(format!(
+    Err(ConfigError(format!(
         "config {name:?}: no {name}.yaml or {name}.yml in {}",
         searched.join(", ")
     )))
@@ -757,13 +773,13 @@ pub fn config_path(explicit: Option<&Path>, mode_file: &str) -> Option<PathBuf> 
 
 /// Load settings: defaults, then the file, then the environment. Any error
 /// comes back as one line naming the source, the key and what was expected.
-pub fn load<T>(path: Option<&Path>) -> Result<T, Failure>
+pub fn load<T>(path: Option<&Path>) -> Result<T, ConfigError>
 where
     T: Default + Serialize + DeserializeOwned,
 {
     let text = match path {
         Some(path) => std::fs::read_to_string(path).map_err(|e| {
-            Failure::Config(format!("config file {}: cannot read: {e}", path.display()))
+            ConfigError(format!("config file {}: cannot read: {e}", path.display()))
         })?,
         None => String::new(),
     };
@@ -773,7 +789,7 @@ where
 /// [`load`] with the file's text already read: defaults, then `text` (YAML;
 /// blank means no file), then the environment. `path` only names the source
 /// in errors. One path for the daemons and the config fuzzer.
-pub fn from_yaml_str<T>(text: &str, path: Option<&Path>) -> Result<T, Failure>
+pub fn from_yaml_str<T>(text: &str, path: Option<&Path>) -> Result<T, ConfigError>
 where
     T: Default + Serialize + DeserializeOwned,
 {
@@ -785,7 +801,7 @@ where
     }
     fig = fig.merge(env_provider());
     fig.extract::<T>()
-        .map_err(|e| Failure::Config(describe(e, path)))
+        .map_err(|e| ConfigError(describe(e, path)))
 }
 
 /// `CALIOPEN_IMAP_A__B` sets key `a.b`. Caliopen's two CamelCase sections keep
@@ -841,12 +857,12 @@ fn describe(err: figment::Error, path: Option<&Path>) -> String {
 }
 
 /// Turn validation messages into the one error line.
-pub fn invalid(path: Option<&Path>, errors: Vec<String>) -> Failure {
+pub fn invalid(path: Option<&Path>, errors: Vec<String>) -> ConfigError {
     let source = match path {
         Some(p) => format!("config file {}", p.display()),
         None => "configuration".into(),
     };
-    Failure::Config(format!("{source}: {}", errors.join("; ")))
+    ConfigError(format!("{source}: {}", errors.join("; ")))
 }
 
 fn default_hostname() -> String {

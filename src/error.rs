@@ -11,6 +11,8 @@
 use std::process::ExitCode;
 
 use crate::bus::BusError;
+use crate::config::ConfigError;
+use crate::pidfile::PidFileError;
 use crate::store::StoreError;
 
 /// Exit codes, documented in the README ("Exit codes").
@@ -84,6 +86,15 @@ fn code_of(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
     if let Some(f) = e.downcast_ref::<Failure>() {
         return Some(f.code());
     }
+    if e.downcast_ref::<ConfigError>().is_some() {
+        return Some(code::USAGE);
+    }
+    if let Some(e) = e.downcast_ref::<PidFileError>() {
+        return Some(match e {
+            PidFileError::Held(_) => code::CONFLICT,
+            PidFileError::Io(_) => code::FAILED,
+        });
+    }
     if let Some(e) = e.downcast_ref::<StoreError>() {
         return Some(match e {
             StoreError::Unavailable { .. } => code::UNAVAILABLE,
@@ -123,6 +134,17 @@ mod tests {
         let err = err.context("addremote").unwrap_err();
         assert_eq!(exit_code(&err), code::NOT_FOUND);
         assert_eq!(format!("{err:#}"), "addremote: no such user 'bob'");
+    }
+
+    #[test]
+    fn config_and_pid_file_errors_map_to_their_codes() {
+        let err = anyhow::Error::from(ConfigError("bad key".into())).context("worker");
+        assert_eq!(exit_code(&err), code::USAGE);
+        assert_eq!(format!("{err:#}"), "worker: bad key");
+        let held = anyhow::Error::from(PidFileError::Held("held".into()));
+        assert_eq!(exit_code(&held), code::CONFLICT);
+        let io = anyhow::Error::from(PidFileError::Io("io".into()));
+        assert_eq!(exit_code(&io), code::FAILED);
     }
 
     #[test]

@@ -22,6 +22,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::config::ConfigError;
 use crate::shutdown::Shutdown;
 
 /// Connections served at once.
@@ -45,10 +46,10 @@ pub async fn start(
     let addr: SocketAddr = addr
         .trim()
         .parse()
-        .map_err(|e| crate::error::usage(format!("metrics_addr {addr:?}: {e}")))?;
+        .map_err(|e| ConfigError(format!("metrics_addr {addr:?}: {e}")))?;
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| crate::error::usage(format!("metrics_addr {addr}: cannot listen: {e}")))?;
+        .map_err(|e| ConfigError(format!("metrics_addr {addr}: cannot listen: {e}")))?;
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "serving /metrics, /healthz, /readyz");
     tokio::spawn(serve(listener, probe, shutdown));

@@ -20,33 +20,20 @@
 
 use std::sync::OnceLock;
 
-use serde::{Deserialize, Serialize};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
-use crate::cli::Mode;
+pub use crate::config::LogFormat;
 
 /// The environment variable read before the configuration loads.
 pub const FORMAT_ENV: &str = "CALIOPEN_IMAP_LOG_FORMAT";
 
-/// `log_format`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One human-readable line per event.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-impl LogFormat {
-    fn from_env() -> LogFormat {
-        match std::env::var(FORMAT_ENV).as_deref().map(str::trim) {
-            Ok(v) if v.eq_ignore_ascii_case("json") => LogFormat::Json,
-            _ => LogFormat::Text,
-        }
+/// The format asked for by [`FORMAT_ENV`], before any settings load.
+fn format_from_env() -> LogFormat {
+    match std::env::var(FORMAT_ENV).as_deref().map(str::trim) {
+        Ok(v) if v.eq_ignore_ascii_case("json") => LogFormat::Json,
+        _ => LogFormat::Text,
     }
 }
 
@@ -94,20 +81,15 @@ fn layer(format: LogFormat) -> Boxed {
 }
 
 /// Logs go to stderr. `CALIOPEN_IMAP_LOG` takes a tracing filter
-/// (`debug`, `caliopen_imap=trace`...); daemons default to `info`, the CLI
-/// to `warn` so its own output stays readable; `-v` (the Go binaries'
-/// `--verbose`) makes the default `debug`.
-pub fn init(mode: Mode, verbose: bool) {
-    let default = match mode {
-        _ if verbose => "debug",
-        Mode::Ctl => "warn",
-        _ => "info",
-    };
+/// (`debug`, `caliopen_imap=trace`...); without it, `default` (the caller
+/// picks it: `info` for daemons, `warn` for the CLI so its own output stays
+/// readable, `debug` with `-v`).
+pub fn init(default: &str) {
     let filter = std::env::var("CALIOPEN_IMAP_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(default));
-    let format = LogFormat::from_env();
+    let format = format_from_env();
     let (fmt, handle) = reload::Layer::new(layer(format));
     let capped = tracing_subscriber::filter::filter_fn(|m| !secret_bearing(m.target(), *m.level()));
     if tracing_subscriber::registry()

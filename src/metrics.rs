@@ -92,7 +92,7 @@ fn seconds_histogram(start: f64, count: u16) -> Histogram {
 impl WorkerMetrics {
     pub fn new() -> Arc<WorkerMetrics> {
         let mut m = WorkerMetrics {
-            registry: Registry::with_prefix("caliopen_imap"),
+            registry: Registry::default(),
             syncs_started: Counter::default(),
             syncs_ended: Family::default(),
             fetched: Counter::default(),
@@ -118,8 +118,18 @@ impl WorkerMetrics {
             idle_wakeups: Counter::default(),
             busy_skips: Counter::default(),
         };
-        let r = &mut m.registry;
-        r.register("syncs_started", "Syncs started", m.syncs_started.clone());
+        let mut r = Registry::with_prefix("caliopen_imap");
+        m.register_syncs(&mut r);
+        m.register_messages(&mut r);
+        m.register_timings(&mut r);
+        m.register_capacity(&mut r);
+        m.registry = r;
+        Arc::new(m)
+    }
+
+    /// Syncs: started, ended by outcome, and the IMAP commands they sent.
+    fn register_syncs(&self, r: &mut Registry) {
+        r.register("syncs_started", "Syncs started", self.syncs_started.clone());
         r.register(
             "imap_commands",
             "IMAP commands sent to servers, by command",
@@ -128,104 +138,115 @@ impl WorkerMetrics {
         r.register(
             "syncs_ended",
             "Syncs ended, by outcome: ok, account, ours, interrupted, busy",
-            m.syncs_ended.clone(),
+            self.syncs_ended.clone(),
         );
+    }
+
+    /// Messages: read, stored, handed off, failed, stepped over, gone.
+    fn register_messages(&self, r: &mut Registry) {
         r.register(
             "messages_fetched",
             "Messages read from IMAP servers",
-            m.fetched.clone(),
+            self.fetched.clone(),
         );
         r.register(
             "fetched_bytes",
             "Bytes of messages read from IMAP servers",
-            m.fetched_bytes.clone(),
+            self.fetched_bytes.clone(),
         );
         r.register(
             "messages_stored",
             "Messages written to raw_message",
-            m.stored.clone(),
+            self.stored.clone(),
         );
         r.register(
             "messages_handed_off",
             "Messages stored and handed off to the processor (or stored, in store-only mode)",
-            m.handed_off.clone(),
+            self.handed_off.clone(),
         );
         r.register(
             "messages_already_delivered",
             "Messages found delivered already, not handed off again",
-            m.already_delivered.clone(),
+            self.already_delivered.clone(),
         );
         r.register(
             "messages_failed",
             "Message tries that failed (retried at the next sync)",
-            m.failed.clone(),
+            self.failed.clone(),
         );
         r.register(
             "messages_stepped_over",
             "Messages stepped over after too many tries or as never storable",
-            m.stepped_over.clone(),
+            self.stepped_over.clone(),
         );
         r.register(
             "messages_gone",
             "Messages expunged from the server during a sync",
-            m.gone.clone(),
+            self.gone.clone(),
         );
+    }
+
+    /// Durations: hand-off, whole sync, IMAP connect.
+    fn register_timings(&self, r: &mut Registry) {
         r.register(
             "hand_off_seconds",
             "Time from storing a message to the processor's answer",
-            m.hand_off_seconds.clone(),
+            self.hand_off_seconds.clone(),
         );
         r.register(
             "sync_seconds",
             "Duration of syncs (skipped busy ones excluded)",
-            m.sync_seconds.clone(),
+            self.sync_seconds.clone(),
         );
         r.register(
             "imap_connect_seconds",
             "IMAP connect, TLS and login time",
-            m.connect_seconds.clone(),
+            self.connect_seconds.clone(),
         );
+    }
+
+    /// Capacity: jobs, memory budget, disabled identities, busy skips, IDLE.
+    fn register_capacity(&self, r: &mut Registry) {
         r.register(
             "jobs_in_flight",
             "Jobs running now",
-            m.jobs_in_flight.clone(),
+            self.jobs_in_flight.clone(),
         );
         r.register(
             "job_slots",
             "Jobs that may run at once (the workers setting)",
-            m.job_slots.clone(),
+            self.job_slots.clone(),
         );
         r.register(
             "memory_budget_bytes",
             "Bytes of messages the process may hold between fetch and hand-off",
-            m.memory_budget_bytes.clone(),
+            self.memory_budget_bytes.clone(),
         );
         r.register(
             "memory_in_use_bytes",
             "Bytes of the memory budget held now",
-            m.memory_in_use_bytes.clone(),
+            self.memory_in_use_bytes.clone(),
         );
         r.register(
             "identities_disabled",
             "Identities set inactive after failing too long",
-            m.identities_disabled.clone(),
+            self.identities_disabled.clone(),
         );
         r.register(
             "busy_skips",
             "Sync orders skipped because another sync held the identity's lock",
-            m.busy_skips.clone(),
+            self.busy_skips.clone(),
         );
         r.register(
             "idle_sessions",
             "IDLE sessions held now (live sync), one per watched identity",
-            m.idle_sessions.clone(),
+            self.idle_sessions.clone(),
         );
         r.register(
             "idle_wakeups",
             "Syncs started because an IDLE session announced new mail",
-            m.idle_wakeups.clone(),
+            self.idle_wakeups.clone(),
         );
-        Arc::new(m)
     }
 
     /// Count a sync's end.

@@ -24,7 +24,17 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::error::Failure;
+/// Why the pid file could not be written; the edge (`error.rs`) maps
+/// [`PidFileError::Held`] to the conflict exit code, the rest to failure.
+#[derive(Debug, thiserror::Error)]
+pub enum PidFileError {
+    /// Another live process of ours holds it.
+    #[error("{0}")]
+    Held(String),
+    /// It could not be read, written or removed.
+    #[error("{0}")]
+    Io(String),
+}
 
 /// A pid file we wrote; removed on drop.
 #[derive(Debug)]
@@ -35,14 +45,14 @@ pub struct PidFile {
 
 impl PidFile {
     /// Write our pid to `path`, unless it names another live process.
-    pub fn create(path: &Path) -> Result<PidFile, Failure> {
+    pub fn create(path: &Path) -> Result<PidFile, PidFileError> {
         let pid = std::process::id();
         // Two tries: the second follows the removal of a stale file.
         for _ in 0..2 {
             match OpenOptions::new().write(true).create_new(true).open(path) {
                 Ok(mut f) => {
                     f.write_all(format!("{pid}\n").as_bytes()).map_err(|e| {
-                        Failure::Failed(format!("pid file {}: cannot write: {e}", path.display()))
+                        PidFileError::Io(format!("pid file {}: cannot write: {e}", path.display()))
                     })?;
                     return Ok(PidFile {
                         path: path.to_path_buf(),
@@ -52,7 +62,7 @@ impl PidFile {
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     if let Some(other) = read_pid(path) {
                         if other != pid && ours(other) {
-                            return Err(Failure::Conflict(format!(
+                            return Err(PidFileError::Held(format!(
                                 "pid file {} names process {other}, which is running: \
                                  stop it first, or give another --pid-file",
                                 path.display()
@@ -68,7 +78,7 @@ impl PidFile {
                             return rewrite_in_place(path, pid);
                         }
                         Err(e) => {
-                            return Err(Failure::Failed(format!(
+                            return Err(PidFileError::Io(format!(
                                 "pid file {}: cannot remove the stale file: {e}",
                                 path.display()
                             )))
@@ -76,14 +86,14 @@ impl PidFile {
                     }
                 }
                 Err(e) => {
-                    return Err(Failure::Failed(format!(
+                    return Err(PidFileError::Io(format!(
                         "pid file {}: cannot create: {e}",
                         path.display()
                     )))
                 }
             }
         }
-        Err(Failure::Conflict(format!(
+        Err(PidFileError::Held(format!(
             "pid file {}: another process keeps creating it",
             path.display()
         )))
@@ -112,14 +122,14 @@ impl Drop for PidFile {
 /// Overwrite a stale pid file we cannot remove, as in a container image
 /// whose non-root user owns `/imapworker.pid` but not `/`. Not atomic
 /// against a second start on the same file, as the Go daemons' write was not.
-fn rewrite_in_place(path: &Path, pid: u32) -> Result<PidFile, Failure> {
+fn rewrite_in_place(path: &Path, pid: u32) -> Result<PidFile, PidFileError> {
     let mut f = OpenOptions::new()
         .write(true)
         .truncate(true)
         .open(path)
-        .map_err(|e| Failure::Failed(format!("pid file {}: cannot write: {e}", path.display())))?;
+        .map_err(|e| PidFileError::Io(format!("pid file {}: cannot write: {e}", path.display())))?;
     f.write_all(format!("{pid}\n").as_bytes())
-        .map_err(|e| Failure::Failed(format!("pid file {}: cannot write: {e}", path.display())))?;
+        .map_err(|e| PidFileError::Io(format!("pid file {}: cannot write: {e}", path.display())))?;
     Ok(PidFile {
         path: path.to_path_buf(),
         pid,
@@ -231,7 +241,7 @@ mod tests {
         let pid = other.0.id();
         std::fs::write(&p, format!("{pid}\n")).unwrap();
         let err = PidFile::create(&p).unwrap_err();
-        assert!(matches!(err, Failure::Conflict(_)), "{err}");
+        assert!(matches!(err, PidFileError::Held(_)), "{err}");
         assert_eq!(read_pid(&p), Some(pid), "the live file is left alone");
         std::fs::remove_file(&p).unwrap();
     }

@@ -3,11 +3,10 @@
 //! Must never panic; a refusal is one line.
 #![no_main]
 
-use caliopen_imap::config::{from_yaml_str, PollerSettings, WorkerSettings};
-use caliopen_imap::error::Failure;
+use caliopen_imap::config::{from_yaml_str, ConfigError, PollerSettings, WorkerSettings};
 use libfuzzer_sys::fuzz_target;
 
-fn one_line(f: &Failure) {
+fn one_line(f: &ConfigError) {
     let text = f.to_string();
     assert!(!text.contains('\n') && !text.contains('\r'), "{text:?}");
 }

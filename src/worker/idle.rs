@@ -214,7 +214,31 @@ impl Watcher {
             self.wanted = wanted(&self.ctx).await?;
             self.scanned = Some(Instant::now());
         }
-        let wanted_n = self.wanted.len();
+        self.drop_unwanted().await;
+        let leased: HashSet<Key> = self
+            .ctx
+            .store
+            .idle_leases()
+            .await?
+            .into_iter()
+            .map(|l| (l.user_id, l.identity_id))
+            .collect();
+        let budget = self.budget();
+        let target = self.my_share(budget).await?;
+        if self.held.len() > target {
+            self.hand_back_surplus(target).await;
+            return Ok(());
+        }
+        let mut free: Vec<Key> = self.wanted.difference(&leased).copied().collect();
+        fastrand::shuffle(&mut free);
+        let want = (target - self.held.len()).min(CLAIMS_PER_ROUND);
+        let taken = self.claim(free.into_iter().take(want)).await;
+        self.warn_if_short(leased.len() + taken, budget);
+        Ok(())
+    }
+
+    /// Stop watching the identities we hold that no longer want IDLE.
+    async fn drop_unwanted(&mut self) {
         let gone: Vec<Key> = self
             .held
             .keys()
@@ -225,20 +249,16 @@ impl Watcher {
             tracing::info!(identity = %k.1, "identity no longer watched with IDLE");
             self.hand_back(k).await;
         }
-        let leased: HashSet<Key> = self
-            .ctx
-            .store
-            .idle_leases()
-            .await?
-            .into_iter()
-            .map(|l| (l.user_id, l.identity_id))
-            .collect();
-        let me = self.ctx.worker_id.clone();
-        let budget = self.budget();
+    }
+
+    /// Say we are alive with our budget, and work out how many sessions are
+    /// ours to hold given the other live workers' budgets.
+    async fn my_share(&self, budget: usize) -> Result<usize, StoreError> {
+        let me = self.ctx.worker_id.as_str();
         self.ctx
             .store
             .idle_worker_alive(
-                &me,
+                me,
                 self.held.len() as u32,
                 budget as u32,
                 self.lease_secs() * 2,
@@ -253,39 +273,44 @@ impl Watcher {
             .filter(|w| w.worker != me)
             .collect();
         let room_elsewhere: usize = others.iter().map(|w| w.budget as usize).sum();
-        let target = share(wanted_n, others.len() + 1, room_elsewhere, budget);
+        Ok(share(
+            self.wanted.len(),
+            others.len() + 1,
+            room_elsewhere,
+            budget,
+        ))
+    }
 
-        if self.held.len() > target {
-            let surplus: Vec<Key> = self
-                .held
-                .keys()
-                .take(self.held.len() - target)
-                .copied()
-                .collect();
-            tracing::info!(
-                handed_back = surplus.len(),
-                share = target,
-                "live sync: handing IDLE sessions back to spread them"
-            );
-            for k in surplus {
-                self.hand_back(k).await;
-            }
-            return Ok(());
+    /// Hand back what we hold beyond `target`, for other workers to take.
+    async fn hand_back_surplus(&mut self, target: usize) {
+        let surplus: Vec<Key> = self
+            .held
+            .keys()
+            .take(self.held.len() - target)
+            .copied()
+            .collect();
+        tracing::info!(
+            handed_back = surplus.len(),
+            share = target,
+            "live sync: handing IDLE sessions back to spread them"
+        );
+        for k in surplus {
+            self.hand_back(k).await;
         }
-        let mut free: Vec<Key> = self.wanted.difference(&leased).copied().collect();
-        fastrand::shuffle(&mut free);
-        let want = (target - self.held.len()).min(CLAIMS_PER_ROUND);
+    }
+
+    /// Try to lease each of `free` and start a session on those won;
+    /// returns how many were won.
+    async fn claim(&mut self, free: impl Iterator<Item = Key>) -> usize {
         // Claimed side by side (each is a Paxos round); a lost race only
         // means that identity is someone else's.
         let store = &self.ctx.store;
+        let me = self.ctx.worker_id.as_str();
         let ttl = self.lease_secs();
-        let won: Vec<(Key, DateTime<Utc>)> = futures::stream::iter(free.into_iter().take(want))
-            .map(|k| {
-                let me = me.as_str();
-                async move {
-                    let now = Utc::now();
-                    (k, now, store.take_idle_lease(k, me, now, ttl).await)
-                }
+        let won: Vec<(Key, DateTime<Utc>)> = futures::stream::iter(free)
+            .map(|k| async move {
+                let now = Utc::now();
+                (k, now, store.take_idle_lease(k, me, now, ttl).await)
             })
             .buffer_unordered(RENEWALS_AT_ONCE)
             .filter_map(|(k, now, r)| async move {
@@ -304,7 +329,13 @@ impl Watcher {
         for (k, since) in won {
             self.start(k, since);
         }
-        let watched = leased.len() + taken;
+        taken
+    }
+
+    /// Warn (at most every five minutes) when the identities wanting IDLE
+    /// outnumber those `watched` and our budget is full.
+    fn warn_if_short(&mut self, watched: usize, budget: usize) {
+        let wanted_n = self.wanted.len();
         if wanted_n > watched && self.held.len() >= budget {
             let quiet = self
                 .short_warned
@@ -320,7 +351,6 @@ impl Watcher {
                 );
             }
         }
-        Ok(())
     }
 
     fn start(&mut self, key: Key, since: DateTime<Utc>) {

@@ -620,11 +620,6 @@ async fn sync_mailboxes(
         conn,
         qresync_on,
     } = remote;
-    let display = if id.display_name.is_empty() {
-        id.identifier.as_str()
-    } else {
-        id.display_name.as_str()
-    };
     let (mailboxes, statuses, undecodable) = match only {
         // A wake-up: no LIST, and no STATUS of the mailbox the session has
         // selected (RFC 3501 §6.3.10 advises against it); the server just
@@ -642,31 +637,21 @@ async fn sync_mailboxes(
         counters,
     )
     .await?;
-    let last = ctx
-        .store
-        .mailbox_statuses(id.user_id, id.identity_id)
-        .await?;
-    let last = resync::known(last);
-    let failures = ctx
-        .store
-        .message_failures(id.user_id, id.identity_id)
-        .await?;
-    let retrying = resync::retrying(failures);
-    let checkpoints = checkpoint::load_others(ctx, id).await?;
+    let past = Past::load(ctx, id).await?;
     let mut qresync = qresync_on;
     Counters::add(&counters.folders_checked, mailboxes.len() as u64);
     for mailbox in &mailboxes {
         if stop.is_triggered() {
             return Err(JobError::Interrupted("stopped between mailboxes".into()));
         }
-        let cp = match checkpoints.get(mailbox) {
+        let cp = match past.checkpoints.get(mailbox) {
             Some(cp) if !checkpoint::is_inbox(mailbox) => Some(*cp),
             _ => checkpoint::load(ctx, id, mailbox).await?,
         };
         let earlier = known.iter().find(|k| &k.mailbox == mailbox);
         let key = status::key(mailbox);
-        let last = last.get(&key);
-        let trouble = earlier.is_some() || retrying.contains(mailbox);
+        let last = past.statuses.get(&key);
+        let trouble = earlier.is_some() || past.retrying.contains(mailbox);
         if resync::skippable(cp, statuses.get(&key), last, trouble) {
             Counters::add(&counters.folders_skipped, 1);
             continue;
@@ -674,41 +659,22 @@ async fn sync_mailboxes(
         if conn.caps.qresync && !qresync {
             qresync = enable_qresync(session, acc, stop).await?;
         }
-        let from = match cp {
-            Some(cp) => SyncFrom::Resume(cp),
-            None => SyncFrom::First,
-        };
         let job = MailboxJob {
             ctx,
             user_id: id.user_id,
             identity_id: id.identity_id,
-            display_name: display,
+            display_name: display_name(id),
             server: &acc.server,
             conn,
             mailbox,
-            from,
-            qresync: if qresync {
-                resync::qresync_from(cp, last)
-            } else {
-                None
-            },
+            from: cp.map_or(SyncFrom::First, SyncFrom::Resume),
+            qresync: qresync.then(|| resync::qresync_from(cp, last)).flatten(),
             counters,
             stop: stop.clone(),
         };
         Counters::add(&counters.folders_examined, 1);
-        match sync_mailbox(&job, session).await {
-            Ok(()) => {
-                if earlier.is_some() {
-                    ctx.store
-                        .clear_mailbox_error(id.user_id, id.identity_id, mailbox)
-                        .await?;
-                }
-            }
-            Err(JobError::Imap(e @ ImapError::Mailbox { .. })) => {
-                folder_failed(ctx, id, mailbox, earlier, &e.to_string(), counters).await?
-            }
-            Err(e) => return Err(e),
-        }
+        let outcome = sync_mailbox(&job, session).await;
+        folder_synced(ctx, id, mailbox, earlier, outcome, counters).await?;
     }
     tracing::info!(identity = %id.identity_id,
         checked = mailboxes.len(),
@@ -716,6 +682,62 @@ async fn sync_mailboxes(
         examined = counters.folders_examined.load(std::sync::atomic::Ordering::Relaxed),
         qresync, "folders checked");
     Ok(())
+}
+
+/// What earlier syncs left about an identity's folders: their last STATUS,
+/// the folders with messages to try again, and their checkpoints (INBOX's
+/// is on the identity row, read per folder by [`checkpoint::load`]).
+struct Past {
+    statuses: resync::Known,
+    retrying: std::collections::HashSet<String>,
+    checkpoints: std::collections::HashMap<String, crate::store::state::Checkpoint>,
+}
+
+impl Past {
+    async fn load(ctx: &Ctx, id: &Identity) -> Result<Past, JobError> {
+        let (user, identity) = (id.user_id, id.identity_id);
+        let statuses = resync::known(ctx.store.mailbox_statuses(user, identity).await?);
+        let retrying = resync::retrying(ctx.store.message_failures(user, identity).await?);
+        let checkpoints = checkpoint::load_others(ctx, id).await?;
+        Ok(Past {
+            statuses,
+            retrying,
+            checkpoints,
+        })
+    }
+}
+
+/// The name shown for the identity: its display name, else its login.
+fn display_name(id: &Identity) -> &str {
+    if id.display_name.is_empty() {
+        id.identifier.as_str()
+    } else {
+        id.display_name.as_str()
+    }
+}
+
+/// Settle one folder's sync: a folder error of an earlier sync is cleared
+/// once it syncs; a folder the server would not open becomes that folder's
+/// error and the others go on; any other error ends the job.
+async fn folder_synced(
+    ctx: &Ctx,
+    id: &Identity,
+    mailbox: &str,
+    earlier: Option<&crate::store::state::MailboxError>,
+    outcome: Result<(), JobError>,
+    counters: &Counters,
+) -> Result<(), JobError> {
+    match outcome {
+        Ok(()) if earlier.is_some() => Ok(ctx
+            .store
+            .clear_mailbox_error(id.user_id, id.identity_id, mailbox)
+            .await?),
+        Ok(()) => Ok(()),
+        Err(JobError::Imap(e @ ImapError::Mailbox { .. })) => {
+            folder_failed(ctx, id, mailbox, earlier, &e.to_string(), counters).await
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The folder errors a listing settles: those of folders no longer synced

@@ -156,7 +156,7 @@ pub async fn run(
     if settings.lda.in_topic.is_empty() {
         tracing::info!("LDAConfig.in_topic is empty: store-only mode, no hand-off");
     }
-    crate::imap::tls::check_trust(&settings.imap.ca_file).map_err(crate::error::Failure::Config)?;
+    crate::imap::tls::check_trust(&settings.imap.ca_file).map_err(crate::config::ConfigError)?;
     // Served before the services answer, so /readyz can say they do not.
     let metrics = crate::metrics::WorkerMetrics::new();
     let probe = Probe::new(metrics.clone());
@@ -164,7 +164,7 @@ pub async fn run(
         crate::http::start(&settings.metrics_addr, probe.clone(), shutdown.clone()).await?;
     }
     let objects = crate::store::objects::from_worker_settings(&settings)
-        .map_err(|e| crate::error::Failure::Config(e.to_string()))?;
+        .map_err(|e| crate::config::ConfigError(e.to_string()))?;
     if let Some(w) = crate::store::objects::without_store_warning(&settings, objects.as_ref()) {
         tracing::warn!("{w}");
     }

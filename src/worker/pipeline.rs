@@ -146,19 +146,7 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
     let io = ctx.settings.imap.io_timeout();
     let mut reader = Reader::new(session, job.server, io, job.stop.clone());
     let mut changes = Changes::with_cap(resync::MAX_CHANGES);
-    let mb = match job.qresync {
-        Some((v, m)) => {
-            reader
-                .examine_qresync(job.mailbox, v, m, &mut changes)
-                .await
-        }
-        // Tracked on a CONDSTORE server: HIGHESTMODSEQ for the next sync.
-        None if job.tracked() && job.conn.caps.condstore => {
-            reader.examine_condstore(job.mailbox).await
-        }
-        None => reader.examine(job.mailbox).await,
-    }
-    .map_err(imap_err)?;
+    let mb = examine(job, &mut reader, &mut changes).await?;
     let uidvalidity = mb.uidvalidity;
     let base = start_after(job, uidvalidity);
     if job.tracked() && job.qresync.is_some_and(|(v, _)| v == uidvalidity) {
@@ -226,6 +214,35 @@ pub async fn sync_mailbox(job: &MailboxJob<'_>, session: &mut ImapSession) -> Re
         save_status(job, mb, reached).await?;
     }
     Ok(())
+}
+
+/// Called once no hand-off is in flight: if some had timed out, the
+/// processor is silent (every hand-off sent after them ended and none
+/// succeeded), which is an outage.
+fn note_silent_processor(timed_out: &mut Pending, outage: &mut Option<String>) {
+    if !timed_out.is_empty() {
+        outage.get_or_insert_with(|| format!("no answer from the processor ({})", timed_out[0].2));
+        timed_out.clear();
+    }
+}
+
+/// Open the mailbox read-only, the way the job can: with QRESYNC (the
+/// changes since the last sync land in `changes`), with CONDSTORE (for the
+/// HIGHESTMODSEQ of the next sync), or plainly.
+async fn examine(
+    job: &MailboxJob<'_>,
+    reader: &mut Reader<'_>,
+    changes: &mut Changes,
+) -> Result<MailboxInfo, JobError> {
+    match job.qresync {
+        Some((v, m)) => reader.examine_qresync(job.mailbox, v, m, changes).await,
+        // Tracked on a CONDSTORE server: HIGHESTMODSEQ for the next sync.
+        None if job.tracked() && job.conn.caps.condstore => {
+            reader.examine_condstore(job.mailbox).await
+        }
+        None => reader.examine(job.mailbox).await,
+    }
+    .map_err(imap_err)
 }
 
 /// Remember what EXAMINE said, once the mailbox synced cleanly: the next
@@ -704,13 +721,8 @@ impl Consumer<'_, '_> {
         let mut outage: Option<String> = None;
         let uidvalidity = self.uidvalidity;
         loop {
-            // A silent processor: every hand-off sent after the timed-out
-            // ones has ended and none succeeded.
-            if !timed_out.is_empty() && inflight.is_empty() {
-                outage.get_or_insert_with(|| {
-                    format!("no answer from the processor ({})", timed_out[0].2)
-                });
-                timed_out.clear();
+            if inflight.is_empty() {
+                note_silent_processor(&mut timed_out, &mut outage);
             }
             if outage.is_some() && open {
                 open = false;
@@ -760,10 +772,7 @@ impl Consumer<'_, '_> {
                 else => break,
             }
         }
-        match outage {
-            Some(reason) => Err(JobError::Outage(reason)),
-            None => Ok(()),
-        }
+        outage.map_or(Ok(()), |reason| Err(JobError::Outage(reason)))
     }
 
     /// Account for one finished hand-off (`n` is its place in sending order).

@@ -217,6 +217,11 @@ mod tests {
             Some(&l),
             false
         ));
+    }
+
+    #[test]
+    fn a_mailbox_never_synced_or_without_status_is_opened() {
+        let l = last(7, Some(40));
         // Never synced, or no answer for it.
         assert!(!skippable(
             None,
@@ -225,6 +230,11 @@ mod tests {
             false
         ));
         assert!(!skippable(cp(7, 4), None, Some(&l), false));
+    }
+
+    #[test]
+    fn new_mail_opens_the_mailbox() {
+        let l = last(7, Some(40));
         // New mail.
         assert!(!skippable(
             cp(7, 4),
@@ -238,6 +248,11 @@ mod tests {
             Some(&l),
             false
         ));
+    }
+
+    #[test]
+    fn a_new_generation_opens_the_mailbox() {
+        let l = last(7, Some(40));
         // A new generation, even with the same UIDNEXT.
         assert!(!skippable(
             cp(7, 4),
@@ -245,6 +260,11 @@ mod tests {
             Some(&l),
             false
         ));
+    }
+
+    #[test]
+    fn changed_flags_or_expunges_open_the_mailbox() {
+        let l = last(7, Some(40));
         // Flags changed or something expunged.
         assert!(!skippable(
             cp(7, 4),
@@ -252,6 +272,10 @@ mod tests {
             Some(&l),
             false
         ));
+    }
+
+    #[test]
+    fn condstore_without_a_recorded_modseq_opens_the_mailbox() {
         // CONDSTORE server but no mod-sequence recorded yet.
         assert!(!skippable(
             cp(7, 4),
@@ -259,6 +283,11 @@ mod tests {
             None,
             false
         ));
+    }
+
+    #[test]
+    fn a_pending_retry_or_folder_error_opens_the_mailbox() {
+        let l = last(7, Some(40));
         // A retry pending or a folder error on record.
         assert!(!skippable(
             cp(7, 4),
@@ -266,14 +295,28 @@ mod tests {
             Some(&l),
             true
         ));
+    }
+
+    #[test]
+    fn a_missing_or_zero_uidvalidity_opens_the_mailbox() {
+        let l = last(7, Some(40));
         // No UIDVALIDITY (unreadable answer) or a zero one.
         let mut odd = now(7, 5, Some(40));
         odd.uidvalidity = None;
         assert!(!skippable(cp(7, 4), Some(&odd), Some(&l), false));
         assert!(!skippable(cp(0, 4), Some(&now(0, 5, None)), None, false));
+    }
+
+    #[test]
+    fn without_condstore_uids_decide() {
         // No CONDSTORE: UIDs decide.
         assert!(skippable(cp(7, 4), Some(&now(7, 5, None)), None, false));
         assert!(skippable(cp(7, 4), Some(&now(7, 5, Some(0))), None, false));
+    }
+
+    #[test]
+    fn uids_expunged_unseen_leave_the_mailbox_skippable() {
+        let l = last(7, Some(40));
         // UIDs given out and expunged before any sync saw them: UIDNEXT
         // stays past the checkpoint, and is the one of the last clean sync.
         let unseen = MailboxStatus {
@@ -309,6 +352,10 @@ mod tests {
             Some(&rewound),
             false
         ));
+    }
+
+    #[test]
+    fn a_checkpoint_at_the_top_of_the_uid_space_is_skippable() {
         // The checkpoint at the very top of the UID space.
         assert!(skippable(
             cp(7, u32::MAX),
