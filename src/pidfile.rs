@@ -223,7 +223,19 @@ mod tests {
             let link = dir.join(name);
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink("/bin/sleep", &link).unwrap();
-            Named(std::process::Command::new(&link).arg("60").spawn().unwrap())
+            let child = std::process::Command::new(&link).arg("60").spawn().unwrap();
+            // Seen once: the child's /proc entry did not yet show its new
+            // argv[0]. Wait (bounded) until it does, so the test checks
+            // `ours`, not the kernel's pace.
+            let cmdline = PathBuf::from(format!("/proc/{}/cmdline", child.id()));
+            for _ in 0..500 {
+                let argv0 = std::fs::read(&cmdline).unwrap_or_default();
+                if argv0.split(|b| *b == 0).next() == Some(link.as_os_str().as_encoded_bytes()) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Named(child)
         }
     }
 
