@@ -1005,14 +1005,7 @@ async fn deliver_goes_through_while_a_slow_sync_holds_every_slot() {
     let st = w.ctx.store.clone();
     let (user, login, id) = mailbox_account(&st, 30, 300).await;
     smtp_sender_standin(&settings.lda.out_topic).await;
-    let raw_id = Uuid::new_v4();
-    let message_id = Uuid::new_v4();
-    st.insert_raw_message(user, raw_id, message(1, 400))
-        .await
-        .unwrap();
-    st.insert_message(user, message_id, raw_id, chrono::Utc::now())
-        .await
-        .unwrap();
+    let message_id = outgoing_message(&st, user).await;
 
     let b = bus().await;
     let sync_ended = std::sync::Arc::new(AtomicBool::new(false));
@@ -1065,14 +1058,7 @@ async fn deliver_refreshes_an_expired_oauth2_token_before_filing_in_sent() {
     let (user, _login, id) = mailbox_account(&st, 0, 0).await;
     expired_oauth2(&st, user, id.identity_id).await;
     smtp_sender_standin(&settings.lda.out_topic).await;
-    let raw_id = Uuid::new_v4();
-    let message_id = Uuid::new_v4();
-    st.insert_raw_message(user, raw_id, message(1, 400))
-        .await
-        .unwrap();
-    st.insert_message(user, message_id, raw_id, chrono::Utc::now())
-        .await
-        .unwrap();
+    let message_id = outgoing_message(&st, user).await;
     let order = serde_json::json!({"order": "deliver", "user_id": user.to_string(), "identity_id": id.identity_id.to_string(), "message_id": message_id.to_string()});
     let reply: serde_json::Value = bus()
         .await
@@ -1233,14 +1219,7 @@ async fn a_retried_deliver_never_sends_the_message_twice() {
     let st = w.ctx.store.clone();
     let (user, login, id) = mailbox_account(&st, 0, 0).await;
     let sends = smtp_sender_standin(&settings.lda.out_topic).await;
-    let raw_id = Uuid::new_v4();
-    let message_id = Uuid::new_v4();
-    st.insert_raw_message(user, raw_id, message(1, 400))
-        .await
-        .unwrap();
-    st.insert_message(user, message_id, raw_id, chrono::Utc::now())
-        .await
-        .unwrap();
+    let message_id = outgoing_message(&st, user).await;
     let set_password = |p: &str| {
         let st = st.clone();
         let p = p.to_string();
@@ -1291,4 +1270,17 @@ async fn a_retried_deliver_never_sends_the_message_twice() {
     assert_eq!(sends.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(mailbox_status(&login, "Sent").0, 1, "filed once");
     w.stop().await;
+}
+
+/// A message Caliopen would hand to `deliver`: its raw row and its message
+/// row; its message id.
+async fn outgoing_message(st: &caliopen_imap::store::Store, user: Uuid) -> Uuid {
+    let (raw_id, message_id) = (Uuid::new_v4(), Uuid::new_v4());
+    st.insert_raw_message(user, raw_id, message(1, 400))
+        .await
+        .unwrap();
+    st.insert_message(user, message_id, raw_id, chrono::Utc::now())
+        .await
+        .unwrap();
+    message_id
 }
