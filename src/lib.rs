@@ -19,6 +19,8 @@
 //! - [`pidfile`]: the daemons' `start --pid-file`.
 //! - [`shutdown`]: SIGINT/SIGTERM → one shutdown token.
 //! - [`backoff`]: retry delays with jitter and a cap.
+//! - [`renewal`]: renewing a row that lives a TTL (sync lock, IDLE and
+//!   leader leases), each renewal bounded by the time left.
 //! - [`bus`]: NATS connection and [`bus::wire`], the JSON shapes.
 //! - [`store`]: Cassandra session and one file per table group.
 //! - [`imap`]: TLS policy, connect/login, X-Fetched headers.
@@ -39,6 +41,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pidfile;
 pub mod poller;
+pub mod renewal;
 pub mod shutdown;
 pub mod store;
 pub mod worker;

@@ -10,12 +10,15 @@
 //! A renewal that does not succeed in time ends the task before the lease
 //! could lapse: two thirds of the TTL after the last renewal that succeeded
 //! (counted from when it was sent), so a standby can never lead while we
-//! still serve.
+//! still serve. Each renewal is bounded as the sync lock's and the IDLE
+//! leases' are, by [`crate::renewal::renew_before`].
 
 use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::renewal::{renew_before, Renewal};
 
 /// Why the leader must step down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,27 +44,24 @@ where
     let mut next = held_since + every;
     loop {
         tokio::time::sleep_until(next).await;
-        let sent = Instant::now();
-        let left = (confirmed + margin).saturating_duration_since(sent);
-        if left.is_zero() {
-            return Lost::Unconfirmed;
-        }
-        match tokio::time::timeout(left, renew()).await {
-            Ok(Ok(true)) => {
+        match renew_before(confirmed + margin, renew()).await {
+            Renewal::Renewed { sent } => {
                 confirmed = sent;
                 next = sent + every;
             }
-            Ok(Ok(false)) => return Lost::Taken,
-            Ok(Err(e)) => {
+            Renewal::Lost => return Lost::Taken,
+            Renewal::Failed(e) => {
                 tracing::warn!(error = %e, "cannot renew the lease");
                 // Try again soon, still before the margin is spent.
                 next = Instant::now() + every / 2;
             }
-            Err(_) => {
-                tracing::warn!(
-                    waited_ms = left.as_millis() as u64,
-                    "lease renewal unanswered"
-                );
+            Renewal::OutOfTime { waited } => {
+                if !waited.is_zero() {
+                    tracing::warn!(
+                        waited_ms = waited.as_millis() as u64,
+                        "lease renewal unanswered"
+                    );
+                }
                 return Lost::Unconfirmed;
             }
         }

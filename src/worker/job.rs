@@ -14,7 +14,6 @@ use super::account;
 use super::checkpoint;
 use super::context::{Counters, Ctx, SyncHold};
 use super::pipeline::{sync_mailbox, MailboxJob, SyncFrom};
-use super::renewal;
 use super::resync;
 use super::{Busy, JobError, Missing};
 use crate::bus::wire::{orders, CacheOrder, JobReport};
@@ -22,6 +21,7 @@ use crate::imap::fetch::Reader;
 use crate::imap::folders::Undecodable;
 use crate::imap::{self, status, Account, ImapError, ImapSession};
 use crate::metrics::InFlight;
+use crate::renewal;
 use crate::shutdown::{self, Shutdown};
 use crate::store::identity::{
     mailbox_key, time_text, ErrorStreak, Identity, Status, SyncingMarker, PROTOCOL_EMAIL,

@@ -21,7 +21,6 @@ pub mod idle;
 pub mod job;
 pub mod orders;
 pub mod pipeline;
-pub mod renewal;
 pub mod resync;
 pub mod tracker;
 

@@ -1,5 +1,6 @@
 //! Keeping a row alive that lives a TTL: the sync lock of a running sync,
-//! and the IDLE leases of the live sync.
+//! the IDLE leases of the live sync, and (through [`renew_before`]) the
+//! poller's leader lease.
 //!
 //! Each renewal is a Cassandra lightweight transaction, and a request may
 //! wait up to the store's 30 s timeout: as long as a lock's whole life. A
