@@ -23,7 +23,7 @@ pub async fn scenario(suite: &Suite) -> Result<Row> {
     let total = suite.env.messages as u64;
     // The sync started by the recovery of the last round, still running.
     let mut running: Option<tokio::task::JoinHandle<Outcome>> = None;
-    'rounds: for r in 0..suite.env.kill_rounds {
+    for r in 0..suite.env.kill_rounds {
         // From the stand-in's records, not Cassandra: the sync that
         // recovered is running, and must not race ahead meanwhile.
         let left = total.saturating_sub(suite.standin.distinct_of(case.user) as u64);
@@ -36,32 +36,19 @@ pub async fn scenario(suite: &Suite) -> Result<Row> {
         // Spread the kill points so every round lands inside the sync.
         let share = (left / (suite.env.kill_rounds - r) as u64).max(1);
         let target = case.rng.u64(1..=(share * 2).min(left - 1));
-        let since = Instant::now();
-        loop {
-            let fired = suite.standin.trigger_after(case.user, target);
-            let job = match running.take() {
-                Some(j) => j,
-                None => case.order(&suite.client, Duration::from_secs(300)),
-            };
-            let ended = tokio::select! {
-                _ = fired => None,
-                o = wait_job(job) => Some(o),
-            };
-            suite.standin.clear_trigger();
-            let Some(o) = ended else { break };
-            case.note(&o);
-            if o.complete() {
+        match reach_kill_point(suite, &mut case, &mut running, target).await {
+            Point::Reached => {}
+            Point::Ended => {
                 row.notes.push(format!(
                     "kill -9 round {}: the sync ended before the kill point",
                     r + 1
                 ));
-                break 'rounds;
+                break;
             }
-            if since.elapsed() > suite.env.recover_max {
+            Point::Blocked => {
                 row.blocked = true;
-                break 'rounds;
+                break;
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         worker.kill9().await?;
         let t_fault = Instant::now();
@@ -93,4 +80,47 @@ pub async fn scenario(suite: &Suite) -> Result<Row> {
     row.crashes = worker.stop().await?;
     case.count(&suite.store, &suite.standin, &mut row).await?;
     Ok(row)
+}
+
+/// How a round's wait for its kill point ended.
+enum Point {
+    Reached,
+    /// A sync completed the mailbox first.
+    Ended,
+    /// The identity stayed refused for longer than `recover_max`.
+    Blocked,
+}
+
+/// Order a sync (or go on with the one still running) until `target` more
+/// hand-offs have arrived: the point where the worker is killed.
+async fn reach_kill_point(
+    suite: &Suite,
+    case: &mut Case,
+    running: &mut Option<tokio::task::JoinHandle<Outcome>>,
+    target: u64,
+) -> Point {
+    let since = Instant::now();
+    loop {
+        let fired = suite.standin.trigger_after(case.user, target);
+        let job = match running.take() {
+            Some(j) => j,
+            None => case.order(&suite.client, Duration::from_secs(300)),
+        };
+        let ended = tokio::select! {
+            _ = fired => None,
+            o = wait_job(job) => Some(o),
+        };
+        suite.standin.clear_trigger();
+        let Some(o) = ended else {
+            return Point::Reached;
+        };
+        case.note(&o);
+        if o.complete() {
+            return Point::Ended;
+        }
+        if since.elapsed() > suite.env.recover_max {
+            return Point::Blocked;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
