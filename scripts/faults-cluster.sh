@@ -2,7 +2,7 @@
 # The cluster fault run (`make faults-cluster`; docs/operations.md,
 # "Running on a cluster"): a 3-node Cassandra (replication factor 3) on the loopback
 # aliases 127.0.0.2-4, a 3-node NATS cluster, then the fault suite's harness
-# (examples/faults.rs, its `cluster` scenario) with 2 workers and 2 pollers
+# (examples/faults/, its `cluster` scenario) with 2 workers and 2 pollers
 # on them, killing one Cassandra node, one NATS node and the leading poller
 # while the accounts sync. Dovecot is the local stack's (never restarted).
 # Everything this script starts is stopped when it ends, Ctrl-C included.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fault suite (docs/faults.md): builds the binary and the harness
-# (examples/faults.rs), gives the harness a keyspace of its own, and runs it
+# (examples/faults/), gives the harness a keyspace of its own, and runs it
 # against the local stack. Its table goes to stdout (and to
 # target/faults/<tag>/table.md); the daemons' logs stay in that folder.
 #
@@ -11,7 +11,7 @@
 #                               no service restart
 #
 # FAULTS_SEED=N replays a run (the seed is printed); FAULTS_ONLY=kill9,sigterm
-# picks scenarios; more settings in the header of examples/faults.rs.
+# picks scenarios; more settings in the header of examples/faults/main.rs.
 # Exit 1 when a number that must be zero is not.
 set -euo pipefail
 

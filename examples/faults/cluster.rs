@@ -14,7 +14,19 @@
 //! account has nothing left, then counts as every scenario does
 //! ([`Case::count`]).
 
-use super::*;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use caliopen_imap::config;
+use caliopen_imap::store::Store;
+use uuid::Uuid;
+
+use crate::case::{Case, Row};
+use crate::common::start_daemon;
+use crate::env::Env;
+use crate::kit::{fnv, var, var_or, Daemon};
+use crate::suite::Suite;
 
 /// What the leader logs once it holds the lease, and what a standby logs.
 const LEADER_READY: &str = "this poller is the leader";
@@ -137,232 +149,368 @@ struct Kill {
     unfinished: Vec<Uuid>,
 }
 
-pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
-    let env = &suite.env;
-    let accounts: u32 = var_or("FAULTS_CLUSTER_ACCOUNTS", 3)?;
-    let delay = Duration::from_millis(var_or("FAULTS_CLUSTER_DELAY_MS", 500)?);
-    let in_flight: u32 = var_or("FAULTS_CLUSTER_IN_FLIGHT", 8)?;
-    let limit = Duration::from_secs(var_or("FAULTS_CLUSTER_MAX_SECS", 600)?);
-    let cass = pid_files("FAULTS_CLUSTER_CASS_PIDS")?;
-    let nats = pid_files("FAULTS_CLUSTER_NATS_PIDS")?;
-    let mut row = Row {
-        name: "Cassandra node, NATS node, leading poller killed".into(),
-        ..Default::default()
-    };
-    let mut rng = fastrand::Rng::with_seed(env.seed ^ fnv("cluster"));
-    let mut cases = Vec::new();
-    for i in 0..accounts {
-        cases.push(Case::new(env, &suite.store, &format!("cluster{i}"), env.messages).await?);
-    }
-    let total = cases.len() * env.messages as usize;
-    // Answers 500 ms late, 8 in flight per sync: 16 messages/s per account
-    // at most, so the syncs last about a minute, long enough for three
-    // faults and a poller fail-over (unthrottled, 3 × 1,000 took 12 s).
-    suite.standin.set_delay(delay);
-    let mut workers = vec![
-        start_cluster_worker(env, in_flight).await?,
-        start_cluster_worker(env, in_flight).await?,
-    ];
-    let addrs = [free_addr()?, free_addr()?];
-    // The first takes the lease and schedules the accounts at once.
-    let mut pollers = vec![
-        Some(start_cluster_poller(env, &addrs[0], LEADER_READY).await?),
-        Some(start_cluster_poller(env, &addrs[1], STANDBY_READY).await?),
-    ];
-    let t0 = Instant::now();
-    let frac = |rng: &mut fastrand::Rng, lo: f64| (total as f64 * (lo + rng.f64() * 0.1)) as usize;
-    let points = [
-        frac(&mut rng, 0.10),
-        frac(&mut rng, 0.35),
-        frac(&mut rng, 0.55),
-    ];
-    let mut kills: Vec<Kill> = Vec::new();
-    // (kill time, the survivor's index): waiting for the standby to serve.
-    let mut poller_watch: Option<(Instant, usize)> = None;
-    let mut lease_after: Option<Duration> = None;
-    let mut served_after: Option<Duration> = None;
-    let poller_limit = Duration::from_secs(120);
-    loop {
-        let progress: usize = cases
-            .iter()
-            .map(|c| suite.standin.distinct_of(c.user))
-            .sum();
-        for w in workers.iter_mut() {
-            w.check().await?;
-        }
-        for p in pollers.iter_mut().flatten() {
-            p.check().await?;
-        }
-        let next = kills.len();
-        if next < points.len() && progress >= points[next] {
-            let unfinished = cases
-                .iter()
-                .filter(|c| suite.standin.distinct_of(c.user) < env.messages as usize)
-                .map(|c| c.user)
-                .collect();
-            let what = match next {
-                0 => {
-                    let i = rng.usize(..cass.len());
-                    let pid = kill9_from(&cass[i])?;
-                    format!("Cassandra node {} (pid {pid})", i + 1)
-                }
-                1 => {
-                    let i = rng.usize(..nats.len());
-                    let pid = kill9_from(&nats[i])?;
-                    format!("NATS node {} (pid {pid})", i + 1)
-                }
-                _ => {
-                    let mut leader = None;
-                    for (i, a) in addrs.iter().enumerate() {
-                        if pollers[i].is_some() && metric(a, LEASE_HELD).await == Some(1.0) {
-                            leader = Some(i);
-                        }
-                    }
-                    let i = leader.ok_or_else(|| anyhow!("no poller says it holds the lease"))?;
-                    let mut p = pollers[i].take().expect("checked above");
-                    let pid = p.pid().unwrap_or(0);
-                    p.kill9().await?;
-                    poller_watch = Some((Instant::now(), 1 - i));
-                    format!("leading poller {} (pid {pid})", i + 1)
-                }
-            };
-            let at = Instant::now();
-            eprintln!(
-                "[faults] cluster: killed {what} at {progress}/{total} hand-offs ({:.1} s)",
-                (at - t0).as_secs_f64()
-            );
-            row.notes.push(format!(
-                "killed {what} at {progress}/{total} hand-offs, {:.1} s into the run",
-                (at - t0).as_secs_f64()
-            ));
-            kills.push(Kill {
-                what,
-                at,
-                unfinished,
-            });
-            row.rounds += 1;
-            // Delivered by now and handed off again later: extra.
-            snapshot_all(&mut cases, &suite.store).await?;
-        }
-        if let Some((t, j)) = poller_watch {
-            if lease_after.is_none() && metric(&addrs[j], LEASE_HELD).await == Some(1.0) {
-                lease_after = Some(t.elapsed());
-            }
-            if metric(&addrs[j], SERVED).await.unwrap_or(0.0) > 0.0 {
-                served_after = Some(t.elapsed());
-                poller_watch = None;
-            } else if t.elapsed() > poller_limit {
-                poller_watch = None;
-            }
-        }
-        let poller_settled = kills.len() == points.len() && poller_watch.is_none();
-        if progress >= total && poller_settled {
-            break;
-        }
-        if t0.elapsed() > limit {
-            row.notes.push(format!(
-                "stopped waiting after {} s: {progress}/{total} handed off, {} faults",
-                limit.as_secs(),
-                kills.len()
-            ));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let synced_in = t0.elapsed();
-    suite.standin.set_delay(Duration::ZERO);
-    snapshot_all(&mut cases, &suite.store).await?;
-    // Whatever the pollers left: order syncs until each account is complete.
-    for c in cases.iter_mut() {
-        if !c
-            .sync_until_complete(&suite.client, &mut workers[0], Instant::now())
-            .await?
-        {
-            row.blocked = true;
-        }
-    }
-    // Recovery: for the nodes, until every account that still had work
-    // handed off again; for the poller, until the standby served a job.
-    // "Again" is the (in_flight + 1)-th hand-off after the kill: the first
-    // `in_flight` may have been stored before it and sent just after.
-    let mut shown = Vec::new();
-    for (k, kill) in kills.iter().enumerate() {
-        let rec = if k == 2 {
-            served_after
-        } else {
-            kill.unfinished
-                .iter()
-                .map(|u| {
-                    let after: Vec<Instant> = suite
-                        .standin
-                        .records_of(*u)
-                        .iter()
-                        .map(|r| r.at)
-                        .filter(|t| *t > kill.at)
-                        .collect();
-                    after.get(in_flight as usize).map(|t| *t - kill.at)
-                })
-                .try_fold(Duration::ZERO, |m, d| d.map(|d| m.max(d)))
-        };
-        row.recover.push(rec);
-        let label = ["Cassandra", "NATS", "poller"][k];
-        shown.push(match rec {
-            Some(d) => format!("{label} {:.1} s", d.as_secs_f64()),
-            None => format!("{label} not recovered"),
-        });
-        if rec.is_none() {
-            row.failures
-                .push(format!("no recovery after the kill of the {}", kill.what));
-        }
-    }
-    row.recover_text = Some(shown.join(" · "));
-    row.notes.push(format!(
-        "the standby poller held the lease {} and served its first job {} after the leader's kill (lease_ttl_secs 15)",
-        lease_after.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64())),
-        served_after.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64())),
-    ));
-    row.notes.push(format!(
-        "{accounts} accounts × {} messages handed off in {:.0} s by the pollers' jobs ({in_flight} in flight per sync, answers {} ms late); consistency_level {} (4 = QUORUM), LWTs at SERIAL; Cassandra heap {} per node",
-        env.messages,
-        synced_in.as_secs_f64(),
-        delay.as_millis(),
-        env.consistency,
-        std::env::var("FAULTS_CLUSTER_HEAP").unwrap_or_else(|_| "?".into())
-    ));
-    for c in &cases {
-        let r = retried("counting", || async {
-            let mut r = Row::default();
-            c.count(&suite.store, &suite.standin, &mut r).await?;
-            Ok(r)
+/// The run's settings (environment) and the cluster's pid files, from the
+/// driver script.
+struct Knobs {
+    accounts: u32,
+    /// How late the stand-in answers, so the syncs last long enough.
+    delay: Duration,
+    in_flight: u32,
+    /// How long the pollers' syncs are waited for.
+    limit: Duration,
+    cass: Vec<PathBuf>,
+    nats: Vec<PathBuf>,
+}
+
+impl Knobs {
+    fn load() -> Result<Knobs> {
+        Ok(Knobs {
+            accounts: var_or("FAULTS_CLUSTER_ACCOUNTS", 3)?,
+            delay: Duration::from_millis(var_or("FAULTS_CLUSTER_DELAY_MS", 500)?),
+            in_flight: var_or("FAULTS_CLUSTER_IN_FLIGHT", 8)?,
+            limit: Duration::from_secs(var_or("FAULTS_CLUSTER_MAX_SECS", 600)?),
+            cass: pid_files("FAULTS_CLUSTER_CASS_PIDS")?,
+            nats: pid_files("FAULTS_CLUSTER_NATS_PIDS")?,
         })
-        .await?;
-        row.messages += r.messages;
-        row.missing += r.missing;
-        row.duplicates += r.duplicates;
-        row.undelivered += r.undelivered;
-        row.extra += r.extra;
-        row.inflight += r.inflight;
-        row.late += r.late;
-        row.stepped += r.stepped;
-        row.notes.extend(r.notes);
     }
-    // What the daemons went through, from their logs.
-    let mut logs: Vec<PathBuf> = workers.iter().map(|w| w.log.clone()).collect();
-    logs.extend(pollers.iter().flatten().map(|p| p.log.clone()));
-    let text: String = logs
-        .iter()
-        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
-        .collect();
+}
+
+/// The scenario's state from start to count: its accounts, its daemons,
+/// the faults struck and what the standby poller did after the leader's.
+struct Run<'a> {
+    suite: &'a Suite,
+    knobs: Knobs,
+    row: Row,
+    rng: fastrand::Rng,
+    cases: Vec<Case>,
+    /// Messages of every account.
+    total: usize,
+    workers: Vec<Daemon>,
+    /// The pollers' metrics addresses; a killed poller's slot is `None`.
+    addrs: [String; 2],
+    pollers: Vec<Option<Daemon>>,
+    t0: Instant,
+    kills: Vec<Kill>,
+    /// (kill time, the survivor's index): waiting for the standby to serve.
+    poller_watch: Option<(Instant, usize)>,
+    lease_after: Option<Duration>,
+    served_after: Option<Duration>,
+}
+
+pub async fn scenario(suite: &Suite) -> Result<Row> {
+    let mut run = Run::start(suite).await?;
+    run.strike_faults().await?;
+    let synced_in = run.t0.elapsed();
+    run.complete().await?;
+    run.recovery();
+    run.notes(synced_in);
+    run.count_all().await?;
+    run.outages();
+    run.stop().await
+}
+
+impl<'a> Run<'a> {
+    /// The accounts, then 2 workers and 2 pollers (the first takes the
+    /// lease and schedules the accounts at once).
+    async fn start(suite: &'a Suite) -> Result<Run<'a>> {
+        let env = &suite.env;
+        let knobs = Knobs::load()?;
+        let row = Row {
+            name: "Cassandra node, NATS node, leading poller killed".into(),
+            ..Default::default()
+        };
+        let rng = fastrand::Rng::with_seed(env.seed ^ fnv("cluster"));
+        let mut cases = Vec::new();
+        for i in 0..knobs.accounts {
+            cases.push(Case::new(env, &suite.store, &format!("cluster{i}"), env.messages).await?);
+        }
+        let total = cases.len() * env.messages as usize;
+        // Answers 500 ms late, 8 in flight per sync: 16 messages/s per account
+        // at most, so the syncs last about a minute, long enough for three
+        // faults and a poller fail-over (unthrottled, 3 × 1,000 took 12 s).
+        suite.standin.set_delay(knobs.delay);
+        let workers = vec![
+            start_cluster_worker(env, knobs.in_flight).await?,
+            start_cluster_worker(env, knobs.in_flight).await?,
+        ];
+        let addrs = [free_addr()?, free_addr()?];
+        let pollers = vec![
+            Some(start_cluster_poller(env, &addrs[0], LEADER_READY).await?),
+            Some(start_cluster_poller(env, &addrs[1], STANDBY_READY).await?),
+        ];
+        Ok(Run {
+            suite,
+            knobs,
+            row,
+            rng,
+            cases,
+            total,
+            workers,
+            addrs,
+            pollers,
+            t0: Instant::now(),
+            kills: Vec::new(),
+            poller_watch: None,
+            lease_after: None,
+            served_after: None,
+        })
+    }
+
+    /// While the pollers' jobs sync the accounts: the three kills at their
+    /// seeded points, then until everything is handed off and the standby
+    /// poller served (or the time limit).
+    async fn strike_faults(&mut self) -> Result<()> {
+        let total = self.total;
+        let rng = &mut self.rng;
+        let frac =
+            |rng: &mut fastrand::Rng, lo: f64| (total as f64 * (lo + rng.f64() * 0.1)) as usize;
+        let points = [frac(rng, 0.10), frac(rng, 0.35), frac(rng, 0.55)];
+        loop {
+            let progress: usize = self
+                .cases
+                .iter()
+                .map(|c| self.suite.standin.distinct_of(c.user))
+                .sum();
+            for w in self.workers.iter_mut() {
+                w.check().await?;
+            }
+            for p in self.pollers.iter_mut().flatten() {
+                p.check().await?;
+            }
+            let next = self.kills.len();
+            if next < points.len() && progress >= points[next] {
+                self.strike(next, progress).await?;
+            }
+            self.watch_standby().await;
+            let poller_settled = self.kills.len() == points.len() && self.poller_watch.is_none();
+            if progress >= total && poller_settled {
+                break;
+            }
+            if self.t0.elapsed() > self.knobs.limit {
+                self.row.notes.push(format!(
+                    "stopped waiting after {} s: {progress}/{total} handed off, {} faults",
+                    self.knobs.limit.as_secs(),
+                    self.kills.len()
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// Fault number `next`: a Cassandra node, a NATS node, then the poller
+    /// that holds the lease, each SIGKILLed.
+    async fn strike(&mut self, next: usize, progress: usize) -> Result<()> {
+        let messages = self.suite.env.messages as usize;
+        let unfinished = self
+            .cases
+            .iter()
+            .filter(|c| self.suite.standin.distinct_of(c.user) < messages)
+            .map(|c| c.user)
+            .collect();
+        let what = match next {
+            0 => {
+                let i = self.rng.usize(..self.knobs.cass.len());
+                let pid = kill9_from(&self.knobs.cass[i])?;
+                format!("Cassandra node {} (pid {pid})", i + 1)
+            }
+            1 => {
+                let i = self.rng.usize(..self.knobs.nats.len());
+                let pid = kill9_from(&self.knobs.nats[i])?;
+                format!("NATS node {} (pid {pid})", i + 1)
+            }
+            _ => self.kill_leader().await?,
+        };
+        let at = Instant::now();
+        let total = self.total;
+        eprintln!(
+            "[faults] cluster: killed {what} at {progress}/{total} hand-offs ({:.1} s)",
+            (at - self.t0).as_secs_f64()
+        );
+        self.row.notes.push(format!(
+            "killed {what} at {progress}/{total} hand-offs, {:.1} s into the run",
+            (at - self.t0).as_secs_f64()
+        ));
+        self.kills.push(Kill {
+            what,
+            at,
+            unfinished,
+        });
+        self.row.rounds += 1;
+        // Delivered by now and handed off again later: extra.
+        snapshot_all(&mut self.cases, &self.suite.store).await
+    }
+
+    /// SIGKILL the poller whose metrics say it holds the lease, and watch
+    /// the other from now on.
+    async fn kill_leader(&mut self) -> Result<String> {
+        let mut leader = None;
+        for (i, a) in self.addrs.iter().enumerate() {
+            if self.pollers[i].is_some() && metric(a, LEASE_HELD).await == Some(1.0) {
+                leader = Some(i);
+            }
+        }
+        let i = leader.ok_or_else(|| anyhow!("no poller says it holds the lease"))?;
+        let mut p = self.pollers[i].take().expect("checked above");
+        let pid = p.pid().unwrap_or(0);
+        p.kill9().await?;
+        self.poller_watch = Some((Instant::now(), 1 - i));
+        Ok(format!("leading poller {} (pid {pid})", i + 1))
+    }
+
+    /// After the leader's kill: when the standby held the lease, and when
+    /// it served its first job (given up after 120 s).
+    async fn watch_standby(&mut self) {
+        let poller_limit = Duration::from_secs(120);
+        let Some((t, j)) = self.poller_watch else {
+            return;
+        };
+        if self.lease_after.is_none() && metric(&self.addrs[j], LEASE_HELD).await == Some(1.0) {
+            self.lease_after = Some(t.elapsed());
+        }
+        if metric(&self.addrs[j], SERVED).await.unwrap_or(0.0) > 0.0 {
+            self.served_after = Some(t.elapsed());
+            self.poller_watch = None;
+        } else if t.elapsed() > poller_limit {
+            self.poller_watch = None;
+        }
+    }
+
+    /// Whatever the pollers left: order syncs until each account is complete.
+    async fn complete(&mut self) -> Result<()> {
+        self.suite.standin.set_delay(Duration::ZERO);
+        snapshot_all(&mut self.cases, &self.suite.store).await?;
+        for c in self.cases.iter_mut() {
+            if !c
+                .sync_until_complete(&self.suite.client, &mut self.workers[0], Instant::now())
+                .await?
+            {
+                self.row.blocked = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Recovery: for the nodes, until every account that still had work
+    /// handed off again; for the poller, until the standby served a job.
+    /// "Again" is the (in_flight + 1)-th hand-off after the kill: the first
+    /// `in_flight` may have been stored before it and sent just after.
+    fn recovery(&mut self) {
+        let in_flight = self.knobs.in_flight;
+        let mut shown = Vec::new();
+        for (k, kill) in self.kills.iter().enumerate() {
+            let rec = if k == 2 {
+                self.served_after
+            } else {
+                kill.unfinished
+                    .iter()
+                    .map(|u| {
+                        let after: Vec<Instant> = self
+                            .suite
+                            .standin
+                            .records_of(*u)
+                            .iter()
+                            .map(|r| r.at)
+                            .filter(|t| *t > kill.at)
+                            .collect();
+                        after.get(in_flight as usize).map(|t| *t - kill.at)
+                    })
+                    .try_fold(Duration::ZERO, |m, d| d.map(|d| m.max(d)))
+            };
+            self.row.recover.push(rec);
+            let label = ["Cassandra", "NATS", "poller"][k];
+            shown.push(match rec {
+                Some(d) => format!("{label} {:.1} s", d.as_secs_f64()),
+                None => format!("{label} not recovered"),
+            });
+            if rec.is_none() {
+                self.row
+                    .failures
+                    .push(format!("no recovery after the kill of the {}", kill.what));
+            }
+        }
+        self.row.recover_text = Some(shown.join(" · "));
+    }
+
+    /// The standby's take-over and the run's shape, for the report.
+    fn notes(&mut self, synced_in: Duration) {
+        let env = &self.suite.env;
+        self.row.notes.push(format!(
+            "the standby poller held the lease {} and served its first job {} after the leader's kill (lease_ttl_secs 15)",
+            self.lease_after.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+            self.served_after.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64())),
+        ));
+        self.row.notes.push(format!(
+            "{} accounts × {} messages handed off in {:.0} s by the pollers' jobs ({} in flight per sync, answers {} ms late); consistency_level {} (4 = QUORUM), LWTs at SERIAL; Cassandra heap {} per node",
+            self.knobs.accounts,
+            env.messages,
+            synced_in.as_secs_f64(),
+            self.knobs.in_flight,
+            self.knobs.delay.as_millis(),
+            env.consistency,
+            std::env::var("FAULTS_CLUSTER_HEAP").unwrap_or_else(|_| "?".into())
+        ));
+    }
+
+    /// Every account counted as a single-node scenario counts it, summed.
+    async fn count_all(&mut self) -> Result<()> {
+        let suite = self.suite;
+        for c in &self.cases {
+            let r = retried("counting", || async {
+                let mut r = Row::default();
+                c.count(&suite.store, &suite.standin, &mut r).await?;
+                Ok(r)
+            })
+            .await?;
+            let row = &mut self.row;
+            row.messages += r.messages;
+            row.missing += r.missing;
+            row.duplicates += r.duplicates;
+            row.undelivered += r.undelivered;
+            row.extra += r.extra;
+            row.inflight += r.inflight;
+            row.late += r.late;
+            row.stepped += r.stepped;
+            row.notes.extend(r.notes);
+        }
+        Ok(())
+    }
+
+    /// What the daemons went through, from their logs (the killed
+    /// poller's not counted).
+    fn outages(&mut self) {
+        let mut logs: Vec<PathBuf> = self.workers.iter().map(|w| w.log.clone()).collect();
+        logs.extend(self.pollers.iter().flatten().map(|p| p.log.clone()));
+        let text: String = logs
+            .iter()
+            .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+            .collect();
+        judge_outages(&text, &mut self.row);
+    }
+
+    async fn stop(mut self) -> Result<Row> {
+        for w in self.workers {
+            self.row.crashes += w.stop().await?;
+        }
+        for p in self.pollers.into_iter().flatten() {
+            self.row.crashes += p.stop().await?;
+        }
+        Ok(self.row)
+    }
+}
+
+/// The syncs that ended on an outage, by cause. A lightweight transaction
+/// (lock, leases) is never sent again by the driver: one that met the dead
+/// node may stop its sync. Any other statement is idempotent and goes to
+/// the next node: a running sync must carry on (docs/operations.md,
+/// "Running on a cluster"). A session the driver left with no node (see
+/// the renewals below) fails its statement at once, idempotent or not.
+fn judge_outages(text: &str, row: &mut Row) {
     let outages: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("sync ended with errors") && l.contains("outage=true"))
         .collect();
-    // A lightweight transaction (lock, leases) is never sent again by the
-    // driver: one that met the dead node may stop its sync. Any other
-    // statement is idempotent and goes to the next node: a running sync
-    // must carry on (docs/operations.md, "Running on a cluster").
-    // A session the driver left with no node (see the renewals below)
-    // fails its statement at once, idempotent or not.
     let (no_node, cassandra): (Vec<&str>, Vec<&str>) = outages
         .iter()
         .filter(|l| l.contains("Cassandra"))
@@ -390,11 +538,4 @@ pub(super) async fn scenario(suite: &Suite) -> Result<Row> {
         by_lwt.len(),
         no_node.len()
     ));
-    for w in workers {
-        row.crashes += w.stop().await?;
-    }
-    for p in pollers.into_iter().flatten() {
-        row.crashes += p.stop().await?;
-    }
-    Ok(row)
 }

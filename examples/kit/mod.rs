@@ -1,8 +1,8 @@
-//! What the fault suite (`examples/faults.rs`) and the soak
+//! What the fault suite (`examples/faults/`) and the soak
 //! (`examples/soak/`) both need, written once: the daemons they start and
 //! watch, `doveadm`, stopping and starting a stack service, following a
 //! sync order to its report, and the environment readers. Included by path
-//! (`#[path = "kit/mod.rs"] mod kit;`), as examples cannot share a library.
+//! (`#[path = "../kit/mod.rs"] mod kit;`), as examples cannot share a library.
 
 #![allow(dead_code)]
 
