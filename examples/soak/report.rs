@@ -26,11 +26,20 @@ pub struct Report<'a> {
 
 impl Report<'_> {
     pub fn markdown(&self, svg_name: &str) -> String {
-        let e = self.env;
         let mut o = String::new();
-        let _ = writeln!(o, "# Soak run\n");
+        self.summary(&mut o);
+        self.latency(&mut o, svg_name);
+        self.faults_table(&mut o);
+        self.setup(&mut o);
+        o
+    }
+
+    /// The title, what ran, and the checks with their verdict.
+    fn summary(&self, o: &mut String) {
+        let e = self.env;
+        let _ = writeln!(*o, "# Soak run\n");
         let _ = writeln!(
-            o,
+            *o,
             "`make soak` (scripts/soak.sh, examples/soak/): seed {}, {:.1} minutes of load \
              ({:.1} minutes in all), {} identities, {} actions/s asked, {}.\n",
             e.seed,
@@ -42,7 +51,7 @@ impl Report<'_> {
         );
         let failed = self.checks.iter().filter(|c| c.failed()).count();
         let _ = writeln!(
-            o,
+            *o,
             "**{}**\n",
             if failed == 0 {
                 "Every required zero is zero.".to_string()
@@ -50,10 +59,10 @@ impl Report<'_> {
                 format!("{failed} required zero(s) not zero.")
             }
         );
-        let _ = writeln!(o, "| check | value | zero required | |\n|---|---|---|---|");
+        let _ = writeln!(*o, "| check | value | zero required | |\n|---|---|---|---|");
         for c in self.checks {
             let _ = writeln!(
-                o,
+                *o,
                 "| {} | {} | {} | {} |",
                 c.name,
                 c.text.clone().unwrap_or_else(|| c.value.to_string()),
@@ -61,20 +70,24 @@ impl Report<'_> {
                 if c.failed() { "FAIL" } else { "" }
             );
         }
-        let _ = writeln!(o, "\n## Latency, APPEND to hand-off\n");
+    }
+
+    /// Latency, APPEND to hand-off: overall and per minute with the faults.
+    fn latency(&self, o: &mut String, svg_name: &str) {
+        let _ = writeln!(*o, "\n## Latency, APPEND to hand-off\n");
         let _ = writeln!(
-            o,
+            *o,
             "- IDLE (INBOX of identities with `idle`): {}",
             latency::fmt(latency::stats(self.samples, true))
         );
         let _ = writeln!(
-            o,
+            *o,
             "- polled (every other synced folder): {}",
             latency::fmt(latency::stats(self.samples, false))
         );
-        let _ = writeln!(o, "\n![latency over time]({svg_name})\n");
+        let _ = writeln!(*o, "\n![latency over time]({svg_name})\n");
         let _ = writeln!(
-            o,
+            *o,
             "| minute (of the APPEND) | IDLE p50 / max, s (messages) | polled p50 / max, s (messages) | faults starting |\n|---|---|---|---|"
         );
         for (m, idle, polled) in latency::per_minute(self.samples) {
@@ -85,21 +98,25 @@ impl Report<'_> {
                 .map(|f| f.kind.label())
                 .collect();
             let _ = writeln!(
-                o,
+                *o,
                 "| {m} | {} | {} | {} |",
                 latency::brief(&idle),
                 latency::brief(&polled),
                 starting.join(", ")
             );
         }
-        let _ = writeln!(o);
+    }
+
+    /// Every fault injected, when and for how long.
+    fn faults_table(&self, o: &mut String) {
+        let _ = writeln!(*o);
         let _ = writeln!(
-            o,
+            *o,
             "## Faults injected\n\n| at (s) | fault | lasted (s) | note |\n|---|---|---|---|"
         );
         for f in self.faults {
             let _ = writeln!(
-                o,
+                *o,
                 "| {:.0} | {} | {:.0} | {} |",
                 f.start,
                 f.kind.label(),
@@ -107,9 +124,14 @@ impl Report<'_> {
                 f.note.replace('|', "/").replace('\n', " ")
             );
         }
-        let _ = writeln!(o, "\n## Set-up\n");
+    }
+
+    /// How the run was set up, and its notes.
+    fn setup(&self, o: &mut String) {
+        let e = self.env;
+        let _ = writeln!(*o, "\n## Set-up\n");
         let _ = writeln!(
-            o,
+            *o,
             "2 pollers (leader and standby), 3 workers (the third with `idle_max: 5`), \
              `lock_ttl_secs: 30`, `raw_size_limit: {}` (larger messages go to S3); identities \
              polled every minute, 3 to 5 folders each (one may be `Été 2026`), a third with \
@@ -120,9 +142,8 @@ impl Report<'_> {
             e.launch.work.display()
         );
         for n in self.notes {
-            let _ = writeln!(o, "- {n}");
+            let _ = writeln!(*o, "- {n}");
         }
-        o
     }
 
     /// Latency of each message over the run, IDLE and polled, with each
