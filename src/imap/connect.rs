@@ -354,7 +354,9 @@ impl Dial<'_> {
         let files: Vec<&std::path::Path> = self.acc.ca_files.iter().map(PathBuf::as_path).collect();
         // A trust store we cannot build is a fault of this machine or of
         // our settings, never of the remote account.
-        tls::client_config(&files, self.acc.pin).map_err(|reason| ImapError::Policy {
+        // Shared: a config lives as long as its connection (rustls keeps
+        // it), and one per connection was most of a held session's memory.
+        tls::shared_client_config(&files, self.acc.pin).map_err(|reason| ImapError::Policy {
             server: self.server(),
             reason,
         })
@@ -506,6 +508,31 @@ mod tests {
         );
         assert_eq!(Security::choose("plain", 143).unwrap(), Security::Plain);
         assert!(Security::choose("bogus", 1).is_err());
+    }
+
+    /// Every connection with the same trust uses one rustls config: one
+    /// root store in memory, not one per held connection.
+    #[test]
+    fn connections_share_their_tls_config() {
+        let acc = Account {
+            server: "127.0.0.1:993".into(),
+            security: Security::Tls,
+            auth: Auth::Login {
+                user: "u".into(),
+                password: "p".into(),
+            },
+            ca_files: vec![],
+            pin: None,
+            allow_plaintext_loopback: false,
+            connect_timeout: Duration::from_secs(1),
+            io_timeout: Duration::from_secs(1),
+        };
+        let dial = |acc| Dial {
+            acc,
+            host: "127.0.0.1".into(),
+        };
+        let (a, b) = (dial(&acc).tls_config(), dial(&acc).tls_config());
+        assert!(Arc::ptr_eq(&a.unwrap(), &b.unwrap()));
     }
 
     #[test]

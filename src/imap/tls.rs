@@ -7,8 +7,10 @@
 //! still checked. There is no switch to turn verification off; a failed
 //! verification is an error, never a fallback.
 
-use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -79,8 +81,60 @@ pub fn parse_pin(s: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
+/// What a client config trusts: each CA file as it is on disk now (a file
+/// changed or replaced since makes a new config, as reading it per
+/// connection did), and the pin.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Trust {
+    files: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    pin: Option<[u8; 32]>,
+}
+
+/// The config of every connection that trusts the same: one root store
+/// (the system's ~150 roots parsed, ~50 KiB) shared by all of them, where
+/// a config built per connection stayed in memory as long as its
+/// connection (rustls keeps it for the session's lifetime): a held IDLE
+/// session's largest cost. Held weakly: a config lives while a connection
+/// uses it, so the map holds no more entries than there are distinct
+/// trusts among live connections (pinned identities each have their own).
+pub fn shared_client_config(
+    extra_ca: &[&Path],
+    pin: Option<[u8; 32]>,
+) -> Result<Arc<ClientConfig>, String> {
+    static LIVE: OnceLock<Mutex<HashMap<Trust, Weak<ClientConfig>>>> = OnceLock::new();
+    let files = extra_ca
+        .iter()
+        .map(|p| {
+            // A file we cannot stat fails in client_config, with its reason.
+            let meta = std::fs::metadata(p).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            (p.to_path_buf(), modified, meta.map_or(0, |m| m.len()))
+        })
+        .collect();
+    let trust = Trust { files, pin };
+    let live = LIVE.get_or_init(Default::default);
+    if let Some(config) = lock(live).get(&trust).and_then(Weak::upgrade) {
+        return Ok(config);
+    }
+    // Built outside the lock (it reads files); two connections racing here
+    // build twice and the later one is kept: harmless.
+    let config = client_config(extra_ca, pin)?;
+    let mut map = lock(live);
+    map.retain(|_, c| c.strong_count() > 0);
+    map.insert(trust, Arc::downgrade(&config));
+    Ok(config)
+}
+
+/// The map even if a thread panicked holding it (it is only a cache).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A client config trusting the system roots plus `extra_ca` files, or only
-/// the pinned certificate when `pin` is set.
+/// the pinned certificate when `pin` is set. Without TLS session
+/// resumption, as before configs were shared: its tickets would otherwise
+/// be kept in every config (memory), and a resumed session skips the
+/// certificate check a fresh handshake makes.
 pub fn client_config(
     extra_ca: &[&Path],
     pin: Option<[u8; 32]>,
@@ -113,6 +167,8 @@ pub fn client_config(
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
+    let mut config = config;
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
@@ -207,5 +263,51 @@ mod tests {
     #[test]
     fn system_config_builds() {
         client_config(&[], None).unwrap();
+    }
+
+    #[test]
+    fn connections_that_trust_the_same_share_one_config() {
+        let a = shared_client_config(&[], None).unwrap();
+        let b = shared_client_config(&[], None).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "one root store for every connection");
+        let pinned = shared_client_config(&[], Some([7; 32])).unwrap();
+        assert!(!Arc::ptr_eq(&a, &pinned), "a pin is a trust of its own");
+        let other_pin = shared_client_config(&[], Some([8; 32])).unwrap();
+        assert!(!Arc::ptr_eq(&pinned, &other_pin));
+        let resumption = format!("{:?}", a.resumption);
+        assert!(
+            resumption.contains("NoClientSessionStorage"),
+            "{resumption}"
+        );
+    }
+
+    #[test]
+    fn a_config_no_connection_uses_is_dropped_and_a_changed_ca_file_is_read_again() {
+        let dir = std::env::temp_dir().join(format!("tls-share-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ca.pem");
+        let roots = system_roots();
+        let pem = |n: usize| {
+            roots[..n]
+                .iter()
+                .map(|c| {
+                    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, c);
+                    format!("-----BEGIN CERTIFICATE-----\n{b64}\n-----END CERTIFICATE-----\n")
+                })
+                .collect::<String>()
+        };
+        std::fs::write(&file, pem(1)).unwrap();
+        let a = shared_client_config(&[&file], None).unwrap();
+        let weak = Arc::downgrade(&a);
+        assert!(Arc::ptr_eq(
+            &a,
+            &shared_client_config(&[&file], None).unwrap()
+        ));
+        std::fs::write(&file, pem(2)).unwrap(); // longer: changed
+        let b = shared_client_config(&[&file], None).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b), "the changed file is read again");
+        drop(a);
+        assert_eq!(weak.strong_count(), 0, "the cache keeps no config alive");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -185,7 +185,9 @@ pub async fn ensure_fresh_token(ctx: &Ctx, id: &mut Identity) -> Result<(), Acco
         allow_plaintext_loopback: s.allow_plaintext_loopback,
         timeout: s.connect_timeout(),
     };
-    let token = crate::imap::oauth::refresh(&req)
+    // Boxed: an HTTPS exchange's state (~10 KiB) would otherwise sit in
+    // the future of every caller, every held IDLE session among them.
+    let token = Box::pin(crate::imap::oauth::refresh(&req))
         .await
         .map_err(|e| AccountError(format!("cannot refresh the Oauth2 token: {e}")))?;
     store_token(ctx, id, token).await?;
