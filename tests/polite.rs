@@ -147,6 +147,31 @@ async fn a_bye_at_login_never_counts_against_the_account() {
     assert_eq!(rows[0]["errors_count"], 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_answered_unavailable_burns_no_message_try() {
+    let tag = unique("pol4");
+    let (ctx, _t, user, identity, _seen) = scripted(&tag, Script::FetchUnavailable).await;
+    let _lda = lda(&ctx.settings.lda.in_topic, |_| false).await;
+    let rep = sync_once(&ctx, user, identity).await;
+    let json = serde_json::to_value(&rep).unwrap();
+    assert_eq!(json["throttled"], true, "{rep:?}");
+    assert_eq!(rep.failed, 0, "no message is at fault: {rep:?}");
+    let failures = ctx.store.message_failures(user, identity).await.unwrap();
+    assert!(failures.is_empty(), "no try counted: {failures:?}");
+    let after = ctx.store.identity(user, identity).await.unwrap().unwrap();
+    assert_eq!(
+        after.info(infos::ERRORS_COUNT),
+        "",
+        "not counted: {after:?}"
+    );
+    assert_ne!(
+        after.info(infos::LASTSEENUID),
+        "2",
+        "no checkpoint past UID 1"
+    );
+    assert_eq!(throttled_total(&ctx, "unavailable"), 1.0);
+}
+
 /// A second Dovecot, from the stack's configuration, allowing one
 /// connection per user and IP; stopped on drop.
 struct LimitedDovecot {

@@ -503,6 +503,9 @@ pub(crate) enum Script {
     LoginThrottled,
     /// LOGIN answered `* BYE` and the connection closed.
     ByeAtLogin,
+    /// The body FETCH sends UID 2 only and ends `NO [UNAVAILABLE]`: the
+    /// server is short of a subsystem for now, no message is at fault.
+    FetchUnavailable,
 }
 
 /// What a scripted server has seen, for tests to wait on.
@@ -702,7 +705,11 @@ pub(crate) async fn scripted_server(script: Script, on_login: Option<OnLogin>) -
                         match script {
                             Script::OneMessageRefused => {
                                 body(&mut out, 2, &small);
-                                "NO [UNAVAILABLE] message 1 cannot be fetched now"
+                                "NO message 1 cannot be fetched now"
+                            }
+                            Script::FetchUnavailable => {
+                                body(&mut out, 2, &small);
+                                "NO [UNAVAILABLE] backend down, try again later"
                             }
                             _ => {
                                 body(&mut out, 1, &big);

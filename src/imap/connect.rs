@@ -318,13 +318,26 @@ impl Dial<'_> {
 
     /// A refused login: the account's failure, unless the server's words
     /// are load ([`throttle::classify`]) or it hung up without answering
-    /// (a `BYE`, which async-imap reads past, then the connection closes).
+    /// (a `BYE`, which async-imap reads past, then the connection closes;
+    /// or a close that races our write of LOGIN).
     fn login_error(&self, e: async_imap::error::Error) -> ImapError {
         use async_imap::error::Error;
+        use std::io::ErrorKind;
         let text = throttle::server_text(&e);
         let reason = match &e {
             Error::No(_) | Error::Bad(_) => throttle::classify(&text),
             Error::ConnectionLost => Some(throttle::Reason::Bye),
+            Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    ErrorKind::BrokenPipe
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::UnexpectedEof
+                ) =>
+            {
+                Some(throttle::Reason::Bye)
+            }
             _ => None,
         };
         match reason {
