@@ -177,6 +177,7 @@ async fn a_fetch_answered_unavailable_burns_no_message_try() {
 struct LimitedDovecot {
     child: Child,
     port: u16,
+    dir: std::path::PathBuf,
 }
 
 impl LimitedDovecot {
@@ -219,7 +220,11 @@ impl LimitedDovecot {
             .spawn()
             .expect("dovecot (the stack's) starts");
         // Dropped on the way out (a failed start included): stopped.
-        let dovecot = LimitedDovecot { child, port };
+        let dovecot = LimitedDovecot {
+            child,
+            port,
+            dir: dir.clone(),
+        };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return dovecot;
@@ -237,6 +242,7 @@ impl Drop for LimitedDovecot {
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
