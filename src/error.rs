@@ -28,8 +28,8 @@ pub mod code {
     /// The record already exists (for example a remote identity for that login).
     pub const CONFLICT: u8 = 4;
     /// Cassandra or NATS could not be reached, no worker listens or one
-    /// stopped answering, or a job was cut short by a worker's shutdown or
-    /// an outage: running it again later should do.
+    /// stopped answering, or a job was cut short by a worker's shutdown, an
+    /// outage or a server throttling it: running it again later should do.
     pub const UNAVAILABLE: u8 = 5;
 }
 

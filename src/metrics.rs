@@ -27,6 +27,12 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+/// `reason` a server throttled us (`imap::throttle::Reason` labels).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
 /// `kind` of a poller queue (imap, twitter, mastodon).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -62,8 +68,11 @@ pub struct WorkerMetrics {
     pub syncs_started: Counter,
     /// ok, account (the remote account failed), ours (an outage of ours or
     /// a fault of this machine), interrupted (shutdown, lost lock,
-    /// deadline), busy (another sync held the lock).
+    /// deadline), busy (another sync held the lock), throttled (the server
+    /// answered with load, or its host is being backed off).
     pub syncs_ended: Family<Outcome, Counter>,
+    /// Throttling answers of servers, by reason.
+    pub throttled: Family<ReasonLabel, Counter>,
     pub fetched: Counter,
     pub fetched_bytes: Counter,
     pub stored: Counter,
@@ -95,6 +104,7 @@ impl WorkerMetrics {
             registry: Registry::default(),
             syncs_started: Counter::default(),
             syncs_ended: Family::default(),
+            throttled: Family::default(),
             fetched: Counter::default(),
             fetched_bytes: Counter::default(),
             stored: Counter::default(),
@@ -137,8 +147,14 @@ impl WorkerMetrics {
         );
         r.register(
             "syncs_ended",
-            "Syncs ended, by outcome: ok, account, ours, interrupted, busy",
+            "Syncs ended, by outcome: ok, account, ours, interrupted, busy, throttled",
             self.syncs_ended.clone(),
+        );
+        r.register(
+            "throttled",
+            "Throttling answers of IMAP servers (never counted against accounts), by reason: \
+             unavailable, limit, throttled, overquota, connections, bye",
+            self.throttled.clone(),
         );
     }
 
@@ -252,6 +268,11 @@ impl WorkerMetrics {
     /// Count a sync's end.
     pub fn sync_ended(&self, outcome: &'static str) {
         self.syncs_ended.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// Count a server's throttling answer.
+    pub fn throttled(&self, reason: &'static str) {
+        self.throttled.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// The text exposition.

@@ -499,6 +499,13 @@ pub(crate) enum Script {
     /// which UID 2 arrives: announced only as `* 2 EXISTS` inside that
     /// FETCH answer, never again (no IDLE announces anything).
     NewMailDuringFetch,
+    /// LOGIN answered `NO [THROTTLED]`, as Gmail does under load.
+    LoginThrottled,
+    /// LOGIN answered `* BYE` and the connection closed.
+    ByeAtLogin,
+    /// The body FETCH sends UID 2 only and ends `NO [UNAVAILABLE]`: the
+    /// server is short of a subsystem for now, no message is at fault.
+    FetchUnavailable,
 }
 
 /// What a scripted server has seen, for tests to wait on.
@@ -508,6 +515,8 @@ pub(crate) struct Seen {
     arrived: std::sync::atomic::AtomicBool,
     /// IDLE commands received after UID 2 arrived.
     pub(crate) idles_after_arrival: std::sync::atomic::AtomicUsize,
+    /// LOGIN commands received.
+    pub(crate) logins: std::sync::atomic::AtomicUsize,
 }
 
 /// [`Script::NewMailDuringFetch`]'s answer to a mailbox command, if it is one.
@@ -629,8 +638,16 @@ pub(crate) async fn scripted_server(script: Script, on_login: Option<OnLogin>) -
                         out.extend_from_slice(b")\r\n");
                     };
                     if cmd.starts_with("LOGIN") {
+                        seen.logins
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         if let Some(hook) = &on_login {
                             hook().await;
+                        }
+                        if matches!(script, Script::ByeAtLogin) {
+                            let _ = w
+                                .write_all(b"* BYE Too many sessions, come back later\r\n")
+                                .await;
+                            break;
                         }
                     }
                     let status_refused = matches!(script, Script::StatusRefused);
@@ -640,6 +657,8 @@ pub(crate) async fn scripted_server(script: Script, on_login: Option<OnLogin>) -
                         .flatten()
                     {
                         done
+                    } else if cmd.starts_with("LOGIN") && matches!(script, Script::LoginThrottled) {
+                        "NO [THROTTLED] Account exceeded command or bandwidth limits"
                     } else if cmd.starts_with("CAPABILITY") && status_refused {
                         out.extend_from_slice(
                             b"* CAPABILITY IMAP4rev1 LIST-EXTENDED LIST-STATUS CONDSTORE\r\n",
@@ -686,7 +705,11 @@ pub(crate) async fn scripted_server(script: Script, on_login: Option<OnLogin>) -
                         match script {
                             Script::OneMessageRefused => {
                                 body(&mut out, 2, &small);
-                                "NO [UNAVAILABLE] message 1 cannot be fetched now"
+                                "NO message 1 cannot be fetched now"
+                            }
+                            Script::FetchUnavailable => {
+                                body(&mut out, 2, &small);
+                                "NO [UNAVAILABLE] backend down, try again later"
                             }
                             _ => {
                                 body(&mut out, 1, &big);

@@ -19,6 +19,7 @@ mod image;
 mod mailboxes;
 mod objects;
 mod ops;
+mod polite;
 mod poller;
 mod resync;
 mod store;

@@ -180,6 +180,11 @@ pub struct JobReport {
     /// object store), not of the remote account: nothing was stepped over.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub outage: bool,
+    /// The server throttled us (a load or limit answer, a BYE at login), or
+    /// its host is being backed off after one: nothing was counted against
+    /// the account, run it again later.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub throttled: bool,
     /// Messages that can never be handed off, stepped over by this job, with why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stepped: Vec<ReportedMessage>,

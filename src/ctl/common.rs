@@ -337,7 +337,7 @@ pub fn outcome(what: &str, r: &JobReport) -> (u8, String) {
             m.mailbox, m.reason
         ));
     }
-    let code = if r.interrupted || r.outage {
+    let code = if r.interrupted || r.outage || r.throttled {
         error::code::UNAVAILABLE
     } else if !r.ok || r.stepped_over > 0 || !r.stepped.is_empty() || !r.mailbox_errors.is_empty() {
         error::code::FAILED
@@ -362,9 +362,14 @@ pub fn summary(what: &str, r: &JobReport) -> String {
              nothing was stepped over, run it again later",
         );
     }
+    if r.throttled {
+        s.push_str(
+            "; the server throttled us (not counted against the account): run it again later",
+        );
+    }
     if !r.error.is_empty() {
         s.push_str(&format!("; error: {}", r.error));
-    } else if !r.ok && !r.interrupted && !r.outage {
+    } else if !r.ok && !r.interrupted && !r.outage && !r.throttled {
         s.push_str("; some messages will be retried at the next sync");
     }
     if !r.mailbox_errors.is_empty() {

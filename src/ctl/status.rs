@@ -8,6 +8,9 @@
 //! - it has an error streak: `errorsCount` > 0 (the remote account fails)
 //!   or `lastFetchError` set (the last sync failed, an outage of ours
 //!   included: a successful sync clears both);
+//! - or, with no account error counted, its server throttled the last sync
+//!   (`throttled`: the reason, server and time; never counted towards
+//!   disabling it, cleared by the next clean sync);
 //! - messages were stepped over (`imap_message_failure`, `stepped_over`):
 //!   they were never handed off, see `imapctl retry`;
 //! - a folder cannot be synced (`imap_mailbox_error`);
@@ -45,7 +48,7 @@ use crate::cli::StatusArgs;
 use crate::config::WorkerSettings;
 use crate::error;
 use crate::poller::schedule::Interval;
-use crate::store::identity::{infos, time_text, Identity, Status};
+use crate::store::identity::{infos, time_text, Identity, Status, Throttle};
 use crate::store::{Store, StoreError};
 
 /// Identities per page of `--all`.
@@ -86,6 +89,8 @@ pub struct Row {
     pub errors_count: u64,
     pub first_error_date: String,
     pub last_fetch_error: String,
+    /// The last time a server throttled a sync of it (reason, server, at).
+    pub throttled: Option<Throttle>,
     /// Failed, to be retried by the next sync.
     pub failing_messages: u32,
     pub stepped_over: Vec<Stepped>,
@@ -159,6 +164,7 @@ pub async fn row(
         errors_count,
         first_error_date: id.info(infos::FIRST_ERROR_DATE).to_string(),
         last_fetch_error,
+        throttled: Throttle::parse(id.info(infos::THROTTLED)),
         failing_messages: failures.iter().filter(|f| !f.stepped_over).count() as u32,
         stepped_over: stepped,
         folder_errors,
@@ -177,8 +183,15 @@ fn problems(r: &Row) -> Vec<String> {
     if r.state != Status::Active.as_str() {
         problems.push(format!("state {:?}", r.state));
     }
-    if r.errors_count > 0 || !r.last_fetch_error.is_empty() {
-        problems.push(format!("error streak ({} account errors)", r.errors_count));
+    match &r.throttled {
+        Some(t) if r.errors_count == 0 => problems.push(format!(
+            "throttled by {} ({}) at {}: transient, not counted against the account",
+            t.server, t.reason, t.at
+        )),
+        _ if r.errors_count > 0 || !r.last_fetch_error.is_empty() => {
+            problems.push(format!("error streak ({} account errors)", r.errors_count))
+        }
+        _ => {}
     }
     if !r.stepped_over.is_empty() {
         problems.push(format!("{} message(s) stepped over", r.stepped_over.len()));

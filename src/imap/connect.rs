@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::{tls, ImapError};
+use super::{throttle, tls, ImapError};
 use crate::config::split_host_port;
 
 /// TCP keepalive of every IMAP socket: a peer that stopped answering is
@@ -307,6 +307,49 @@ impl Dial<'_> {
         }
     }
 
+    fn throttled(&self, during: &str, reason: throttle::Reason, text: String) -> ImapError {
+        ImapError::Throttled {
+            server: self.server(),
+            during: during.to_string(),
+            reason,
+            text,
+        }
+    }
+
+    /// A refused login: the account's failure, unless the server's words
+    /// are load ([`throttle::classify`]) or it hung up without answering
+    /// (a `BYE`, which async-imap reads past, then the connection closes;
+    /// or a close that races our write of LOGIN).
+    fn login_error(&self, e: async_imap::error::Error) -> ImapError {
+        use async_imap::error::Error;
+        use std::io::ErrorKind;
+        let text = throttle::server_text(&e);
+        let reason = match &e {
+            Error::No(_) | Error::Bad(_) => throttle::classify(&text),
+            Error::ConnectionLost => Some(throttle::Reason::Bye),
+            Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    ErrorKind::BrokenPipe
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::UnexpectedEof
+                ) =>
+            {
+                Some(throttle::Reason::Bye)
+            }
+            _ => None,
+        };
+        match reason {
+            Some(r) => self.throttled("login", r, text),
+            None => ImapError::Auth {
+                server: self.server(),
+                login: self.acc.auth.user().to_string(),
+                reason: e.to_string(),
+            },
+        }
+    }
+
     fn unreachable(&self, reason: impl ToString) -> ImapError {
         ImapError::Connect {
             server: self.server(),
@@ -388,7 +431,10 @@ impl Dial<'_> {
             .map_err(|_| self.timeout("greeting"))?
             .map_err(|e| self.unreachable(e))?
             .ok_or_else(|| self.proto("greeting", "connection closed".into()))?;
-        check_greeting(greeting.parsed()).map_err(|r| self.proto("greeting", r))?;
+        check_greeting(greeting.parsed()).map_err(|e| match e {
+            Greeting::Bye(text) => self.throttled("greeting", throttle::classify_bye(&text), text),
+            Greeting::Unexpected(r) => self.proto("greeting", r),
+        })?;
         if acc.security != Security::StartTls {
             return Ok(client);
         }
@@ -412,11 +458,7 @@ impl Dial<'_> {
     /// LOGIN or XOAUTH2; a refusal is the account's failure.
     async fn log_in(&self, client: async_imap::Client<Stream>) -> Result<ImapSession, ImapError> {
         let acc = self.acc;
-        let auth_err = |e: async_imap::error::Error| ImapError::Auth {
-            server: self.server(),
-            login: acc.auth.user().to_string(),
-            reason: e.to_string(),
-        };
+        let auth_err = |e: async_imap::error::Error| self.login_error(e);
         super::sent(match acc.auth {
             Auth::Login { .. } => "LOGIN",
             Auth::XOAuth2 { .. } => "AUTHENTICATE",
@@ -476,7 +518,14 @@ fn describe_tls_error(e: &std::io::Error) -> String {
     }
 }
 
-fn check_greeting(resp: &async_imap::imap_proto::Response<'_>) -> Result<(), String> {
+/// A greeting we cannot go on from.
+enum Greeting {
+    /// `* BYE`, with the server's words: it will not serve us now.
+    Bye(String),
+    Unexpected(String),
+}
+
+fn check_greeting(resp: &async_imap::imap_proto::Response<'_>) -> Result<(), Greeting> {
     use async_imap::imap_proto::{Response, Status};
     match resp {
         Response::Data {
@@ -486,11 +535,13 @@ fn check_greeting(resp: &async_imap::imap_proto::Response<'_>) -> Result<(), Str
         Response::Data {
             status: Status::Bye,
             outcome,
-        } => Err(format!(
+        } => Err(Greeting::Bye(format!(
             "server said BYE: {}",
             outcome.information.as_deref().unwrap_or("")
-        )),
-        other => Err(format!("unexpected greeting {other:?}")),
+        ))),
+        other => Err(Greeting::Unexpected(format!(
+            "unexpected greeting {other:?}"
+        ))),
     }
 }
 

@@ -31,7 +31,7 @@ use async_imap::imap_proto::{
     AttributeValue, MailboxDatum, RequestId, Response, ResponseCode, Status,
 };
 
-use super::{utf7, ImapError, ImapSession};
+use super::{throttle, utf7, ImapError, ImapSession};
 use crate::shutdown::Shutdown;
 
 /// What EXAMINE says about a mailbox.
@@ -180,12 +180,16 @@ impl<'a> Reader<'a> {
         let r = step_raw(self.io, &mut self.stop, self.session.examine(&wire)).await;
         let mb = match r {
             Step::Done(Ok(mb)) => mb,
-            Step::Done(Err(async_imap::error::Error::No(text))) => {
-                return Err(ImapError::Mailbox {
-                    server,
-                    mailbox: mailbox.to_string(),
-                    reason: text,
-                })
+            Step::Done(Err(e @ async_imap::error::Error::No(_))) => {
+                let text = throttle::server_text(&e);
+                return Err(match throttle::classify(&text) {
+                    Some(r) => throttled(&server, &during, r, text),
+                    None => ImapError::Mailbox {
+                        server,
+                        mailbox: mailbox.to_string(),
+                        reason: e.to_string(),
+                    },
+                });
             }
             Step::Done(Err(e)) => return Err(protocol(&server, &during, e.to_string())),
             Step::TimedOut => return Err(timeout(&server, &during)),
@@ -377,6 +381,9 @@ impl<'a> Reader<'a> {
                 outcome,
             } if t == tag => {
                 let text = outcome.information.as_deref().unwrap_or("").to_string();
+                if let (Status::No | Status::Bad, Some(r)) = (s, throttle::classify(&text)) {
+                    return Err(throttled(self.server, during, r, text));
+                }
                 match s {
                     Status::Ok => *status = Some(Ok(())),
                     Status::No => *status = Some(Err(text)),
@@ -387,17 +394,7 @@ impl<'a> Reader<'a> {
             Response::Data {
                 status: Status::Bye,
                 outcome,
-            } => Err(protocol(
-                self.server,
-                during,
-                format!(
-                    "BYE {}",
-                    outcome
-                        .information
-                        .as_deref()
-                        .unwrap_or("(no reason given)")
-                ),
-            )),
+            } => Err(bye(self.server, during, outcome.information.as_deref())),
             parsed => {
                 super::news::seen(parsed);
                 let out = f(parsed, resp.borrow_owner());
@@ -471,13 +468,7 @@ impl<'a> Reader<'a> {
                 Response::Data {
                     status: Status::Bye,
                     outcome,
-                } => {
-                    let why = outcome
-                        .information
-                        .as_deref()
-                        .unwrap_or("(no reason given)");
-                    return Err(protocol(self.server, during, format!("BYE {why}")));
-                }
+                } => return Err(bye(self.server, during, outcome.information.as_deref())),
                 parsed => {
                     super::news::seen(parsed);
                     on(parsed)
@@ -688,7 +679,18 @@ where
 {
     match step_raw(io, stop, fut).await {
         Step::Done(Ok(v)) => Ok(v),
-        Step::Done(Err(e)) => Err(protocol(server, during, e.to_string())),
+        Step::Done(Err(e)) => {
+            let text = throttle::server_text(&e);
+            match &e {
+                async_imap::error::Error::No(_) | async_imap::error::Error::Bad(_) => {
+                    match throttle::classify(&text) {
+                        Some(r) => Err(throttled(server, during, r, text)),
+                        None => Err(protocol(server, during, e.to_string())),
+                    }
+                }
+                _ => Err(protocol(server, during, e.to_string())),
+            }
+        }
         Step::TimedOut => Err(timeout(server, during)),
         Step::Stopped => Err(ImapError::Interrupted),
     }
@@ -700,6 +702,27 @@ fn protocol(server: &str, during: &str, reason: String) -> ImapError {
         during: during.to_string(),
         reason,
     }
+}
+
+fn throttled(server: &str, during: &str, reason: throttle::Reason, text: String) -> ImapError {
+    ImapError::Throttled {
+        server: server.to_string(),
+        during: during.to_string(),
+        reason,
+        text,
+    }
+}
+
+/// An untagged `BYE` in the middle of a command: the server hangs up on
+/// us, which is never the account's failure ([`throttle::classify_bye`]).
+fn bye(server: &str, during: &str, why: Option<&str>) -> ImapError {
+    let why = why.unwrap_or("(no reason given)");
+    throttled(
+        server,
+        during,
+        throttle::classify_bye(why),
+        format!("BYE {why}"),
+    )
 }
 
 fn timeout(server: &str, during: &str) -> ImapError {
@@ -720,6 +743,17 @@ fn rename(e: ImapError, during: &str) -> ImapError {
         ImapError::Timeout { server, .. } => ImapError::Timeout {
             server,
             during: during.to_string(),
+        },
+        ImapError::Throttled {
+            server,
+            reason,
+            text,
+            ..
+        } => ImapError::Throttled {
+            server,
+            during: during.to_string(),
+            reason,
+            text,
         },
         e => e,
     }

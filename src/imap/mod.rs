@@ -6,7 +6,8 @@
 //! [`fetch`] reads a mailbox with every command's tagged status checked, and
 //! holds the one bounded, stoppable IMAP step every reader uses; [`status`]
 //! asks how every mailbox stands without opening it (STATUS, LIST-STATUS);
-//! [`news`] notes new mail announced inside a sync's answers.
+//! [`news`] notes new mail announced inside a sync's answers; [`throttle`]
+//! tells a server's "not now" from a refusal of the account.
 //! Every command sent is counted ([`sent`]). The worker's sync pipeline
 //! drives the fetch and owns the checkpoint logic; this module only knows
 //! how to talk to a server safely.
@@ -18,6 +19,7 @@ pub mod headers;
 pub mod news;
 pub mod oauth;
 pub mod status;
+pub mod throttle;
 pub mod tls;
 pub mod utf7;
 
@@ -76,7 +78,8 @@ pub fn command_name(cmd: &str) -> &'static str {
 }
 
 /// IMAP failures the sync branches on (login errors count towards disabling
-/// an identity; a TLS error never falls back to anything weaker).
+/// an identity, throttling never does; a TLS error never falls back to
+/// anything weaker).
 #[derive(Debug, thiserror::Error)]
 pub enum ImapError {
     #[error("cannot connect to {server}: {reason}")]
@@ -106,6 +109,15 @@ pub enum ImapError {
         server: String,
         mailbox: String,
         reason: String,
+    },
+    /// The server answered with load, a limit or a `BYE` ([`throttle`]):
+    /// transient, never the account's failure.
+    #[error("{server} is throttling us ({reason}) at {during}: {text}")]
+    Throttled {
+        server: String,
+        during: String,
+        reason: throttle::Reason,
+        text: String,
     },
     /// The job's stop token fired (shutdown, lost lock, deadline) while
     /// waiting on the server.

@@ -36,6 +36,10 @@ pub mod infos {
     pub const FIRST_ERROR_DATE: &str = "firstErrorDate";
     pub const LAST_ERROR_DATE: &str = "lastErrorDate";
     pub const ERRORS_COUNT: &str = "errorsCount";
+    /// Ours: the last time a server throttled this identity's sync
+    /// (`<reason> <RFC 3339 date> <host:port>`, see [`super::Throttle`]);
+    /// cleared by a clean sync like the error streak.
+    pub const THROTTLED: &str = "throttled";
     /// Ours: comma-separated mailboxes to sync (default INBOX).
     pub const MAILBOXES: &str = "mailboxes";
     /// Ours: `true` to watch INBOX with IDLE (live sync, `imap.idle: identity`).
@@ -182,11 +186,12 @@ pub struct ErrorStreak {
 
 impl ErrorStreak {
     /// The keys a success clears.
-    pub const KEYS: [&'static str; 4] = [
+    pub const KEYS: [&'static str; 5] = [
         infos::LAST_FETCH_ERROR,
         infos::ERRORS_COUNT,
         infos::FIRST_ERROR_DATE,
         infos::LAST_ERROR_DATE,
+        infos::THROTTLED,
     ];
 
     /// The entries that record a failure at `now`: the text and date
@@ -213,6 +218,37 @@ impl ErrorStreak {
             );
         }
         entries
+    }
+}
+
+/// The last throttling of an identity's sync (`infos.throttled`): which
+/// server, why (a `throttle::Reason` label), when.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Throttle {
+    pub reason: String,
+    pub at: String,
+    pub server: String,
+}
+
+impl Throttle {
+    /// The entry that records it.
+    pub fn entry(reason: &str, at: DateTime<Utc>, server: &str) -> (String, String) {
+        (
+            infos::THROTTLED.to_string(),
+            format!("{reason} {} {server}", time_text(at)),
+        )
+    }
+
+    /// Read back from `infos.throttled`; `None` when absent or malformed.
+    pub fn parse(text: &str) -> Option<Throttle> {
+        let mut parts = text.trim().splitn(3, ' ');
+        let (reason, at, server) = (parts.next()?, parts.next()?, parts.next()?);
+        parse_time(at)?;
+        Some(Throttle {
+            reason: reason.to_string(),
+            at: at.to_string(),
+            server: server.to_string(),
+        })
     }
 }
 
@@ -675,6 +711,25 @@ mod tests {
         let e = id.error_streak().record("ours".into(), t1, false);
         assert_eq!(e.len(), 2);
         assert!(id.has_error_keys());
+    }
+
+    #[test]
+    fn a_throttling_is_kept_and_read_back() {
+        let t0 = parse_time("2026-01-02T03:04:05Z").unwrap();
+        let (k, v) = Throttle::entry("limit", t0, "imap.example.com:993");
+        assert_eq!(k, infos::THROTTLED);
+        assert_eq!(v, "limit 2026-01-02T03:04:05Z imap.example.com:993");
+        let t = Throttle::parse(&v).unwrap();
+        assert_eq!(
+            (t.reason.as_str(), t.at.as_str(), t.server.as_str()),
+            ("limit", "2026-01-02T03:04:05Z", "imap.example.com:993")
+        );
+        assert_eq!(Throttle::parse("limit yesterday x"), None);
+        assert_eq!(Throttle::parse(""), None);
+        assert!(
+            ErrorStreak::KEYS.contains(&infos::THROTTLED),
+            "a clean sync clears it"
+        );
     }
 
     #[test]

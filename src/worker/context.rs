@@ -25,6 +25,15 @@ use crate::store::Store;
 /// keeps memory flat whatever the mailbox size.
 const MEMORY_BUDGET: u64 = 32 * 1024 * 1024;
 
+/// The first wait after a server throttled us; it doubles at each
+/// throttling in a row (with jitter), up to [`HOST_BACKOFF_CAP`]. Constants
+/// rather than settings: a job deferred by them waits for its next
+/// schedule anyway (`pollinterval`, 15 minutes by default).
+pub const HOST_BACKOFF_BASE: std::time::Duration = std::time::Duration::from_secs(30);
+pub const HOST_BACKOFF_CAP: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+/// Hosts remembered at once, at most.
+pub const HOST_BACKOFF_MAX: usize = 10_000;
+
 /// Shared by all jobs of one worker process. Cheap to clone.
 #[derive(Clone)]
 pub struct Ctx {
@@ -46,6 +55,9 @@ pub struct Ctx {
     pub metrics: Arc<WorkerMetrics>,
     /// Where messages over `raw_size_limit` go (see [`Ctx::with_objects`]).
     pub objects: Option<Objects>,
+    /// Servers that throttled us lately, each backed off (see
+    /// [`crate::backoff::Hosts`]): this process's own, for politeness.
+    pub hosts: Arc<crate::backoff::Hosts>,
     /// Budget of message bytes in flight, in KiB permits.
     bytes: Arc<Semaphore>,
     bytes_total_kib: u32,
@@ -87,6 +99,11 @@ impl Ctx {
             busy_skips: Arc::default(),
             metrics,
             objects: None,
+            hosts: Arc::new(crate::backoff::Hosts::new(
+                HOST_BACKOFF_BASE,
+                HOST_BACKOFF_CAP,
+                HOST_BACKOFF_MAX,
+            )),
             bytes: Arc::new(Semaphore::new(kib as usize)),
             bytes_total_kib: kib,
         }

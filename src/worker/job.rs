@@ -24,7 +24,7 @@ use crate::metrics::InFlight;
 use crate::renewal;
 use crate::shutdown::{self, Shutdown};
 use crate::store::identity::{
-    mailbox_key, time_text, ErrorStreak, Identity, Status, SyncingMarker, PROTOCOL_EMAIL,
+    mailbox_key, time_text, ErrorStreak, Identity, Status, SyncingMarker, Throttle, PROTOCOL_EMAIL,
 };
 use crate::store::raw_message::fullfetch_identity;
 
@@ -96,6 +96,7 @@ fn conclude(rep: &mut JobReport, counters: &Counters, result: &Result<(), JobErr
         result,
         Err(JobError::Outage(_) | JobError::Store(_) | JobError::Bus(_))
     );
+    rep.throttled = matches!(result, Err(e) if e.is_throttled());
     rep.ok =
         result.is_ok() && rep.failed == 0 && rep.stepped_over == 0 && rep.mailbox_errors.is_empty();
     if let Err(e) = result {
@@ -143,6 +144,7 @@ pub async fn sync_scoped(
     .await;
     conclude(&mut rep, &counters, &result);
     sync_metrics(ctx, &result, started);
+    note_throttling(ctx, &result);
     if rep.ok {
         tracing::info!(user = %req.user_id, identity = %req.identity_id, fetched = rep.fetched,
             handed_off = rep.handed_off, folders_checked = rep.folders_checked,
@@ -186,6 +188,7 @@ fn sync_metrics(ctx: &Ctx, result: &Result<(), JobError>, started: std::time::In
         Ok(()) => "ok",
         Err(JobError::Busy(_)) => "busy",
         Err(e) if e.is_interrupted() => "interrupted",
+        Err(e) if e.is_throttled() => "throttled",
         Err(e) if e.counts_against_account() => "account",
         Err(_) => "ours",
     };
@@ -194,6 +197,35 @@ fn sync_metrics(ctx: &Ctx, result: &Result<(), JobError>, started: std::time::In
         ctx.metrics
             .sync_seconds
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// A server's throttling answer: counted by reason, and the server
+/// (`host:port`, as every identity on it names it) backed off, so the next
+/// jobs for it end early instead of hammering it.
+fn note_throttling(ctx: &Ctx, result: &Result<(), JobError>) {
+    if let Err(JobError::Imap(ImapError::Throttled { server, reason, .. })) = result {
+        ctx.metrics.throttled(reason.as_str());
+        let wait = ctx.hosts.throttled(server, std::time::Instant::now());
+        tracing::warn!(%server, %reason, wait_secs = wait.as_secs(),
+            "the server throttled us: backing off from it (not counted against the account)");
+    }
+}
+
+/// The job ends here, before any lock or connection, while the identity's
+/// server is backed off (a sync over a held session connects nothing and
+/// goes on).
+fn check_host_backoff(ctx: &Ctx, id: &Identity, scope: &Scope<'_>) -> Result<(), JobError> {
+    if scope.held.is_some() {
+        return Ok(());
+    }
+    let server = id.info(crate::store::identity::infos::INSERVER).trim();
+    match ctx.hosts.waiting(server, std::time::Instant::now()) {
+        Some(left) => Err(JobError::HostBackoff {
+            server: server.to_string(),
+            left,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -211,6 +243,7 @@ async fn sync_locked(
     let id = load_identity(ctx, req.user_id, req.identity_id).await?;
     rep.mailboxes = id.mailboxes();
     go_marker_check(&id)?;
+    check_host_backoff(ctx, &id, &scope)?;
 
     // Caliopen's marker goes first, before the lock's Paxos round: a Go
     // worker that reads it from now on stands down (see `claim_marker`).
@@ -552,6 +585,7 @@ async fn sync_identity_inner(
             ctx.metrics
                 .connect_seconds
                 .observe(connecting.elapsed().as_secs_f64());
+            ctx.hosts.served(&acc.server);
             let (session, conn) = opened.insert(new);
             (session, &*conn)
         }
@@ -940,7 +974,10 @@ async fn record_error(ctx: &Ctx, id: &Identity, err: &JobError) -> Result<(), Jo
     let now = Utc::now();
     let streak = id.error_streak();
     let counts = err.counts_against_account();
-    let entries = streak.record(err.to_string(), now, counts);
+    let mut entries = streak.record(err.to_string(), now, counts);
+    if let JobError::Imap(ImapError::Throttled { server, reason, .. }) = err {
+        entries.extend([Throttle::entry(reason.as_str(), now, server)]);
+    }
     if counts {
         let first = streak.first.unwrap_or(now);
         ctx.store

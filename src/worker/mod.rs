@@ -82,6 +82,18 @@ pub enum JobError {
     /// Cut short (shutdown, lost lock, job deadline); what was reached is saved.
     #[error("interrupted: {0}")]
     Interrupted(String),
+    /// The identity's server throttled a sync of this process lately: not
+    /// connecting until its backoff is over (the job is retried at its next
+    /// schedule). Transient, like the throttling itself.
+    #[error(
+        "not connecting: {server} throttled us lately, backing off {} s more \
+         (retried at the next schedule)",
+        .left.as_secs().max(1)
+    )]
+    HostBackoff {
+        server: String,
+        left: std::time::Duration,
+    },
 }
 
 /// What a sync order names that is not there to sync.
@@ -126,15 +138,27 @@ pub enum Busy {
 impl JobError {
     /// Does this failure say something about the remote account (and so
     /// count towards disabling it)? Our own outages do not, nor does one
-    /// folder the server will not open.
+    /// folder the server will not open, nor a server throttling us.
     pub fn counts_against_account(&self) -> bool {
         match self {
             JobError::Imap(e) => !matches!(
                 e,
-                ImapError::Policy { .. } | ImapError::Mailbox { .. } | ImapError::Interrupted
+                ImapError::Policy { .. }
+                    | ImapError::Mailbox { .. }
+                    | ImapError::Interrupted
+                    | ImapError::Throttled { .. }
             ),
             _ => false,
         }
+    }
+
+    /// The server throttled us, or its host is being backed off: transient,
+    /// never the account's failure.
+    pub fn is_throttled(&self) -> bool {
+        matches!(
+            self,
+            JobError::HostBackoff { .. } | JobError::Imap(ImapError::Throttled { .. })
+        )
     }
 
     /// The IMAP side was stopped by the job's stop token.
