@@ -19,7 +19,7 @@
 //! bench_tool need-job --nats URL --subject SUBJ [--rate R] [--clients C] [--secs S]
 //! bench_tool live-latency --nats URL --in-topic SUBJ --server H:P --ca FILE --password-env VAR
 //!                     --list FILE --logins PREFIX [--messages N] [--mode idle|order]
-//!                     [--subject SUBJ] [--timeout SECS]
+//!                     [--subject SUBJ] [--timeout SECS] [--folder F] [--worker-pid PID]
 //! ```
 
 use std::collections::HashMap;
@@ -905,6 +905,10 @@ fn live_message(n: usize) -> Vec<u8> {
 /// for it. `--mode idle`: the worker's IDLE sessions notice the message;
 /// `--mode order`: a `sync` order goes to `--subject` right after the OK
 /// (the on-demand peer). Three messages that never arrive end the run.
+/// `--folder F` appends to F (created if need be) instead of INBOX: mail
+/// a user's filter files there, which only a NOTIFY session sees at once.
+/// `--worker-pid PID` adds the connections that process holds to the
+/// server's port, per identity (what live sync costs a provider).
 async fn live_latency(f: &Flags) -> Result<serde_json::Value> {
     let client = async_nats::connect(f.get("nats")?).await?;
     let in_topic = f.get("in-topic")?.to_string();
@@ -950,6 +954,12 @@ async fn live_latency(f: &Flags) -> Result<serde_json::Value> {
         };
         sessions.push(imap::connect(&acc).await?.0);
     }
+    let folder = f.or("folder", "INBOX").to_string();
+    live_folder_ready(&mut sessions, &folder).await;
+    let conns = match f.0.get("worker-pid") {
+        Some(pid) => Some(worker_imap_conns(pid, f.get("server")?)?),
+        None => None,
+    };
 
     let started = Instant::now();
     let mut lat_ms = Vec::with_capacity(messages);
@@ -960,7 +970,7 @@ async fn live_latency(f: &Flags) -> Result<serde_json::Value> {
         // Anything left over (a late duplicate) is not this message's.
         while rx.try_recv().is_ok() {}
         sessions[k]
-            .append("INBOX", None, None, live_message(n))
+            .append(&folder, None, None, live_message(n))
             .await?;
         let ok_at = Instant::now();
         appended += 1;
@@ -1000,6 +1010,9 @@ async fn live_latency(f: &Flags) -> Result<serde_json::Value> {
     };
     Ok(json!({
         "mode": mode,
+        "folder": folder,
+        "imap_conns": conns,
+        "conns_per_identity": conns.map(|c| c as f64 / accounts.len() as f64),
         "accounts": accounts.len(),
         "appended": appended,
         "messages": lat_ms.len(),
@@ -1008,6 +1021,33 @@ async fn live_latency(f: &Flags) -> Result<serde_json::Value> {
         "max_ms": pct(1.0), "min_ms": lat_ms.first(),
         "secs": secs,
     }))
+}
+
+/// Create `folder` in every account unless it is INBOX (one that exists
+/// already is fine).
+async fn live_folder_ready(sessions: &mut [imap::ImapSession], folder: &str) {
+    if folder.eq_ignore_ascii_case("INBOX") {
+        return;
+    }
+    for s in sessions.iter_mut() {
+        let _ = s.create(folder).await;
+    }
+}
+
+/// Established connections of process `pid` to the port of `server`
+/// (`host:port`), as `ss` lists them.
+fn worker_imap_conns(pid: &str, server: &str) -> Result<usize> {
+    let port = server.rsplit(':').next().unwrap_or("993");
+    let out = std::process::Command::new("ss")
+        .args(["-Htnp", "state", "established"])
+        .arg(format!("( dport = :{port} )"))
+        .output()
+        .context("ss")?;
+    let needle = format!("pid={pid},");
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .count())
 }
 
 #[cfg(test)]

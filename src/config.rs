@@ -350,6 +350,10 @@ section! {
         /// whose `infos.idle` is `true`, set by `imapctl addremote --idle`),
         /// `all` (every active remote identity) or `off`.
         pub idle: IdleMode = IdleMode::Identity,
+        /// Live sync watches every folder the identity syncs over its one
+        /// connection where the server offers NOTIFY (RFC 5465); `false`:
+        /// INBOX only, as on servers without it.
+        pub idle_notify: bool = true,
         /// IDLE sessions this worker holds at most (its connection budget).
         pub idle_max: u32 = 1000,
         /// Life of an IDLE lease; renewed every third of it. A dead worker's

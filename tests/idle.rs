@@ -76,13 +76,39 @@ fn live_settings(tag: &str) -> caliopen_imap::config::WorkerSettings {
 
 /// Append one message to `login`'s INBOX over IMAP, as a mail client would.
 async fn append(login: &str, n: usize) {
+    append_to(login, "INBOX", n).await
+}
+
+/// Append one message to `folder` of `login` over IMAP (a user's filter
+/// files mail there).
+async fn append_to(login: &str, folder: &str, n: usize) {
     let acc = dovecot_account(login);
     let (mut session, _) = imap::connect(&acc).await.expect("log in to append");
     session
-        .append("INBOX", None, None, message(n, 200))
+        .append(folder, None, None, message(n, 200))
         .await
         .expect("APPEND");
     let _ = session.logout().await;
+}
+
+/// Create `folder` of `login` over IMAP, as a mail client would.
+async fn create(login: &str, folder: &str) {
+    let acc = dovecot_account(login);
+    let (mut session, _) = imap::connect(&acc).await.expect("log in to create");
+    session.create(folder).await.expect("CREATE");
+    let _ = session.logout().await;
+}
+
+/// Sync `mailboxes` of the identity (`*`: every folder but Junk and Trash).
+async fn sync_mailboxes(store: &Store, user: Uuid, identity: Uuid, mailboxes: &str) {
+    store
+        .merge_infos(
+            user,
+            identity,
+            [(infos::MAILBOXES.to_string(), mailboxes.to_string())].into(),
+        )
+        .await
+        .unwrap();
 }
 
 /// Who holds the IDLE lease of `identity`, if anyone.
@@ -143,6 +169,63 @@ async fn an_append_reaches_the_processor_with_no_sync_order() {
     assert_eq!(lease_owner(&store, id.identity_id).await, None);
 }
 
+/// With NOTIFY (the stack's Dovecot offers it), mail filed into a folder
+/// other than INBOX is synced when the server announces it, over the same
+/// one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mail_appended_to_another_folder_reaches_the_processor_with_no_sync_order() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let store = store().await;
+    let tag = unique("idlenotify");
+    let (user, login, id) = mailbox_account(&store, 1, 300).await;
+    fill(&login, "Filed", 0, 300);
+    sync_mailboxes(&store, user, id.identity_id, "*").await;
+    let _opted = OptedIn::new(&store, user, id.identity_id).await;
+    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+
+    let w = start_worker(live_settings(&tag)).await;
+    within("the first sync", lda.wait_seen(1)).await;
+    append_to(&login, "Filed", 2).await;
+    within("the message appended to Filed", lda.wait_seen(2)).await;
+    append(&login, 3).await;
+    within("the message appended to INBOX", lda.wait_seen(3)).await;
+    append_to(&login, "Filed", 4).await;
+    within("a second message appended to Filed", lda.wait_seen(4)).await;
+    assert!(w.ctx.metrics.idle_wakeups.get() >= 3);
+    w.stop().await;
+    assert_eq!(
+        lda.seen.lock().unwrap().len(),
+        4,
+        "nothing handed off twice"
+    );
+}
+
+/// A folder created while the session is open is watched too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_folder_created_while_the_session_is_open_is_watched() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let store = store().await;
+    let tag = unique("idlecreate");
+    let (user, login, id) = mailbox_account(&store, 1, 300).await;
+    sync_mailboxes(&store, user, id.identity_id, "*").await;
+    let _opted = OptedIn::new(&store, user, id.identity_id).await;
+    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+
+    let w = start_worker(live_settings(&tag)).await;
+    within("the first sync", lda.wait_seen(1)).await;
+    create(&login, "Later").await;
+    append_to(&login, "Later", 2).await;
+    within("the message appended to the new folder", lda.wait_seen(2)).await;
+    append_to(&login, "Later", 3).await;
+    within("the next one", lda.wait_seen(3)).await;
+    w.stop().await;
+    assert_eq!(
+        lda.seen.lock().unwrap().len(),
+        3,
+        "nothing handed off twice"
+    );
+}
+
 /// Mail that arrives while a push sync runs, announced by the server only
 /// inside that sync's FETCH answer (`* 2 EXISTS`) and never again at the
 /// next IDLE, is synced before the session goes back to IDLE.
@@ -186,12 +269,77 @@ async fn mail_announced_during_a_push_sync_is_synced_before_idle_again() {
     );
 }
 
+/// A server that offers IDLE but not NOTIFY (the scripted server standing
+/// in for one) is watched as before: IDLE on INBOX, whatever `mailboxes`
+/// says, and no NOTIFY sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_without_notify_is_watched_with_idle_on_inbox() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let _one = ONE_AT_A_TIME.lock().await;
+    let store = store().await;
+    let tag = unique("idlenonotify");
+    let mut settings = live_settings(&tag);
+    settings.imap.allow_plaintext_loopback = true;
+    let lda = lda(&settings.lda.in_topic, |_| false).await;
+    let (port, server) = scripted_server(Script::NewMailDuringFetch, None).await;
+    let (user, _) = new_user(&store).await;
+    let id = new_identity(
+        &store,
+        user,
+        &unique("s"),
+        &format!("127.0.0.1:{port}"),
+        "pw",
+    )
+    .await;
+    store
+        .merge_infos(
+            user,
+            id.identity_id,
+            [
+                (infos::SECURITY.to_string(), "plain".to_string()),
+                (infos::MAILBOXES.to_string(), "*".to_string()),
+            ]
+            .into(),
+        )
+        .await
+        .unwrap();
+    let _opted = OptedIn::new(&store, user, id.identity_id).await;
+
+    let w = start_worker(settings).await;
+    within("INBOX synced, then IDLE", async {
+        while server.idles_after_arrival.load(SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let seen = lda.seen.lock().unwrap().len();
+    w.stop().await;
+    assert_eq!(seen, 2, "INBOX's two messages handed off");
+    assert_eq!(server.notifies.load(SeqCst), 0, "no NOTIFY sent");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_idle_holder_is_replaced_by_another_worker() {
+    killed_holder_is_replaced("INBOX").await
+}
+
+/// The same with mail filed into another folder (NOTIFY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_notify_holder_is_replaced_with_nothing_lost_in_another_folder() {
+    killed_holder_is_replaced("Filed").await
+}
+
+/// Kill -9 the worker holding the session; another takes it over and
+/// hands off what is appended to `folder` afterwards, once.
+async fn killed_holder_is_replaced(folder: &str) {
     let _one = ONE_AT_A_TIME.lock().await;
     let store = store().await;
     let tag = unique("idlekill");
     let (user, login, id) = mailbox_account(&store, 1, 300).await;
+    if folder != "INBOX" {
+        fill(&login, folder, 0, 300);
+        sync_mailboxes(&store, user, id.identity_id, "*").await;
+    }
     let _opted = OptedIn::new(&store, user, id.identity_id).await;
     let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
 
@@ -226,7 +374,7 @@ async fn a_killed_idle_holder_is_replaced_by_another_worker() {
     })
     .await;
 
-    append(&login, 2).await;
+    append_to(&login, folder, 2).await;
     within("the message appended after the kill", lda.wait_seen(2)).await;
     assert_eq!(
         lda.seen.lock().unwrap().len(),

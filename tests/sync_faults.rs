@@ -517,6 +517,8 @@ pub(crate) struct Seen {
     pub(crate) idles_after_arrival: std::sync::atomic::AtomicUsize,
     /// LOGIN commands received.
     pub(crate) logins: std::sync::atomic::AtomicUsize,
+    /// NOTIFY commands received (it offers none).
+    pub(crate) notifies: std::sync::atomic::AtomicUsize,
 }
 
 /// [`Script::NewMailDuringFetch`]'s answer to a mailbox command, if it is one.
@@ -637,6 +639,10 @@ pub(crate) async fn scripted_server(script: Script, on_login: Option<OnLogin>) -
                         out.extend_from_slice(data);
                         out.extend_from_slice(b")\r\n");
                     };
+                    if cmd.starts_with("NOTIFY") {
+                        seen.notifies
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     if cmd.starts_with("LOGIN") {
                         seen.logins
                             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);

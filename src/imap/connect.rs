@@ -131,6 +131,10 @@ pub struct Extensions {
     pub special_use: bool,
     /// RFC 2177: live sync needs it.
     pub idle: bool,
+    /// RFC 5465: live sync watches every folder over one connection.
+    pub notify: bool,
+    /// RFC 3691: leave a mailbox without CLOSE's implicit expunge.
+    pub unselect: bool,
 }
 
 impl Extensions {
@@ -144,6 +148,8 @@ impl Extensions {
             list_extended: has("LIST-EXTENDED"),
             special_use: has("SPECIAL-USE"),
             idle: has("IDLE"),
+            notify: has("NOTIFY"),
+            unselect: has("UNSELECT"),
         }
     }
 }

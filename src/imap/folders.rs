@@ -129,17 +129,16 @@ pub async fn list_known(
     let mut too_many = false;
     // The caller bounds the whole listing with the job's stop token.
     let mut reader = Reader::new(session, server, io_timeout, Shutdown::never());
-    reader
-        .run_checked(command, "LIST", |resp| {
-            if let Response::MailboxData(MailboxDatum::List(data)) = resp {
-                if folders.len() >= MAX_FOLDERS {
-                    too_many = true;
-                } else {
-                    folders.push(Folder::from_list(&data.name, &data.name_attributes));
-                }
+    let listing = reader.run_checked(command, "LIST", |resp| {
+        if let Response::MailboxData(MailboxDatum::List(data)) = resp {
+            if folders.len() >= MAX_FOLDERS {
+                too_many = true;
+            } else {
+                folders.push(Folder::from_list(&data.name, &data.name_attributes));
             }
-        })
-        .await?;
+        }
+    });
+    super::news::asked(listing).await?;
     if too_many {
         return Err(ImapError::Protocol {
             server: server.to_string(),

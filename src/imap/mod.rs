@@ -6,8 +6,9 @@
 //! [`fetch`] reads a mailbox with every command's tagged status checked, and
 //! holds the one bounded, stoppable IMAP step every reader uses; [`status`]
 //! asks how every mailbox stands without opening it (STATUS, LIST-STATUS);
-//! [`news`] notes new mail announced inside a sync's answers; [`throttle`]
-//! tells a server's "not now" from a refusal of the account.
+//! [`news`] notes new mail announced inside a sync's answers; [`notify`]
+//! asks the server to announce changes in every folder (RFC 5465);
+//! [`throttle`] tells a server's "not now" from a refusal of the account.
 //! Every command sent is counted ([`sent`]). The worker's sync pipeline
 //! drives the fetch and owns the checkpoint logic; this module only knows
 //! how to talk to a server safely.
@@ -17,6 +18,7 @@ pub mod fetch;
 pub mod folders;
 pub mod headers;
 pub mod news;
+pub mod notify;
 pub mod oauth;
 pub mod status;
 pub mod throttle;
@@ -55,7 +57,7 @@ pub async fn tallied<F: std::future::Future>(tally: Arc<AtomicU64>, fut: F) -> F
 
 /// The metric name of a command line we send (its verb, `UID` included).
 pub fn command_name(cmd: &str) -> &'static str {
-    const KNOWN: [&str; 12] = [
+    const KNOWN: [&str; 14] = [
         "UID FETCH",
         "UID SEARCH",
         "UID STORE",
@@ -68,6 +70,8 @@ pub fn command_name(cmd: &str) -> &'static str {
         "CAPABILITY",
         "APPEND",
         "IDLE",
+        "NOTIFY",
+        "UNSELECT",
     ];
     let upper = cmd.trim_start().to_ascii_uppercase();
     KNOWN

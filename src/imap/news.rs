@@ -7,15 +7,80 @@
 //! sync would then leave that message for the next mail or the scheduled
 //! poll. So every response our readers pass over is shown to [`seen`], and
 //! a sync run inside [`watched`] learns afterwards, from [`Watch::grew`],
-//! whether the mailbox it opened grew past what it opened with.
+//! whether the mailbox it opened grew past what it opened with, and from
+//! [`Watch::news`] which folders changed: the opened one that grew, and
+//! those a NOTIFY session ([`super::notify`]) was told of meanwhile
+//! (`* STATUS` of another folder, `* LIST` of a folder created, renamed
+//! or deleted), which it owes no second word of either.
 //!
 //! A task-local rather than a parameter, as for the command count
 //! ([`super::tallied`]): responses are read in many layers that share no
 //! job context, and a sync's IMAP work runs in its own task.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use async_imap::imap_proto::{MailboxDatum, Response};
+
+use super::notify::{self, Event};
+use crate::store::identity::mailbox_key;
+
+/// Folders named in one [`News`] at most; past it, every folder is news.
+pub const MAX_NAMED: usize = 1000;
+
+/// Which folders the responses said changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct News {
+    /// Folders (UTF-8 names, INBOX spelled so) with new mail or expunges.
+    pub folders: BTreeSet<String>,
+    /// Folders named by a `* LIST` (created, renamed or deleted).
+    pub listed: BTreeSet<String>,
+    /// More than [`MAX_NAMED`] names were said: take every folder as news.
+    pub overflow: bool,
+}
+
+impl News {
+    pub fn is_empty(&self) -> bool {
+        self.folders.is_empty() && self.listed.is_empty() && !self.overflow
+    }
+
+    /// Note one announcement.
+    pub fn note(&mut self, event: &Event, selected: Option<&str>) {
+        match event {
+            Event::Changed(name) => self.folder(name),
+            Event::Listed(name) => {
+                if self.listed.len() < MAX_NAMED {
+                    self.listed.insert(name.clone());
+                } else {
+                    self.overflow = true;
+                }
+            }
+            Event::Exists(_) => {
+                if let Some(name) = selected {
+                    self.folder(name)
+                }
+            }
+        }
+    }
+
+    fn folder(&mut self, name: &str) {
+        if self.folders.len() < MAX_NAMED {
+            self.folders.insert(name.to_string());
+        } else {
+            self.overflow = true;
+        }
+    }
+
+    pub fn merge(&mut self, other: News) {
+        for f in other.folders {
+            self.folder(&f);
+        }
+        for l in other.listed {
+            self.note(&Event::Listed(l), None);
+        }
+        self.overflow |= other.overflow;
+    }
+}
 
 tokio::task_local! {
     static WATCH: Arc<Watch>;
@@ -29,11 +94,18 @@ pub struct Watch {
 
 #[derive(Debug, Default)]
 struct State {
+    /// The mailbox opened last.
+    mailbox: Option<String>,
     /// The mailbox's message count as the responses tell it: set by the
     /// EXAMINE, less each expunge, and any EXISTS. `None` before an EXAMINE.
     count: Option<u32>,
     /// An EXISTS said more messages than `count` knew of.
     grew: bool,
+    /// Every folder said to have changed.
+    news: News,
+    /// A command that asks for STATUS or LIST answers runs: those are
+    /// answers, not announcements ([`asked`]).
+    asking: bool,
 }
 
 impl Watch {
@@ -47,6 +119,11 @@ impl Watch {
         self.lock().grew
     }
 
+    /// The folders said to have changed (the opened one if it grew).
+    pub fn news(&self) -> News {
+        self.lock().news.clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -57,15 +134,33 @@ pub async fn watched<F: std::future::Future>(watch: Arc<Watch>, fut: F) -> F::Ou
     WATCH.scope(watch, fut).await
 }
 
-/// A mailbox was opened with `exists` messages: what a sync covers starts
-/// here, whatever was said before.
-pub(crate) fn opened(exists: u32) {
+/// `mailbox` was opened with `exists` messages: what a sync of it covers
+/// starts here, whatever was said of it before.
+pub(crate) fn opened(mailbox: &str, exists: u32) {
     let _ = WATCH.try_with(|w| {
-        *w.lock() = State {
-            count: Some(exists),
-            grew: false,
-        }
+        let mut st = w.lock();
+        let mailbox = mailbox_key(mailbox).to_string();
+        st.news.folders.remove(&mailbox);
+        st.mailbox = Some(mailbox);
+        st.count = Some(exists);
+        st.grew = false;
     });
+}
+
+/// Run `fut`, a command asking for STATUS or LIST answers, with those
+/// answers not taken for NOTIFY announcements. An announcement among them
+/// is missed, but the answer itself says how that folder stands, and that
+/// is what the sync acts on.
+pub(crate) async fn asked<F: std::future::Future>(fut: F) -> F::Output {
+    struct Asking;
+    impl Drop for Asking {
+        fn drop(&mut self) {
+            let _ = WATCH.try_with(|w| w.lock().asking = false);
+        }
+    }
+    let _ = WATCH.try_with(|w| w.lock().asking = true);
+    let _asking = Asking;
+    fut.await
 }
 
 /// An untagged response read while a command ran.
@@ -74,12 +169,21 @@ pub(crate) fn seen(resp: &Response<'_>) {
 }
 
 fn take(st: &mut State, resp: &Response<'_>) {
+    if let Some(e @ (Event::Changed(_) | Event::Listed(_))) = notify::event(resp) {
+        if !st.asking {
+            st.news.note(&e, None);
+        }
+    }
     let Some(count) = st.count else {
         return;
     };
     match resp {
         Response::MailboxData(MailboxDatum::Exists(n)) => {
-            st.grew |= *n > count;
+            if *n > count {
+                st.grew = true;
+                let opened = st.mailbox.clone();
+                st.news.note(&Event::Exists(*n), opened.as_deref());
+            }
             st.count = Some(*n);
         }
         Response::Expunge(_) => st.count = Some(count.saturating_sub(1)),
@@ -126,6 +230,31 @@ mod tests {
     }
 
     #[test]
+    fn notify_announcements_name_their_folders() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let w = Watch::new();
+        let parse = |l: &'static [u8]| Response::parse(l).unwrap().1;
+        rt.block_on(watched(w.clone(), async {
+            seen(&parse(b"* STATUS Archive (MESSAGES 2 UIDNEXT 3)\r\n"));
+            seen(&parse(b"* STATUS Sent (MESSAGES 2 UIDNEXT 3)\r\n"));
+            seen(&parse(b"* LIST () \".\" New\r\n"));
+            // Opening Sent covers what was said of it before.
+            opened("Sent", 2);
+            seen(&parse(b"* STATUS Entw&APw-rfe (MESSAGES 1)\r\n"));
+            // The answers of our own LIST and STATUS are no news.
+            asked(async { seen(&parse(b"* STATUS Drafts (MESSAGES 1)\r\n")) }).await;
+            asked(async { seen(&parse(b"* LIST () \".\" Drafts\r\n")) }).await;
+        }));
+        let news = w.news();
+        let names = |s: &[&str]| s.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(news.folders, names(&["Archive", "Entwürfe"]));
+        assert_eq!(news.listed, names(&["New"]));
+        assert!(!w.grew());
+    }
+
+    #[test]
     fn a_sync_sees_what_its_task_read() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -134,16 +263,18 @@ mod tests {
         let (_, exists) = Response::parse(b"* 2 EXISTS\r\n").unwrap();
         rt.block_on(watched(w.clone(), async {
             seen(&exists);
-            opened(1);
+            opened("inbox", 1);
             seen(&exists);
         }));
         assert!(w.grew());
+        assert_eq!(w.news().folders, BTreeSet::from(["INBOX".to_string()]));
         seen(&exists); // outside: nobody watches, nothing happens
         let w = Watch::new();
         rt.block_on(watched(w.clone(), async {
             seen(&exists);
-            opened(2);
+            opened("INBOX", 2);
         }));
         assert!(!w.grew(), "an EXISTS before the EXAMINE is covered by it");
+        assert!(w.news().is_empty());
     }
 }

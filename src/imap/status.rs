@@ -90,21 +90,20 @@ pub async fn list_with_status(
     let mut folders = Vec::new();
     let mut statuses = Statuses::new();
     let mut too_many = false;
-    reader
-        .run_checked(&cmd, "LIST-STATUS", |resp| match resp {
-            Response::MailboxData(MailboxDatum::List(data)) => {
-                if folders.len() >= super::folders::MAX_FOLDERS {
-                    too_many = true;
-                } else {
-                    folders.push(Folder::from_list(&data.name, &data.name_attributes));
-                }
+    let listing = reader.run_checked(&cmd, "LIST-STATUS", |resp| match resp {
+        Response::MailboxData(MailboxDatum::List(data)) => {
+            if folders.len() >= super::folders::MAX_FOLDERS {
+                too_many = true;
+            } else {
+                folders.push(Folder::from_list(&data.name, &data.name_attributes));
             }
-            Response::MailboxData(MailboxDatum::Status { mailbox, status }) => {
-                take(&mut statuses, mailbox, status)
-            }
-            _ => {}
-        })
-        .await?;
+        }
+        Response::MailboxData(MailboxDatum::Status { mailbox, status }) => {
+            take(&mut statuses, mailbox, status)
+        }
+        _ => {}
+    });
+    super::news::asked(listing).await?;
     if too_many {
         return Err(ImapError::Protocol {
             server: reader.server().to_string(),
@@ -120,6 +119,14 @@ pub async fn list_with_status(
 /// one STATUS per mailbox, pipelined. A mailbox the server says nothing about (it
 /// does not exist, STATUS answered NO) is simply absent from the answer.
 pub async fn statuses(
+    reader: &mut Reader<'_>,
+    caps: Extensions,
+    names: &[String],
+) -> Result<Statuses, ImapError> {
+    super::news::asked(statuses_asked(reader, caps, names)).await
+}
+
+async fn statuses_asked(
     reader: &mut Reader<'_>,
     caps: Extensions,
     names: &[String],

@@ -107,8 +107,9 @@ fn conclude(rep: &mut JobReport, counters: &Counters, result: &Result<(), JobErr
 /// What part of an identity a sync covers, and over which connection.
 #[derive(Default)]
 pub struct Scope<'a> {
-    /// Only this mailbox (an IDLE wake-up syncs INBOX alone), if it is one
-    /// the identity syncs; every mailbox when `None`.
+    /// Only this mailbox (an IDLE wake-up syncs the folder announced), if
+    /// it is one the identity syncs (with `mailboxes: *`, the caller has
+    /// checked it is a syncable folder); every mailbox when `None`.
     pub only: Option<&'a str>,
     /// A session already logged in (the IDLE one), used instead of a new
     /// connection and left open at the end.
@@ -622,12 +623,14 @@ struct Remote<'a> {
     qresync_on: bool,
 }
 
-/// `[mailbox]` if the identity syncs it (directly or through `*`), else none.
+/// `[mailbox]` if the identity syncs it, else none: named in its list, or
+/// through `*`, which syncs every folder but Junk and Trash: the caller (a
+/// live session, which listed the folders) vouches that it is one of them.
 fn one_of(id: &Identity, mailbox: &str) -> Vec<String> {
     let listed = id.mailboxes();
     let named =
         |m: &String| m == mailbox || (checkpoint::is_inbox(m) && checkpoint::is_inbox(mailbox));
-    let star = listed.iter().any(|m| m == "*") && checkpoint::is_inbox(mailbox);
+    let star = listed.iter().any(|m| m == "*");
     if star || listed.iter().any(named) {
         vec![mailbox_key(mailbox).to_string()]
     } else {

@@ -1,40 +1,56 @@
-//! One IDLE session, once a worker holds it ([`super`] decides which).
+//! One live-sync session, once a worker holds it ([`super`] decides which).
 //!
-//! A session logs in, EXAMINEs INBOX and waits in IDLE. When the server
-//! announces new mail (EXISTS) it leaves IDLE and syncs INBOX over the same
-//! connection through the ordinary path ([`job::sync_scoped`]): the same
-//! sync lock, marker, pipeline and checkpoint, so exactly-once holds exactly
-//! as for an order. It also syncs once when the session starts (mail that
-//! came while nobody watched), and again at once when INBOX grew while a
-//! sync ran ([`imap::news`]: the server may say so only inside the sync's
-//! answers), re-enters IDLE every `idle_renew_secs` (under
-//! RFC 2177's 29 minutes), retries a sync another one held or one that
-//! failed, and reconnects with backoff when the connection breaks. A server
-//! without IDLE is recorded (a lease row owned by
+//! A session logs in and waits in IDLE over one connection, in one of two
+//! modes:
+//!
+//! - **NOTIFY** (RFC 5465, [`imap::notify`]), where the server offers it
+//!   and `imap.idle_notify` is on (the default): `NOTIFY SET` asks for
+//!   new and expunged messages in every personal folder and for folders
+//!   created, renamed or deleted. No mailbox stays selected between syncs,
+//!   so every change is a `* STATUS F`; a change in a folder the identity
+//!   syncs syncs that folder alone; a `* LIST` lists the folders again
+//!   (`mailboxes: *`) and syncs a new one. It syncs every folder once when
+//!   it opens (mail that came while nobody watched).
+//! - **IDLE on INBOX**, without NOTIFY: INBOX stays EXAMINEd, an EXISTS
+//!   syncs INBOX, and INBOX is synced when the session opens. Other
+//!   folders wait for the scheduled sync.
+//!
+//! Every sync goes over the same connection through the ordinary path
+//! ([`job::sync_scoped`]): the same sync lock, marker, pipeline and
+//! checkpoint, so exactly-once holds exactly as for an order. Which
+//! folders are owed and when is [`wanted`]'s: a folder said to change
+//! inside a sync's own answers ([`imap::news`]: the server may say so only
+//! there) is synced again at once, and a sync another one held, or one
+//! that failed, is retried with backoff. IDLE is entered again every
+//! `idle_renew_secs` (under RFC 2177's 29 minutes), and a broken
+//! connection is opened again with backoff. A server without IDLE is
+//! recorded (a lease row owned by
 //! [`NO_IDLE_OWNER`](crate::store::idle_lease::NO_IDLE_OWNER) for an
 //! hour) and its identity stays with polling. Polling goes on regardless:
 //! the poller's schedule is the safety net for anything a session misses.
 
+mod wanted;
+
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_imap::imap_proto::{MailboxDatum, RequestId, Response, Status};
+use async_imap::imap_proto::{RequestId, Response, Status};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use self::wanted::{Target, Wanted, Watched};
 use super::{Key, MAX_BACKOFF};
 use crate::imap::fetch::{self, Reader};
-use crate::imap::{self, ImapError, ImapSession};
+use crate::imap::news::{self, News};
+use crate::imap::notify::{self, Event};
+use crate::imap::{self, Account, ConnInfo, ImapError, ImapSession};
 use crate::shutdown::Shutdown;
-use crate::store::identity::Status as IdStatus;
+use crate::store::identity::{Identity, Status as IdStatus};
 use crate::worker::account;
 use crate::worker::context::{Counters, Ctx};
 use crate::worker::job::{self, Ended, Scope, SyncRequest};
 use crate::worker::JobError;
-
-/// Syncs in a row run at once because INBOX grew during the one before;
-/// the next ones wait as a failed sync's retry does.
-const GROWN_AT_ONCE: u32 = 10;
 
 /// Why a session ended for good (errors are retried inside it).
 #[derive(Debug)]
@@ -83,11 +99,19 @@ pub(super) async fn watch(
 
 /// Why an IDLE wait ended.
 enum Wake {
-    /// The server announced new mail.
-    News,
+    /// The server announced changes.
+    News(News),
     /// Time to re-enter IDLE, or to retry a sync.
     Timer,
     Stop,
+}
+
+/// The logged-in connection a session works over.
+struct Conn {
+    session: ImapSession,
+    info: ConnInfo,
+    acc: Account,
+    qresync_on: bool,
 }
 
 /// Connect, then sync and IDLE in turn until stopped or the connection
@@ -108,120 +132,136 @@ async fn watch_once(
     }
     account::ensure_fresh_token(ctx, &mut id).await?;
     let acc = account::from_identity(ctx, &id, "")?;
-    let (mut session, conn) = tokio::select! {
+    let (mut session, info) = tokio::select! {
         r = imap::connect(&acc) => r?,
         _ = stop.wait() => return Ok(SessionEnd::Stopped),
     };
-    let io = acc.io_timeout;
-    let server = acc.server.as_str();
-    if !conn.caps.idle {
+    if !info.caps.idle {
         job::logout(&mut session, &acc).await;
         return Ok(SessionEnd::NoIdle);
     }
     // ENABLE is refused once a mailbox is selected: now or never for this
     // session, so the syncs it runs can record QRESYNC changes.
-    let qresync_on = conn.caps.qresync && job::enable_qresync(&mut session, &acc, stop).await?;
+    let qresync_on = info.caps.qresync && job::enable_qresync(&mut session, &acc, stop).await?;
+    let mut c = Conn {
+        session,
+        info,
+        acc,
+        qresync_on,
+    };
+    let mut wanted = open(ctx, &id, &mut c, stop).await?;
+    tracing::info!(identity = %key.1, server = c.acc.server, notify = wanted.notifying(),
+        "IDLE session open");
+    let end = run(ctx, key, slots, &mut c, &mut wanted, stop).await;
+    if matches!(end, Ok(SessionEnd::Stopped)) {
+        job::logout(&mut c.session, &c.acc).await;
+    }
+    end
+}
+
+/// Set the session up for its mode: NOTIFY and the folders to watch, or
+/// INBOX EXAMINEd for IDLE alone.
+async fn open(ctx: &Ctx, id: &Identity, c: &mut Conn, stop: &Shutdown) -> Result<Wanted, JobError> {
+    let (server, io) = (c.acc.server.as_str(), c.acc.io_timeout);
+    if ctx.settings.imap.idle_notify && c.info.caps.notify {
+        let mut reader = Reader::new(&mut c.session, server, io, stop.clone());
+        if notify::set(&mut reader).await? {
+            let star = id.mailboxes().iter().any(|m| m == "*");
+            let (names, _) = if star {
+                listed(c, stop).await?
+            } else {
+                (id.mailboxes().into_iter().collect(), News::default())
+            };
+            // Everything is synced first: what was said so far is covered.
+            return Ok(Wanted::notify(Watched { star, names }));
+        }
+    }
     // INBOX stays selected from here on (a live sync only EXAMINEs INBOX
     // again): whatever arrives after this is announced, at the latest when
     // the next IDLE starts.
-    Reader::new(&mut session, server, io, stop.clone())
+    Reader::new(&mut c.session, server, io, stop.clone())
         .examine("INBOX")
         .await?;
-    tracing::info!(identity = %key.1, server, "IDLE session open");
+    Ok(Wanted::inbox())
+}
+
+/// The folders `mailboxes: *` syncs, listed now, and what was announced
+/// meanwhile.
+async fn listed(c: &mut Conn, stop: &Shutdown) -> Result<(BTreeSet<String>, News), JobError> {
+    let (server, io, caps) = (c.acc.server.as_str(), c.acc.io_timeout, c.info.caps);
+    let watch = news::Watch::new();
+    let listing = imap::folders::list_known(&mut c.session, server, io, caps);
+    let mut stop = stop.clone();
+    let folders = tokio::select! {
+        r = news::watched(watch.clone(), listing) => r?,
+        _ = stop.wait() => return Err(JobError::Interrupted("stopped while listing folders".into())),
+    };
+    let (names, _) = imap::folders::syncable_names(server, folders);
+    let mut news = watch.news();
+    news.merge(notify::drain(&mut c.session, None));
+    Ok((names.into_iter().collect(), news))
+}
+
+/// Sync what is owed, then IDLE, in turn, until stopped.
+async fn run(
+    ctx: &Ctx,
+    key: Key,
+    slots: &Arc<Semaphore>,
+    c: &mut Conn,
+    wanted: &mut Wanted,
+    stop: &mut Shutdown,
+) -> Result<SessionEnd, JobError> {
     let renew = ctx.settings.imap.idle_renew();
-    // Sync once first: mail may have come while nobody watched.
-    let mut sync_at = Some(Instant::now());
-    let mut pace = Pace::new();
     loop {
-        // A loop: a sync that saw INBOX grow asks for another at once.
-        while sync_at.is_some_and(|t| t <= Instant::now()) && !stop.is_triggered() {
-            let held = (&mut session, &conn, qresync_on);
-            let (ended, grew) = push_sync(ctx, key, slots, held, stop).await;
-            if grew {
+        // A loop: a sync that saw a folder change asks for another at once.
+        while !stop.is_triggered() {
+            if wanted.relist_due() {
+                let (names, news) = listed(c, stop).await?;
+                wanted.relisted(names, news);
+                continue;
+            }
+            let Some(target) = wanted.due() else { break };
+            let job = (&target, wanted.notifying());
+            let (ended, news) = push_sync(ctx, key, slots, c, job, stop).await;
+            if !news.folders.is_empty() {
                 ctx.metrics.idle_wakeups.inc();
             }
-            sync_at = pace.next(ended, grew);
+            wanted.synced(&target, ended, news);
         }
         if stop.is_triggered() {
-            job::logout(&mut session, &acc).await;
             return Ok(SessionEnd::Stopped);
         }
         let until = Instant::now() + renew;
-        let until = sync_at.map_or(until, |t| t.min(until));
-        match idle_until(&mut session, io, server, until, stop).await? {
-            Wake::News => {
-                ctx.metrics.idle_wakeups.inc();
-                sync_at = Some(Instant::now());
+        let until = wanted.sync_at().map_or(until, |t| t.min(until));
+        let (io, server) = (c.acc.io_timeout, c.acc.server.as_str());
+        let selected = wanted.selected();
+        match idle_until(&mut c.session, (io, server), selected, until, stop).await? {
+            Wake::News(news) => {
+                if wanted.woken(news) {
+                    ctx.metrics.idle_wakeups.inc();
+                }
             }
             Wake::Timer => {}
-            Wake::Stop => {
-                job::logout(&mut session, &acc).await;
-                return Ok(SessionEnd::Stopped);
-            }
+            Wake::Stop => return Ok(SessionEnd::Stopped),
         }
     }
 }
 
-/// When a session syncs next: the backoff of syncs that did not go
-/// through, and how many syncs in a row INBOX grew during.
-struct Pace {
-    retry: Duration,
-    grown: u32,
-}
-
-impl Pace {
-    fn new() -> Pace {
-        Pace {
-            retry: Duration::from_secs(1),
-            grown: 0,
-        }
-    }
-
-    /// When to sync again after a sync that ended so, `grew` saying
-    /// whether INBOX grew while it ran.
-    fn next(&mut self, ended: Ended, grew: bool) -> Option<Instant> {
-        let now = Instant::now();
-        let at = match ended {
-            Ended::Done if !grew => {
-                *self = Pace::new();
-                return None;
-            }
-            // INBOX grew, said only inside the sync's answers (the next
-            // IDLE owes no word of it): again, now; after
-            // GROWN_AT_ONCE in a row (a flood, or a server that says so
-            // wrongly), with the backoff.
-            Ended::Done => {
-                self.grown += 1;
-                if self.grown <= GROWN_AT_ONCE {
-                    self.retry = Duration::from_secs(1);
-                    return Some(now);
-                }
-                now + self.retry
-            }
-            // Another sync holds the identity; it may have passed INBOX
-            // already, so ours runs once it is over.
-            Ended::Busy => now + self.retry.min(Duration::from_secs(15)),
-            Ended::Failed => now + self.retry,
-        };
-        self.retry = (self.retry * 2).min(MAX_BACKOFF);
-        Some(at)
-    }
-}
-
-/// One IDLE: enter it, wait for new mail, `until` or the stop token, then
+/// One IDLE: enter it, wait for news, `until` or the stop token, then
 /// leave it (DONE). Driven response by response rather than through
 /// async-imap's IDLE handle, which hands an EXISTS sent while IDLE starts
 /// to a side channel: that is precisely the mail that came in between.
+/// `selected` is the mailbox an EXISTS speaks of.
 async fn idle_until(
     session: &mut ImapSession,
-    io: Duration,
-    server: &str,
+    (io, server): (Duration, &str),
+    selected: Option<&str>,
     until: Instant,
     stop: &mut Shutdown,
 ) -> Result<Wake, JobError> {
     imap::sent("IDLE");
     let tag = bounded(io, server, "IDLE", session.run_command("IDLE")).await?;
-    let mut news = false;
+    let mut news = News::default();
     // Up to the server's "+ idling".
     loop {
         match next(session, io, server, "IDLE", &tag).await? {
@@ -231,39 +271,50 @@ async fn idle_until(
                 let why = r.err().unwrap_or_else(|| "ended before it began".into());
                 return Err(broken(server, "IDLE", why));
             }
-            Seen::Exists => news = true,
+            Seen::Event(e) => news.note(&e, selected),
             Seen::Other => {}
         }
     }
-    let mut wake = if news {
-        Wake::News
-    } else {
-        loop {
-            tokio::select! {
-                r = session.read_response() => match r {
-                    Ok(Some(resp)) => match classify(resp.parsed(), &tag) {
-                        Seen::Exists => break Wake::News,
-                        Seen::Tagged(_) => return Err(broken(server, "IDLE", "the server ended IDLE")),
-                        // EXPUNGE, flag changes, keep-alives: nothing to fetch.
-                        Seen::Continue | Seen::Other => {}
-                    },
-                    Ok(None) => return Err(broken(server, "IDLE", "the server closed the connection")),
-                    Err(e) => return Err(broken(server, "IDLE", e)),
+    let mut wake = loop {
+        if !news.is_empty() {
+            break Wake::News(std::mem::take(&mut news));
+        }
+        tokio::select! {
+            r = session.read_response() => match r {
+                Ok(Some(resp)) => match classify(resp.parsed(), &tag) {
+                    Seen::Event(e) => news.note(&e, selected),
+                    Seen::Tagged(_) => return Err(broken(server, "IDLE", "the server ended IDLE")),
+                    // EXPUNGE, flag changes, keep-alives: nothing to fetch.
+                    Seen::Continue | Seen::Other => {}
                 },
-                _ = tokio::time::sleep_until(until) => break Wake::Timer,
-                _ = stop.wait() => break Wake::Stop,
-            }
+                Ok(None) => return Err(broken(server, "IDLE", "the server closed the connection")),
+                Err(e) => return Err(broken(server, "IDLE", e)),
+            },
+            _ = tokio::time::sleep_until(until) => break Wake::Timer,
+            _ = stop.wait() => break Wake::Stop,
         }
     };
     bounded(io, server, "DONE", session.run_command_untagged("DONE")).await?;
     loop {
         match next(session, io, server, "DONE", &tag).await? {
-            Seen::Tagged(Ok(())) => return Ok(wake),
+            Seen::Tagged(Ok(())) => break,
             Seen::Tagged(Err(why)) => return Err(broken(server, "DONE", why)),
-            Seen::Exists if matches!(wake, Wake::Timer) => wake = Wake::News,
+            Seen::Event(e) => news.note(&e, selected),
             _ => {}
         }
     }
+    if !news.is_empty() {
+        wake = match wake {
+            Wake::News(mut n) => {
+                n.merge(news);
+                Wake::News(n)
+            }
+            Wake::Timer => Wake::News(news),
+            // Stopping: the next holder syncs every folder when it opens.
+            Wake::Stop => Wake::Stop,
+        };
+    }
+    Ok(wake)
 }
 
 /// What one response during IDLE says.
@@ -272,8 +323,8 @@ enum Seen {
     Continue,
     /// The tagged end of the IDLE command, with the server's text if not OK.
     Tagged(Result<(), String>),
-    /// New mail.
-    Exists,
+    /// New mail, or a folder created, renamed or deleted.
+    Event(Event),
     Other,
 }
 
@@ -291,8 +342,7 @@ fn classify(r: &Response<'_>, tag: &RequestId) -> Seen {
                 outcome.information.as_deref().unwrap_or("")
             ))),
         },
-        Response::MailboxData(MailboxDatum::Exists(_)) => Seen::Exists,
-        _ => Seen::Other,
+        r => notify::event(r).map_or(Seen::Other, Seen::Event),
     }
 }
 
@@ -307,35 +357,75 @@ async fn next(
     Ok(fetch::next_response(session, server, io, during, |r| classify(r, tag)).await?)
 }
 
-/// Sync INBOX over the IDLE session, in one of the worker's job slots;
-/// and whether INBOX grew past what that sync opened (see [`imap::news`]).
+/// Sync `target` over the session, in one of the worker's job slots; and
+/// which folders its answers said changed meanwhile (see [`imap::news`]).
+/// With NOTIFY the folder is left afterwards (no mailbox selected: every
+/// change is then a `* STATUS`), inside the same watch so that mail
+/// announced before it is left is not missed.
 async fn push_sync(
     ctx: &Ctx,
     key: Key,
     slots: &Arc<Semaphore>,
-    (session, conn, qresync_on): (&mut ImapSession, &imap::ConnInfo, bool),
+    c: &mut Conn,
+    (target, notifying): (&Target, bool),
     stop: &mut Shutdown,
-) -> (Ended, bool) {
+) -> (Ended, News) {
     let _slot = tokio::select! {
         p = slots.clone().acquire_owned() => p,
-        _ = stop.wait() => return (Ended::Busy, false),
+        _ = stop.wait() => return (Ended::Busy, News::default()),
     };
     let req = SyncRequest {
         user_id: key.0,
         identity_id: key.1,
         password: String::new(),
     };
-    let scope = Scope {
-        only: Some("INBOX"),
-        held: Some((session, conn)),
-        qresync_on,
+    let watch = news::Watch::new();
+    let sync = async {
+        let scope = Scope {
+            only: target.only(),
+            held: Some((&mut c.session, &c.info)),
+            qresync_on: c.qresync_on,
+        };
+        // Boxed: the sync's state (tens of KiB) then lives only while it
+        // runs, not in every idle session's task (see docs/performance.md).
+        let ended = Box::pin(job::sync_scoped(ctx, req, Counters::new(), scope))
+            .await
+            .1;
+        if notifying && ended != Ended::Busy {
+            unselect(c, stop).await;
+        }
+        ended
     };
-    let news = imap::news::Watch::new();
-    // Boxed: the sync's state (tens of KiB) then lives only while it runs,
-    // not in every idle session's task (see docs/performance.md).
-    let sync = Box::pin(job::sync_scoped(ctx, req, Counters::new(), scope));
-    let ended = imap::news::watched(news.clone(), sync).await.1;
-    (ended, news.grew())
+    let ended = news::watched(watch.clone(), sync).await;
+    let mut news = watch.news();
+    // Without NOTIFY, INBOX stays selected: an EXISTS set aside is INBOX's.
+    let selected = (!notifying).then_some("INBOX");
+    news.merge(notify::drain(&mut c.session, selected));
+    (ended, news)
+}
+
+/// Leave the mailbox a sync opened (UNSELECT, else CLOSE, harmless on a
+/// mailbox opened read-only). A failure is left to the next IDLE to find.
+async fn unselect(c: &mut Conn, stop: &Shutdown) {
+    let cmd = if c.info.caps.unselect {
+        "UNSELECT"
+    } else {
+        "CLOSE"
+    };
+    imap::sent(if c.info.caps.unselect {
+        "UNSELECT"
+    } else {
+        "OTHER"
+    });
+    let mut reader = Reader::new(
+        &mut c.session,
+        &c.acc.server,
+        c.acc.io_timeout,
+        stop.clone(),
+    );
+    if let Err(e) = reader.command(cmd, |_| {}).await {
+        tracing::debug!(error = %e, "leaving the mailbox failed");
+    }
 }
 
 /// One IMAP step bounded by the I/O timeout.
@@ -384,35 +474,5 @@ mod tests {
     fn an_idle_session_future_stays_small() {
         let size = future_size(watch);
         assert!(size <= 8 * 1024, "watch future: {size} bytes");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_sync_that_saw_inbox_grow_is_followed_by_another_within_bounds() {
-        let mut pace = Pace::new();
-        let now = Instant::now();
-        assert_eq!(pace.next(Ended::Done, false), None);
-        for _ in 0..GROWN_AT_ONCE {
-            assert_eq!(pace.next(Ended::Done, true), Some(now), "at once");
-        }
-        // Growth every time: a flood, or a server that says so wrongly.
-        assert_eq!(
-            pace.next(Ended::Done, true),
-            Some(now + Duration::from_secs(1))
-        );
-        assert_eq!(
-            pace.next(Ended::Done, true),
-            Some(now + Duration::from_secs(2))
-        );
-        // A sync that saw nothing new ends it.
-        assert_eq!(pace.next(Ended::Done, false), None);
-        assert_eq!(pace.next(Ended::Done, true), Some(now));
-        assert_eq!(
-            pace.next(Ended::Failed, false),
-            Some(now + Duration::from_secs(1))
-        );
-        assert_eq!(
-            pace.next(Ended::Failed, false),
-            Some(now + Duration::from_secs(2))
-        );
     }
 }
