@@ -330,3 +330,65 @@ async fn every_imap_connection_has_tcp_keepalive() {
         let _ = session.logout().await;
     }
 }
+
+/// Issue 25: at rest, what live sync asks of Cassandra each round is a
+/// couple of statements for the whole worker (its membership row), not one
+/// Paxos round per session held. Counted over rounds with no read of the
+/// identities wanting IDLE among them (that read is counted apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_rest_live_sync_costs_a_few_statements_a_round_whatever_the_sessions() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let store = store().await;
+    let tag = unique("idlecost");
+    let mut opted = Vec::new();
+    for _ in 0..4 {
+        let (user, _, id) = mailbox_account(&store, 1, 100).await;
+        opted.push(OptedIn::new(&store, user, id.identity_id).await);
+    }
+    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+    let w = start_worker(live_settings(&tag)).await;
+    let m = w.ctx.metrics.clone();
+    within("four sessions and their first syncs", async {
+        while m.idle_sessions.get() < 4 || lda.seen.lock().unwrap().len() < 4 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let wait_rounds = |from: u64, n: u64| {
+        let m = m.clone();
+        async move {
+            while m.idle_rounds.get() < from + n {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let (rounds, statements, lwts) = within("a window of rounds with no rescan", async {
+        loop {
+            let (r0, s0, l0, x0) = (
+                m.idle_rounds.get(),
+                w.ctx.store.statements(),
+                w.ctx.store.lwts(),
+                m.idle_rescans.get(),
+            );
+            wait_rounds(r0, 5).await;
+            let (r1, s1, l1) = (
+                m.idle_rounds.get(),
+                w.ctx.store.statements(),
+                w.ctx.store.lwts(),
+            );
+            // A rescan running at the end of the window ends before the next round.
+            wait_rounds(r1, 1).await;
+            if m.idle_rescans.get() == x0 && m.idle_sessions.get() == 4 {
+                return (r1 - r0, s1 - s0, l1 - l0);
+            }
+        }
+    })
+    .await;
+    w.stop().await;
+    assert_eq!(lwts, 0, "no Paxos round at rest ({rounds} rounds)");
+    // A round that had begun when the window opened is counted in part.
+    assert!(
+        statements <= 2 * (rounds + 1),
+        "{statements} statements in {rounds} rounds holding 4 sessions"
+    );
+}

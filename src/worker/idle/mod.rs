@@ -124,6 +124,7 @@ impl Watcher {
             tracing::warn!(error = %e, "live sync: cannot share the IDLE sessions this round");
         }
         self.ctx.metrics.idle_sessions.set(self.held.len() as i64);
+        self.ctx.metrics.idle_rounds.inc();
     }
 
     async fn renew(&mut self) {
@@ -183,6 +184,7 @@ impl Watcher {
         if self.scanned.is_none_or(|t| t.elapsed() >= WANTED_RESCAN) {
             self.wanted = wanted(&self.ctx).await?;
             self.scanned = Some(Instant::now());
+            self.ctx.metrics.idle_rescans.inc();
         }
         self.drop_unwanted().await;
         let leased: HashSet<Key> = self
