@@ -28,7 +28,7 @@ pub mod assign;
 pub mod plan;
 mod session;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +57,30 @@ const NO_IDLE_RECHECK_SECS: u64 = 3600;
 /// How often the identities wanting IDLE are read again (a paged read of
 /// `user_identity`, proportional to the identities, per worker).
 pub const WANTED_RESCAN: Duration = Duration::from_secs(60);
+
+/// What a worker holding `held` sessions does to hold `mine`: the sessions
+/// to stop (no longer its own), and those to open (its own, not held yet:
+/// at most [`CLAIMS_PER_ROUND`] a round and never past `budget`).
+pub fn changes<'a>(
+    held: impl Iterator<Item = &'a Key> + Clone,
+    mine: &HashSet<Key>,
+    budget: usize,
+) -> (Vec<Key>, Vec<Key>) {
+    let gone: Vec<Key> = held
+        .clone()
+        .filter(|k| !mine.contains(*k))
+        .copied()
+        .collect();
+    let kept: HashSet<&Key> = held.filter(|k| mine.contains(*k)).collect();
+    let room = budget.saturating_sub(kept.len()).min(CLAIMS_PER_ROUND);
+    let new = mine
+        .iter()
+        .filter(|k| !kept.contains(k))
+        .take(room)
+        .copied()
+        .collect();
+    (gone, new)
+}
 
 struct Held {
     trigger: shutdown::Trigger,
@@ -141,13 +165,9 @@ impl Watcher {
     }
 
     /// Stop the sessions no longer ours, open (some of) those that are.
-    fn follow(&mut self, mine: &std::collections::HashSet<Key>) {
-        let gone: Vec<Key> = self
-            .held
-            .keys()
-            .filter(|k| !mine.contains(*k))
-            .copied()
-            .collect();
+    fn follow(&mut self, mine: &HashSet<Key>) {
+        let budget = self.ctx.settings.imap.idle_max as usize;
+        let (gone, new) = changes(self.held.keys(), mine, budget);
         if !gone.is_empty() {
             tracing::info!(
                 stopped = gone.len(),
@@ -157,13 +177,6 @@ impl Watcher {
         for k in gone {
             self.stop(k);
         }
-        let room = (self.ctx.settings.imap.idle_max as usize).saturating_sub(self.held.len());
-        let new: Vec<Key> = mine
-            .iter()
-            .filter(|k| !self.held.contains_key(*k))
-            .take(room.min(CLAIMS_PER_ROUND))
-            .copied()
-            .collect();
         for k in new {
             self.start(k);
         }

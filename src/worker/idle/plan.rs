@@ -65,8 +65,11 @@ pub struct Planner {
     computed: Option<(Vec<Member>, u64)>,
     mine: Arc<HashSet<Key>>,
     unassigned: usize,
-    /// Reads of the identities wanting IDLE so far.
+    /// Reads of the identities wanting IDLE so far, and the statements
+    /// they sent (counted on this planner's store; exact when no one else
+    /// uses it meanwhile, as in the bench).
     pub rescans: u64,
+    pub rescan_statements: u64,
 }
 
 impl Planner {
@@ -82,6 +85,7 @@ impl Planner {
             mine: Arc::default(),
             unassigned: 0,
             rescans: 0,
+            rescan_statements: 0,
         }
     }
 
@@ -163,6 +167,13 @@ impl Planner {
     }
 
     async fn rescan(&mut self) -> Result<(), StoreError> {
+        let sent = self.store.statements();
+        let r = self.read_wanted().await;
+        self.rescan_statements += self.store.statements() - sent;
+        r
+    }
+
+    async fn read_wanted(&mut self) -> Result<(), StoreError> {
         let mut wanted = wanted(&self.store, self.s.mode).await?;
         let marked = self.store.no_idle_marks().await?;
         wanted.retain(|k| !marked.contains(k));
@@ -204,6 +215,11 @@ impl Planner {
         if self.wanted.len() != before {
             self.generation += 1;
         }
+    }
+
+    /// Change how often the identities wanting IDLE are read again.
+    pub fn set_rescan(&mut self, every: Duration) {
+        self.s.rescan = every;
     }
 
     /// Clean stop: delete the membership row so the others take over at
