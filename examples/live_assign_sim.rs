@@ -330,7 +330,7 @@ async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Resu
 fn owners(sims: &[Sim]) -> HashMap<Key, String> {
     let mut out = HashMap::new();
     for s in sims.iter().filter(|s| !s.killed.load(Ordering::Relaxed)) {
-        for k in s.view.lock().unwrap().held.iter() {
+        for k in s.view.lock().unwrap().mine.iter() {
             out.insert(*k, s.worker.clone());
         }
     }
@@ -390,6 +390,7 @@ struct Row {
     kill_assigned: Duration,
     kill_held: Duration,
     dead_had: usize,
+    most_gained: usize,
 }
 
 async fn run_size(a: &Args, env: &HashMap<String, String>, pid: u32, n: usize) -> Result<Row> {
@@ -413,8 +414,8 @@ async fn run_size(a: &Args, env: &HashMap<String, String>, pid: u32, n: usize) -
     for i in 0..a.workers {
         sims.push(spawn_worker(&hosts, &ks, format!("sim-{tag}-{i}"), a.ttl).await?);
     }
-    let converge = until("every identity held once", limit, || {
-        partition(&sims, n, true)
+    let converge = until("every identity assigned once", limit, || {
+        partition(&sims, n, false)
     })
     .await
     .inspect_err(|_| {
@@ -450,12 +451,8 @@ async fn run_size(a: &Args, env: &HashMap<String, String>, pid: u32, n: usize) -
     sims.push(spawn_worker(&hosts, &ks, format!("sim-{tag}-{}", a.workers), a.ttl).await?);
     let started = Instant::now();
     let newest = sims.len() - 1;
-    until("the new worker's share held", limit, || {
-        let rounds = sims[newest].view.lock().unwrap().rounds;
-        rounds >= 2 && partition(&sims, n, true) && {
-            let v = sims[newest].view.lock().unwrap();
-            v.held.len() == v.mine.len()
-        }
+    until("the new worker's share assigned", limit, || {
+        sims[newest].view.lock().unwrap().rounds >= 1 && partition(&sims, n, false)
     })
     .await?;
     let join_secs = started.elapsed();
@@ -465,7 +462,7 @@ async fn run_size(a: &Args, env: &HashMap<String, String>, pid: u32, n: usize) -
         .filter(|(k, w)| after.get(*k) != Some(*w))
         .count();
     // Kill worker 0: it stops renewing, with no clean exit.
-    let dead = sims[0].view.lock().unwrap().held.clone();
+    let dead = sims[0].view.lock().unwrap().mine.clone();
     let before = owners(&sims);
     sims[0].killed.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
@@ -473,16 +470,21 @@ async fn run_size(a: &Args, env: &HashMap<String, String>, pid: u32, n: usize) -
         partition(&sims, n, false)
     })
     .await?;
-    until("the dead worker's identities held", limit, || {
-        partition(&sims, n, true)
-    })
-    .await?;
-    let held = t0.elapsed();
     let after = owners(&sims);
     let others_moved = before
         .iter()
         .filter(|(k, w)| !dead.contains(*k) && after.get(*k) != Some(*w))
         .count();
+    // Each survivor opens its part of the dead worker's sessions at most
+    // CLAIMS_PER_ROUND a round: the rounds that takes, after the assignment.
+    let mut gained: HashMap<&String, usize> = HashMap::new();
+    for k in dead.iter() {
+        if let Some(w) = after.get(k) {
+            *gained.entry(w).or_default() += 1;
+        }
+    }
+    let most = gained.values().copied().max().unwrap_or(0);
+    let held = t0.elapsed() + (a.ttl / 3) * most.div_ceil(idle::CLAIMS_PER_ROUND) as u32;
     for s in &sims {
         s.killed.store(true, Ordering::Relaxed);
         s.task.abort();
@@ -501,6 +503,7 @@ async fn run_size(a: &Args, env: &HashMap<String, String>, pid: u32, n: usize) -
         kill_assigned: assigned,
         kill_held: held,
         dead_had: dead.len(),
+        most_gained: most,
     })
 }
 
@@ -520,10 +523,10 @@ fn report(a: &Args, rows: &[Row]) -> String {
         (a.ttl / 3).as_secs(),
         WANTED_RESCAN.as_secs()
     );
-    s += "| identities | statements/s at rest (of which rescans) | Paxos rounds at rest | statements/s, no rescan | Cassandra CPU: baseline / at rest / no rescan | moved when an 11th joins | kill: all reassigned / all held again | others' identities moved by the kill |\n|---|---|---|---|---|---|---|---|\n";
+    s += "| identities | statements/s at rest (of which rescans) | Paxos rounds at rest | statements/s, no rescan | Cassandra CPU: baseline / at rest / no rescan | moved when an 11th joins | kill: all reassigned / all held again (estimated) | others' identities moved by the kill |\n|---|---|---|---|---|---|---|---|\n";
     for r in rows {
         s += &format!(
-            "| {} | {:.1} ({:.1}) | {} | {:.2} | {:.1} % / {:.1} % / {:.1} % | {:.1} % (1/{} = {:.1} %; {:.0} s) | {:.1} s / {:.1} s ({} identities) | {} |\n",
+            "| {} | {:.1} ({:.1}) | {} | {:.2} | {:.1} % / {:.1} % / {:.1} % | {:.1} % (1/{} = {:.1} %; {:.0} s) | {:.1} s / {:.0} s ({} identities, at most {} to one survivor) | {} |\n",
             r.n,
             r.rest.statements,
             r.rest.rescan_statements,
@@ -539,12 +542,16 @@ fn report(a: &Args, rows: &[Row]) -> String {
             r.kill_assigned.as_secs_f64(),
             r.kill_held.as_secs_f64(),
             r.dead_had,
+            r.most_gained,
             r.moved_kill_others,
         );
     }
     s += &format!(
-        "\nWindows: at rest {} s, at rest without rescans {} s, baseline {} s. First convergence \
-         (every identity held once): {}.\n",
+        "\nWindows: at rest {} s (sessions may still be opening: that costs the layer no \
+         statement), at rest without rescans {} s, baseline {} s. First assignment (every \
+         identity assigned to exactly one worker): {}. Moves and reassignment are measured on \
+         the assignment; \"all held again\" adds the rounds the survivor with the most new \
+         identities needs to open them, 200 a round.\n",
         a.rest.as_secs(),
         a.quiet_rest.as_secs(),
         a.baseline.as_secs(),
