@@ -318,7 +318,12 @@ fn partition(sims: &[Sim], n: usize, held: bool) -> bool {
 
 async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Result<Duration> {
     let started = Instant::now();
+    let mut said = Instant::now();
     while !f() {
+        if said.elapsed() > Duration::from_secs(30) {
+            said = Instant::now();
+            eprintln!("  still waiting: {what} ({:.0?})", started.elapsed());
+        }
         if started.elapsed() > limit {
             bail!("{what}: not within {limit:?}");
         }
@@ -446,6 +451,11 @@ async fn run_size(a: &Args, env: &HashMap<String, String>, pid: u32, n: usize) -
     for s in &sims {
         s.planner.lock().await.set_rescan(WANTED_RESCAN);
     }
+    eprintln!(
+        "[{n}] at rest: {:.1} statements/s ({:.1} rescans), CPU {:.1} %; no rescan: {:.2}/s, CPU {:.1} %; baseline CPU {:.1} %",
+        rest.statements, rest.rescan_statements, rest.cpu, quiet.statements, quiet.cpu, baseline.cpu
+    );
+    eprintln!("[{n}] an 11th worker joins");
     // An 11th worker joins.
     let before = owners(&sims);
     sims.push(spawn_worker(&hosts, &ks, format!("sim-{tag}-{}", a.workers), a.ttl).await?);
@@ -461,6 +471,7 @@ async fn run_size(a: &Args, env: &HashMap<String, String>, pid: u32, n: usize) -
         .iter()
         .filter(|(k, w)| after.get(*k) != Some(*w))
         .count();
+    eprintln!("[{n}] moved {moved} in {join_secs:.1?}; killing a worker");
     // Kill worker 0: it stops renewing, with no clean exit.
     let dead = sims[0].view.lock().unwrap().mine.clone();
     let before = owners(&sims);

@@ -395,6 +395,9 @@ async fn at_rest_live_sync_costs_a_few_statements_a_round_whatever_the_sessions(
     };
     let (rounds, statements, lwts) = within("a window of rounds with no rescan", async {
         loop {
+            // At rest: no sync running (a first sync's lock release is a
+            // lightweight transaction of its own) nor started meanwhile.
+            let (j0, busy) = (m.syncs_started.get(), m.jobs_in_flight.get());
             let (r0, s0, l0, x0) = (
                 m.idle_rounds.get(),
                 w.ctx.store.statements(),
@@ -409,7 +412,8 @@ async fn at_rest_live_sync_costs_a_few_statements_a_round_whatever_the_sessions(
             );
             // A rescan running at the end of the window ends before the next round.
             wait_rounds(r1, 1).await;
-            if m.idle_rescans.get() == x0 && m.idle_sessions.get() == 4 {
+            let quiet = busy == 0 && m.jobs_in_flight.get() == 0 && m.syncs_started.get() == j0;
+            if quiet && m.idle_rescans.get() == x0 && m.idle_sessions.get() == 4 {
                 return (r1 - r0, s1 - s0, l1 - l0);
             }
         }

@@ -145,7 +145,7 @@ impl Planner {
     /// life since the last renewal that succeeded.
     async fn renew(&mut self, held: usize) -> Result<(), Plan> {
         let give_up = self.s.ttl / 2;
-        let deadline = self.renewed.unwrap_or_else(Instant::now) + give_up;
+        let deadline = renewal_deadline(self.renewed, give_up);
         let (store, s) = (&self.store, &self.s);
         let call = async {
             store
@@ -228,6 +228,17 @@ impl Planner {
         if let Err(e) = self.store.idle_worker_gone(&self.s.worker).await {
             tracing::warn!(error = %e, "live sync: cannot remove this worker's membership row");
         }
+    }
+}
+
+/// When a renewal must have answered: half the row's life after the last
+/// renewal that succeeded; once that has passed (a failure, a long round),
+/// half its life from now, so the worker keeps trying to rejoin rather than
+/// give up for good.
+pub(super) fn renewal_deadline(renewed: Option<Instant>, give_up: Duration) -> Instant {
+    match renewed {
+        Some(t) if t.elapsed() < give_up => t + give_up,
+        _ => Instant::now() + give_up,
     }
 }
 
@@ -322,6 +333,17 @@ mod tests {
             Renewal::<String>::Failed("down".into()),
         );
         assert!(matches!(step, Step::Retry(_)), "{step:?}");
+        // Past half its life (a round that took long): the renewal is still
+        // sent, with half a life from now to answer, and rejoins.
+        let long_ago = Instant::now();
+        tokio::time::advance(ttl).await;
+        assert!(renewal_deadline(Some(long_ago), ttl / 2) > Instant::now());
+        let r = renew_before(renewal_deadline(Some(long_ago), ttl / 2), async {
+            Ok::<_, String>(true)
+        })
+        .await;
+        let step = membership_step(Some(long_ago), ttl / 2, r);
+        assert!(matches!(step, Step::Renewed(_)), "{step:?}");
         // Never renewed: nothing may be held.
         let step = membership_step(None, ttl / 2, Renewal::<String>::Failed("down".into()));
         assert!(matches!(step, Step::Cut(_)), "{step:?}");
