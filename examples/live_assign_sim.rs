@@ -266,6 +266,8 @@ async fn spawn_worker(hosts: &str, ks: &str, worker: String, ttl: Duration) -> R
         // Workers do not start in step.
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..1000))).await;
         let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_secs(1)));
+        // As the worker's loop: a long round delays the next, no burst after.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             if k.load(Ordering::Relaxed) {
