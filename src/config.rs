@@ -356,8 +356,10 @@ section! {
         pub idle_notify: bool = true,
         /// IDLE sessions this worker holds at most (its connection budget).
         pub idle_max: u32 = 1000,
-        /// Life of an IDLE lease; renewed every third of it. A dead worker's
-        /// identities are picked up by others within about this long.
+        /// Life of a worker's live-sync membership row; renewed every third
+        /// of it. A dead worker's identities are picked up by others within
+        /// this long and a third; a worker that cannot renew its row for
+        /// half of it stops its sessions.
         #[serde(deserialize_with = "secs::deserialize")]
         pub idle_lease_secs: u64 = 30,
         /// IDLE is left and entered again after this long (RFC 2177 asks

@@ -92,6 +92,11 @@ pub struct WorkerMetrics {
     pub busy_skips: Counter,
     pub idle_sessions: Gauge,
     pub idle_wakeups: Counter,
+    /// Rounds of live sync's sharing loop, and the reads among them of the
+    /// identities wanting IDLE (what a round costs in Cassandra is counted
+    /// against these).
+    pub idle_rounds: Counter,
+    pub idle_rescans: Counter,
 }
 
 fn seconds_histogram(start: f64, count: u16) -> Histogram {
@@ -126,6 +131,8 @@ impl WorkerMetrics {
             identities_disabled: Counter::default(),
             idle_sessions: Gauge::default(),
             idle_wakeups: Counter::default(),
+            idle_rounds: Counter::default(),
+            idle_rescans: Counter::default(),
             busy_skips: Counter::default(),
         };
         let mut r = Registry::with_prefix("caliopen_imap");
@@ -262,6 +269,16 @@ impl WorkerMetrics {
             "idle_wakeups",
             "Syncs started because an IDLE session announced new mail",
             self.idle_wakeups.clone(),
+        );
+        r.register(
+            "idle_rounds",
+            "Rounds of live sync's loop sharing the IDLE sessions between workers",
+            self.idle_rounds.clone(),
+        );
+        r.register(
+            "idle_rescans",
+            "Reads of the identities wanting IDLE (a paged read of user_identity)",
+            self.idle_rescans.clone(),
         );
     }
 

@@ -1,5 +1,5 @@
 //! Keeping a row alive that lives a TTL: the sync lock of a running sync,
-//! the IDLE leases of the live sync, and (through [`renew_before`]) the
+//! and (through [`renew_before`]) live sync's membership row and the
 //! poller's leader lease.
 //!
 //! Each renewal is a Cassandra lightweight transaction, and a request may

@@ -463,6 +463,17 @@ pub async fn sync_once(
 
 pub async fn start_worker(settings: WorkerSettings) -> WorkerHandle {
     let (ctx, trigger) = context(settings).await;
+    serve_worker(ctx, trigger).await
+}
+
+/// A worker named `id` (a test that must know who wins an assignment).
+pub async fn start_worker_named(settings: WorkerSettings, id: &str) -> WorkerHandle {
+    let (mut ctx, trigger) = context(settings).await;
+    ctx.worker_id = id.to_string();
+    serve_worker(ctx, trigger).await
+}
+
+async fn serve_worker(ctx: Ctx, trigger: Trigger) -> WorkerHandle {
     let c = ctx.clone();
     let join = tokio::spawn(async move {
         caliopen_imap::worker::serve(c).await.unwrap();

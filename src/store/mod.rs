@@ -89,6 +89,11 @@ struct Inner {
     last_renewal: Mutex<Option<std::time::Instant>>,
     /// Queries sent by [`Store::ping`] (readiness checks), for tests.
     pings: std::sync::atomic::AtomicU64,
+    /// Statements sent (every prepared statement, pages counted one by
+    /// one) and, among them, lightweight transactions: what a test or a
+    /// bench counts to show a loop's cost in Cassandra.
+    statements: std::sync::atomic::AtomicU64,
+    lwts: std::sync::atomic::AtomicU64,
 }
 
 /// A session and the statements prepared on it.
@@ -131,6 +136,8 @@ impl Store {
                 renewing: tokio::sync::Mutex::new(()),
                 last_renewal: Mutex::new(None),
                 pings: Default::default(),
+                statements: Default::default(),
+                lwts: Default::default(),
             }),
         })
     }
@@ -264,6 +271,7 @@ impl Store {
         params: &StatementParams,
         template: &str,
     ) -> Result<Envelope, StoreError> {
+        self.inner.statements.fetch_add(1, Ordering::Relaxed);
         let run = conn.session.exec_with_params(prepared, params);
         match tokio::time::timeout(REQUEST_TIMEOUT, run).await {
             Ok(r) => {
@@ -302,6 +310,7 @@ impl Store {
         template: &'static str,
         values: QueryValues,
     ) -> Result<bool, StoreError> {
+        self.inner.lwts.fetch_add(1, Ordering::Relaxed);
         let env = self.exec(template, values).await?;
         let rows = body_rows(env, template)?;
         match rows.first() {
@@ -335,6 +344,17 @@ impl Store {
             .filter(|s| s.as_slice().is_some_and(|b| !b.is_empty()));
         let rows = body.into_rows().unwrap_or_default();
         Ok((rows, next))
+    }
+
+    /// Statements sent so far by this store (and its clones), pages of a
+    /// paged read counted one by one; [`Store::ping`]'s are not counted.
+    pub fn statements(&self) -> u64 {
+        self.inner.statements.load(Ordering::Relaxed)
+    }
+
+    /// Lightweight transactions (Paxos rounds) among [`Store::statements`].
+    pub fn lwts(&self) -> u64 {
+        self.inner.lwts.load(Ordering::Relaxed)
     }
 
     /// Queries [`Store::ping`] has sent so far.

@@ -24,7 +24,7 @@
 //! that failed, is retried with backoff. IDLE is entered again every
 //! `idle_renew_secs` (under RFC 2177's 29 minutes), and a broken
 //! connection is opened again with backoff. A server without IDLE is
-//! recorded (a lease row owned by
+//! recorded (a row of `imap_idle_lease` owned by
 //! [`NO_IDLE_OWNER`](crate::store::idle_lease::NO_IDLE_OWNER) for an
 //! hour) and its identity stays with polling. Polling goes on regardless:
 //! the poller's schedule is the safety net for anything a session misses.
@@ -55,7 +55,7 @@ use crate::worker::JobError;
 /// Why a session ended for good (errors are retried inside it).
 #[derive(Debug)]
 pub(super) enum SessionEnd {
-    /// Its stop token fired (lease lost or handed back, shutdown).
+    /// Its stop token fired (no longer this worker's identity, membership lost, shutdown).
     Stopped,
     /// The server does not offer IDLE.
     NoIdle,
