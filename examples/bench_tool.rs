@@ -1007,6 +1007,8 @@ async fn live_latency(f: &Flags) -> Result<serde_json::Value> {
         "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
         "max_ms": pct(1.0), "min_ms": lat_ms.first(),
         "secs": secs,
+        // every message's, sorted, for the report's distribution picture
+        "lat_ms": lat_ms.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
     }))
 }
 
