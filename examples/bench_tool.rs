@@ -1,4 +1,4 @@
-//! The benchmark suite's helper (`scripts/bench.sh` drives it): corpus
+//! The benchmark suite's helper (`examples/bench/` drives it): corpus
 //! generation, the two ceilings, sync orders with timing, identity seeding
 //! and the poller's `need_job` latency. One example with subcommands rather
 //! than six, so the release build links one more binary, not six.
