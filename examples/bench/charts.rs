@@ -83,6 +83,13 @@ struct Bars {
 }
 
 impl Bars {
+    /// The top of the y axis: room above the tallest whisker for the
+    /// value labels and the legend (upper left).
+    fn ymax(&self) -> f64 {
+        let top = self.values.iter().flatten().flatten().map(|v| v.2);
+        top.fold(1.0, f64::max) * 1.5
+    }
+
     fn any(&self) -> bool {
         self.values.iter().flatten().any(Option::is_some)
     }
@@ -113,14 +120,7 @@ impl Bars {
 
     fn draw(&self, area: &Area) -> Result<()> {
         let n = self.groups.len() as f64;
-        let ymax = self
-            .values
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|v| v.2)
-            .fold(1.0, f64::max)
-            * 1.15;
+        let ymax = self.ymax();
         let mut chart = ChartBuilder::on(area)
             .caption(&self.title, ("sans-serif", 17))
             .margin(12)
@@ -187,14 +187,7 @@ impl Bars {
     where
         DB::ErrorType: 'static,
     {
-        let ymax = self
-            .values
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|v| v.2)
-            .fold(1.0, f64::max)
-            * 1.15;
+        let ymax = self.ymax();
         for (i, v) in self.values[j].iter().enumerate() {
             let Some((m, lo, hi)) = *v else { continue };
             let x = i as f64 + 0.1 + j as f64 * w + w * 0.45;
