@@ -1,4 +1,4 @@
-//! The benchmark suite's helper (`scripts/bench.sh` drives it): corpus
+//! The benchmark suite's helper (`examples/bench/` drives it): corpus
 //! generation, the two ceilings, sync orders with timing, identity seeding
 //! and the poller's `need_job` latency. One example with subcommands rather
 //! than six, so the release build links one more binary, not six.
@@ -1020,6 +1020,8 @@ async fn live_latency(f: &Flags) -> Result<serde_json::Value> {
         "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
         "max_ms": pct(1.0), "min_ms": lat_ms.first(),
         "secs": secs,
+        // every message's, sorted, for the report's distribution picture
+        "lat_ms": lat_ms.iter().map(|v| (v * 10.0).round() / 10.0).collect::<Vec<_>>(),
     }))
 }
 
