@@ -9,7 +9,9 @@
 //! plain write of its row, a one-partition read of the members), whatever
 //! the sessions it holds. The read of the identities wanting IDLE (a paged
 //! read of `user_identity`, plus the no-IDLE markers) is proportional to
-//! the identities and runs once every [`PlanSettings::rescan`].
+//! the identities; it runs once every [`PlanSettings::rescan`], or less
+//! often past 200 rows a second ([`rescan_every`]), so its cost per worker
+//! stays flat as the identities grow.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,6 +26,12 @@ use crate::store::identity::{infos, IdentityKind, Protocol, Status as IdStatus};
 use crate::store::{Store, StoreError};
 
 const SCAN_PAGE: i32 = 5000;
+/// Rows of `user_identity` a worker reads a second on average, at most,
+/// to find the identities wanting IDLE: past `rescan` worth of them the
+/// reads are spaced out, so the store's cost stays flat as identities grow.
+const RESCAN_ROWS_PER_SEC: u64 = 200;
+/// The longest wait between two reads of the identities wanting IDLE.
+const RESCAN_MAX: Duration = Duration::from_secs(3600);
 
 /// What a worker's planner needs to know about it.
 #[derive(Debug, Clone)]
@@ -61,6 +69,8 @@ pub struct Planner {
     /// again only when the members or the identities changed.
     generation: u64,
     scanned: Option<Instant>,
+    /// Rows of `user_identity` the last read went through.
+    scanned_rows: usize,
     /// The inputs of the last assignment, and its results.
     computed: Option<(Vec<Member>, u64)>,
     mine: Arc<HashSet<Key>>,
@@ -81,6 +91,7 @@ impl Planner {
             wanted: Vec::new(),
             generation: 0,
             scanned: None,
+            scanned_rows: 0,
             computed: None,
             mine: Arc::default(),
             unassigned: 0,
@@ -105,7 +116,8 @@ impl Planner {
         if let Err(plan) = self.renew(held).await {
             return plan;
         }
-        if self.scanned.is_none_or(|t| t.elapsed() >= self.s.rescan) {
+        let every = rescan_every(self.s.rescan, self.scanned_rows);
+        if self.scanned.is_none_or(|t| t.elapsed() >= every) {
             match self.rescan().await {
                 Ok(()) => {}
                 Err(e) if self.scanned.is_none() => {
@@ -174,7 +186,8 @@ impl Planner {
     }
 
     async fn read_wanted(&mut self) -> Result<(), StoreError> {
-        let mut wanted = wanted(&self.store, self.s.mode).await?;
+        let (mut wanted, rows) = wanted_counted(&self.store, self.s.mode).await?;
+        self.scanned_rows = rows;
         let marked = self.store.no_idle_marks().await?;
         wanted.retain(|k| !marked.contains(k));
         let mut wanted: Vec<Key> = wanted.into_iter().collect();
@@ -277,14 +290,32 @@ pub(super) fn membership_step<E: std::fmt::Display>(
 /// The identities that want an IDLE session now (a paged read of every
 /// identity).
 pub async fn wanted(store: &Store, mode: IdleMode) -> Result<HashSet<Key>, StoreError> {
+    Ok(wanted_counted(store, mode).await?.0)
+}
+
+/// How long after a read of `rows` identities the next one is due: the
+/// worker's `every`, or longer so that it reads at most
+/// [`RESCAN_ROWS_PER_SEC`] rows a second on average (at most an hour).
+fn rescan_every(every: Duration, rows: usize) -> Duration {
+    let spread = Duration::from_secs(rows as u64 / RESCAN_ROWS_PER_SEC);
+    every.max(spread).min(RESCAN_MAX.max(every))
+}
+
+/// [`wanted`], and how many rows of `user_identity` were read to find them.
+async fn wanted_counted(
+    store: &Store,
+    mode: IdleMode,
+) -> Result<(HashSet<Key>, usize), StoreError> {
     let all = mode == IdleMode::All;
     let mut out = HashSet::new();
     if mode == IdleMode::Off {
-        return Ok(out);
+        return Ok((out, 0));
     }
     let mut state = None;
+    let mut rows = 0;
     loop {
         let (page, next) = store.scan_identities(SCAN_PAGE, state).await?;
+        rows += page.len();
         for r in page {
             let email = matches!(r.protocol, Protocol::Email | Protocol::ImapLegacy);
             let opted = r
@@ -301,7 +332,7 @@ pub async fn wanted(store: &Store, mode: IdleMode) -> Result<HashSet<Key>, Store
         }
         match next {
             Some(s) => state = Some(s),
-            None => return Ok(out),
+            None => return Ok((out, rows)),
         }
     }
 }
@@ -309,6 +340,17 @@ pub async fn wanted(store: &Store, mode: IdleMode) -> Result<HashSet<Key>, Store
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_identities_are_read_again_less_often_as_they_grow() {
+        let every = Duration::from_secs(60);
+        assert_eq!(rescan_every(every, 0), every);
+        assert_eq!(rescan_every(every, 10_000), every);
+        // 100,000 identities: each worker reads about 200 rows a second on
+        // average, not 1,667: flat in the identities past 12,000.
+        assert_eq!(rescan_every(every, 100_000), Duration::from_secs(500));
+        assert_eq!(rescan_every(every, 1_000_000), Duration::from_secs(3600));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_membership_renewal_that_never_answers_stops_the_sessions_before_the_row_lapses() {
