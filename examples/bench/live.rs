@@ -32,6 +32,9 @@ const FOLDERS: u32 = 200;
 const LIVE_REPEAT: u32 = 3;
 
 /// A worker of the live keyspace and the address of its /metrics.
+/// The folder mail is filed into for the NOTIFY latency row.
+const LIVE_FOLDER: &str = "Filed";
+
 struct LiveWorker {
     proc: Proc,
     metrics: String,
@@ -66,8 +69,14 @@ impl Suite {
             .local_addr()?
             .port();
         let metrics = format!("127.0.0.1:{port}");
+        // `live-idle-inbox`: IDLE on INBOX alone, as on a server without NOTIFY.
+        let notify = if name == "live-idle-inbox" {
+            "  idle_notify: false\n"
+        } else {
+            ""
+        };
         let idle = if idle {
-            format!("  idle: all\n  idle_max: {}\n", e.idle_users)
+            format!("  idle: all\n  idle_max: {}\n{notify}", e.idle_users)
         } else {
             "  idle: \"off\"\n".into()
         };
@@ -276,7 +285,8 @@ impl Suite {
                 ],
             );
         }
-        self.live_users("benchlive", LIVE_ACCOUNTS, "idle=true", &list)?;
+        // Every folder synced, so a NOTIFY session watches a filed folder too.
+        self.live_users("benchlive", LIVE_ACCOUNTS, "idle=true;mailboxes=*", &list)?;
         let mut w = self.live_worker(&topic, true, "live-idle")?;
         // (each session syncs its INBOX once before its first IDLE)
         let (n, secs) = wait_idle(&w.metrics, LIVE_ACCOUNTS as u64, 60);
@@ -302,6 +312,31 @@ impl Suite {
                 ),
             )?;
         }
+        let pid = w.proc.pid().to_string();
+        self.live_latency_more(
+            &topic,
+            &list,
+            "live_latency_notify_folder",
+            &label,
+            &[
+                "--mode",
+                "idle",
+                "--folder",
+                LIVE_FOLDER,
+                "--worker-pid",
+                &pid,
+            ],
+        )?;
+        w.proc.stop(40);
+        let mut w = self.live_worker(&topic, true, "live-idle-inbox")?;
+        let pid = w.proc.pid().to_string();
+        self.live_latency_more(
+            &topic,
+            &list,
+            "live_latency_idle_inbox_only",
+            &label,
+            &["--mode", "idle", "--worker-pid", &pid],
+        )?;
         w.proc.stop(40);
         let mut w = self.live_worker(&topic, false, "live-order")?;
         let orders = e.orders();
@@ -309,6 +344,20 @@ impl Suite {
         self.rec.record("live_latency_order", &label, 1, out)?;
         w.proc.stop(40);
         Ok(())
+    }
+
+    /// One more latency row with the worker already holding its sessions:
+    /// NOTIFY for mail filed outside INBOX, or IDLE on INBOX only.
+    fn live_latency_more(
+        &self,
+        topic: &str,
+        list: &Path,
+        scenario: &str,
+        label: &str,
+        args: &[&str],
+    ) -> Result<()> {
+        let out = self.latency_tool(topic, list, args)?;
+        self.rec.record(scenario, label, 1, out)
     }
 
     fn latency_tool(&self, topic: &str, list: &Path, mode: &[&str]) -> Result<Value> {
@@ -370,7 +419,7 @@ impl Suite {
         let now = json!({"rss_kb": rss_kb(pid), "sockets": measure::socket_count(pid), "imap_conns": measure::imap_conns(e, pid),
                          "procs1": measure::dovecot_imap_procs()});
         // At rest means Cassandra too: the sessions' first syncs leave
-        // compactions behind, which would be billed to the leases.
+        // compactions behind, which would be billed to live sync.
         settle(e, &self.rec, "idle", 1)?;
         let (cpu0, cass0) = (cpu_s(pid), cpu_s(e.cass_pid));
         if n.is_some_and(|n| n > 0) {

@@ -171,6 +171,8 @@ pub fn section(o: &mut String, d: &Data) {
 fn latency(o: &mut String, d: &Data, goals: &[(String, String, Option<bool>)]) {
     let idle = d.one("live_latency_idle");
     let order = d.one("live_latency_order");
+    let filed = d.one("live_latency_notify_folder");
+    let inbox_only = d.one("live_latency_idle_inbox_only");
     let lim = field(idle, "inotify_max_user_instances")
         .or_else(|| field(d.one("live_idle_1k"), "inotify_max_user_instances"))
         .filter(|v| v.as_f64() != Some(0.0));
@@ -196,7 +198,15 @@ fn latency(o: &mut String, d: &Data, goals: &[(String, String, Option<bool>)]) {
     o.push_str("| | handed off | lost | min ms | p50 ms | p90 ms | p99 ms | max ms |\n");
     o.push_str("|---|---|---|---|---|---|---|---|\n");
     for (r, label) in [
-        (idle, "IDLE push (`imap.idle: all`)"),
+        (idle, "IDLE push (`imap.idle: all`), INBOX, NOTIFY on"),
+        (
+            filed,
+            "NOTIFY push, mail filed into another folder (`Filed`), same worker",
+        ),
+        (
+            inbox_only,
+            "IDLE on INBOX only (`imap.idle_notify: false`), INBOX",
+        ),
         (
             order,
             "On demand: a `sync` order sent right after each APPEND, no IDLE",
@@ -239,6 +249,7 @@ fn latency(o: &mut String, d: &Data, goals: &[(String, String, Option<bool>)]) {
          is the floor of the IDLE row, and why an order sent at once (which asks Dovecot \
          directly) can be quicker. IDLE needs no one to send that order.\n\n",
     );
+    conns_line(o, filed, inbox_only);
     let (label, measured, ok) = &goals[0];
     let _ = writeln!(o, "Goal: {label}: {measured}, {}.\n", goal(*ok));
 }
@@ -318,8 +329,8 @@ fn idle_table(o: &mut String, k: &Value, ids: f64, cpu_goal: Option<bool>) {
     let cass = num(k, "rest_cass_cpu_s");
     let _ = writeln!(
         o,
-        "| Cassandra CPU over the same {} s (s), after its compactions settled: the lease \
-         renewals (LWT) and share reads, and whatever else ran on the machine | {} ({} % of a core) | |",
+        "| Cassandra CPU over the same {} s (s), after its compactions settled: live \
+         sync's membership rows and reads (no Paxos round), and whatever else ran on the machine | {} ({} % of a core) | |",
         show(Some(&rest)),
         fmt(cass, 2),
         fmt(cass.map(|c| 100.0 * c / rest_s), 1)
@@ -406,5 +417,19 @@ fn folders(o: &mut String, d: &Data, goals: &[(String, String, Option<bool>)]) {
         o,
         "\nGoal: {label}, not 200 SELECTs: {measured}, {}.\n",
         goal(*ok)
+    );
+}
+
+/// The IMAP connections the worker held per identity in the NOTIFY and
+/// INBOX-only runs, and what a filed message waits for without NOTIFY.
+fn conns_line(o: &mut String, filed: Option<&Value>, inbox_only: Option<&Value>) {
+    let per = |r: Option<&Value>| fmt(r.and_then(|r| num(r, "conns_per_identity")), 2);
+    let _ = writeln!(
+        o,
+        "IMAP connections the worker holds per identity: {} with NOTIFY (every synced \
+         folder watched), {} with IDLE on INBOX only, where mail filed into another folder \
+         waits for the next scheduled sync (`interval`, 15 min by default).\n",
+        per(filed),
+        per(inbox_only)
     );
 }
