@@ -2,6 +2,8 @@
 #   make demo    the main job end to end on the local stack
 #   make test    every test (brings the local stack up itself)
 #   make bench   benchmarks against mbsync and the fetch/store ceilings
+#   make bench-assign  live sync's assignment layer simulated: 100,000 and
+#                10,000 identities, 10 workers, on the real Cassandra
 #   make fuzz    cargo-fuzz targets, FUZZ_SECS each (default 300), on demand
 #   make faults  the fault suite (kill -9, restarts, ...); faults-quick: small
 #   make faults-cluster  3-node Cassandra (RF 3) + 3-node NATS, 2 workers and
@@ -17,7 +19,7 @@ BINDIR ?= $(PREFIX)/bin
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all build release test unit lint demo bench bench-large faults faults-quick faults-cluster soak \
+.PHONY: all build release test unit lint demo bench bench-large bench-assign faults faults-quick faults-cluster soak \
         install uninstall stack-up stack-down stack-status clean fuzz image image-if-podman rules
 
 all: build
@@ -54,6 +56,13 @@ bench:
 
 bench-large:
 	bash scripts/bench.sh --large
+
+# Writes target/bench/live-assign.md; REST_SECS long enough to hold one read
+# of the identities at 100,000 (every 500 s).
+ASSIGN_REST_SECS ?= 520
+bench-assign: stack-up
+	CALIOPEN_IMAP_STACK_DIR=$${CALIOPEN_IMAP_STACK_DIR:-$(CURDIR)/.stack} \
+		$(CARGO) run --release --example live_assign_sim -- --sizes 100000,10000 --rest $(ASSIGN_REST_SECS)
 
 # The container image (see Containerfile and deploy/image.sh).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)

@@ -133,7 +133,9 @@ async fn watch_once(
     account::ensure_fresh_token(ctx, &mut id).await?;
     let acc = account::from_identity(ctx, &id, "")?;
     let (mut session, info) = tokio::select! {
-        r = imap::connect(&acc) => r?,
+        // Boxed, as the other long steps below: a held session's task then
+        // carries only what waiting in IDLE needs (see docs/performance.md).
+        r = Box::pin(imap::connect(&acc)) => r?,
         _ = stop.wait() => return Ok(SessionEnd::Stopped),
     };
     if !info.caps.idle {
@@ -149,7 +151,7 @@ async fn watch_once(
         acc,
         qresync_on,
     };
-    let mut wanted = open(ctx, &id, &mut c, stop).await?;
+    let mut wanted = Box::pin(open(ctx, &id, &mut c, stop)).await?;
     tracing::info!(identity = %key.1, server = c.acc.server, notify = wanted.notifying(),
         "IDLE session open");
     let end = run(ctx, key, slots, &mut c, &mut wanted, stop).await;
@@ -216,13 +218,13 @@ async fn run(
         // A loop: a sync that saw a folder change asks for another at once.
         while !stop.is_triggered() {
             if wanted.relist_due() {
-                let (names, news) = listed(c, stop).await?;
+                let (names, news) = Box::pin(listed(c, stop)).await?;
                 wanted.relisted(names, news);
                 continue;
             }
             let Some(target) = wanted.due() else { break };
             let job = (&target, wanted.notifying());
-            let (ended, news) = push_sync(ctx, key, slots, c, job, stop).await;
+            let (ended, news) = Box::pin(push_sync(ctx, key, slots, c, job, stop)).await;
             if !news.folders.is_empty() {
                 ctx.metrics.idle_wakeups.inc();
             }
@@ -469,7 +471,7 @@ mod tests {
     /// of anything it awaits) is paid by every session, syncing or not.
     /// Larger steps (a sync, an OAuth2 refresh) are boxed where they are
     /// awaited so only a running one costs memory. Was 58 KiB (debug and
-    /// release builds alike), now ~4 KiB; see docs/performance.md.
+    /// release builds alike), now ~4.7 KiB with NOTIFY; see docs/performance.md.
     #[test]
     fn an_idle_session_future_stays_small() {
         let size = future_size(watch);
