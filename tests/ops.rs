@@ -727,6 +727,28 @@ fn service_units_pass_systemd_analyze_verify() {
     );
 }
 
+/// A worker that has attached its stores (and so logs "imapworker ready")
+/// has had Cassandra's first answer: `/readyz` is 200 at once, not 503
+/// "waiting for Cassandra's first answer" until a background check lands
+/// (seen failing `ops::metrics_move_by_exactly_the_synced_amounts` on a
+/// loaded machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_known_as_soon_as_the_stores_are_attached() {
+    use caliopen_imap::worker::Probe;
+    let tag = unique("ops10");
+    let (ctx, _t) = context(worker_settings(&tag)).await;
+    let probe = Probe::new(ctx.metrics.clone());
+    probe.attach(ctx.clone()).await;
+    let addr = caliopen_imap::http::start("127.0.0.1:0", probe, ctx.shutdown.clone())
+        .await
+        .unwrap()
+        .to_string();
+    let (code, body) = tokio::task::spawn_blocking(move || http_get(&addr, "/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+}
+
 /// `/readyz` answers from a state refreshed in the background: a burst of
 /// probes costs at most one Cassandra query per refresh period, not one
 /// each (each held a connection while it waited).
@@ -736,7 +758,7 @@ async fn a_burst_of_readiness_probes_queries_cassandra_once_per_refresh() {
     let tag = unique("ops9");
     let (ctx, _t) = context(worker_settings(&tag)).await;
     let probe = Probe::new(ctx.metrics.clone());
-    probe.attach(ctx.clone());
+    probe.attach(ctx.clone()).await;
     let addr = caliopen_imap::http::start("127.0.0.1:0", probe, ctx.shutdown.clone())
         .await
         .unwrap()

@@ -60,7 +60,7 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
-    let health = Health::spawn(store.clone(), None, shutdown.clone());
+    let health = Health::start(store.clone(), None, shutdown.clone()).await;
     let _ = probe.parts.set((health, bus.clone()));
     let path = config::config_path(args.config.as_deref(), "idpoller");
     let owner = format!(

@@ -43,9 +43,13 @@ pub struct Health {
 }
 
 impl Health {
-    /// Check now, then every [`REFRESH`] until `shutdown`.
-    pub fn spawn(store: Store, objects: Option<Objects>, shutdown: Shutdown) -> Health {
+    /// Check once (bounded by the check's timeout), then every
+    /// [`REFRESH`] in the background until `shutdown`: a process that says
+    /// it is ready has its first answer, so `/readyz` never reports
+    /// "waiting for the first answer" after the "ready" log line.
+    pub async fn start(store: Store, objects: Option<Objects>, shutdown: Shutdown) -> Health {
         let health = Health::default();
+        health.check(&store, objects.as_ref()).await;
         let h = health.clone();
         tokio::spawn(async move { h.run(store, objects, shutdown).await });
         health
@@ -57,26 +61,31 @@ impl Health {
     }
 
     async fn run(&self, store: Store, objects: Option<Objects>, mut shutdown: Shutdown) {
-        let mut tick = tokio::time::interval(REFRESH);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + REFRESH, REFRESH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.wait() => return,
             }
-            let (s, o) = tokio::join!(check_store(&store), async {
-                match &objects {
-                    Some(o) => Some(check_objects(o).await),
-                    None => None,
-                }
-            });
-            let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-            log_object_store_change(last.objects.as_ref(), o.as_ref());
-            *last = Checked {
-                store: Some(s),
-                objects: o,
-            };
+            self.check(&store, objects.as_ref()).await;
         }
+    }
+
+    /// Ask both stores once and keep their answers.
+    async fn check(&self, store: &Store, objects: Option<&Objects>) {
+        let (s, o) = tokio::join!(check_store(store), async {
+            match objects {
+                Some(o) => Some(check_objects(o).await),
+                None => None,
+            }
+        });
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        log_object_store_change(last.objects.as_ref(), o.as_ref());
+        *last = Checked {
+            store: Some(s),
+            objects: o,
+        };
     }
 }
 

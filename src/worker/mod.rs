@@ -200,7 +200,7 @@ pub async fn run(
     )
     .await?;
     let ctx = Ctx::with_metrics(settings, store, bus, shutdown, metrics).with_objects(objects);
-    probe.attach(ctx.clone());
+    probe.attach(ctx.clone()).await;
     serve(ctx).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -224,8 +224,9 @@ impl Probe {
     /// NATS and Cassandra were reached: from now on, check Cassandra and
     /// the object store in the background (which also creates the bucket
     /// when missing, as Caliopen does at start-up) until shutdown.
-    pub fn attach(&self, ctx: Ctx) {
-        let health = Health::spawn(ctx.store.clone(), ctx.objects.clone(), ctx.shutdown.clone());
+    pub async fn attach(&self, ctx: Ctx) {
+        let health =
+            Health::start(ctx.store.clone(), ctx.objects.clone(), ctx.shutdown.clone()).await;
         let _ = self.parts.set((ctx, health));
     }
 }
