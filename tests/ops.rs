@@ -727,6 +727,26 @@ fn service_units_pass_systemd_analyze_verify() {
     );
 }
 
+/// A worker context with its stores attached to a readiness probe, served
+/// on a free port: the context, its shutdown trigger, the address.
+async fn probed_worker(
+    tag: &str,
+) -> (
+    caliopen_imap::worker::context::Ctx,
+    caliopen_imap::shutdown::Trigger,
+    String,
+) {
+    use caliopen_imap::worker::Probe;
+    let (ctx, t) = context(worker_settings(&unique(tag))).await;
+    let probe = Probe::new(ctx.metrics.clone());
+    probe.attach(ctx.clone()).await;
+    let addr = caliopen_imap::http::start("127.0.0.1:0", probe, ctx.shutdown.clone())
+        .await
+        .unwrap()
+        .to_string();
+    (ctx, t, addr)
+}
+
 /// A worker that has attached its stores (and so logs "imapworker ready")
 /// has had Cassandra's first answer: `/readyz` is 200 at once, not 503
 /// "waiting for Cassandra's first answer" until a background check lands
@@ -734,15 +754,7 @@ fn service_units_pass_systemd_analyze_verify() {
 /// loaded machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_is_known_as_soon_as_the_stores_are_attached() {
-    use caliopen_imap::worker::Probe;
-    let tag = unique("ops10");
-    let (ctx, _t) = context(worker_settings(&tag)).await;
-    let probe = Probe::new(ctx.metrics.clone());
-    probe.attach(ctx.clone()).await;
-    let addr = caliopen_imap::http::start("127.0.0.1:0", probe, ctx.shutdown.clone())
-        .await
-        .unwrap()
-        .to_string();
+    let (_ctx, _t, addr) = probed_worker("ops10").await;
     let (code, body) = tokio::task::spawn_blocking(move || http_get(&addr, "/readyz"))
         .await
         .unwrap();
@@ -754,15 +766,7 @@ async fn readiness_is_known_as_soon_as_the_stores_are_attached() {
 /// each (each held a connection while it waited).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_readiness_probes_queries_cassandra_once_per_refresh() {
-    use caliopen_imap::worker::Probe;
-    let tag = unique("ops9");
-    let (ctx, _t) = context(worker_settings(&tag)).await;
-    let probe = Probe::new(ctx.metrics.clone());
-    probe.attach(ctx.clone()).await;
-    let addr = caliopen_imap::http::start("127.0.0.1:0", probe, ctx.shutdown.clone())
-        .await
-        .unwrap()
-        .to_string();
+    let (ctx, _t, addr) = probed_worker("ops9").await;
     readyz_becomes(&addr, 200).await;
     let before = ctx.store.pings();
     let started = std::time::Instant::now();
