@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use caliopen_imap::config::IdleMode;
 use caliopen_imap::imap;
+use caliopen_imap::metrics::Outcome;
 use caliopen_imap::store::identity::infos;
 use caliopen_imap::store::Store;
 use caliopen_imap::worker::idle::assign::{assign, Member};
@@ -144,6 +145,19 @@ async fn until_sessions(w: &WorkerHandle, n: i64) {
     .await
 }
 
+/// Wait until `w` has ended at least `n` syncs well and runs none.
+async fn syncs_over(w: &WorkerHandle, n: u64) {
+    let m = &w.ctx.metrics;
+    let ok = || {
+        m.syncs_ended
+            .get_or_create(&Outcome { outcome: "ok" })
+            .get()
+    };
+    while ok() < n || m.syncs_started.get() > ok() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn within<F: std::future::Future<Output = T>, T>(what: &str, f: F) -> T {
     tokio::time::timeout(PATIENCE, f)
         .await
@@ -218,6 +232,34 @@ async fn mail_appended_to_another_folder_reaches_the_processor_with_no_sync_orde
         lda.seen.lock().unwrap().len(),
         4,
         "nothing handed off twice"
+    );
+}
+
+/// A session opening syncs each folder once. Opening a folder for the
+/// first time can make the server create it (Dovecot's auto-subscribed
+/// `Sent` exists on disk only once opened) and announce so with a
+/// `* LIST`: that is the sync's own doing, not a change to sync again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_syncs_each_folder_once_when_it_opens() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let store = store().await;
+    let tag = unique("idleonce");
+    let (user, login, id) = mailbox_account(&store, 1, 300).await;
+    sync_mailboxes(&store, user, id.identity_id, "*").await;
+    let _opted = OptedIn::new(&store, user, id.identity_id).await;
+    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+
+    let w = start_worker(live_settings(&tag)).await;
+    within("the first sync", lda.wait_seen(1)).await;
+    within("the first sync's end", syncs_over(&w, 1)).await;
+    append(&login, 2).await;
+    within("the appended message", lda.wait_seen(2)).await;
+    within("its sync's end", syncs_over(&w, 2)).await;
+    let started = w.ctx.metrics.syncs_started.get();
+    w.stop().await;
+    assert_eq!(
+        started, 2,
+        "one sync of every folder, then INBOX's for the new mail"
     );
 }
 

@@ -410,9 +410,9 @@ impl Suite {
         let warn0 = measure::inotify_warnings(e);
         let mut w = self.live_worker(&e.in_topic(), true, "idle1k")?;
         let (mut n, secs) = wait_idle(&w.metrics, e.idle_users as u64, IDLE_RAMP_SECS);
-        // A session is counted held when it opens; its first syncs (two with
-        // NOTIFY: Dovecot announces the first one's EXAMINE) queue for the
-        // job slots and may run on after: at rest starts once they are done.
+        // A session is counted held when it opens; its first sync queues
+        // for the job slots and may run on after: at rest starts once the
+        // syncs are done.
         wait_syncs_done(&w.metrics, IDLE_RAMP_SECS);
         std::thread::sleep(Duration::from_secs(5));
         // (the sessions held when the readings are taken)

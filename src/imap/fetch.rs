@@ -195,7 +195,7 @@ impl<'a> Reader<'a> {
             Step::TimedOut => return Err(timeout(&server, &during)),
             Step::Stopped => return Err(ImapError::Interrupted),
         };
-        super::news::opened(mailbox, mb.exists);
+        super::news::opened(mailbox, mb.exists, mb.uid_next);
         Ok(MailboxInfo {
             uidvalidity: mb.uid_validity.unwrap_or(0),
             uid_next: mb.uid_next,
@@ -259,7 +259,7 @@ impl<'a> Reader<'a> {
             .map_err(|e| rename(e, &during))?;
         match status {
             Ok(()) => {
-                super::news::opened(mailbox, info.exists);
+                super::news::opened(mailbox, info.exists, info.uid_next);
                 Ok(info)
             }
             Err(reason) => Err(ImapError::Mailbox {

@@ -17,12 +17,12 @@
 //! ([`super::tallied`]): responses are read in many layers that share no
 //! job context, and a sync's IMAP work runs in its own task.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use async_imap::imap_proto::{MailboxDatum, Response};
 
-use super::notify::{self, Event};
+use super::notify::{self, Counts, Event};
 use crate::store::identity::mailbox_key;
 
 /// Folders named in one [`News`] at most; past it, every folder is news.
@@ -33,8 +33,17 @@ pub const MAX_NAMED: usize = 1000;
 pub struct News {
     /// Folders (UTF-8 names, INBOX spelled so) with new mail or expunges.
     pub folders: BTreeSet<String>,
+    /// What the last word of a folder of `folders` said it holds now, when
+    /// that word (a NOTIFY `* STATUS`) said so.
+    pub said: BTreeMap<String, Counts>,
     /// Folders named by a `* LIST` (created, renamed or deleted).
     pub listed: BTreeSet<String>,
+    /// Those of `listed` announced deleted (or not selectable).
+    pub gone: BTreeSet<String>,
+    /// How each folder a sync read (opened, or asked the STATUS of) stood
+    /// then; `None` when its messages changed while the sync ran. Not
+    /// news: what the news is weighed against ([`Counts`]).
+    pub read: BTreeMap<String, Option<Counts>>,
     /// More than [`MAX_NAMED`] names were said: take every folder as news.
     pub overflow: bool,
 }
@@ -47,37 +56,47 @@ impl News {
     /// Note one announcement.
     pub fn note(&mut self, event: &Event, selected: Option<&str>) {
         match event {
-            Event::Changed(name) => self.folder(name),
-            Event::Listed(name) => {
+            Event::Changed { name, counts } => self.folder(name, *counts),
+            Event::Listed { name, gone } => {
                 if self.listed.len() < MAX_NAMED {
                     self.listed.insert(name.clone());
+                    if *gone {
+                        self.gone.insert(name.clone());
+                    }
                 } else {
                     self.overflow = true;
                 }
             }
             Event::Exists(_) => {
                 if let Some(name) = selected {
-                    self.folder(name)
+                    self.folder(name, None)
                 }
             }
         }
     }
 
-    fn folder(&mut self, name: &str) {
-        if self.folders.len() < MAX_NAMED {
-            self.folders.insert(name.to_string());
-        } else {
+    fn folder(&mut self, name: &str, counts: Option<Counts>) {
+        if self.folders.len() >= MAX_NAMED && !self.folders.contains(name) {
             self.overflow = true;
+            return;
         }
+        self.folders.insert(name.to_string());
+        match counts {
+            Some(c) => self.said.insert(name.to_string(), c),
+            None => self.said.remove(name),
+        };
     }
 
+    /// Add `other`, said after `self`.
     pub fn merge(&mut self, other: News) {
-        for f in other.folders {
-            self.folder(&f);
+        for f in &other.folders {
+            self.folder(f, other.said.get(f).copied());
         }
         for l in other.listed {
-            self.note(&Event::Listed(l), None);
+            let gone = other.gone.contains(&l);
+            self.note(&Event::Listed { name: l, gone }, None);
         }
+        self.read.extend(other.read);
         self.overflow |= other.overflow;
     }
 }
@@ -134,13 +153,19 @@ pub async fn watched<F: std::future::Future>(watch: Arc<Watch>, fut: F) -> F::Ou
     WATCH.scope(watch, fut).await
 }
 
-/// `mailbox` was opened with `exists` messages: what a sync of it covers
-/// starts here, whatever was said of it before.
-pub(crate) fn opened(mailbox: &str, exists: u32) {
+/// `mailbox` was opened with `exists` messages and UIDNEXT `uidnext`: what
+/// a sync of it covers starts here, whatever was said of it before.
+pub(crate) fn opened(mailbox: &str, exists: u32, uidnext: Option<u32>) {
     let _ = WATCH.try_with(|w| {
         let mut st = w.lock();
         let mailbox = mailbox_key(mailbox).to_string();
         st.news.folders.remove(&mailbox);
+        st.news.said.remove(&mailbox);
+        let counts = uidnext.map(|uidnext| Counts {
+            messages: exists,
+            uidnext,
+        });
+        st.news.read.insert(mailbox.clone(), counts);
         st.mailbox = Some(mailbox);
         st.count = Some(exists);
         st.grew = false;
@@ -169,10 +194,15 @@ pub(crate) fn seen(resp: &Response<'_>) {
 }
 
 fn take(st: &mut State, resp: &Response<'_>) {
-    if let Some(e @ (Event::Changed(_) | Event::Listed(_))) = notify::event(resp) {
-        if !st.asking {
-            st.news.note(&e, None);
+    match notify::event(resp) {
+        // The answer of our own STATUS: how the folder stands.
+        Some(Event::Changed { name, counts }) if st.asking => {
+            st.news.read.insert(name, counts);
         }
+        Some(e @ (Event::Changed { .. } | Event::Listed { .. })) if !st.asking => {
+            st.news.note(&e, None)
+        }
+        _ => {}
     }
     let Some(count) = st.count else {
         return;
@@ -183,10 +213,14 @@ fn take(st: &mut State, resp: &Response<'_>) {
                 st.grew = true;
                 let opened = st.mailbox.clone();
                 st.news.note(&Event::Exists(*n), opened.as_deref());
+                changed_since_read(st);
             }
             st.count = Some(*n);
         }
-        Response::Expunge(_) => st.count = Some(count.saturating_sub(1)),
+        Response::Expunge(_) => {
+            st.count = Some(count.saturating_sub(1));
+            changed_since_read(st);
+        }
         // QRESYNC's form of EXPUNGE (RFC 7162 §3.2.10); EARLIER ones are
         // history, not a change of the count.
         Response::Vanished {
@@ -198,8 +232,16 @@ fn take(st: &mut State, resp: &Response<'_>) {
                 .map(|r| u64::from(r.end().abs_diff(*r.start())) + 1)
                 .sum();
             st.count = Some(count.saturating_sub(gone.min(u64::from(u32::MAX)) as u32));
+            changed_since_read(st);
         }
         _ => {}
+    }
+}
+
+/// The mailbox opened last lost or got messages after it was read.
+fn changed_since_read(st: &mut State) {
+    if let Some(m) = &st.mailbox {
+        st.news.read.insert(m.clone(), None);
     }
 }
 
@@ -241,7 +283,7 @@ mod tests {
             seen(&parse(b"* STATUS Sent (MESSAGES 2 UIDNEXT 3)\r\n"));
             seen(&parse(b"* LIST () \".\" New\r\n"));
             // Opening Sent covers what was said of it before.
-            opened("Sent", 2);
+            opened("Sent", 2, None);
             seen(&parse(b"* STATUS Entw&APw-rfe (MESSAGES 1)\r\n"));
             // The answers of our own LIST and STATUS are no news.
             asked(async { seen(&parse(b"* STATUS Drafts (MESSAGES 1)\r\n")) }).await;
@@ -255,6 +297,45 @@ mod tests {
     }
 
     #[test]
+    fn a_sync_keeps_how_the_folders_it_read_stood() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let w = Watch::new();
+        let parse = |l: &'static [u8]| Response::parse(l).unwrap().1;
+        rt.block_on(watched(w.clone(), async {
+            opened("Sent", 0, Some(1));
+            asked(async { seen(&parse(b"* STATUS Drafts (MESSAGES 1 UIDNEXT 5)\r\n")) }).await;
+            seen(&parse(
+                b"* STATUS Archive (MESSAGES 2 UIDNEXT 3 UNSEEN 1)\r\n",
+            ));
+            seen(&parse(b"* STATUS Later (MESSAGES 2)\r\n"));
+            opened("inbox", 1, Some(2));
+            seen(&parse(b"* 2 EXISTS\r\n"));
+            seen(&parse(b"* LIST () \".\" Later\r\n"));
+            seen(&parse(b"* LIST (\\NonExistent) \".\" Old\r\n"));
+        }));
+        let news = w.news();
+        let counts = |messages, uidnext| Counts { messages, uidnext };
+        assert_eq!(
+            news.read,
+            BTreeMap::from([
+                ("Sent".into(), Some(counts(0, 1))),
+                ("Drafts".into(), Some(counts(1, 5))),
+                ("INBOX".into(), None), // it grew after it was opened
+            ])
+        );
+        let names = |s: &[&str]| s.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(news.folders, names(&["Archive", "INBOX", "Later"]));
+        assert_eq!(
+            news.said,
+            BTreeMap::from([("Archive".into(), counts(2, 3))])
+        );
+        assert_eq!(news.listed, names(&["Later", "Old"]));
+        assert_eq!(news.gone, names(&["Old"]));
+    }
+
+    #[test]
     fn a_sync_sees_what_its_task_read() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -263,7 +344,7 @@ mod tests {
         let (_, exists) = Response::parse(b"* 2 EXISTS\r\n").unwrap();
         rt.block_on(watched(w.clone(), async {
             seen(&exists);
-            opened("inbox", 1);
+            opened("inbox", 1, None);
             seen(&exists);
         }));
         assert!(w.grew());
@@ -272,7 +353,7 @@ mod tests {
         let w = Watch::new();
         rt.block_on(watched(w.clone(), async {
             seen(&exists);
-            opened("INBOX", 2);
+            opened("INBOX", 2, None);
         }));
         assert!(!w.grew(), "an EXISTS before the EXAMINE is covered by it");
         assert!(w.news().is_empty());

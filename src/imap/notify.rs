@@ -19,9 +19,10 @@
 //! DELETE, and `* LIST () "." New2 ("OLDNAME" (New1))` on RENAME, a form
 //! imap-proto cannot parse (the session then breaks and is opened again).
 
-use async_imap::imap_proto::{MailboxDatum, Response};
+use async_imap::imap_proto::{MailboxDatum, Response, StatusAttribute};
 
 use super::fetch::Reader;
+use super::folders::Folder;
 use super::news::News;
 use super::{utf7, ImapError, ImapSession};
 use crate::store::identity::mailbox_key;
@@ -37,11 +38,44 @@ pub const SET: &str = "NOTIFY SET (selected (MessageNew MessageExpunge)) \
 pub enum Event {
     /// `* n EXISTS`: the selected mailbox holds `n` messages.
     Exists(u32),
-    /// `* STATUS F (...)`: F, not selected, got or lost messages.
-    Changed(String),
+    /// `* STATUS F (...)`: F, not selected, got or lost messages; it now
+    /// stands at `counts` when the server said so.
+    Changed {
+        name: String,
+        counts: Option<Counts>,
+    },
     /// `* LIST (...) d F`: F was created, renamed (F is the new name) or
-    /// deleted (`\NonExistent`).
-    Listed(String),
+    /// deleted (`gone`: `\NonExistent`).
+    Listed { name: String, gone: bool },
+}
+
+/// How many messages a folder holds and the UID its next one gets: equal
+/// counts at two moments mean no message came or went in between (an
+/// expunge lowers MESSAGES, an arrival raises UIDNEXT). A server may
+/// announce a folder whose messages did not change (Dovecot does when a
+/// folder's index is written, as when it is first opened): this tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub messages: u32,
+    pub uidnext: u32,
+}
+
+impl Counts {
+    /// From a STATUS response's attributes, if it has both.
+    pub fn of(status: &[StatusAttribute]) -> Option<Counts> {
+        let (mut messages, mut uidnext) = (None, None);
+        for a in status {
+            match a {
+                StatusAttribute::Messages(n) => messages = Some(*n),
+                StatusAttribute::UidNext(n) => uidnext = Some(*n),
+                _ => {}
+            }
+        }
+        Some(Counts {
+            messages: messages?,
+            uidnext: uidnext?,
+        })
+    }
 }
 
 /// The announcement a response is, if any. Folder names come decoded
@@ -50,14 +84,24 @@ pub enum Event {
 pub fn event(resp: &Response<'_>) -> Option<Event> {
     match resp {
         Response::MailboxData(MailboxDatum::Exists(n)) => Some(Event::Exists(*n)),
-        Response::MailboxData(MailboxDatum::Status { mailbox, .. }) => {
-            folder_name(mailbox).map(Event::Changed)
-        }
+        Response::MailboxData(MailboxDatum::Status { mailbox, status }) => changed(mailbox, status),
         Response::MailboxData(MailboxDatum::List(data)) => {
-            folder_name(&data.name).map(Event::Listed)
+            let listed = Folder::from_list(&data.name, &data.name_attributes);
+            folder_name(&data.name).map(|name| Event::Listed {
+                name,
+                // RFC 5258: \NonExistent implies \Noselect.
+                gone: !listed.selectable,
+            })
         }
         _ => None,
     }
+}
+
+fn changed(mailbox: &str, status: &[StatusAttribute]) -> Option<Event> {
+    folder_name(mailbox).map(|name| Event::Changed {
+        name,
+        counts: Counts::of(status),
+    })
 }
 
 /// A wire (modified UTF-7) folder name as the rest of the program names it.
@@ -92,7 +136,10 @@ pub fn drain(session: &mut ImapSession, selected: Option<&str>) -> News {
     let mut news = News::default();
     while let Ok(u) = session.unsolicited_responses.try_recv() {
         let e = match u {
-            U::Status { mailbox, .. } => folder_name(&mailbox).map(Event::Changed),
+            U::Status {
+                mailbox,
+                attributes,
+            } => changed(&mailbox, &attributes),
             U::Exists(n) => Some(Event::Exists(n)),
             U::Other(resp) => event(resp.parsed()),
             _ => None,
@@ -114,28 +161,39 @@ mod tests {
         event(&resp)
     }
 
+    fn changed(name: &str, counts: Option<(u32, u32)>) -> Event {
+        Event::Changed {
+            name: name.into(),
+            counts: counts.map(|(messages, uidnext)| Counts { messages, uidnext }),
+        }
+    }
+
+    fn listed(name: &str, gone: bool) -> Event {
+        Event::Listed {
+            name: name.into(),
+            gone,
+        }
+    }
+
     #[test]
     fn what_dovecot_announces_is_read() {
         assert_eq!(
             ev(b"* STATUS Other (MESSAGES 1 UIDNEXT 2 UNSEEN 1 HIGHESTMODSEQ 2)\r\n"),
-            Some(Event::Changed("Other".into()))
+            Some(changed("Other", Some((1, 2))))
         );
         assert_eq!(
             ev(b"* STATUS \"a b/Entw&APw-rfe\" (MESSAGES 1)\r\n"),
-            Some(Event::Changed("a b/Entwürfe".into()))
+            Some(changed("a b/Entwürfe", None))
         );
         assert_eq!(
-            ev(b"* STATUS inbox (MESSAGES 1)\r\n"),
-            Some(Event::Changed("INBOX".into()))
+            ev(b"* STATUS inbox (UIDNEXT 7 MESSAGES 1)\r\n"),
+            Some(changed("INBOX", Some((1, 7))))
         );
         assert_eq!(ev(b"* 4 EXISTS\r\n"), Some(Event::Exists(4)));
-        assert_eq!(
-            ev(b"* LIST () \".\" New1\r\n"),
-            Some(Event::Listed("New1".into()))
-        );
+        assert_eq!(ev(b"* LIST () \".\" New1\r\n"), Some(listed("New1", false)));
         assert_eq!(
             ev(b"* LIST (\\NonExistent) \".\" New2\r\n"),
-            Some(Event::Listed("New2".into()))
+            Some(listed("New2", true))
         );
         assert_eq!(ev(b"* OK Still here\r\n"), None);
         assert_eq!(ev(b"* 3 EXPUNGE\r\n"), None);

@@ -10,7 +10,9 @@
 //!   so every change is a `* STATUS F`; a change in a folder the identity
 //!   syncs syncs that folder alone; a `* LIST` lists the folders again
 //!   (`mailboxes: *`) and syncs a new one. It syncs every folder once when
-//!   it opens (mail that came while nobody watched).
+//!   it opens (mail that came while nobody watched). An announcement of a
+//!   folder standing as its last sync read it asks for nothing ([`wanted`]
+//!   weighs it against the counts that sync saw).
 //! - **IDLE on INBOX**, without NOTIFY: INBOX stays EXAMINEd, an EXISTS
 //!   syncs INBOX, and INBOX is synced when the session opens. Other
 //!   folders wait for the scheduled sync.
@@ -39,14 +41,14 @@ use async_imap::imap_proto::{RequestId, Response, Status};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use self::wanted::{Target, Wanted, Watched};
+use self::wanted::{Listing, Target, Wanted, Watched};
 use super::{Key, MAX_BACKOFF};
 use crate::imap::fetch::{self, Reader};
 use crate::imap::news::{self, News};
 use crate::imap::notify::{self, Event};
 use crate::imap::{self, Account, ConnInfo, ImapError, ImapSession};
 use crate::shutdown::Shutdown;
-use crate::store::identity::{Identity, Status as IdStatus};
+use crate::store::identity::{mailbox_key, Identity, Status as IdStatus};
 use crate::worker::account;
 use crate::worker::context::{Counters, Ctx};
 use crate::worker::job::{self, Ended, Scope, SyncRequest};
@@ -169,13 +171,14 @@ async fn open(ctx: &Ctx, id: &Identity, c: &mut Conn, stop: &Shutdown) -> Result
         let mut reader = Reader::new(&mut c.session, server, io, stop.clone());
         if notify::set(&mut reader).await? {
             let star = id.mailboxes().iter().any(|m| m == "*");
-            let (names, _) = if star {
+            let ((names, every), _) = if star {
                 listed(c, stop).await?
             } else {
-                (id.mailboxes().into_iter().collect(), News::default())
+                let names = id.mailboxes().into_iter().collect();
+                ((names, BTreeSet::new()), News::default())
             };
             // Everything is synced first: what was said so far is covered.
-            return Ok(Wanted::notify(Watched { star, names }));
+            return Ok(Wanted::notify(Watched { star, names, every }));
         }
     }
     // INBOX stays selected from here on (a live sync only EXAMINEs INBOX
@@ -187,9 +190,9 @@ async fn open(ctx: &Ctx, id: &Identity, c: &mut Conn, stop: &Shutdown) -> Result
     Ok(Wanted::inbox())
 }
 
-/// The folders `mailboxes: *` syncs, listed now, and what was announced
-/// meanwhile.
-async fn listed(c: &mut Conn, stop: &Shutdown) -> Result<(BTreeSet<String>, News), JobError> {
+/// The folders `mailboxes: *` syncs and every folder, listed now, and
+/// what was announced meanwhile.
+async fn listed(c: &mut Conn, stop: &Shutdown) -> Result<(Listing, News), JobError> {
     let (server, io, caps) = (c.acc.server.as_str(), c.acc.io_timeout, c.info.caps);
     let watch = news::Watch::new();
     let listing = imap::folders::list_known(&mut c.session, server, io, caps);
@@ -198,10 +201,15 @@ async fn listed(c: &mut Conn, stop: &Shutdown) -> Result<(BTreeSet<String>, News
         r = news::watched(watch.clone(), listing) => r?,
         _ = stop.wait() => return Err(JobError::Interrupted("stopped while listing folders".into())),
     };
+    let every = folders
+        .iter()
+        .filter(|f| f.selectable)
+        .filter_map(|f| f.name.as_deref().ok().map(|n| mailbox_key(n).to_string()))
+        .collect();
     let (names, _) = imap::folders::syncable_names(server, folders);
     let mut news = watch.news();
     news.merge(notify::drain(&mut c.session, None));
-    Ok((names.into_iter().collect(), news))
+    Ok(((names.into_iter().collect(), every), news))
 }
 
 /// Sync what is owed, then IDLE, in turn, until stopped.
@@ -218,8 +226,8 @@ async fn run(
         // A loop: a sync that saw a folder change asks for another at once.
         while !stop.is_triggered() {
             if wanted.relist_due() {
-                let (names, news) = Box::pin(listed(c, stop)).await?;
-                wanted.relisted(names, news);
+                let (listing, news) = Box::pin(listed(c, stop)).await?;
+                wanted.relisted(listing, news);
                 continue;
             }
             let Some(target) = wanted.due() else { break };
