@@ -195,9 +195,14 @@ pub(crate) fn seen(resp: &Response<'_>) {
 
 fn take(st: &mut State, resp: &Response<'_>) {
     match notify::event(resp) {
-        // The answer of our own STATUS: how the folder stands.
+        // The answer of our own STATUS: how the folder stands. Two that
+        // differ (an announcement among the answers): it changed while
+        // read, and which one the sync acted on is not known here.
         Some(Event::Changed { name, counts }) if st.asking => {
-            st.news.read.insert(name, counts);
+            let read = st.news.read.entry(name).or_insert(counts);
+            if *read != counts {
+                *read = None;
+            }
         }
         Some(e @ (Event::Changed { .. } | Event::Listed { .. })) if !st.asking => {
             st.news.note(&e, None)
@@ -306,6 +311,11 @@ mod tests {
         rt.block_on(watched(w.clone(), async {
             opened("Sent", 0, Some(1));
             asked(async { seen(&parse(b"* STATUS Drafts (MESSAGES 1 UIDNEXT 5)\r\n")) }).await;
+            asked(async {
+                seen(&parse(b"* STATUS Junk (MESSAGES 1 UIDNEXT 5)\r\n"));
+                seen(&parse(b"* STATUS Junk (MESSAGES 2 UIDNEXT 6)\r\n"));
+            })
+            .await;
             seen(&parse(
                 b"* STATUS Archive (MESSAGES 2 UIDNEXT 3 UNSEEN 1)\r\n",
             ));
@@ -322,6 +332,7 @@ mod tests {
             BTreeMap::from([
                 ("Sent".into(), Some(counts(0, 1))),
                 ("Drafts".into(), Some(counts(1, 5))),
+                ("Junk".into(), None),  // it changed while it was read
                 ("INBOX".into(), None), // it grew after it was opened
             ])
         );
