@@ -8,7 +8,7 @@
 //!
 //! # Layout
 //!
-//! - `main.rs`: picks the mode from argv[0] or the first argument.
+//! - `main.rs`: picks the mode from `argv[0]` or the first argument.
 //! - [`app`]: logging, config, runtime, error → exit code, for every mode.
 //! - [`logging`]: text or JSON log lines.
 //! - [`metrics`], [`http`]: Prometheus metrics, `/healthz`, `/readyz`.

@@ -5,7 +5,7 @@
 //! they run one at a time, and every other test's worker has live sync off.
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use caliopen_imap::config::IdleMode;
 use caliopen_imap::imap;
@@ -145,6 +145,28 @@ async fn until_sessions(w: &WorkerHandle, n: i64) {
     .await
 }
 
+/// An identity syncing every folder (`mailboxes: *`), with one message in
+/// INBOX and `folder` created if given, opted in; a worker holding its
+/// session, once its first sync handed that message to the processor
+/// stand-in. Returns the worker, the stand-in and the Dovecot login.
+async fn every_folder_watched(
+    store: &Store,
+    prefix: &str,
+    folder: Option<&str>,
+) -> (WorkerHandle, Lda, String, OptedIn) {
+    let tag = unique(prefix);
+    let (user, login, id) = mailbox_account(store, 1, 300).await;
+    if let Some(f) = folder {
+        fill(&login, f, 0, 300);
+    }
+    sync_mailboxes(store, user, id.identity_id, "*").await;
+    let opted = OptedIn::new(store, user, id.identity_id).await;
+    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
+    let w = start_worker(live_settings(&tag)).await;
+    within("the first sync", lda.wait_seen(1)).await;
+    (w, lda, login, opted)
+}
+
 /// Wait until `w` has ended at least `n` syncs well and runs none.
 async fn syncs_over(w: &WorkerHandle, n: u64) {
     let m = &w.ctx.metrics;
@@ -211,15 +233,7 @@ async fn an_append_reaches_the_processor_with_no_sync_order() {
 async fn mail_appended_to_another_folder_reaches_the_processor_with_no_sync_order() {
     let _one = ONE_AT_A_TIME.lock().await;
     let store = store().await;
-    let tag = unique("idlenotify");
-    let (user, login, id) = mailbox_account(&store, 1, 300).await;
-    fill(&login, "Filed", 0, 300);
-    sync_mailboxes(&store, user, id.identity_id, "*").await;
-    let _opted = OptedIn::new(&store, user, id.identity_id).await;
-    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
-
-    let w = start_worker(live_settings(&tag)).await;
-    within("the first sync", lda.wait_seen(1)).await;
+    let (w, lda, login, _opted) = every_folder_watched(&store, "idlenotify", Some("Filed")).await;
     append_to(&login, "Filed", 2).await;
     within("the message appended to Filed", lda.wait_seen(2)).await;
     append(&login, 3).await;
@@ -243,14 +257,7 @@ async fn mail_appended_to_another_folder_reaches_the_processor_with_no_sync_orde
 async fn a_session_syncs_each_folder_once_when_it_opens() {
     let _one = ONE_AT_A_TIME.lock().await;
     let store = store().await;
-    let tag = unique("idleonce");
-    let (user, login, id) = mailbox_account(&store, 1, 300).await;
-    sync_mailboxes(&store, user, id.identity_id, "*").await;
-    let _opted = OptedIn::new(&store, user, id.identity_id).await;
-    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
-
-    let w = start_worker(live_settings(&tag)).await;
-    within("the first sync", lda.wait_seen(1)).await;
+    let (w, lda, login, _opted) = every_folder_watched(&store, "idleonce", None).await;
     within("the first sync's end", syncs_over(&w, 1)).await;
     append(&login, 2).await;
     within("the appended message", lda.wait_seen(2)).await;
@@ -268,14 +275,7 @@ async fn a_session_syncs_each_folder_once_when_it_opens() {
 async fn a_folder_created_while_the_session_is_open_is_watched() {
     let _one = ONE_AT_A_TIME.lock().await;
     let store = store().await;
-    let tag = unique("idlecreate");
-    let (user, login, id) = mailbox_account(&store, 1, 300).await;
-    sync_mailboxes(&store, user, id.identity_id, "*").await;
-    let _opted = OptedIn::new(&store, user, id.identity_id).await;
-    let lda = lda(&format!("inboundSMTP.{tag}"), |_| false).await;
-
-    let w = start_worker(live_settings(&tag)).await;
-    within("the first sync", lda.wait_seen(1)).await;
+    let (w, lda, login, _opted) = every_folder_watched(&store, "idlecreate", None).await;
     create(&login, "Later").await;
     append_to(&login, "Later", 2).await;
     within("the message appended to the new folder", lda.wait_seen(2)).await;
@@ -303,16 +303,7 @@ async fn mail_announced_during_a_push_sync_is_synced_before_idle_again() {
     let lda = lda(&settings.lda.in_topic, |_| false).await;
     let (port, server) = scripted_server(Script::NewMailDuringFetch, None).await;
     let (user, _) = new_user(&store).await;
-    let server_addr = format!("127.0.0.1:{port}");
-    let id = new_identity(&store, user, &unique("s"), &server_addr, "pw").await;
-    store
-        .merge_infos(
-            user,
-            id.identity_id,
-            [(infos::SECURITY.to_string(), "plain".to_string())].into(),
-        )
-        .await
-        .unwrap();
+    let id = scripted_identity(&store, user, Uuid::new_v4(), port).await;
     let _opted = OptedIn::new(&store, user, id.identity_id).await;
 
     let w = start_worker(settings).await;
@@ -329,6 +320,40 @@ async fn mail_announced_during_a_push_sync_is_synced_before_idle_again() {
     assert_eq!(
         seen, 2,
         "UID 2, announced inside the FETCH answer, handed off before IDLE again"
+    );
+}
+
+/// A live session whose server answers its login with load backs that
+/// server off as any job does: counted by reason, and no connection to it
+/// before the backoff ends (the scripted server standing in for a
+/// throttling provider).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_live_session_backs_its_server_off() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let store = store().await;
+    let tag = unique("idlethrottle");
+    let mut settings = live_settings(&tag);
+    settings.imap.allow_plaintext_loopback = true;
+    let (port, seen) = scripted_server(Script::LoginThrottled, None).await;
+    let (user, _) = new_user(&store).await;
+    let id = scripted_identity(&store, user, Uuid::new_v4(), port).await;
+    let server = format!("127.0.0.1:{port}");
+    let _opted = OptedIn::new(&store, user, id.identity_id).await;
+
+    let w = start_worker(settings).await;
+    within("the server backed off", async {
+        while w.ctx.hosts.waiting(&server, Instant::now()).is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let logins = seen.logins.load(std::sync::atomic::Ordering::SeqCst);
+    let text = w.ctx.metrics.encode();
+    w.stop().await;
+    assert_eq!(logins, 1, "one login, then the backoff");
+    assert!(
+        text.contains("caliopen_imap_throttled_total{reason=\"throttled\"} 1"),
+        "{text}"
     );
 }
 

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use caliopen_imap::shutdown::Trigger;
 use caliopen_imap::store::identity::{infos, time_text};
-use caliopen_imap::worker::context::Ctx;
+use caliopen_imap::worker::context::{Counters, Ctx};
+use caliopen_imap::worker::job::{self, FullFetchRequest};
 use chrono::Utc;
 use uuid::Uuid;
 
@@ -30,18 +31,9 @@ async fn scripted(tag: &str, script: Script) -> (Ctx, Trigger, Uuid, Uuid, std::
     let mut settings = worker_settings(tag);
     settings.imap.allow_plaintext_loopback = true;
     let (ctx, t) = context(settings).await;
-    let (user, _) = new_user(&ctx.store).await;
     let (port, seen) = scripted_server(script, None).await;
-    let server = format!("127.0.0.1:{port}");
-    let id = new_identity(&ctx.store, user, &unique("s"), &server, "pw").await;
-    ctx.store
-        .merge_infos(
-            user,
-            id.identity_id,
-            [(infos::SECURITY.to_string(), "plain".to_string())].into(),
-        )
-        .await
-        .unwrap();
+    let (user, _) = new_user(&ctx.store).await;
+    let id = scripted_identity(&ctx.store, user, Uuid::new_v4(), port).await;
     (ctx, t, user, id.identity_id, seen)
 }
 
@@ -282,4 +274,17 @@ async fn dovecot_connection_limit_is_throttling_not_a_wrong_password() {
     assert_eq!(after.status, "active");
     assert!(after.info("throttled").contains("connections"), "{after:?}");
     assert_eq!(throttled_total(&ctx, "connections"), 1.0);
+
+    // A fullfetch order for that account is throttled as well, and counted.
+    let order = FullFetchRequest {
+        user_id: user,
+        server: server.clone(),
+        login: login.clone(),
+        password: stack().password.clone(),
+        mailbox: "INBOX".into(),
+    };
+    let rep = job::fullfetch(&ctx, order, Counters::new()).await;
+    let json = serde_json::to_value(&rep).unwrap();
+    assert_eq!(json["throttled"], true, "{rep:?}");
+    assert_eq!(throttled_total(&ctx, "connections"), 2.0);
 }

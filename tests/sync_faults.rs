@@ -762,24 +762,8 @@ where
     let (user, _) = new_user(&ctx.store).await;
     let identity = Uuid::new_v4();
     let port = scripted_server_with(script, hook(ctx.store.clone(), user, identity)).await;
-    let id = new_identity_with_id(
-        &ctx.store,
-        user,
-        identity,
-        &unique("s"),
-        &format!("127.0.0.1:{port}"),
-        "pw",
-    )
-    .await;
-    ctx.store
-        .merge_infos(
-            user,
-            id.identity_id,
-            [(infos::SECURITY.to_string(), "plain".to_string())].into(),
-        )
-        .await
-        .unwrap();
-    (ctx, t, user, id.identity_id, lda)
+    scripted_identity(&ctx.store, user, identity, port).await;
+    (ctx, t, user, identity, lda)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

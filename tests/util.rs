@@ -319,6 +319,27 @@ pub async fn mailbox_account(store: &Store, count: usize, size: usize) -> (Uuid,
     (user, login, id)
 }
 
+/// A remote identity of `user` on the scripted server stand-in at `port`
+/// (plain IMAP on loopback).
+pub async fn scripted_identity(
+    store: &Store,
+    user: Uuid,
+    identity_id: Uuid,
+    port: u16,
+) -> Identity {
+    let server = format!("127.0.0.1:{port}");
+    let id = new_identity_with_id(store, user, identity_id, &unique("s"), &server, "pw").await;
+    store
+        .merge_infos(
+            user,
+            identity_id,
+            [(infos::SECURITY.to_string(), "plain".to_string())].into(),
+        )
+        .await
+        .unwrap();
+    id
+}
+
 // ------------------------------------------------------------------ Dovecot
 
 pub fn doveadm(args: &[&str], stdin: Option<&[u8]>) -> Output {

@@ -254,6 +254,20 @@ fn changed_since_read(st: &mut State) {
 mod tests {
     use super::*;
 
+    fn parse(line: &'static [u8]) -> Response<'static> {
+        Response::parse(line).unwrap().1
+    }
+
+    /// `sync` run as a sync is, under a new watch; that watch.
+    fn watching(sync: impl std::future::Future<Output = ()>) -> Arc<Watch> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let w = Watch::new();
+        rt.block_on(watched(w.clone(), sync));
+        w
+    }
+
     fn feed(st: &mut State, line: &[u8]) {
         let (_, resp) = Response::parse(line).unwrap();
         take(st, &resp);
@@ -278,12 +292,7 @@ mod tests {
 
     #[test]
     fn notify_announcements_name_their_folders() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let w = Watch::new();
-        let parse = |l: &'static [u8]| Response::parse(l).unwrap().1;
-        rt.block_on(watched(w.clone(), async {
+        let w = watching(async {
             seen(&parse(b"* STATUS Archive (MESSAGES 2 UIDNEXT 3)\r\n"));
             seen(&parse(b"* STATUS Sent (MESSAGES 2 UIDNEXT 3)\r\n"));
             seen(&parse(b"* LIST () \".\" New\r\n"));
@@ -293,7 +302,7 @@ mod tests {
             // The answers of our own LIST and STATUS are no news.
             asked(async { seen(&parse(b"* STATUS Drafts (MESSAGES 1)\r\n")) }).await;
             asked(async { seen(&parse(b"* LIST () \".\" Drafts\r\n")) }).await;
-        }));
+        });
         let news = w.news();
         let names = |s: &[&str]| s.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
         assert_eq!(news.folders, names(&["Archive", "Entwürfe"]));
@@ -303,12 +312,7 @@ mod tests {
 
     #[test]
     fn a_sync_keeps_how_the_folders_it_read_stood() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let w = Watch::new();
-        let parse = |l: &'static [u8]| Response::parse(l).unwrap().1;
-        rt.block_on(watched(w.clone(), async {
+        let w = watching(async {
             opened("Sent", 0, Some(1));
             asked(async { seen(&parse(b"* STATUS Drafts (MESSAGES 1 UIDNEXT 5)\r\n")) }).await;
             asked(async {
@@ -324,7 +328,7 @@ mod tests {
             seen(&parse(b"* 2 EXISTS\r\n"));
             seen(&parse(b"* LIST () \".\" Later\r\n"));
             seen(&parse(b"* LIST (\\NonExistent) \".\" Old\r\n"));
-        }));
+        });
         let news = w.news();
         let counts = |messages, uidnext| Counts { messages, uidnext };
         assert_eq!(

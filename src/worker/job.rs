@@ -205,12 +205,23 @@ fn sync_metrics(ctx: &Ctx, result: &Result<(), JobError>, started: std::time::In
 /// (`host:port`, as every identity on it names it) backed off, so the next
 /// jobs for it end early instead of hammering it.
 fn note_throttling(ctx: &Ctx, result: &Result<(), JobError>) {
-    if let Err(JobError::Imap(ImapError::Throttled { server, reason, .. })) = result {
-        ctx.metrics.throttled(reason.as_str());
-        let wait = ctx.hosts.throttled(server, std::time::Instant::now());
-        tracing::warn!(%server, %reason, wait_secs = wait.as_secs(),
-            "the server throttled us: backing off from it (not counted against the account)");
+    if let Err(e) = result {
+        throttled_by(ctx, e);
     }
+}
+
+/// If `e` is a server's throttling answer: count it, back the server off,
+/// and how long it is left alone (a live session waits as long before it
+/// connects again).
+pub(crate) fn throttled_by(ctx: &Ctx, e: &JobError) -> Option<std::time::Duration> {
+    let JobError::Imap(ImapError::Throttled { server, reason, .. }) = e else {
+        return None;
+    };
+    ctx.metrics.throttled(reason.as_str());
+    let wait = ctx.hosts.throttled(server, std::time::Instant::now());
+    tracing::warn!(%server, %reason, wait_secs = wait.as_secs(),
+        "the server throttled us: backing off from it (not counted against the account)");
+    Some(wait)
 }
 
 /// The job ends here, before any lock or connection, while the identity's
@@ -220,6 +231,11 @@ fn check_host_backoff(ctx: &Ctx, id: &Identity, scope: &Scope<'_>) -> Result<(),
     if scope.held.is_some() {
         return Ok(());
     }
+    host_backoff(ctx, id)
+}
+
+/// `Err(HostBackoff)` while the identity's server is backed off.
+pub(crate) fn host_backoff(ctx: &Ctx, id: &Identity) -> Result<(), JobError> {
     let server = id.info(crate::store::identity::infos::INSERVER).trim();
     match ctx.hosts.waiting(server, std::time::Instant::now()) {
         Some(left) => Err(JobError::HostBackoff {
@@ -952,6 +968,7 @@ pub async fn fullfetch(ctx: &Ctx, req: FullFetchRequest, counters: Arc<Counters>
     })
     .await;
     conclude(&mut rep, &counters, &result);
+    note_throttling(ctx, &result);
     tracing::info!(user = %req.user_id, server = %req.server, fetched = rep.fetched,
         imap_commands = rep.imap_commands,
         handed_off = rep.handed_off, failed = rep.failed, error = %rep.error, "fullfetch done");

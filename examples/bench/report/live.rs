@@ -157,8 +157,9 @@ pub fn section(o: &mut String, d: &Data) {
         return;
     }
     o.push_str(
-        "## Live sync\n\nOne round. The worker runs with `imap.idle: all` (an IDLE session on \
-         INBOX for every active remote identity) and no poller; the processor stand-in is \
+        "## Live sync\n\nOne round. The worker runs with `imap.idle: all` (a live session for \
+         every active remote identity: NOTIFY and IDLE over one connection, as the stack's \
+         Dovecot offers NOTIFY, unless a row says otherwise) and no poller; the processor stand-in is \
          `tests/support/processor.rs`, served by `bench_tool live-latency` itself so it \
          timestamps each `process_raw` as it arrives.\n\n",
     );

@@ -89,10 +89,17 @@ pub(super) async fn watch(
         if began.elapsed() > MAX_BACKOFF {
             backoff = Duration::from_secs(1); // it had been working for a while
         }
-        tracing::warn!(identity = %key.1, error = %e, retry_in_secs = backoff.as_secs(),
+        // A server throttling us, or backed off already: left alone as
+        // long as every job leaves it.
+        let host = match &e {
+            JobError::HostBackoff { left, .. } => Some(*left),
+            e => job::throttled_by(&ctx, e),
+        };
+        let wait = host.map_or(backoff, |h| h.max(backoff));
+        tracing::warn!(identity = %key.1, error = %e, retry_in_secs = wait.as_secs(),
             "IDLE session broken: reconnecting");
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.wait() => return SessionEnd::Stopped,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -132,6 +139,7 @@ async fn watch_once(
             "no longer an active remote email identity".into(),
         ));
     }
+    job::host_backoff(ctx, &id)?;
     account::ensure_fresh_token(ctx, &mut id).await?;
     let acc = account::from_identity(ctx, &id, "")?;
     let (mut session, info) = tokio::select! {
@@ -140,6 +148,7 @@ async fn watch_once(
         r = Box::pin(imap::connect(&acc)) => r?,
         _ = stop.wait() => return Ok(SessionEnd::Stopped),
     };
+    ctx.hosts.served(&acc.server);
     if !info.caps.idle {
         job::logout(&mut session, &acc).await;
         return Ok(SessionEnd::NoIdle);

@@ -6,7 +6,10 @@
 //! those ask for: the folders the identity syncs that changed, every folder
 //! at the start, a fresh folder listing when folders were created or
 //! renamed; and when the next sync runs, with the backoff of syncs that did
-//! not go through ([`Pace`]).
+//! not go through ([`Pace`]). Servers also announce folders none of whose
+//! messages changed (Dovecot: a folder it creates on disk as we first open
+//! it, one whose index a sync wrote): each word is weighed against the
+//! message count and UIDNEXT the folder's last good sync read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -139,8 +142,9 @@ impl Wanted {
         let known = &self.known;
         // Said to stand as it stood when last synced: nothing came or went.
         let unchanged = |f: &String| news.said.get(f).is_some_and(|c| known.get(f) == Some(c));
-        // A folder synced before and said to exist: the server made it
-        // real on our first opening, or it was there all along.
+        // A folder deleted, or never synced well, is listed news; one
+        // synced before and said to exist was made real by our first
+        // opening of it (Dovecot's auto-created folders), or was there.
         let fresh = |f: &String| news.gone.contains(f) || !known.contains_key(f);
         let mut owed: Vec<&String> = news.folders.iter().filter(|f| !unchanged(f)).collect();
         owed.extend(news.listed.iter().filter(|f| fresh(f)));
