@@ -135,7 +135,37 @@ pub fn goals(d: &Data) -> Vec<(String, String, Option<bool>)> {
             measured,
             ok,
         ),
+        cassandra_goal(k, rest, identities),
     ]
+}
+
+/// Live sync's Cassandra CPU at rest: the window with the sessions less
+/// the same window with live sync off (Cassandra's own floor), per 1,000
+/// sessions. Runs from before the floor was measured have no verdict.
+fn cassandra_goal(k: Option<&Value>, rest: f64, identities: f64) -> (String, String, Option<bool>) {
+    let with = k.and_then(|r| num(r, "rest_cass_cpu_s"));
+    let floor = k.and_then(|r| num(r, "rest_cass_base_cpu_s"));
+    let n = field(k, "sessions")
+        .and_then(Value::as_f64)
+        .filter(|n| *n > 0.0);
+    let per_1k = match (with, floor, n) {
+        (Some(a), Some(b), Some(n)) => Some(100.0 * (a - b) / rest * 1000.0 / n),
+        _ => None,
+    };
+    (
+        format!(
+            "{} IDLE sessions: Cassandra CPU for live sync at rest < 1 % of a core per 1,000 sessions",
+            thousands(identities)
+        ),
+        format!(
+            "{} % ({} s with the sessions less {} s with live sync off, over {} s)",
+            fmt(per_1k, 2),
+            fmt(with, 2),
+            fmt(floor, 2),
+            g(rest)
+        ),
+        per_1k.map(|p| p < 1.0),
+    )
 }
 
 /// `rest_secs` as the row has it (60 when the row has none).
@@ -278,6 +308,7 @@ fn idle_1k(o: &mut String, d: &Data, goals: &[(String, String, Option<bool>)]) {
         show(k.get("identities"))
     );
     idle_table(o, k, ids, goals[1].2);
+    cassandra_rows(o, k, &goals[3]);
 }
 
 /// The readings of the 1,000-session run, one row each.
@@ -336,6 +367,17 @@ fn idle_table(o: &mut String, k: &Value, ids: f64, cpu_goal: Option<bool>) {
         fmt(cass, 2),
         fmt(cass.map(|c| 100.0 * c / rest_s), 1)
     );
+    let floor = num(k, "rest_cass_base_cpu_s");
+    if floor.is_some() {
+        let _ = writeln!(
+            o,
+            "| Cassandra CPU over {} s at rest with live sync off (the same worker, IDLE off, \
+             before the sessions): its own floor | {} ({} % of a core) | |",
+            show(Some(&rest)),
+            fmt(floor, 2),
+            fmt(floor.map(|c| 100.0 * c / rest_s), 1)
+        );
+    }
     let _ = writeln!(
         o,
         "| Dovecot `imap` processes added (all now) | {} ({}) | |",
@@ -352,6 +394,17 @@ fn idle_table(o: &mut String, k: &Value, ids: f64, cpu_goal: Option<bool>) {
         );
     }
     o.push('\n');
+}
+
+/// The verdict on live sync's Cassandra cost, under the table.
+fn cassandra_rows(
+    o: &mut String,
+    k: &Value,
+    (label, measured, ok): &(String, String, Option<bool>),
+) {
+    if num(k, "rest_cass_base_cpu_s").is_some() {
+        let _ = writeln!(o, "Goal: {label}: {measured}, {}.\n", goal(*ok));
+    }
 }
 
 fn folders(o: &mut String, d: &Data, goals: &[(String, String, Option<bool>)]) {
