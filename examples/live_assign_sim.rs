@@ -528,7 +528,9 @@ fn report(a: &Args, rows: &[Row]) -> String {
          session) run the real round of `worker::idle::plan` and the real choice of sessions \
          (`worker::idle::changes`, at most 200 opened a round) against the stack's Cassandra; \
          the IMAP sessions are left out. Membership rows live {} s, renewed every {} s; the \
-         identities wanting IDLE are read again every {} s. Cassandra's CPU is utime + stime of \
+         identities wanting IDLE are read again every {} s, or less often past 12,000 of them \
+         (a worker reads at most 200 rows a second on average: every 500 s at 100,000), so a \
+         window at rest should hold one read at least. Cassandra's CPU is utime + stime of \
          its JVM over the window, in % of one core; the machine (2 cores) was shared with other \
          work meanwhile, so the baseline (no simulated worker) is given beside it.\n\n",
         a.workers,
