@@ -9,6 +9,7 @@ use std::time::Duration;
 use caliopen_imap::store::identity::infos;
 use futures::StreamExt;
 
+use crate::sync_faults::{scripted_server, Script};
 use crate::util::*;
 
 /// Run `caliopen-imap ctl -c CONFIG args...` without blocking the runtime.
@@ -291,6 +292,24 @@ async fn wrong_password_with_wait_exits_non_zero_and_names_the_error() {
     let err = text(&out.stderr);
     assert!(err.contains("refused"), "{err}");
     assert!(!err.contains("not-the-password"));
+    w.stop().await;
+}
+
+/// A sync the server throttles ends `--wait` with exit 5 ("run it again
+/// later"), not 1 (the scripted server stand-in answers LOGIN
+/// `NO [THROTTLED]`, as Gmail does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_sync_with_wait_exits_5() {
+    let tag = unique("c3t");
+    let cfg = worker_yaml(&tag, "");
+    let mut settings = worker_settings(&tag);
+    settings.imap.allow_plaintext_loopback = true;
+    let w = start_worker(settings).await;
+    let (port, _seen) = scripted_server(Script::LoginThrottled, None).await;
+    let (user, _) = new_user(&w.ctx.store).await;
+    let id = scripted_identity(&w.ctx.store, user, uuid::Uuid::new_v4(), port).await;
+    let out = sync_wait(&cfg, user, &id.identifier).await;
+    assert_fails(&out, 5, "THROTTLED");
     w.stop().await;
 }
 
