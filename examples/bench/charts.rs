@@ -326,13 +326,25 @@ fn latency(d: &Data, path: &Path) -> Result<bool> {
             .draw_series(LineSeries::new(steps, color.stroke_width(2)))
             .map_err(pe)?
             .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
-            });
+            .legend(line_mark(color));
     }
+    line_legend(&mut chart, &root, SeriesLabelPosition::LowerRight)
+}
+
+/// A line series' mark in its chart's legend.
+fn line_mark(color: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
+}
+
+/// A line chart's legend at `at`, then the picture written out.
+fn line_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    root: &DrawingArea<DB, Shift>,
+    at: SeriesLabelPosition,
+) -> Result<bool> {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(at)
         .border_style(BLACK)
         .background_style(WHITE)
         .draw()
@@ -407,19 +419,9 @@ fn worker_rss(d: &Data, mailboxes: &[String], path: &Path) -> Result<bool> {
             )
             .map_err(pe)?
             .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2))
-            });
+            .legend(line_mark(color));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()
-        .map_err(pe)?;
-    root.present().map_err(pe)?;
-    Ok(true)
+    line_legend(&mut chart, &root, SeriesLabelPosition::UpperLeft)
 }
 
 /// The 200-folder identity: wall time and commands sent, caliopen-imap

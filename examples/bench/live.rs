@@ -99,31 +99,13 @@ impl Suite {
     /// lines in LIST.
     fn live_users(&self, prefix: &str, count: u32, infos: &str, list: &Path) -> Result<()> {
         let e = &self.env;
-        let (n, l) = (count.to_string(), list.to_string_lossy().into_owned());
-        tool(
+        setup::users(
             e,
-            None,
-            &[
-                "users",
-                "--hosts",
-                &e.cass_hosts,
-                "--keyspace",
-                &e.ks_live,
-                "--logins",
-                prefix,
-                "--count",
-                &n,
-                "--server",
-                &e.imaps,
-                "--password-env",
-                "STACK_IMAP_PASSWORD",
-                "--infos",
-                infos,
-                "--list",
-                &l,
-            ],
-        )?;
-        Ok(())
+            &e.ks_live,
+            (prefix, count.into()),
+            &["--infos", infos],
+            list,
+        )
     }
 
     /// One identity with `mailboxes: *` over FOLDERS folders: first sync,

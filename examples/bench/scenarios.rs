@@ -362,29 +362,9 @@ impl Suite {
         setup::worker_yaml(e, &yaml, workers, &e.in_topic(), &e.ks, "  idle: \"off\"\n")?;
         setup::truncate_raw(e)?;
         let mut w = self.start_worker(&yaml, &format!("multi-{workers}-{round}"))?;
-        let list = e.work.join("multi.list").to_string_lossy().into_owned();
-        let n = MULTI_USERS.to_string();
-        tool(
-            e,
-            None,
-            &[
-                "users",
-                "--hosts",
-                &e.cass_hosts,
-                "--keyspace",
-                &e.ks,
-                "--logins",
-                "bench200u",
-                "--count",
-                &n,
-                "--server",
-                &e.imaps,
-                "--password-env",
-                "STACK_IMAP_PASSWORD",
-                "--list",
-                &list,
-            ],
-        )?;
+        let list = e.work.join("multi.list");
+        setup::users(e, &e.ks, ("bench200u", MULTI_USERS), &[], &list)?;
+        let list = list.to_string_lossy().into_owned();
         let cpu0 = cpu_s(w.pid());
         let m = Meter::begin(e);
         let (subject, t) = (e.orders(), SYNC_TIMEOUT.to_string());

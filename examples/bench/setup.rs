@@ -164,6 +164,39 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `bench_tool users`: COUNT identities in KEYSPACE for Dovecot users
+/// PREFIX1.. on the stack's IMAPS server, with `extra` flags (`--infos`);
+/// their `user identity login` lines in LIST.
+pub fn users(
+    e: &Env,
+    keyspace: &str,
+    (prefix, count): (&str, u64),
+    extra: &[&str],
+    list: &Path,
+) -> Result<()> {
+    let (n, l) = (count.to_string(), list.to_string_lossy().into_owned());
+    let mut args = vec![
+        "users",
+        "--hosts",
+        &e.cass_hosts,
+        "--keyspace",
+        keyspace,
+        "--logins",
+        prefix,
+        "--count",
+        &n,
+        "--server",
+        &e.imaps,
+        "--password-env",
+        "STACK_IMAP_PASSWORD",
+        "--list",
+        &l,
+    ];
+    args.extend_from_slice(extra);
+    tool(e, None, &args)?;
+    Ok(())
+}
+
 /// One bench_tool subcommand; its JSON line. `pin` runs it under taskset.
 pub fn tool(env: &Env, pin: Option<&str>, args: &[&str]) -> Result<Value> {
     let mut cmd = match pin {
