@@ -69,12 +69,10 @@ pub fn initial(o: &mut String, d: &Data, mb: &str) {
         };
         let _ = writeln!(
             o,
-            "| {label} | {} | {mbcell} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {mbcell} | {} | {} | {} | {} | {} | {} |",
             d.cell(s, mb, &msgs_s, 0),
             d.cell(s, mb, &secs, 2),
-            d.cell(s, mb, &rss, 1),
-            d.cell(s, mb, &|r| num(r, "proc_cpu_s"), 1),
-            d.cell(s, mb, &|r| num(r, "cass_cpu_s"), 1),
+            cost_cells(d, s, mb),
             d.cell(s, mb, &|r| num(r, "busy_pct"), 0),
             ratio(m, fc),
             ratio(m, sc),
@@ -152,17 +150,26 @@ pub fn production(o: &mut String, d: &Data) {
         let m = d.med(s, mb, &msgs_s);
         let _ = writeln!(
             o,
-            "| {label} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {} |",
             d.cell(s, mb, &msgs_s, 0),
             d.cell(s, mb, &secs, 2),
-            d.cell(s, mb, &rss, 1),
-            d.cell(s, mb, &|r| num(r, "proc_cpu_s"), 1),
-            d.cell(s, mb, &|r| num(r, "cass_cpu_s"), 1),
+            cost_cells(d, s, mb),
             ratio(m, scp),
             ratio(m, msb)
         );
     }
     o.push('\n');
+}
+
+/// A run's cost cells, in that order: peak RSS, the process's CPU,
+/// Cassandra's CPU.
+fn cost_cells(d: &Data, s: &str, mb: &str) -> String {
+    [
+        d.cell(s, mb, &rss, 1),
+        d.cell(s, mb, &|r| num(r, "proc_cpu_s"), 1),
+        d.cell(s, mb, &|r| num(r, "cass_cpu_s"), 1),
+    ]
+    .join(" | ")
 }
 
 /// The settle waits before each measured scenario (the live-sync
@@ -249,12 +256,10 @@ pub fn large(o: &mut String, d: &Data) {
         };
         let _ = writeln!(
             o,
-            "| {label} | {} | {mbcell} | {} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {mbcell} | {} | {} | {} | {} |",
             d.cell(s, mb, &msgs_s, 0),
             d.cell(s, mb, &secs, 2),
-            d.cell(s, mb, &rss, 1),
-            d.cell(s, mb, &|r| num(r, "proc_cpu_s"), 1),
-            d.cell(s, mb, &|r| num(r, "cass_cpu_s"), 1),
+            cost_cells(d, s, mb),
             ratio(m, fc),
             ratio(m, msb)
         );
@@ -357,13 +362,11 @@ pub fn scale(o: &mut String, d: &Data, mailboxes: &[String]) {
         };
         let _ = writeln!(
             o,
-            "| {wk} | {} | {} | {} | {} | {} | {} | {} | {ok} |",
+            "| {wk} | {} | {} | {} | {} | {} | {ok} |",
             d.cell(&s, mb, &secs, 2),
             d.cell(&s, mb, &msgs_s, 0),
             d.cell(&s, mb, &mb_s, 1),
-            d.cell(&s, mb, &rss, 1),
-            d.cell(&s, mb, &|r| num(r, "proc_cpu_s"), 1),
-            d.cell(&s, mb, &|r| num(r, "cass_cpu_s"), 1),
+            cost_cells(d, &s, mb),
             d.cell(&s, mb, &|r| num(r, "busy_pct"), 0)
         );
     }
