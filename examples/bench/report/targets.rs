@@ -21,6 +21,18 @@ fn both<T>(x: Option<f64>, y: Option<f64>, f: impl Fn(f64, f64) -> T) -> Option<
     Some(f(nz(x)?, nz(y)?))
 }
 
+/// A row comparing two CPU costs per message in µs, `a / b` held to
+/// `bound` when there is one.
+fn us_row(o: &mut String, label: &str, (a, b): (Option<f64>, Option<f64>), bound: Option<f64>) {
+    let met = bound.and_then(|m| both(a, b, |a, b| a / b <= m));
+    row(
+        o,
+        label,
+        &format!("{} vs {} µs = {}", us(a), us(b), ratio(a, b)),
+        met,
+    );
+}
+
 fn per_msg(d: &Data, scenario: &str, key: &'static str) -> Option<f64> {
     d.med(scenario, "10k", &move |r: &Value| {
         super::div(num(r, key)?, num(r, "messages")?)
@@ -104,37 +116,37 @@ fn throughput(o: &mut String, d: &Data) {
 fn cpu(o: &mut String, d: &Data) {
     let cc = per_msg(d, "caliopen_initial", "cass_cpu_s");
     let scc = per_msg(d, "store_ceiling", "cass_cpu_s");
-    row(
+    us_row(
         o,
         "Sync's Cassandra CPU per message ≤ 1.15× the store ceiling's",
-        &format!("{} vs {} µs = {}", us(cc), us(scc), ratio(cc, scc)),
-        both(cc, scc, |a, b| a / b <= 1.15),
+        (cc, scc),
+        Some(1.15),
     );
     let scm = per_msg(d, "store_ceiling_marked", "cass_cpu_s");
-    row(
+    us_row(
         o,
         "(Its bound: the store ceiling with the delivered UPDATE a hand-off must make)",
-        &format!("{} vs {} µs = {}", us(cc), us(scm), ratio(cc, scm)),
+        (cc, scm),
         None,
     );
     let wc = per_msg(d, "caliopen_initial", "proc_cpu_s");
     let mc = per_msg(d, "mbsync", "proc_cpu_s");
-    row(
+    us_row(
         o,
         "Worker CPU per message ≤ 0.5× mbsync's",
-        &format!("{} vs {} µs = {}", us(wc), us(mc), ratio(wc, mc)),
-        both(wc, mc, |a, b| a / b <= 0.5),
+        (wc, mc),
+        Some(0.5),
     );
 }
 
 fn production(o: &mut String, d: &Data) {
     let ccp = per_msg(d, "caliopen_initial_pinned", "cass_cpu_s");
     let scp = per_msg(d, "store_ceiling_pinned", "cass_cpu_s");
-    row(
+    us_row(
         o,
         "Production shape: sync's Cassandra CPU per message ≤ 1.15× the store ceiling's",
-        &format!("{} vs {} µs = {}", us(ccp), us(scp), ratio(ccp, scp)),
-        both(ccp, scp, |a, b| a / b <= 1.15),
+        (ccp, scp),
+        Some(1.15),
     );
     let m = |s| d.med(s, "10k", &msgs_s);
     let (pc, pm) = (m("caliopen_initial_pinned"), m("mbsync_pinned"));
